@@ -1,0 +1,226 @@
+"""Graph helpers over onnx-graphsurgeon: import/export, walking, everyday surgery.
+
+Passes receive an ``onnx_graphsurgeon.Graph``. Tensors are shared objects:
+a value read by an If/Loop/Scan body from the outer scope is the same
+``Tensor`` object in both graphs, so rewiring or renaming it is seen in every
+scope at once.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+__all__ = [
+    "import_graph", "export_model", "iter_graphs", "subgraphs_of", "find_nodes",
+    "rewire_input", "insert_after", "bypass", "remove_node", "outer_reads",
+    "constants", "node_count", "param_count", "param_bytes", "producer",
+]
+
+
+def import_graph(model: onnx.ModelProto) -> gs.Graph:
+    """Import a model once; passes then work on the returned graph."""
+    return gs.import_onnx(model)
+
+
+def export_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
+    """Export a graph, keeping the model-level fields of ``template``."""
+    model = gs.export_onnx(graph, do_type_check=False)
+    model.ir_version = template.ir_version
+    for field in ("producer_name", "producer_version", "domain", "model_version", "doc_string"):
+        setattr(model, field, getattr(template, field))
+    model.metadata_props.extend(template.metadata_props)
+    model.training_info.extend(template.training_info)
+    _keep_opsets(model, template)
+    return model
+
+
+def _keep_opsets(model: onnx.ModelProto, template: onnx.ModelProto) -> None:
+    """Keep every opset the original imported, at its version; add new domains only."""
+    wanted = {op.domain or "": op.version for op in template.opset_import}
+    for op in model.opset_import:
+        wanted.setdefault(op.domain or "", op.version)
+    del model.opset_import[:]
+    for domain, version in wanted.items():
+        model.opset_import.append(onnx.helper.make_opsetid(domain, version))
+
+
+def subgraphs_of(node: gs.Node) -> list[gs.Graph]:
+    """The graphs held in a node's attributes (If branches, Loop/Scan bodies)."""
+    found: list[gs.Graph] = []
+    for value in node.attrs.values():
+        if isinstance(value, gs.Graph):
+            found.append(value)
+        elif isinstance(value, (list, tuple)):
+            found.extend(v for v in value if isinstance(v, gs.Graph))
+    return found
+
+
+def iter_graphs(graph: gs.Graph, functions: bool = True) -> Iterator[gs.Graph]:
+    """The graph, every nested subgraph, and (optionally) model-local function bodies."""
+    yield graph
+    for node in graph.nodes:
+        for sub in subgraphs_of(node):
+            yield from iter_graphs(sub, functions=False)
+    if functions:
+        for func in getattr(graph, "functions", []):
+            yield from iter_graphs(func, functions=False)
+
+
+def find_nodes(graph: gs.Graph, op: str | Sequence[str] | None = None, name: str | None = None,
+               recursive: bool = True) -> list[gs.Node]:
+    """Nodes whose op type is ``op`` (one or several) and whose name matches the glob ``name``."""
+    ops = {op} if isinstance(op, str) else set(op or ())
+    graphs = iter_graphs(graph) if recursive else [graph]
+    return [n for g in graphs for n in g.nodes
+            if (not ops or n.op in ops) and (name is None or fnmatch.fnmatchcase(n.name, name))]
+
+
+def producer(tensor: gs.Tensor) -> gs.Node | None:
+    """The node that produces a tensor, or None for inputs and constants."""
+    return tensor.inputs[0] if tensor.inputs else None
+
+
+def rewire_input(node: gs.Node, old: gs.Tensor, new: gs.Tensor) -> int:
+    """Make ``node`` read ``new`` wherever it read ``old``; returns how many slots changed."""
+    changed = 0
+    for i, tensor in enumerate(node.inputs):
+        if tensor is old:
+            node.inputs[i] = new
+            changed += 1
+    return changed
+
+
+def insert_after(graph: gs.Graph, tensor: gs.Variable, op: str, attrs: dict | None = None,
+                 extra_inputs: Sequence[gs.Tensor] = (), name: str | None = None) -> gs.Node:
+    """Insert ``op`` right after ``tensor``: its consumers (and a graph output) now read the new node.
+
+    A graph output keeps its name: the new node's output takes it, and the
+    original tensor is renamed.
+    """
+    name = name or _fresh_name(graph, f"{tensor.name}_{op}")
+    out = gs.Variable(_fresh_name(graph, f"{name}_out"), dtype=tensor.dtype, shape=tensor.shape)
+    consumers = list(tensor.outputs)
+    node = gs.Node(op, name=name, attrs=attrs or {}, inputs=[tensor, *extra_inputs], outputs=[out])
+    for consumer in consumers:
+        rewire_input(consumer, tensor, out)
+    if tensor in graph.outputs:
+        idx = graph.outputs.index(tensor)
+        out.name, tensor.name = tensor.name, _fresh_name(graph, f"{tensor.name}_pre_{op}")
+        graph.outputs[idx] = out
+    graph.nodes.append(node)
+    return node
+
+
+def _fresh_name(graph: gs.Graph, base: str) -> str:
+    taken = {t for g in iter_graphs(graph) for t in g.tensors()} | {n.name for n in find_nodes(graph)}
+    name, i = base, 0
+    while name in taken:
+        i += 1
+        name = f"{base}_{i}"
+    return name
+
+
+def bypass(graph: gs.Graph, node: gs.Node) -> bool:
+    """Remove a one-in/one-out node whose output equals its first input (Identity, Dropout...).
+
+    Consumers read the input instead. When the output is a graph output, the
+    input tensor takes the output's name and declared type, so the graph's
+    interface is unchanged; that is only done when the input is a value this
+    graph produces itself. Returns False, leaving the graph alone, when the
+    node cannot be removed safely.
+    """
+    if not node.inputs or not node.outputs:
+        return False
+    src, out = node.inputs[0], node.outputs[0]
+    if out in graph.outputs:
+        if graph.outputs.count(out) > 1 or not _renamable(graph, src):
+            return False
+        idx = graph.outputs.index(out)
+        src.name, out.name = out.name, f"{out.name}__bypassed"
+        src.dtype, src.shape = out.dtype, out.shape
+        graph.outputs[idx] = src
+    for consumer in list(out.outputs):
+        rewire_input(consumer, out, src)
+    remove_node(graph, node)
+    return True
+
+
+def _renamable(graph: gs.Graph, tensor: gs.Tensor) -> bool:
+    """A tensor may take another name if this graph makes it and it is not part of the interface."""
+    maker = producer(tensor)
+    return (isinstance(tensor, gs.Variable) and maker is not None and maker in graph.nodes
+            and tensor not in graph.inputs and tensor not in graph.outputs)
+
+
+def remove_node(graph: gs.Graph, node: gs.Node) -> None:
+    """Detach a node from its tensors and drop it from the graph."""
+    node.inputs.clear()
+    node.outputs.clear()
+    graph.nodes.remove(node)
+
+
+def outer_reads(graph: gs.Graph) -> set[gs.Tensor]:
+    """Tensors a subgraph's nodes read that the subgraph neither makes nor takes as input."""
+    local = set(graph.inputs)
+    for node in graph.nodes:
+        local.update(node.outputs)
+    reads: set[gs.Tensor] = set()
+    for node in graph.nodes:
+        reads.update(t for t in node.inputs if not isinstance(t, gs.Constant) and t.name)
+        for sub in subgraphs_of(node):
+            reads.update(outer_reads(sub))
+    reads.update(t for t in graph.outputs if not isinstance(t, gs.Constant))
+    return {t for t in reads if t not in local}
+
+
+def constants(graph: gs.Graph) -> list[gs.Constant]:
+    """Every distinct constant tensor: initializers and Constant-node values, all scopes."""
+    seen: dict[int, gs.Constant] = {}
+    for g in iter_graphs(graph):
+        for node in g.nodes:
+            for tensor in node.inputs:
+                if isinstance(tensor, gs.Constant):
+                    seen[id(tensor)] = tensor
+            if node.op == "Constant":
+                for value in node.attrs.values():
+                    if isinstance(value, gs.Constant):
+                        seen[id(value)] = value
+        for tensor in g.outputs:
+            if isinstance(tensor, gs.Constant):
+                seen[id(tensor)] = tensor
+    return list(seen.values())
+
+
+def _shape_of(tensor: gs.Constant) -> tuple[int, ...]:
+    values = tensor._values  # shape without loading lazily held data
+    return tuple(values.shape)
+
+
+def param_count(graph: gs.Graph) -> int:
+    """Number of constant elements (weights) in all scopes."""
+    return int(sum(np.prod(_shape_of(t), dtype=np.int64) for t in constants(graph)))
+
+
+def param_bytes(graph: gs.Graph) -> int:
+    """Bytes of constant data in all scopes."""
+    total = 0
+    for tensor in constants(graph):
+        values = tensor._values
+        total += int(values.nbytes)
+    return total
+
+
+def node_count(graph: gs.Graph) -> int:
+    """Nodes in the graph and all nested subgraphs and functions."""
+    return sum(len(g.nodes) for g in iter_graphs(graph))
+
+
+def tensors_named(graph: gs.Graph, names: Iterable[str]) -> list[gs.Tensor]:
+    """Look tensors up by name in the top-level graph."""
+    table = graph.tensors()
+    return [table[n] for n in names]

@@ -1,0 +1,209 @@
+"""Model I/O: loading with checks, external data, and atomic saving.
+
+Every failure a user can cause (missing file, truncated or corrupt bytes,
+missing external data, an opset this onnx does not know, a model the checker
+rejects) becomes one :class:`InputError` whose message names the problem.
+Saving never leaves a partial file behind and never overwrites the input
+unless asked to.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator, Union
+
+import onnx
+from google.protobuf.message import DecodeError
+
+from .errors import InputError
+
+log = logging.getLogger("onnxopt")
+
+ModelSource = Union[str, os.PathLike, onnx.ModelProto]
+
+# Protobuf cannot serialise a message past 2 GiB; leave headroom for the graph.
+PROTO_LIMIT = 2**31 - 1
+EXTERNAL_THRESHOLD = 1_800_000_000
+
+
+def load(source: ModelSource, *, check: bool = True) -> onnx.ModelProto:
+    """Load a model from a path or take a ModelProto, with its external data.
+
+    Raises InputError with one clear message when the model cannot be used.
+    """
+    if isinstance(source, onnx.ModelProto):
+        model, label, base_dir = source, "model", None
+    else:
+        path = Path(source)
+        label = str(path)
+        model = _read(path)
+        base_dir = path.parent
+        _load_external(model, base_dir, label)
+    if check:
+        check_model(model, label)
+    return model
+
+
+def _read(path: Path) -> onnx.ModelProto:
+    if not path.exists():
+        raise InputError(f"{path}: no such file")
+    if path.is_dir():
+        raise InputError(f"{path}: is a directory, not an ONNX model file")
+    if path.stat().st_size == 0:
+        raise InputError(f"{path}: file is empty")
+    try:
+        model = onnx.load_model(str(path), load_external_data=False)
+    except (DecodeError, RuntimeError, ValueError) as exc:
+        raise InputError(f"{path}: not a valid ONNX model (truncated or corrupt file: {exc})") from exc
+    if not model.HasField("graph") or model.ir_version == 0:
+        raise InputError(f"{path}: not a valid ONNX model (truncated or corrupt file: no graph or IR version)")
+    return model
+
+
+def iter_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    """Every TensorProto in a graph: initializers and attribute tensors, subgraphs included."""
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield sparse.values
+        yield sparse.indices
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            if attr.HasField("g"):
+                yield from iter_tensors(attr.g)
+            for sub in attr.graphs:
+                yield from iter_tensors(sub)
+
+
+def _external_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    tensors = list(iter_tensors(model.graph))
+    for func in model.functions:
+        for node in func.node:
+            for attr in node.attribute:
+                if attr.HasField("t"):
+                    tensors.append(attr.t)
+    for tensor in tensors:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            yield tensor
+
+
+def _load_external(model: onnx.ModelProto, base_dir: Path, label: str) -> None:
+    external = list(_external_tensors(model))
+    if not external:
+        return
+    for tensor in external:
+        info = {entry.key: entry.value for entry in tensor.external_data}
+        location = info.get("location", "")
+        target = (base_dir / location).resolve()
+        if not location or os.path.isabs(location) or not target.is_relative_to(base_dir.resolve()):
+            raise InputError(f"{label}: tensor '{tensor.name}' points at external data outside the model's folder: '{location}'")
+        if not target.is_file():
+            raise InputError(f"{label}: missing external data file '{location}' for tensor '{tensor.name}' (looked in {base_dir})")
+        end = int(info.get("offset", 0)) + int(info.get("length", 0))
+        if end > target.stat().st_size:
+            raise InputError(f"{label}: external data file '{location}' is truncated: tensor '{tensor.name}' needs bytes up to {end}, file has {target.stat().st_size}")
+    try:
+        onnx.external_data_helper.load_external_data_for_model(model, str(base_dir))
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{label}: cannot read external data: {exc}") from exc
+
+
+def check_model(model: onnx.ModelProto, label: str = "model") -> None:
+    """Opset, checker and shape-inference checks; errors become InputError.
+
+    Shape inference failures are only logged: exporters often declare wrong
+    output shapes that ONNX Runtime ignores, and such models must still work.
+    """
+    newest = onnx.defs.onnx_opset_version()
+    for opset in model.opset_import:
+        if opset.domain in ("", "ai.onnx") and opset.version > newest:
+            raise InputError(f"{label}: uses opset {opset.version} of the default domain; the installed onnx knows up to {newest}")
+    try:
+        if model.ByteSize() < PROTO_LIMIT:
+            onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise InputError(f"{label}: fails the ONNX checker: {first}") from exc
+    try:
+        onnx.shape_inference.infer_shapes(model, strict_mode=True)
+    except Exception as exc:  # inference raises several types; none is fatal
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        log.warning("%s: shape inference reports a problem (continuing): %s", label, first)
+
+
+def tensor_bytes(model: onnx.ModelProto) -> int:
+    """Bytes held by tensors in the model (initializers, Constant values, subgraphs)."""
+    total = 0
+    for tensor in iter_tensors(model.graph):
+        total += len(tensor.raw_data) or _typed_bytes(tensor)
+    return total
+
+
+def _typed_bytes(tensor: onnx.TensorProto) -> int:
+    count = 1
+    for dim in tensor.dims:
+        count *= dim
+    try:
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    except (KeyError, ValueError):
+        itemsize = 1
+    return count * itemsize
+
+
+def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """True when two paths name the same file (following links)."""
+    try:
+        return Path(a).resolve() == Path(b).resolve()
+    except OSError:
+        return False
+
+
+def save(
+    model: onnx.ModelProto,
+    path: str | os.PathLike,
+    *,
+    external_data: bool | None = None,
+    input_path: str | os.PathLike | None = None,
+    in_place: bool = False,
+) -> Path:
+    """Write a model atomically; external data when asked or when it is too big.
+
+    The model and its data file are written into a temporary folder beside the
+    target and renamed into place, so a failure leaves nothing partial. The
+    caller's ModelProto is not modified.
+    """
+    target = Path(path)
+    if input_path is not None and same_file(target, input_path) and not in_place:
+        raise InputError(f"{target}: output path is the input model; pass --in-place to overwrite it")
+    if not target.parent.exists():
+        raise InputError(f"{target.parent}: output folder does not exist")
+    if external_data is None:
+        external_data = tensor_bytes(model) > EXTERNAL_THRESHOLD
+    tmp_dir = Path(tempfile.mkdtemp(prefix=".onnxopt-", dir=target.parent))
+    try:
+        data_name = target.name + ".data"
+        _write(model, tmp_dir / target.name, data_name if external_data else None)
+        if external_data and (tmp_dir / data_name).exists():
+            os.replace(tmp_dir / data_name, target.parent / data_name)
+        os.replace(tmp_dir / target.name, target)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    return target
+
+
+def _write(model: onnx.ModelProto, path: Path, data_name: str | None) -> None:
+    if data_name is None:
+        if model.ByteSize() >= PROTO_LIMIT:
+            raise InputError("model is larger than 2 GB; save it with external data")
+        path.write_bytes(model.SerializeToString())
+        return
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    onnx.save_model(copy, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=data_name, size_threshold=1024)

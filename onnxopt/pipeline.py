@@ -1,0 +1,504 @@
+"""Passes, their registry, pipeline strings and recipes, and the pass manager.
+
+A pipeline imports the model once, runs every pass on the same
+onnx-graphsurgeon graph, checks the contracts after each pass, and exports
+once at the end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+import time
+from dataclasses import dataclass, field
+from importlib import metadata
+from typing import Any, Callable, ClassVar, Iterable, Optional, Union
+
+import onnx
+import onnx_graphsurgeon as gs
+
+from . import graph as G
+from .errors import InputError, OnnxoptError, PassError
+from .options import build_options, describe, format_value, option_items, option_types
+
+log = logging.getLogger("onnxopt")
+
+
+@dataclass
+class Tolerance:
+    """What 'still computes the same thing' means; unset fields are not checked.
+
+    ``atol``/``rtol`` are checked elementwise as in numpy.allclose; the others
+    on each output as a whole. ``max_top1_drop`` is in accuracy points when
+    labels are given, else in points of top-1 agreement lost.
+    """
+
+    atol: Optional[float] = None
+    rtol: Optional[float] = None
+    min_cosine: Optional[float] = None
+    min_snr_db: Optional[float] = None
+    max_top1_drop: Optional[float] = None
+
+    @classmethod
+    def parse(cls, spec: Union[str, dict, "Tolerance", None]) -> Optional["Tolerance"]:
+        """From 'atol=1e-4,min_cosine=0.999', a mapping, or a Tolerance."""
+        if spec is None or isinstance(spec, Tolerance):
+            return spec
+        if isinstance(spec, str):
+            spec = dict(_split_kv(item, "tolerance") for item in _split_top(spec) if item.strip())
+        known = {f.name for f in dataclasses.fields(cls)}
+        values = {}
+        for key, raw in spec.items():
+            if key not in known:
+                raise InputError(f"tolerance has no field '{key}'; its fields: {', '.join(sorted(known))}")
+            try:
+                values[key] = float(raw)
+            except (TypeError, ValueError):
+                raise InputError(f"tolerance '{key}': expected a number, got {raw!r}") from None
+        return cls(**values)
+
+    def merged(self, other: "Tolerance") -> "Tolerance":
+        """The looser of two tolerances, field by field."""
+        out = {}
+        for f in dataclasses.fields(self):
+            a, b = getattr(self, f.name), getattr(other, f.name)
+            if a is None or b is None:
+                out[f.name] = a if b is None else b
+            elif f.name.startswith("min_"):
+                out[f.name] = min(a, b)
+            else:
+                out[f.name] = max(a, b)
+        return Tolerance(**out)
+
+    def __str__(self) -> str:
+        return ",".join(f"{f.name}={getattr(self, f.name):g}" for f in dataclasses.fields(self)
+                        if getattr(self, f.name) is not None) or "none"
+
+
+EXACT = Tolerance(atol=1e-5, rtol=1e-4)
+
+
+@dataclass
+class PassResult:
+    """What a pass did: whether it changed the graph, and its own statistics."""
+
+    modified: bool
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PassContext:
+    """What a pass may read besides the graph: data, seed, the opset, a logger."""
+
+    opset: int = 0
+    calibration: Any = None
+    seed: int = 0
+    dims: dict[str, int] = field(default_factory=dict)
+    log: logging.Logger = log
+
+
+@dataclass
+class NoOptions:
+    """For passes without options."""
+
+
+class Pass:
+    """Base class: subclass, set ``name`` and ``Options``, implement ``run``, and register.
+
+    ``exact`` passes keep outputs equal within float rounding; lossy passes set
+    ``exact = False`` and a looser ``tolerance``. ``leaves_dangling`` asks the
+    manager to run ``dce`` after the pass when it changed the graph.
+    """
+
+    name: ClassVar[str] = ""
+    Options: ClassVar[type] = NoOptions
+    exact: ClassVar[bool] = True
+    tolerance: ClassVar[Tolerance] = EXACT
+    leaves_dangling: ClassVar[bool] = False
+
+    def __init__(self, options: Any = None, **values: Any) -> None:
+        if options is None:
+            options = build_options(self.name, self.Options, values)
+        elif values:
+            raise TypeError("give either an options object or keyword values, not both")
+        self.options = options
+
+    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def canonical(self) -> str:
+        """The text that reproduces this pass, every option spelled out."""
+        items = option_items(self.options)
+        if not items:
+            return self.name
+        return f"{self.name}(" + ",".join(f"{k}={format_value(v)}" for k, v in items) + ")"
+
+    @classmethod
+    def summary(cls) -> str:
+        """First line of the docstring."""
+        doc = (cls.__doc__ or "").strip()
+        return doc.splitlines()[0] if doc else ""
+
+
+_REGISTRY: dict[str, type[Pass]] = {}
+_PRESETS: dict[str, tuple[str, bool]] = {}
+_loaded = False
+
+
+def register_pass(cls: type[Pass]) -> type[Pass]:
+    """Class decorator: make a pass available by its ``name`` in pipelines and recipes."""
+    if not cls.name or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", cls.name):
+        raise ValueError(f"pass {cls.__name__} needs a name made of letters, digits and _")
+    if not dataclasses.is_dataclass(cls.Options):
+        raise ValueError(f"pass '{cls.name}': Options must be a dataclass")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def register_preset(name: str, pipeline: str, fixed_point: bool = True) -> None:
+    """A named group of passes, run to a fixed point when ``fixed_point``."""
+    _PRESETS[name] = (pipeline, fixed_point)
+
+
+def _load_passes() -> None:
+    """Import the built-in passes once, then third-party ones from the entry-point group."""
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    from . import _builtin_passes  # noqa: F401  (registers the shipped passes)
+
+    for entry in metadata.entry_points(group="onnxopt.passes"):
+        try:
+            loaded = entry.load()
+        except Exception as exc:  # a broken plugin must not break the tool
+            log.warning("cannot load pass plugin '%s': %s", entry.name, exc)
+            continue
+        if isinstance(loaded, type) and issubclass(loaded, Pass) and loaded.name not in _REGISTRY:
+            register_pass(loaded)
+
+
+def registered_passes() -> dict[str, type[Pass]]:
+    """Name -> pass class, built-ins and plugins."""
+    _load_passes()
+    return dict(sorted(_REGISTRY.items()))
+
+
+def presets() -> dict[str, tuple[str, bool]]:
+    _load_passes()
+    return dict(_PRESETS)
+
+
+def get_pass(name: str) -> type[Pass]:
+    _load_passes()
+    if name not in _REGISTRY:
+        known = ", ".join(sorted([*_REGISTRY, *_PRESETS]))
+        raise InputError(f"unknown pass '{name}'; known passes: {known}")
+    return _REGISTRY[name]
+
+
+# ----------------------------------------------------------------- pipelines
+
+@dataclass
+class Group:
+    """Passes run in order, repeated until none changes the graph when ``fixed_point``."""
+
+    name: str
+    steps: list[Pass]
+    fixed_point: bool = True
+    max_rounds: int = 10
+
+    def canonical(self) -> str:
+        return self.name
+
+
+Step = Union[Pass, Group]
+
+
+class Pipeline:
+    """An ordered list of passes and preset groups."""
+
+    def __init__(self, steps: Iterable[Step]) -> None:
+        self.steps = list(steps)
+
+    @classmethod
+    def parse(cls, spec: Union[str, "Pipeline", Iterable[Any], None]) -> "Pipeline":
+        """From 'dce,prune(sparsity=0.5)', a recipe-style list, Pass objects, or a Pipeline."""
+        if isinstance(spec, Pipeline):
+            return spec
+        if spec is None:
+            return cls([])
+        if isinstance(spec, str):
+            return cls(_make_step(*_parse_item(item)) for item in _split_top(spec) if item.strip())
+        steps: list[Step] = []
+        for item in spec:
+            if isinstance(item, (Pass, Group)):
+                steps.append(item)
+            elif isinstance(item, str):
+                steps.extend(cls.parse(item).steps)
+            elif isinstance(item, dict) and len(item) == 1:
+                (name, values), = item.items()
+                steps.append(_make_step(str(name), dict(values or {})))
+            else:
+                raise InputError(f"cannot read pipeline entry {item!r}: use a name, 'name(opt=value)' or {{name: {{opt: value}}}}")
+        return cls(steps)
+
+    def canonical(self) -> str:
+        return ",".join(step.canonical() for step in self.steps)
+
+    def passes(self) -> list[Pass]:
+        """Every pass, groups expanded."""
+        return [p for s in self.steps for p in (s.steps if isinstance(s, Group) else [s])]
+
+    def __str__(self) -> str:
+        return self.canonical()
+
+
+def _make_step(name: str, values: dict[str, Any]) -> Step:
+    _load_passes()
+    if name in _PRESETS and name not in _REGISTRY:
+        if values:
+            raise InputError(f"preset '{name}' takes no options")
+        text, fixed = _PRESETS[name]
+        return Group(name, Pipeline.parse(text).passes(), fixed_point=fixed)
+    cls = get_pass(name)
+    return cls(build_options(name, cls.Options, values))
+
+
+def _split_top(text: str) -> list[str]:
+    """Split on commas outside parentheses."""
+    parts, depth, cur = [], 0, []
+    for ch in text:
+        if ch == "(":
+            depth += 1
+        elif ch == ")":
+            depth -= 1
+            if depth < 0:
+                raise InputError(f"unbalanced ')' in pipeline '{text}'")
+        if ch == "," and depth == 0:
+            parts.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+    if depth:
+        raise InputError(f"unbalanced '(' in pipeline '{text}'")
+    parts.append("".join(cur))
+    return parts
+
+
+def _split_kv(item: str, where: str) -> tuple[str, str]:
+    if "=" not in item:
+        raise InputError(f"{where}: expected key=value, got '{item.strip()}'")
+    key, value = item.split("=", 1)
+    return key.strip(), value.strip()
+
+
+def _parse_item(item: str) -> tuple[str, dict[str, str]]:
+    item = item.strip()
+    match = re.fullmatch(r"([A-Za-z_][A-Za-z0-9_]*)\s*(?:\((.*)\))?", item, re.S)
+    if not match:
+        raise InputError(f"cannot read pipeline item '{item}': expected name or name(option=value,...)")
+    name, body = match.group(1), match.group(2)
+    values = dict(_split_kv(kv, f"pass '{name}'") for kv in _split_top(body or "") if kv.strip())
+    return name, values
+
+
+def describe_pass(cls: type[Pass]) -> list[tuple[str, str, str]]:
+    """(option, type, default) rows for ``onnxopt passes``."""
+    defaults = cls.Options()
+    return [(name, describe(kind), format_value(getattr(defaults, name)))
+            for name, kind in option_types(cls.Options).items()]
+
+
+# ----------------------------------------------------------------- contracts
+
+def interface_of(graph: gs.Graph) -> list[tuple[str, str, str, Any]]:
+    """(role, name, dtype, shape) for every graph input and output."""
+    rows = []
+    for role, tensors in (("input", graph.inputs), ("output", graph.outputs)):
+        for t in tensors:
+            shape = None if t.shape is None else tuple(t.shape)
+            rows.append((role, t.name, str(t.dtype), shape))
+    return rows
+
+
+def duplicate_names(graph: gs.Graph) -> set[str]:
+    """Value names held by more than one tensor object, and node names used twice, all scopes."""
+    owners: dict[str, int] = {}
+    dups: set[str] = set()
+    seen_nodes: set[str] = set()
+    for g in G.iter_graphs(graph, functions=False):
+        for node in g.nodes:
+            if node.name:
+                if node.name in seen_nodes:
+                    dups.add(f"node {node.name}")
+                seen_nodes.add(node.name)
+            for t in [*node.inputs, *node.outputs]:
+                if t.name and owners.setdefault(t.name, id(t)) != id(t):
+                    dups.add(f"value {t.name}")
+    return dups
+
+
+def check_contracts(graph: gs.Graph, interface: list, dups_before: set[str], who: str) -> None:
+    """Raise PassError when ``who`` changed the interface or introduced duplicate names."""
+    now = interface_of(graph)
+    if now != interface:
+        for old, new in zip(interface, now):
+            if old != new:
+                raise PassError(f"pass '{who}' broke a contract: graph {old[0]} '{old[1]}' "
+                                f"(dtype {old[2]}, shape {old[3]}) became '{new[1]}' (dtype {new[2]}, shape {new[3]})")
+        raise PassError(f"pass '{who}' broke a contract: the number of graph inputs or outputs changed "
+                        f"({len(interface)} -> {len(now)})")
+    new_dups = duplicate_names(graph) - dups_before
+    if new_dups:
+        raise PassError(f"pass '{who}' broke a contract: names no longer unique: {', '.join(sorted(new_dups)[:5])}")
+
+
+def checker_error(model: onnx.ModelProto) -> Optional[str]:
+    """The ONNX checker's first complaint, or None."""
+    try:
+        if model.ByteSize() < 2**31 - 1:
+            onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as exc:
+        return str(exc).strip().splitlines()[0]
+    return None
+
+
+# ----------------------------------------------------------------- manager
+
+@dataclass
+class PassRecord:
+    """One pass as it ran: timing, size before and after, its statistics."""
+
+    name: str
+    canonical: str
+    seconds: float
+    modified: bool
+    nodes_before: int
+    nodes_after: int
+    params_before: int
+    params_after: int
+    bytes_before: int
+    bytes_after: int
+    stats: dict[str, Any]
+    auto: bool = False
+    verify: Optional[dict] = None
+
+
+Verifier = Callable[[onnx.ModelProto, list[Pass]], Any]
+
+
+class PassManager:
+    """Runs a pipeline on one imported graph, recording and policing every pass.
+
+    ``verify`` (for verify-each) is called with the model after each pass and
+    the passes run so far; it returns a comparison with ``passed`` and
+    ``to_dict()``. When a pass leaves the tolerance, the manager raises
+    ``VerifyFailed`` carrying the model from before that pass.
+    """
+
+    def __init__(self, pipeline: Pipeline, ctx: Optional[PassContext] = None,
+                 verify: Optional[Verifier] = None) -> None:
+        self.pipeline = pipeline
+        self.ctx = ctx or PassContext()
+        self.verify = verify
+        self.records: list[PassRecord] = []
+
+    def run(self, model: onnx.ModelProto) -> onnx.ModelProto:
+        self.template = model
+        self.graph = G.import_graph(model)
+        self.ctx.opset = self.ctx.opset or _default_opset(model)
+        self.interface = interface_of(self.graph)
+        self.dups = duplicate_names(self.graph)
+        self.ran: list[Pass] = []
+        self.last_model = model
+        for step in self.pipeline.steps:
+            self._run_step(step)
+        result = G.export_model(self.graph, model)
+        problem = checker_error(result)
+        if problem:
+            raise PassError(self._blame_checker(model) + f": {problem}")
+        return result
+
+    def _run_step(self, step: Step) -> bool:
+        if isinstance(step, Pass):
+            return self._run_pass(step)
+        changed_any = False
+        for _ in range(step.max_rounds if step.fixed_point else 1):
+            changed = [self._run_pass(p) for p in step.steps]
+            changed_any |= any(changed)
+            if not any(changed):
+                break
+        return changed_any
+
+    def _run_pass(self, p: Pass, auto: bool = False) -> bool:
+        before = _measure(self.graph)
+        start = time.perf_counter()
+        try:
+            result = p.run(self.graph, self.ctx)
+        except OnnxoptError:
+            raise
+        except Exception as exc:
+            raise PassError(f"pass '{p.name}' failed: {type(exc).__name__}: {exc}") from exc
+        seconds = time.perf_counter() - start
+        if not isinstance(result, PassResult):
+            raise PassError(f"pass '{p.name}' returned {type(result).__name__}, not a PassResult")
+        check_contracts(self.graph, self.interface, self.dups, p.name)
+        after = _measure(self.graph)
+        record = PassRecord(p.name, p.canonical(), seconds, bool(result.modified), *_pairs(before, after),
+                            stats=dict(result.stats), auto=auto)
+        self.records.append(record)
+        self.ran.append(p)
+        if self.verify is not None:
+            self._verify(p, record)
+        if p.leaves_dangling and result.modified and p.name != "dce":
+            self._run_pass(get_pass("dce")(), auto=True)
+        return record.modified
+
+    def _verify(self, p: Pass, record: PassRecord) -> None:
+        model = G.export_model(self.graph, self.template)
+        problem = checker_error(model)
+        if problem:
+            raise PassError(f"pass '{p.name}' broke a contract: the model fails the ONNX checker: {problem}")
+        comparison = self.verify(model, list(self.ran))
+        record.verify = comparison.to_dict()
+        if not comparison.passed:
+            raise VerifyFailed(p, comparison, self.last_model)
+        self.last_model = model
+
+    def _blame_checker(self, model: onnx.ModelProto) -> str:
+        """Re-run the pipeline checking after every pass to name the pass that broke the checker."""
+        replay = PassManager(self.pipeline, dataclasses.replace(self.ctx))
+        replay.graph, replay.template = G.import_graph(model), model
+        replay.interface, replay.dups, replay.ran = interface_of(replay.graph), set(), []
+        for p in self.pipeline.passes():
+            p.run(replay.graph, replay.ctx)
+            if checker_error(G.export_model(replay.graph, model)):
+                return f"pass '{p.name}' broke a contract: the model fails the ONNX checker"
+        return "the optimized model fails the ONNX checker"
+
+
+class VerifyFailed(OnnxoptError):
+    """--verify-each: a pass took the model out of tolerance."""
+
+    exit_code = 1
+
+    def __init__(self, p: Pass, comparison: Any, model_before: onnx.ModelProto) -> None:
+        self.pass_ = p
+        self.comparison = comparison
+        self.model_before = model_before
+        self.repro_dir: Optional[str] = None
+        super().__init__(f"pass '{p.name}' took the model out of tolerance: {comparison.headline()}")
+
+
+def _default_opset(model: onnx.ModelProto) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
+def _measure(graph: gs.Graph) -> tuple[int, int, int]:
+    return G.node_count(graph), G.param_count(graph), G.param_bytes(graph)
+
+
+def _pairs(before: tuple, after: tuple) -> list[int]:
+    return [before[0], after[0], before[1], after[1], before[2], after[2]]

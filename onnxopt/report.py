@@ -1,0 +1,255 @@
+"""Results: the OptimizeResult object, its JSON report, and summaries for people."""
+
+from __future__ import annotations
+
+import collections
+import json
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import onnx
+
+from . import io
+from .errors import ValidationFailed
+from .pipeline import PassRecord
+from .validate import Comparison
+
+SCHEMA = "onnxopt.report/1"
+
+
+@dataclass
+class OptimizeResult:
+    """What ``optimize`` returns: the rewritten model, what each pass did, and the validation."""
+
+    model: onnx.ModelProto
+    original: onnx.ModelProto = field(repr=False)
+    pipeline: str
+    records: list[PassRecord]
+    validation: Optional[Comparison] = None
+    source: Optional[str] = None
+    seconds: float = 0.0
+    warnings: list[str] = field(default_factory=list)
+    output: Optional[str] = None
+
+    @property
+    def passed(self) -> bool:
+        """True unless validation ran and failed."""
+        return self.validation is None or self.validation.passed
+
+    def save(self, path: str | os.PathLike, *, external_data: Optional[bool] = None,
+             in_place: bool = False, force: bool = False) -> Path:
+        """Write the model atomically; refuses a model that failed validation unless ``force``."""
+        if not self.passed and not force:
+            raise ValidationFailed(f"not saving: validation failed ({self.validation.headline()})")
+        written = io.save(self.model, path, external_data=external_data, input_path=self.source,
+                          in_place=in_place)
+        self.output = str(written)
+        return written
+
+    def to_dict(self) -> dict[str, Any]:
+        before, after = _totals(self.original), _totals(self.model)
+        return {
+            "schema": SCHEMA,
+            "source": self.source,
+            "output": self.output,
+            "pipeline": self.pipeline,
+            "passed": self.passed,
+            "seconds": round(self.seconds, 4),
+            "before": before,
+            "after": after,
+            "passes": [asdict(r) for r in self.records],
+            "validation": self.validation.to_dict() if self.validation else None,
+            "warnings": list(self.warnings),
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, default=str)
+
+    def write_report(self, path: str | os.PathLike) -> None:
+        write_text_atomic(Path(path), self.to_json() + "\n")
+
+    def summary(self) -> str:
+        return format_summary(self)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=".onnxopt-", dir=path.parent or ".")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _totals(model: onnx.ModelProto) -> dict[str, int]:
+    counts = op_histogram(model)
+    return {"nodes": sum(counts.values()), "parameters": parameter_count(model),
+            "tensor_bytes": io.tensor_bytes(model), "file_bytes": model.ByteSize()}
+
+
+def _graphs(graph: onnx.GraphProto):
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("g"):
+                yield from _graphs(attr.g)
+            for sub in attr.graphs:
+                yield from _graphs(sub)
+
+
+def op_histogram(model: onnx.ModelProto) -> collections.Counter:
+    """Op type -> count over the graph, its subgraphs and model-local functions."""
+    counts: collections.Counter = collections.Counter()
+    for g in _graphs(model.graph):
+        counts.update(_op_key(n) for n in g.node)
+    for func in model.functions:
+        counts.update(_op_key(n) for n in func.node)
+    return counts
+
+
+def _op_key(node: onnx.NodeProto) -> str:
+    return node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
+
+
+def parameter_count(model: onnx.ModelProto) -> int:
+    total = 0
+    for tensor in io.iter_tensors(model.graph):
+        total += math.prod(tensor.dims)
+    return total
+
+
+# ----------------------------------------------------------------- formatting
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def _change(before: float, after: float) -> str:
+    if before == 0:
+        return ""
+    return f" ({100.0 * (after - before) / before:+.1f}%)"
+
+
+def _did(record: PassRecord) -> str:
+    parts = [f"{k.replace('_', ' ')} {v}" for k, v in record.stats.items()
+             if isinstance(v, (int, float)) and not isinstance(v, bool) and v]
+    return ", ".join(parts) if parts else ("changed the graph" if record.modified else "nothing to do")
+
+
+def format_summary(result: OptimizeResult) -> str:
+    d = result.to_dict()
+    lines = [f"onnxopt: {result.source or 'model'}" + (f" -> {result.output}" if result.output else ""),
+             f"pipeline: {result.pipeline}"]
+    if result.records:
+        lines.append(f"  {'pass':<12} {'time':>9}  {'nodes':>13}  {'parameters':>23}  what it did")
+        for r in result.records:
+            label = r.name + (" (auto)" if r.auto else "")
+            lines.append(f"  {label:<12} {r.seconds * 1000:>7.1f}ms  {r.nodes_before:>5} -> {r.nodes_after:<5}"
+                         f"  {r.params_before:>10,} -> {r.params_after:<10,}  {_did(r)}")
+    b, a = d["before"], d["after"]
+    lines.append(f"size: {human_bytes(b['file_bytes'])} -> {human_bytes(a['file_bytes'])}"
+                 f"{_change(b['file_bytes'], a['file_bytes'])}   nodes: {b['nodes']} -> {a['nodes']}"
+                 f"   parameters: {b['parameters']:,} -> {a['parameters']:,}")
+    if result.validation:
+        lines.extend(format_comparison(result.validation))
+    else:
+        lines.append("validation: skipped")
+    lines.extend(f"warning: {w}" for w in result.warnings)
+    return "\n".join(lines)
+
+
+def format_comparison(c: Comparison) -> list[str]:
+    source = "synthetic inputs" if c.synthetic else c.data
+    lines = [f"validation: ONNX Runtime (optimization level '{c.ort_opt_level}'), {c.samples} sample(s) from {source}"]
+    for o in c.outputs:
+        figures = (f"max abs {o.max_abs:.3g}, mean abs {o.mean_abs:.3g}, max rel {o.max_rel:.3g}, "
+                   f"cosine {o.cosine:.6f}, SNR {o.snr_db:.1f} dB")
+        if o.top1_agreement is not None:
+            figures += f", top-1 agreement {100 * o.top1_agreement:.2f}%"
+        if o.accuracy_reference is not None:
+            figures += f", accuracy {100 * o.accuracy_reference:.2f}% -> {100 * o.accuracy_candidate:.2f}%"
+        state = "identical" if o.identical else ("ok" if o.passed else "FAIL")
+        lines.append(f"  {o.name}: {state}: {figures}")
+        lines.extend(f"    {f}" for f in o.failures)
+    verdict = "PASSED" if c.passed else "FAILED"
+    lines.append(f"  {verdict} (tolerance {c.tolerance})")
+    if c.latency_reference_ms is not None:
+        ratio = c.latency_reference_ms / c.latency_candidate_ms if c.latency_candidate_ms else math.nan
+        lines.append(f"latency (median): {c.latency_reference_ms:.3f} ms -> {c.latency_candidate_ms:.3f} ms"
+                     f" ({ratio:.2f}x speed-up)")
+    lines.extend(f"note: {n}" for n in c.notes)
+    return lines
+
+
+# ----------------------------------------------------------------- inspect
+
+def inspect_model(path: str | os.PathLike) -> dict[str, Any]:
+    """What ``onnxopt inspect`` shows, as data."""
+    raw = io._read(Path(path))
+    external = collections.Counter()
+    for tensor in io._external_tensors(raw):
+        info = {e.key: e.value for e in tensor.external_data}
+        external[info.get("location", "?")] += int(info.get("length", 0) or 0)
+    model = io.load(path)
+    by_dtype: dict[str, dict[str, int]] = collections.defaultdict(lambda: {"tensors": 0, "parameters": 0, "bytes": 0})
+    for tensor in io.iter_tensors(model.graph):
+        row = by_dtype[onnx.TensorProto.DataType.Name(tensor.data_type).lower()]
+        row["tensors"] += 1
+        row["parameters"] += math.prod(tensor.dims)
+        row["bytes"] += len(tensor.raw_data) or io._typed_bytes(tensor)
+    subgraphs = sum(1 for _ in _graphs(model.graph)) - 1
+    hist = op_histogram(model)
+    return {
+        "path": str(path),
+        "file_bytes": Path(path).stat().st_size,
+        "ir_version": model.ir_version,
+        "opsets": {(o.domain or "ai.onnx"): o.version for o in model.opset_import},
+        "producer": f"{model.producer_name} {model.producer_version}".strip(),
+        "nodes": sum(hist.values()),
+        "ops": dict(hist.most_common()),
+        "parameters": sum(r["parameters"] for r in by_dtype.values()),
+        "by_dtype": dict(by_dtype),
+        "inputs": [_value(v) for v in model.graph.input if v.name not in {t.name for t in model.graph.initializer}],
+        "outputs": [_value(v) for v in model.graph.output],
+        "external_data": dict(external),
+        "subgraphs": subgraphs,
+        "functions": [f"{f.domain}.{f.name}" if f.domain else f.name for f in model.functions],
+    }
+
+
+def _value(v: onnx.ValueInfoProto) -> dict[str, Any]:
+    t = v.type.tensor_type
+    dims = ["?" if not (d.HasField("dim_value") or d.dim_param) else (d.dim_value if d.HasField("dim_value") else d.dim_param)
+            for d in t.shape.dim] if t.HasField("shape") else None
+    dtype = onnx.TensorProto.DataType.Name(t.elem_type).lower() if v.type.HasField("tensor_type") else "non-tensor"
+    return {"name": v.name, "dtype": dtype, "shape": dims}
+
+
+def format_inspect(info: dict[str, Any]) -> str:
+    opsets = ", ".join(f"{d} {v}" for d, v in info["opsets"].items())
+    lines = [f"{info['path']}: {human_bytes(info['file_bytes'])}, IR version {info['ir_version']}, opsets: {opsets}",
+             f"producer: {info['producer'] or '(none)'}",
+             f"nodes: {info['nodes']}  (" + ", ".join(f"{k} {v}" for k, v in info["ops"].items()) + ")",
+             f"parameters: {info['parameters']:,}"]
+    for dtype, row in info["by_dtype"].items():
+        lines.append(f"  {dtype}: {row['tensors']} tensors, {row['parameters']:,} values, {human_bytes(row['bytes'])}")
+    for role in ("inputs", "outputs"):
+        lines.append(f"{role}:")
+        for v in info[role]:
+            shape = "unknown" if v["shape"] is None else "[" + ", ".join(map(str, v["shape"])) + "]"
+            lines.append(f"  {v['name']}: {v['dtype']} {shape}")
+    if info["external_data"]:
+        lines.append("external data: " + ", ".join(f"{k} ({human_bytes(v)})" for k, v in info["external_data"].items()))
+    lines.append(f"subgraphs: {info['subgraphs']}   functions: {len(info['functions'])}"
+                 + (f" ({', '.join(info['functions'])})" if info["functions"] else ""))
+    return "\n".join(lines)

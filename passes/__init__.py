@@ -1,0 +1,3 @@
+"""The passes shipped with onnxopt, one module each; importing registers them."""
+
+from . import dce  # noqa: F401
