@@ -1,0 +1,179 @@
+"""Command line: argument parsing and exit codes; the work is done by the public API.
+
+Exit codes: 0 success, 1 validation failed, 2 bad input or usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from . import api, io
+from .data import load_dataset, synthetic_dataset
+from .errors import InputError, OnnxoptError
+from .pipeline import EXACT, Tolerance, VerifyFailed, describe_pass, presets, registered_passes
+from .report import format_comparison, format_inspect, inspect_model, write_text_atomic
+from .validate import compare
+
+log = logging.getLogger("onnxopt")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but usage errors are one line and exit 2 like every other bad input."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"onnxopt: error: {message} (see onnxopt {self.prog.split()[-1]} --help)\n")
+
+
+def _dims(items: Optional[list[str]]) -> dict[str, int]:
+    dims = {}
+    for item in items or []:
+        name, _, value = item.partition("=")
+        if not name or not value.strip().isdigit():
+            raise InputError(f"--dim expects NAME=VALUE with a positive integer, got '{item}'")
+        dims[name] = int(value)
+    return dims
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--inputs", metavar="DATA", help="validation inputs: .npz, .npy or a folder of them")
+    p.add_argument("--dim", action="append", metavar="NAME=VALUE", help="bind a symbolic input dimension for synthetic inputs")
+    p.add_argument("--tolerance", metavar="SPEC", help="e.g. 'atol=1e-4,rtol=1e-3' or 'min_cosine=0.999,max_top1_drop=0.5'")
+    p.add_argument("--ort-opt-level", choices=["disable", "basic", "extended", "all"], default=None,
+                   help="ONNX Runtime graph optimization level for validation (default: all, as deployed)")
+    p.add_argument("--latency-runs", type=int, default=20, metavar="N", help="runs for median latency (0: skip)")
+    p.add_argument("--seed", type=int, default=None, help="seed for synthetic inputs (default 0)")
+    p.add_argument("--report", metavar="FILE", help="write the JSON report here")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="onnxopt", description="Optimize ONNX models and prove, in ONNX Runtime, that they still compute the same thing.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("optimize", help="run a pipeline of passes, validate, write the result")
+    p.add_argument("model")
+    p.add_argument("-o", "--output", help="output path (default: <model>.opt.onnx beside the input)")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--passes", help="pipeline, e.g. 'dce' (default: dce)")
+    group.add_argument("--recipe", help="YAML recipe: passes, calibration, inputs, tolerance, verify_each")
+    p.add_argument("--calib", metavar="DATA", help="calibration data: .npz, .npy or a folder of them")
+    p.add_argument("--verify-each", action="store_true", help="validate after every pass; stop at the first that breaks tolerance")
+    p.add_argument("--repro-dir", help="where --verify-each saves a reproducer (default: <output>.repro)")
+    p.add_argument("--no-validate", action="store_true", help="skip validation (not recommended)")
+    p.add_argument("--keep-on-fail", action="store_true", help="write the model even when validation fails")
+    p.add_argument("--in-place", action="store_true", help="allow the output path to be the input model")
+    p.add_argument("--external-data", action="store_true", help="store weights in a .data file beside the model")
+    _common(p)
+
+    p = sub.add_parser("inspect", help="opsets, ops, parameters by dtype, inputs and outputs")
+    p.add_argument("model")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+
+    p = sub.add_parser("compare", help="run two models on the same inputs and report the differences")
+    p.add_argument("reference")
+    p.add_argument("candidate")
+    _common(p)
+
+    p = sub.add_parser("passes", help="list the passes and their options")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(format="onnxopt: %(levelname)s: %(message)s", level=logging.WARNING)
+    try:
+        return {"optimize": cmd_optimize, "inspect": cmd_inspect, "compare": cmd_compare,
+                "passes": cmd_passes}[args.command](args)
+    except OnnxoptError as exc:
+        if args.debug:
+            raise
+        print(f"onnxopt: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("onnxopt: interrupted; nothing written", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug: say so plainly, traceback on request
+        if args.debug:
+            raise
+        print(f"onnxopt: internal error: {type(exc).__name__}: {exc} (run with --debug for the traceback)", file=sys.stderr)
+        return 3
+
+
+def _default_output(model: str) -> Path:
+    path = Path(model)
+    stem = path.name[:-5] if path.name.endswith(".onnx") else path.name
+    return path.with_name(stem + ".opt.onnx")
+
+
+def cmd_optimize(args: argparse.Namespace) -> int:
+    output = Path(args.output) if args.output else _default_output(args.model)
+    if io.same_file(output, args.model) and not args.in_place:
+        raise InputError(f"{output}: output path is the input model; pass --in-place to overwrite it")
+    try:
+        result = api.optimize(
+            args.model, args.passes, recipe=args.recipe, calibration=args.calib, inputs=args.inputs,
+            tolerance=args.tolerance, validate=not args.no_validate, verify_each=args.verify_each or None,
+            dims=_dims(args.dim), seed=args.seed, ort_opt_level=args.ort_opt_level,
+            latency_runs=args.latency_runs, repro_dir=args.repro_dir or f"{output}.repro")
+    except VerifyFailed as failure:
+        print(f"onnxopt: error: {failure}", file=sys.stderr)
+        print("\n".join(format_comparison(failure.comparison)), file=sys.stderr)
+        if failure.repro_dir:
+            print(f"onnxopt: reproducer saved in {failure.repro_dir}", file=sys.stderr)
+        return 1
+    written = result.passed or args.keep_on_fail
+    if written:
+        result.save(output, external_data=True if args.external_data else None, in_place=args.in_place, force=True)
+    if args.report:
+        write_text_atomic(Path(args.report), result.to_json() + "\n")
+    print(result.summary())
+    if not result.passed:
+        print(f"onnxopt: error: validation failed: {result.validation.headline()}"
+              + ("" if written else "; nothing written (use --keep-on-fail to write anyway)"), file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    info = inspect_model(args.model)
+    print(json.dumps(info, indent=2) if args.json else format_inspect(info))
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    reference, candidate = io.load(args.reference), io.load(args.candidate)
+    dims = _dims(args.dim)
+    seed = args.seed or 0
+    data = (load_dataset(args.inputs, reference, what="inputs") if args.inputs
+            else synthetic_dataset(reference, dims=dims, seed=seed))
+    tol = Tolerance.parse(args.tolerance) or EXACT
+    result = compare(reference, candidate, data, tol, ort_opt_level=args.ort_opt_level or "all",
+                     latency_runs=args.latency_runs)
+    print(f"onnxopt compare: {args.reference} vs {args.candidate}")
+    print("\n".join(format_comparison(result)))
+    print(f"size: {Path(args.reference).stat().st_size:,} B -> {Path(args.candidate).stat().st_size:,} B")
+    if args.report:
+        write_text_atomic(Path(args.report), json.dumps(result.to_dict(), indent=2) + "\n")
+    return 0 if result.passed else 1
+
+
+def cmd_passes(args: argparse.Namespace) -> int:
+    for name, cls in registered_passes().items():
+        kind = "exact" if cls.exact else "lossy"
+        print(f"{name} ({kind}): {cls.summary()}")
+        for option, kind_text, default in describe_pass(cls):
+            print(f"    {option} = {default}    ({kind_text})")
+    for name, (pipeline, fixed) in presets().items():
+        print(f"{name} (preset): {pipeline}" + (" (to a fixed point)" if fixed else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
