@@ -28,7 +28,14 @@ def import_graph(model: onnx.ModelProto) -> gs.Graph:
 
 
 def export_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
-    """Export a graph, keeping the model-level fields of ``template``."""
+    """Export a graph, keeping the model-level fields of ``template``.
+
+    Passes may append nodes anywhere; the graph is sorted topologically only
+    when some node reads a value made after it, so untouched graphs keep
+    their node order.
+    """
+    if not all(is_sorted(g) for g in iter_graphs(graph)):
+        graph.toposort()
     model = gs.export_onnx(graph, do_type_check=False)
     model.ir_version = template.ir_version
     for field in ("producer_name", "producer_version", "domain", "model_version", "doc_string"):
@@ -37,6 +44,18 @@ def export_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
     model.training_info.extend(template.training_info)
     _keep_opsets(model, template)
     return model
+
+
+def is_sorted(graph: gs.Graph) -> bool:
+    """True when every node comes after the nodes of this graph whose outputs it reads."""
+    position = {id(t): i for i, node in enumerate(graph.nodes) for t in node.outputs}
+    for i, node in enumerate(graph.nodes):
+        reads = list(node.inputs)
+        for sub in subgraphs_of(node):
+            reads.extend(outer_reads(sub))
+        if any(position.get(id(t), -1) >= i for t in reads):
+            return False
+    return True
 
 
 def _keep_opsets(model: onnx.ModelProto, template: onnx.ModelProto) -> None:

@@ -1,0 +1,230 @@
+"""Pass registry, pipeline strings, recipes, the pass manager, contracts and --verify-each."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional, Union
+
+import numpy as np
+import onnx_graphsurgeon as gs
+import pytest
+
+import onnxopt
+from onnxopt import graph as G
+from onnxopt.errors import InputError, PassError
+from onnxopt.pipeline import (Group, Pass, PassContext, PassResult, Pipeline, Tolerance, VerifyFailed,
+                              get_pass, register_pass, register_preset)
+from models_for_tests import mlp
+
+
+@dataclass
+class ToyOptions:
+    ratio: Union[float, Literal["auto"]] = 0.5
+    count: int = 3
+    enabled: bool = True
+    names: list[str] = field(default_factory=list)
+    label: Optional[str] = None
+
+
+@register_pass
+class ToyPass(Pass):
+    """Does nothing; here to test option parsing."""
+
+    name = "toy"
+    Options = ToyOptions
+
+    def run(self, graph, ctx):
+        return PassResult(False, {"seen": len(graph.nodes)})
+
+
+@register_pass
+class ScaleOutput(Pass):
+    """Multiplies the first graph output by 1.5 (a deliberately broken, lossy pass)."""
+
+    name = "scale_output"
+    exact = False
+    tolerance = Tolerance(min_cosine=0.99)  # scaling keeps cosine at 1; SNR catches it below
+
+    def run(self, graph, ctx):
+        out = graph.outputs[0]
+        G.insert_after(graph, out, "Mul", extra_inputs=[gs.Constant("onepointfive", np.array(1.5, np.float32))])
+        return PassResult(True, {})
+
+
+@register_pass
+class RenameOutput(Pass):
+    """Breaks the interface contract by renaming the graph output."""
+
+    name = "rename_output"
+
+    def run(self, graph, ctx):
+        graph.outputs[0].name = "renamed"
+        return PassResult(True, {})
+
+
+@register_pass
+class Crash(Pass):
+    """Raises."""
+
+    name = "crash"
+
+    def run(self, graph, ctx):
+        raise RuntimeError("boom")
+
+
+def test_parse_options_and_canonical_round_trip():
+    p = Pipeline.parse("dce, toy(ratio=auto,count=7,enabled=false,names=a;b*;c,label=x) ,dce(identities=false)")
+    assert [s.name for s in p.steps] == ["dce", "toy", "dce"]
+    toy = p.steps[1]
+    assert toy.options.ratio == "auto" and toy.options.count == 7 and toy.options.enabled is False
+    assert toy.options.names == ["a", "b*", "c"] and toy.options.label == "x"
+    text = p.canonical()
+    assert text == ("dce(identities=true),toy(ratio=auto,count=7,enabled=false,names=a;b*;c,label=x),"
+                    "dce(identities=false)")
+    assert Pipeline.parse(text).canonical() == text
+    assert Pipeline.parse("toy(ratio=0.25)").steps[0].options.ratio == 0.25
+
+
+def test_recipe_style_list_gives_same_pipeline():
+    listed = Pipeline.parse(["dce", {"toy": {"ratio": 0.75, "names": ["a", "b"]}}])
+    assert listed.canonical() == Pipeline.parse("dce,toy(ratio=0.75,names=a;b)").canonical()
+
+
+@pytest.mark.parametrize("text, message", [
+    ("nope", "unknown pass 'nope'; known passes: "),
+    ("toy(colour=red)", "pass 'toy' has no option 'colour'; its options: ratio"),
+    ("toy(count=1.5)", "pass 'toy' option 'count': expected an integer"),
+    ("toy(ratio=lots)", "pass 'toy' option 'ratio': expected float | auto"),
+    ("toy(enabled=maybe)", "expected true or false"),
+    ("toy(count=1", "unbalanced '('"),
+    ("toy(count)", "expected key=value"),
+    ("9bad", "cannot read pipeline item '9bad'"),
+])
+def test_pipeline_errors_name_the_problem(text, message):
+    with pytest.raises(InputError) as info:
+        Pipeline.parse(text)
+    assert message in str(info.value)
+    if "unknown pass" in message:
+        assert "dce" in str(info.value) and "toy" in str(info.value)
+
+
+def test_preset_runs_to_fixed_point():
+    calls = []
+
+    @register_pass
+    class Countdown(Pass):
+        """Reports a change twice, then settles."""
+
+        name = "countdown"
+
+        def run(self, graph, ctx):
+            calls.append(1)
+            return PassResult(len(calls) <= 2, {})
+
+    register_preset("settle", "countdown,dce")
+    pipeline = Pipeline.parse("settle")
+    assert isinstance(pipeline.steps[0], Group) and pipeline.canonical() == "settle"
+    result = onnxopt.optimize(mlp(), pipeline, validate=False)
+    assert len(calls) == 3  # two rounds with a change, one to confirm the fixed point
+    assert [r.name for r in result.records] == ["countdown", "dce"] * 3
+
+
+def test_manager_records_each_pass():
+    result = onnxopt.optimize(mlp(), "toy,dce", validate=False)
+    toy, dce = result.records
+    assert toy.stats == {"seen": 5} and not toy.modified
+    assert (dce.nodes_before, dce.nodes_after) == (5, 4)
+    assert (dce.params_before, dce.params_after) == (32 + 8 + 24 + 9, 32 + 8 + 24)
+    assert dce.bytes_after == 4 * (32 + 8 + 24)
+    assert dce.stats["nodes_removed"] == 1 and dce.stats["initializers_removed"] == 1
+    assert result.to_dict()["pipeline"] == "toy(ratio=0.5,count=3,enabled=true,names=,label=none),dce(identities=true)"
+
+
+def test_contract_violation_names_the_pass():
+    with pytest.raises(PassError, match="pass 'rename_output' broke a contract: graph output 'y'"):
+        onnxopt.optimize(mlp(), "rename_output", validate=False)
+
+
+def test_crashing_pass_is_named():
+    with pytest.raises(PassError, match="pass 'crash' failed: RuntimeError: boom"):
+        onnxopt.optimize(mlp(), "dce,crash", validate=False)
+
+
+def test_verify_each_names_first_breaking_pass_and_saves_reproducer(tmp_path):
+    repro = tmp_path / "repro"
+    with pytest.raises(VerifyFailed) as info:
+        onnxopt.optimize(mlp(), "dce,scale_output,dce", tolerance="min_snr_db=20", verify_each=True,
+                         repro_dir=repro)
+    failure = info.value
+    assert failure.pass_.name == "scale_output"
+    out = failure.comparison.outputs[0]
+    assert out.snr_db == pytest.approx(20 * np.log10(1 / 0.5), abs=1e-3)  # 1.5x output: SNR 6.02 dB
+    assert "pass 'scale_output' took the model out of tolerance" in str(failure)
+    assert (repro / "pipeline.txt").read_text().strip() == "scale_output"
+    before = onnxopt.load(repro / "before.onnx")
+    assert [n.op_type for n in before.graph.node] == ["MatMul", "Add", "Relu", "MatMul"]  # after dce, before scale
+    # the reproducer really reproduces
+    again = onnxopt.optimize(before, (repro / "pipeline.txt").read_text().strip(), tolerance="min_snr_db=20")
+    assert not again.passed
+
+
+def test_final_validation_uses_pass_default_tolerance():
+    result = onnxopt.optimize(mlp(), "scale_output")
+    assert result.validation.tolerance == Tolerance(min_cosine=0.99)
+    assert result.passed  # cosine is still 1 under a pure scale
+    strict = onnxopt.optimize(mlp(), "scale_output", tolerance="atol=1e-3")
+    assert not strict.passed
+    with pytest.raises(onnxopt.ValidationFailed, match="not saving"):
+        strict.save("never-written.onnx")
+
+
+def test_pass_runs_directly_on_a_graph():
+    g = G.import_graph(mlp())
+    result = get_pass("dce")().run(g, PassContext())
+    assert result.modified and result.stats["nodes_removed"] == 1
+    assert [n.name for n in g.nodes] == ["mm1", "add1", "relu1", "mm2"]
+
+
+def test_tolerance_parse_and_merge():
+    t = Tolerance.parse("atol=1e-3, min_cosine=0.99")
+    assert t == Tolerance(atol=1e-3, min_cosine=0.99)
+    assert t.merged(Tolerance(atol=1e-2, min_cosine=0.999)) == Tolerance(atol=1e-2, min_cosine=0.99)
+    with pytest.raises(InputError, match="tolerance has no field 'cos'"):
+        Tolerance.parse("cos=0.9")
+
+
+def test_recipe_errors(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("passes: [dce]\ncalibrate: x.npz\n")
+    with pytest.raises(InputError, match="unknown recipe key 'calibrate'; known keys: passes, calibration"):
+        onnxopt.optimize(mlp(), recipe=bad)
+    bad.write_text("passes: [dce, {toy: {colour: red}}]\n")
+    with pytest.raises(InputError, match="pass 'toy' has no option 'colour'"):
+        onnxopt.Recipe.load(bad)
+    bad.write_text("passes: [dce\n")
+    with pytest.raises(InputError, match="not valid YAML"):
+        onnxopt.Recipe.load(bad)
+
+
+def test_entry_point_plugins_load(monkeypatch):
+    from importlib import metadata
+
+    from onnxopt import pipeline
+
+    class FakeEntry:
+        name = "plugged"
+
+        def load(self):
+            class Plugged(Pass):
+                """From a plugin."""
+
+                name = "plugged"
+
+                def run(self, graph, ctx):
+                    return PassResult(False, {})
+            return Plugged
+
+    monkeypatch.setattr(pipeline, "_loaded", False)
+    monkeypatch.setattr(metadata, "entry_points", lambda group: [FakeEntry()] if group == "onnxopt.passes" else [])
+    assert "plugged" in pipeline.registered_passes()
+    assert Pipeline.parse("plugged").canonical() == "plugged"
