@@ -217,7 +217,8 @@ def synthetic_dataset(model: onnx.ModelProto, *, dims: Optional[dict[str, int]] 
             feed[spec.name] = random_array(rng, spec.dtype, shape)
         feeds.append(feed)
     notes = [f"symbolic dimensions bound to 1: {', '.join(sorted(unbound))} (set with --dim NAME=VALUE)"] if unbound else []
-    return Dataset(feeds, None, source=f"synthetic (seed {seed})", synthetic=True, samples=batches, notes=notes)
+    samples = sum(_count(feed, input_specs(model)) for feed in feeds)
+    return Dataset(feeds, None, source=f"synthetic (seed {seed})", synthetic=True, samples=samples, notes=notes)
 
 
 def random_array(rng: np.random.Generator, dtype: np.dtype, shape: list[int]) -> np.ndarray:

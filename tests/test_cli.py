@@ -1,0 +1,155 @@
+"""End-to-end CLI: what users see, exit codes, and that nothing is written on failure."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from onnxopt.cli import main
+from models_for_tests import mlp, save
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def cnn(tmp_path):
+    for name in ("digits_cnn.onnx", "digits_test.npz", "digits_calib.npz"):
+        shutil.copy(ROOT / "models" / name, tmp_path / name)
+    return tmp_path / "digits_cnn.onnx"
+
+
+def run(argv, capsys):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_optimize_writes_default_output_and_report(cnn, capsys):
+    report = cnn.parent / "report.json"
+    code, out, err = run(["optimize", cnn, "--inputs", cnn.parent / "digits_test.npz", "--report", report,
+                          "--latency-runs", "3"], capsys)
+    assert code == 0, err
+    assert (cnn.parent / "digits_cnn.opt.onnx").is_file()
+    assert "pipeline: dce(identities=true)" in out and "PASSED" in out and "latency (median)" in out
+    data = json.loads(report.read_text())
+    assert data["passed"] and data["pipeline"] == "dce(identities=true)"
+    assert data["validation"]["outputs"][0]["accuracy_candidate"] == pytest.approx(358 / 360)
+    assert data["passes"][0]["name"] == "dce"
+
+
+def test_validation_failure_exits_1_and_writes_nothing(cnn, capsys):
+    before = cnn.read_bytes()
+    # An impossible tolerance: any float error at all fails; identical outputs would pass, so
+    # use a negative atol that even equality cannot meet.
+    code, out, err = run(["optimize", cnn, "-o", cnn.parent / "out.onnx", "--tolerance", "atol=-1",
+                          "--latency-runs", "0"], capsys)
+    assert code == 1
+    assert "validation failed" in err and "nothing written" in err
+    assert not (cnn.parent / "out.onnx").exists()
+    assert cnn.read_bytes() == before
+    code, out, err = run(["optimize", cnn, "-o", cnn.parent / "out.onnx", "--tolerance", "atol=-1",
+                          "--keep-on-fail", "--latency-runs", "0"], capsys)
+    assert code == 1 and (cnn.parent / "out.onnx").exists()
+
+
+@pytest.mark.parametrize("case", ["truncated", "random", "missing_external", "same_path", "unknown_pass",
+                                  "bad_option", "bad_inputs_dtype", "bad_inputs_name", "bad_inputs_shape",
+                                  "empty_dir"])
+def test_bad_input_exits_2_with_one_line(tmp_path, capsys, case):
+    model = tmp_path / "m.onnx"
+    save(mlp(), model)
+    args = ["optimize", model, "-o", tmp_path / "out.onnx", "--latency-runs", "0"]
+    expect = {
+        "truncated": "not a valid ONNX model", "random": "not a valid ONNX model",
+        "missing_external": "missing external data file", "same_path": "output path is the input model",
+        "unknown_pass": "unknown pass 'fold_everything'; known passes:", "bad_option": "pass 'dce' has no option 'depth'",
+        "bad_inputs_dtype": "input 'x' must be float32, validation data has float64",
+        "bad_inputs_name": "validation data has array 'image' but the model's inputs are: x",
+        "bad_inputs_shape": "input 'x' has shape [batch, 4], validation data has shape [2, 5]",
+        "empty_dir": "folder holds no .npz or .npy files",
+    }[case]
+    if case == "truncated":
+        model.write_bytes(model.read_bytes()[:100])
+    elif case == "random":
+        model.write_bytes(np.random.default_rng(0).bytes(2000))
+    elif case == "missing_external":
+        import onnx
+        onnx.save_model(mlp(), str(model), save_as_external_data=True, location="w.bin", size_threshold=0)
+        (tmp_path / "w.bin").unlink()
+    elif case == "same_path":
+        args[3] = model
+    elif case == "unknown_pass":
+        args += ["--passes", "fold_everything"]
+    elif case == "bad_option":
+        args += ["--passes", "dce(depth=3)"]
+    elif case.startswith("bad_inputs") or case == "empty_dir":
+        arrays = {"bad_inputs_dtype": {"x": np.zeros((2, 4))}, "bad_inputs_name": {"image": np.zeros((2, 4), np.float32)},
+                  "bad_inputs_shape": {"x": np.zeros((2, 5), np.float32)}}.get(case)
+        data = tmp_path / "data"
+        data.mkdir()
+        if arrays:
+            np.savez(data / "d.npz", **arrays)
+        args += ["--inputs", data]
+    before = sorted(os.listdir(tmp_path))
+    model_bytes = model.read_bytes()
+    code, out, err = run(args, capsys)
+    assert code == 2
+    assert expect in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert sorted(os.listdir(tmp_path)) == before and model.read_bytes() == model_bytes
+
+
+def test_usage_error_exits_2(capsys):
+    code = None
+    with pytest.raises(SystemExit) as info:
+        main(["optimize"])
+    assert info.value.code == 2
+    assert "onnxopt: error:" in capsys.readouterr().err
+
+
+def test_verify_each_cli_saves_reproducer(cnn, capsys):
+    import onnxopt
+    from onnxopt.pipeline import Pass, PassResult, register_pass
+
+    @register_pass
+    class NegateOutput(Pass):
+        """Negates the graph output (broken on purpose)."""
+
+        name = "negate_output"
+
+        def run(self, graph, ctx):
+            onnxopt.graph.insert_after(graph, graph.outputs[0], "Neg")
+            return PassResult(True, {})
+
+    out = cnn.parent / "o.onnx"
+    code, stdout, err = run(["optimize", cnn, "-o", out, "--passes", "dce,negate_output", "--verify-each",
+                             "--inputs", cnn.parent / "digits_test.npz"], capsys)
+    assert code == 1
+    assert "pass 'negate_output' took the model out of tolerance" in err
+    assert "accuracy 99.44% ->" in err
+    assert (cnn.parent / "o.onnx.repro" / "before.onnx").is_file()
+    assert (cnn.parent / "o.onnx.repro" / "pipeline.txt").read_text().strip() == "negate_output"
+    assert not out.exists()
+
+
+def test_inspect_and_passes_and_compare(cnn, capsys):
+    code, out, _ = run(["inspect", cnn], capsys)
+    assert code == 0
+    assert "IR version 8, opsets: ai.onnx 17" in out
+    assert "Conv 3, BatchNormalization 3, Relu 3" in out
+    assert "input: float [batch, 1, 8, 8]" in out and "logits: float [batch, 10]" in out
+    code, out, _ = run(["inspect", cnn, "--json"], capsys)
+    assert json.loads(out)["ops"]["Conv"] == 3
+    code, out, _ = run(["passes"], capsys)
+    assert code == 0 and "dce (exact):" in out and "identities = true" in out
+    other = cnn.parent / "mlp.onnx"
+    shutil.copy(ROOT / "models" / "digits_mlp.onnx", other)
+    code, out, _ = run(["compare", cnn, other, "--inputs", cnn.parent / "digits_test.npz", "--latency-runs", "0"], capsys)
+    assert code == 1 and "FAILED" in out  # two different models
+    code, out, _ = run(["compare", cnn, cnn, "--latency-runs", "0", "--dim", "batch=4"], capsys)
+    assert code == 0 and "identical" in out and "4 sample(s) from synthetic inputs" in out

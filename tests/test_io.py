@@ -1,0 +1,129 @@
+"""Model I/O: checks on load, external data, atomic saves, never touching the input."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper
+
+import onnxopt
+from onnxopt import io
+from onnxopt.errors import InputError
+from models_for_tests import mlp, save
+
+
+def test_load_path_and_proto_agree(tmp_path):
+    path = save(mlp(), tmp_path / "m.onnx")
+    assert onnxopt.load(path).SerializeToString() == onnxopt.load(mlp()).SerializeToString()
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", "file is empty"),
+    (os.urandom(4096), "not a valid ONNX model"),
+    ("truncated", "not a valid ONNX model"),
+])
+def test_bad_files_give_one_clear_error(tmp_path, content, message):
+    path = tmp_path / "bad.onnx"
+    if content == "truncated":
+        data = mlp().SerializeToString()
+        content = data[: len(data) // 2]
+    path.write_bytes(content)
+    with pytest.raises(InputError) as info:
+        onnxopt.load(path)
+    assert message in str(info.value) and str(path) in str(info.value)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(InputError, match="no such file"):
+        onnxopt.load(tmp_path / "absent.onnx")
+
+
+def test_unknown_op_and_opset_are_named():
+    model = mlp()
+    model.graph.node[2].op_type = "Frobnicate"
+    with pytest.raises(InputError, match="fails the ONNX checker: No Op registered for Frobnicate"):
+        onnxopt.load(model)
+    model = mlp()
+    model.opset_import[0].version = 99
+    with pytest.raises(InputError, match="uses opset 99 of the default domain"):
+        onnxopt.load(model)
+
+
+def _external_model(tmp_path):
+    model = mlp()
+    big = onnx.numpy_helper.from_array(np.arange(4096, dtype=np.float32).reshape(8, 512), "W_big")
+    model.graph.initializer.append(big)  # unused, but past the 1 KiB threshold for external storage
+    path = tmp_path / "ext.onnx"
+    onnx.save_model(model, str(path), save_as_external_data=True, location="ext.weights", size_threshold=0)
+    return path
+
+
+def test_external_data_loads_and_round_trips(tmp_path):
+    path = _external_model(tmp_path)
+    model = onnxopt.load(path)
+    w1 = onnx.numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == "W1"))
+    assert w1.shape == (4, 8)
+    out = tmp_path / "out" 
+    out.mkdir()
+    io.save(model, out / "saved.onnx", external_data=True)
+    assert (out / "saved.onnx.data").is_file()
+    again = onnxopt.load(out / "saved.onnx")
+    assert np.array_equal(onnx.numpy_helper.to_array(next(t for t in again.graph.initializer if t.name == "W1")), w1)
+    assert sorted(os.listdir(out)) == ["saved.onnx", "saved.onnx.data"]  # no temporary files left
+
+
+def test_missing_or_truncated_external_data(tmp_path):
+    path = _external_model(tmp_path)
+    data = tmp_path / "ext.weights"
+    data.write_bytes(data.read_bytes()[:10])
+    with pytest.raises(InputError, match="external data file 'ext.weights' is truncated"):
+        onnxopt.load(path)
+    data.unlink()
+    with pytest.raises(InputError, match="missing external data file 'ext.weights' for tensor"):
+        onnxopt.load(path)
+
+
+def test_save_refuses_the_input_path_unless_in_place(tmp_path):
+    path = save(mlp(), tmp_path / "m.onnx")
+    before = open(path, "rb").read()
+    result = onnxopt.optimize(path, "dce", validate=False)
+    with pytest.raises(InputError, match="output path is the input model"):
+        result.save(path)
+    assert open(path, "rb").read() == before
+    result.save(path, in_place=True)
+    assert len(onnxopt.load(path).graph.node) == 4
+
+
+def test_failed_save_leaves_nothing(tmp_path, monkeypatch):
+    model = mlp()
+
+    def broken_replace(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(io.os, "replace", broken_replace)
+    with pytest.raises(OSError):
+        io.save(model, tmp_path / "x.onnx")
+    assert os.listdir(tmp_path) == []
+
+
+def test_wrong_declared_output_shape_still_loads(caplog):
+    model = mlp()
+    dim = model.graph.output[0].type.tensor_type.shape.dim[1]
+    dim.dim_value = 7  # exporters sometimes declare wrong shapes; ORT ignores them
+    loaded = onnxopt.load(model)
+    assert loaded is model
+    assert "shape inference reports a problem" in caplog.text
+
+
+def test_subgraph_tensors_are_counted():
+    then_graph = helper.make_graph(
+        [helper.make_node("Constant", [], ["c"], value=onnx.numpy_helper.from_array(np.ones(5, np.float32)))],
+        "then", [], [helper.make_tensor_value_info("c", onnx.TensorProto.FLOAT, [5])])
+    node = helper.make_node("If", ["cond"], ["out"], then_branch=then_graph, else_branch=then_graph)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("cond", onnx.TensorProto.BOOL, [])],
+                              [helper.make_tensor_value_info("out", onnx.TensorProto.FLOAT, [5])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    assert io.tensor_bytes(model) == 2 * 5 * 4
