@@ -103,20 +103,27 @@ class _Accumulator:
         diff = np.where(np.isnan(diff), np.inf, diff)
         self.n += a.size
         self.mismatch += int(np.count_nonzero(diff))
+        with np.errstate(invalid="ignore", over="ignore"):
+            self._add_errors(a, diff)
+        self._add_sums(a, b, same)
+        if ref.ndim == 2 and ref.shape[1] > 1 and ref.dtype.kind == "f":
+            self._add_classes(ref, cand, labels)
+
+    def _add_errors(self, a: np.ndarray, diff: np.ndarray) -> None:
         if a.size:
             self.max_abs = max(self.max_abs, float(diff.max()))
             self.sum_abs += float(diff.sum())
             self.max_rel = max(self.max_rel, float((diff / np.maximum(np.abs(a), 1e-6)).max()))
             allowed = (self.tol.atol or 0.0) + (self.tol.rtol or 0.0) * np.abs(np.where(np.isfinite(a), a, 0))
-            self.worst_excess = max(self.worst_excess, float((diff - allowed).max()))
+            self.worst_excess = max(self.worst_excess, float(np.nan_to_num((diff - allowed), nan=np.inf).max()))
+
+    def _add_sums(self, a: np.ndarray, b: np.ndarray, same: np.ndarray) -> None:
         fa, fb = np.where(np.isfinite(a), a, 0.0), np.where(np.isfinite(b), b, 0.0)
         self.dot += float(fa @ fb)
         self.ref_sq += float(fa @ fa)
         self.cand_sq += float(fb @ fb)
         fd = np.where(same, 0.0, fa - fb)
         self.err_sq += float(fd @ fd)
-        if ref.ndim == 2 and ref.shape[1] > 1 and ref.dtype.kind == "f":
-            self._add_classes(ref, cand, labels)
 
     def _add_classes(self, ref: np.ndarray, cand: np.ndarray, labels: Optional[np.ndarray]) -> None:
         self.classes = True
