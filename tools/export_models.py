@@ -11,7 +11,7 @@ All exports: TorchScript exporter, opset 17, eval mode, symbolic batch (and seq)
 dims. Existing exports with the same configuration are skipped unless --force.
 
 Usage (from the repo root):
-  /work/venv-tools/bin/python tools/export_models.py [--only resnet18,bert] [--resolution 224]
+  .venv-tools/bin/python tools/export_models.py [--only resnet18,bert] [--resolution 224]
 """
 
 from __future__ import annotations
