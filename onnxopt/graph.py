@@ -17,7 +17,7 @@ import onnx_graphsurgeon as gs
 
 __all__ = [
     "import_graph", "export_model", "iter_graphs", "subgraphs_of", "find_nodes",
-    "rewire_input", "insert_after", "bypass", "remove_node", "outer_reads",
+    "rewire_input", "insert_after", "bypass", "remove_node", "remove_nodes", "outer_reads", "positions",
     "constants", "node_count", "param_count", "param_bytes", "producer",
 ]
 
@@ -36,7 +36,15 @@ def export_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
     """
     if not all(is_sorted(g) for g in iter_graphs(graph)):
         graph.toposort()
-    model = gs.export_onnx(graph, do_type_check=False)
+    hidden = _hide_unexportable_types(graph)
+    try:
+        model = gs.export_onnx(graph, do_type_check=False)
+    finally:
+        for tensor, dtype in hidden:
+            tensor.dtype = dtype
+    _restore_value_types(model, template)
+    _restore_initializer_inputs(model, template)
+    _restore_dropped_attributes(model, template)
     model.ir_version = template.ir_version
     for field in ("producer_name", "producer_version", "domain", "model_version", "doc_string"):
         setattr(model, field, getattr(template, field))
@@ -44,6 +52,99 @@ def export_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
     model.training_info.extend(template.training_info)
     _keep_opsets(model, template)
     return model
+
+
+# Value kinds onnx-graphsurgeon writes back as it read them; it cannot export
+# optional/map/opaque types (UnboundLocalError) and flattens nested sequences.
+_GS_ROUND_TRIPS = ("tensor_type", "sparse_tensor_type")
+
+
+def _hide_unexportable_types(graph: gs.Graph) -> list[tuple[gs.Tensor, object]]:
+    """Blank the dtype of values whose type gs cannot write; export_model restores them."""
+    hidden = []
+    for g in iter_graphs(graph):
+        for tensor in g.tensors().values():
+            if (isinstance(tensor, gs.Variable) and tensor.dtype is not None
+                    and getattr(tensor, "type", "tensor_type") not in _GS_ROUND_TRIPS):
+                hidden.append((tensor, tensor.dtype))
+                tensor.dtype = None
+    return hidden
+
+
+def _graphs_of(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("g"):
+                yield from _graphs_of(attr.g)
+            for sub in attr.graphs:
+                yield from _graphs_of(sub)
+
+
+def _restore_value_types(model: onnx.ModelProto, template: onnx.ModelProto) -> None:
+    """Give graph inputs/outputs (all scopes) that gs wrote without a type, or as a
+    sequence, the type the original declared for that name."""
+    declared: dict[str, onnx.TypeProto] = {}
+    for g in _graphs_of(template.graph):
+        for vi in [*g.input, *g.output, *g.value_info]:
+            if vi.type.WhichOneof("value") not in (None, "tensor_type"):
+                declared.setdefault(vi.name, vi.type)
+    if not declared:
+        return
+    for g in _graphs_of(model.graph):
+        for vi in [*g.input, *g.output, *g.value_info]:
+            if vi.name in declared and vi.type.WhichOneof("value") in (None, "sequence_type"):
+                vi.type.CopyFrom(declared[vi.name])
+
+
+def _restore_initializer_inputs(model: onnx.ModelProto, template: onnx.ModelProto) -> None:
+    """Initializers the original also listed as graph inputs (required before IR 4,
+    overridable defaults after) stay listed, in the original order. gs imports them as
+    plain constants and drops them from the inputs."""
+    inits = {t.name for t in template.graph.initializer}
+    if not any(vi.name in inits for vi in template.graph.input):
+        return
+    kept = {t.name for t in model.graph.initializer}
+    current = {vi.name: vi for vi in model.graph.input}
+    inputs = []
+    for vi in template.graph.input:
+        if vi.name in current:
+            inputs.append(current.pop(vi.name))
+        elif vi.name in inits and vi.name in kept:
+            inputs.append(vi)
+    inputs.extend(current.values())
+    del model.graph.input[:]
+    model.graph.input.extend(inputs)
+
+
+# Attribute kinds gs imports; it drops the rest (TYPE_PROTO(S), TENSORS, GRAPHS,
+# SPARSE_TENSOR(S)) with a warning.
+_GS_ATTRS = {onnx.AttributeProto.FLOAT, onnx.AttributeProto.INT, onnx.AttributeProto.STRING,
+             onnx.AttributeProto.TENSOR, onnx.AttributeProto.GRAPH, onnx.AttributeProto.FLOATS,
+             onnx.AttributeProto.INTS, onnx.AttributeProto.STRINGS}
+
+
+def _all_nodes(model: onnx.ModelProto) -> Iterator[onnx.NodeProto]:
+    for g in _graphs_of(model.graph):
+        yield from g.node
+    for func in model.functions:
+        yield from func.node
+
+
+def _restore_dropped_attributes(model: onnx.ModelProto, template: onnx.ModelProto) -> None:
+    """Put back the attributes gs could not import, on the same node (op and outputs)."""
+    dropped = {}
+    for node in _all_nodes(template):
+        lost = [a for a in node.attribute if a.type not in _GS_ATTRS and not a.ref_attr_name]
+        if lost:
+            dropped[(node.domain, node.op_type, tuple(node.output))] = lost
+    if not dropped:
+        return
+    for node in _all_nodes(model):
+        lost = dropped.get((node.domain, node.op_type, tuple(node.output)))
+        if lost:
+            have = {a.name for a in node.attribute}
+            node.attribute.extend(a for a in lost if a.name not in have)
 
 
 def is_sorted(graph: gs.Graph) -> bool:
@@ -127,12 +228,22 @@ def insert_after(graph: gs.Graph, tensor: gs.Variable, op: str, attrs: dict | No
     node = gs.Node(op, name=name, attrs=attrs or {}, inputs=[tensor, *extra_inputs], outputs=[out])
     for consumer in consumers:
         rewire_input(consumer, tensor, out)
-    if tensor in graph.outputs:
-        idx = graph.outputs.index(tensor)
+    slots = positions(graph.outputs, tensor)
+    if slots:
         out.name, tensor.name = tensor.name, _fresh_name(graph, f"{tensor.name}_pre_{op}")
+    for idx in slots:
         graph.outputs[idx] = out
     graph.nodes.append(node)
     return node
+
+
+def positions(items: Sequence, obj: object) -> list[int]:
+    """Indices where ``obj`` itself sits in ``items``.
+
+    onnx-graphsurgeon tensors compare equal by name and nodes by content, so
+    ``in``, ``index`` and ``remove`` on its lists can match the wrong object.
+    """
+    return [i for i, item in enumerate(items) if item is obj]
 
 
 def _fresh_name(graph: gs.Graph, base: str) -> str:
@@ -156,10 +267,11 @@ def bypass(graph: gs.Graph, node: gs.Node) -> bool:
     if not node.inputs or not node.outputs:
         return False
     src, out = node.inputs[0], node.outputs[0]
-    if out in graph.outputs:
-        if graph.outputs.count(out) > 1 or not _renamable(graph, src):
+    slots = positions(graph.outputs, out)
+    if slots:
+        if len(slots) > 1 or not _renamable(graph, src):
             return False
-        idx = graph.outputs.index(out)
+        idx = slots[0]
         src.name, out.name = out.name, f"{out.name}__bypassed"
         src.dtype, src.shape = out.dtype, out.shape
         graph.outputs[idx] = src
@@ -172,29 +284,46 @@ def bypass(graph: gs.Graph, node: gs.Node) -> bool:
 def _renamable(graph: gs.Graph, tensor: gs.Tensor) -> bool:
     """A tensor may take another name if this graph makes it and it is not part of the interface."""
     maker = producer(tensor)
-    return (isinstance(tensor, gs.Variable) and maker is not None and maker in graph.nodes
-            and tensor not in graph.inputs and tensor not in graph.outputs)
+    return (isinstance(tensor, gs.Variable) and maker is not None and bool(positions(graph.nodes, maker))
+            and not positions(graph.inputs, tensor) and not positions(graph.outputs, tensor))
 
 
 def remove_node(graph: gs.Graph, node: gs.Node) -> None:
     """Detach a node from its tensors and drop it from the graph."""
-    node.inputs.clear()
-    node.outputs.clear()
-    graph.nodes.remove(node)
+    remove_nodes(graph, [node])
 
 
-def outer_reads(graph: gs.Graph) -> set[gs.Tensor]:
-    """Tensors a subgraph's nodes read that the subgraph neither makes nor takes as input."""
-    local = set(graph.inputs)
+def remove_nodes(graph: gs.Graph, nodes: Iterable[gs.Node]) -> None:
+    """Detach several nodes and drop them in one sweep (by identity, not equality)."""
+    doomed = {id(n) for n in nodes}
     for node in graph.nodes:
-        local.update(node.outputs)
-    reads: set[gs.Tensor] = set()
+        if id(node) in doomed:
+            node.inputs.clear()
+            node.outputs.clear()
+    graph.nodes = [n for n in graph.nodes if id(n) not in doomed]
+
+
+def outer_reads(graph: gs.Graph) -> list[gs.Tensor]:
+    """Tensors a subgraph's nodes read that the subgraph neither makes nor takes as input.
+
+    Tracked by identity: gs.Tensor defines ``__eq__`` by name, so it is unhashable
+    and ``in`` on lists compares names.
+    """
+    local = {id(t) for t in graph.inputs}
     for node in graph.nodes:
-        reads.update(t for t in node.inputs if not isinstance(t, gs.Constant) and t.name)
+        local.update(id(t) for t in node.outputs)
+    reads: dict[int, gs.Tensor] = {}
+    for node in graph.nodes:
+        for t in node.inputs:
+            if not isinstance(t, gs.Constant) and t.name:
+                reads.setdefault(id(t), t)
         for sub in subgraphs_of(node):
-            reads.update(outer_reads(sub))
-    reads.update(t for t in graph.outputs if not isinstance(t, gs.Constant))
-    return {t for t in reads if t not in local}
+            for t in outer_reads(sub):
+                reads.setdefault(id(t), t)
+    for t in graph.outputs:
+        if not isinstance(t, gs.Constant):
+            reads.setdefault(id(t), t)
+    return [t for key, t in reads.items() if key not in local]
 
 
 def constants(graph: gs.Graph) -> list[gs.Constant]:

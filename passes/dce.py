@@ -60,7 +60,7 @@ def _inner_first(graph: gs.Graph) -> list[gs.Graph]:
 
 
 def _drop_identities(graph: gs.Graph, stats: dict) -> None:
-    for node in [n for n in graph.nodes if n.op == "Identity" and n.domain in ("", "ai.onnx")]:
+    for node in [n for n in graph.nodes if n.op == "Identity" and (n.domain or "") in ("", "ai.onnx")]:
         if G.bypass(graph, node):
             stats["identities_removed"] += 1
         else:
@@ -86,8 +86,7 @@ def _drop_dead(graph: gs.Graph) -> int:
         for sub in G.subgraphs_of(node):
             work.extend(G.outer_reads(sub))
     dead = [n for n in graph.nodes if id(n) not in live]
-    for node in dead:
-        G.remove_node(graph, node)
+    G.remove_nodes(graph, dead)
     return len(dead)
 
 
