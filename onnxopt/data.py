@@ -224,7 +224,7 @@ def synthetic_dataset(model: onnx.ModelProto, *, dims: Optional[dict[str, int]] 
 def random_array(rng: np.random.Generator, dtype: np.dtype, shape: list[int]) -> np.ndarray:
     """Standard normal floats, small non-negative integers (safe as indices), random booleans."""
     if dtype == np.bool_:
-        return rng.random(shape) < 0.5
+        return np.asarray(rng.random(shape) < 0.5)
     if np.issubdtype(dtype, np.integer):
         return rng.integers(0, 8, size=shape).astype(dtype)
     if np.issubdtype(dtype, np.floating):

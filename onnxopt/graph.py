@@ -23,8 +23,17 @@ __all__ = [
 
 
 def import_graph(model: onnx.ModelProto) -> gs.Graph:
-    """Import a model once; passes then work on the returned graph."""
-    return gs.import_onnx(model)
+    """Import a model once; passes then work on the returned graph.
+
+    onnx-graphsurgeon drops initializers that nothing reads; their names are
+    kept in ``graph.unread_initializers`` so ``dce`` can report them.
+    """
+    graph = gs.import_onnx(model)
+    read = {name for g in iter_graphs(graph) for name in g.tensors()}
+    listed = {vi.name for vi in model.graph.input}
+    graph.unread_initializers = [t.name for t in model.graph.initializer
+                                 if t.name not in read and t.name not in listed]
+    return graph
 
 
 def export_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
@@ -100,8 +109,9 @@ def _restore_value_types(model: onnx.ModelProto, template: onnx.ModelProto) -> N
 def _restore_initializer_inputs(model: onnx.ModelProto, template: onnx.ModelProto) -> None:
     """Initializers the original also listed as graph inputs (required before IR 4,
     overridable defaults after) stay listed, in the original order. gs imports them as
-    plain constants and drops them from the inputs."""
-    inits = {t.name for t in template.graph.initializer}
+    plain constants and drops them from the inputs. Graph inputs are interface: one that
+    no node reads any more keeps its original default value."""
+    inits = {t.name: t for t in template.graph.initializer}
     if not any(vi.name in inits for vi in template.graph.input):
         return
     kept = {t.name for t in model.graph.initializer}
@@ -110,8 +120,10 @@ def _restore_initializer_inputs(model: onnx.ModelProto, template: onnx.ModelProt
     for vi in template.graph.input:
         if vi.name in current:
             inputs.append(current.pop(vi.name))
-        elif vi.name in inits and vi.name in kept:
+        elif vi.name in inits:
             inputs.append(vi)
+            if vi.name not in kept:
+                model.graph.initializer.append(inits[vi.name])
     inputs.extend(current.values())
     del model.graph.input[:]
     model.graph.input.extend(inputs)
