@@ -33,6 +33,9 @@ def import_graph(model: onnx.ModelProto) -> gs.Graph:
     listed = {vi.name for vi in model.graph.input}
     graph.unread_initializers = [t.name for t in model.graph.initializer
                                  if t.name not in read and t.name not in listed]
+    # Initializers also listed as graph inputs are defaults a caller may override:
+    # passes must not treat their values as fixed (read with vars(graph).get).
+    graph.initializer_inputs = [t.name for t in model.graph.initializer if t.name in listed]
     return graph
 
 
@@ -54,6 +57,7 @@ def export_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
     _restore_value_types(model, template)
     _restore_initializer_inputs(model, template)
     _restore_dropped_attributes(model, template)
+    _drop_outer_initializer_copies(model.graph)
     model.ir_version = template.ir_version
     for field in ("producer_name", "producer_version", "domain", "model_version", "doc_string"):
         setattr(model, field, getattr(template, field))
@@ -106,13 +110,32 @@ def _restore_value_types(model: onnx.ModelProto, template: onnx.ModelProto) -> N
                 vi.type.CopyFrom(declared[vi.name])
 
 
+def _drop_outer_initializer_copies(graph: onnx.GraphProto, outer: frozenset = frozenset()) -> None:
+    """gs writes an initializer into every graph whose nodes read it; a subgraph reads an
+    outer initializer by name, so its copy (same name, same tensor) is dropped."""
+    if outer:
+        keep = [t for t in graph.initializer if t.name not in outer]
+        if len(keep) != len(graph.initializer):
+            del graph.initializer[:]
+            graph.initializer.extend(keep)
+    visible = outer | {t.name for t in graph.initializer}
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("g"):
+                _drop_outer_initializer_copies(attr.g, visible)
+            for sub in attr.graphs:
+                _drop_outer_initializer_copies(sub, visible)
+
+
 def _restore_initializer_inputs(model: onnx.ModelProto, template: onnx.ModelProto) -> None:
     """Initializers the original also listed as graph inputs (required before IR 4,
     overridable defaults after) stay listed, in the original order. gs imports them as
     plain constants and drops them from the inputs. Graph inputs are interface: one that
-    no node reads any more keeps its original default value."""
+    no node reads any more keeps its original default value. Before IR 4 every
+    initializer must be a graph input, so new ones are listed too."""
     inits = {t.name: t for t in template.graph.initializer}
-    if not any(vi.name in inits for vi in template.graph.input):
+    old_ir = template.ir_version < 4
+    if not old_ir and not any(vi.name in inits for vi in template.graph.input):
         return
     kept = {t.name for t in model.graph.initializer}
     current = {vi.name: vi for vi in model.graph.input}
@@ -125,6 +148,10 @@ def _restore_initializer_inputs(model: onnx.ModelProto, template: onnx.ModelProt
             if vi.name not in kept:
                 model.graph.initializer.append(inits[vi.name])
     inputs.extend(current.values())
+    if old_ir:
+        listed = {vi.name for vi in inputs}
+        inputs.extend(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+                      for t in model.graph.initializer if t.name not in listed)
     del model.graph.input[:]
     model.graph.input.extend(inputs)
 

@@ -30,8 +30,10 @@ class Tolerance:
     """What 'still computes the same thing' means; unset fields are not checked.
 
     ``atol``/``rtol`` are checked elementwise as in numpy.allclose; the others
-    on each output as a whole. ``max_top1_drop`` is in accuracy points when
-    labels are given, else in points of top-1 agreement lost.
+    on each output as a whole; for float16/bfloat16 outputs atol and rtol are
+    widened 10x/100x, as those types round that much coarser than float32.
+    ``max_top1_drop`` is in accuracy points when labels are given, else in
+    points of top-1 agreement lost.
     """
 
     atol: Optional[float] = None

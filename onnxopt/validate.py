@@ -51,6 +51,11 @@ def make_session(model: onnx.ModelProto, opt_level: str = "all", threads: int = 
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
+# Half-precision outputs round about 10x (float16) or 100x (bfloat16) coarser than
+# float32; atol/rtol, chosen for float32, are widened by that factor for them.
+HALF_SCALE = {"float16": 10.0, "bfloat16": 100.0}
+
+
 @dataclass
 class OutputMetrics:
     """Differences on one output over every sample."""
@@ -110,11 +115,12 @@ class _Accumulator:
             self._add_classes(ref, cand, labels)
 
     def _add_errors(self, a: np.ndarray, diff: np.ndarray) -> None:
+        scale = HALF_SCALE.get(self.dtype, 1.0)
         if a.size:
             self.max_abs = max(self.max_abs, float(diff.max()))
             self.sum_abs += float(diff.sum())
             self.max_rel = max(self.max_rel, float((diff / np.maximum(np.abs(a), 1e-6)).max()))
-            allowed = (self.tol.atol or 0.0) + (self.tol.rtol or 0.0) * np.abs(np.where(np.isfinite(a), a, 0))
+            allowed = scale * ((self.tol.atol or 0.0) + (self.tol.rtol or 0.0) * np.abs(np.where(np.isfinite(a), a, 0)))
             self.worst_excess = max(self.worst_excess, float(np.nan_to_num((diff - allowed), nan=np.inf).max()))
 
     def _add_sums(self, a: np.ndarray, b: np.ndarray, same: np.ndarray) -> None:
@@ -162,7 +168,9 @@ class _Accumulator:
         if m.max_abs == math.inf:
             fails.append("shapes differ or a value became NaN/inf")
         if (tol.atol is not None or tol.rtol is not None) and self.worst_excess > 0:
-            fails.append(f"max abs error {m.max_abs:.3g} exceeds atol={tol.atol or 0:g} + rtol={tol.rtol or 0:g}*|ref|")
+            scale = HALF_SCALE.get(m.dtype, 1.0)
+            fails.append(f"max abs error {m.max_abs:.3g} exceeds atol={scale * (tol.atol or 0):g} + "
+                         f"rtol={scale * (tol.rtol or 0):g}*|ref|" + (f" (widened {scale:g}x for {m.dtype})" if scale > 1 else ""))
         if tol.min_cosine is not None and m.cosine < tol.min_cosine:
             fails.append(f"cosine {m.cosine:.6f} below {tol.min_cosine:g}")
         if tol.min_snr_db is not None and m.snr_db < tol.min_snr_db:

@@ -38,7 +38,7 @@ class DeadNodeElimination(Pass):
                 _drop_identities(g, stats)
             stats["nodes_removed"] += _drop_dead(g)
         stats["functions_removed"] = _drop_unused_functions(graph)
-        unread = getattr(graph, "unread_initializers", [])
+        unread = vars(graph).get("unread_initializers", [])
         stats["initializers_removed"] = consts_before - len(G.constants(graph)) + len(unread)
         graph.unread_initializers = []  # reported once
         modified = any(v for k, v in stats.items() if k != "identities_kept")
