@@ -17,7 +17,7 @@ import onnx_graphsurgeon as gs
 
 __all__ = [
     "import_graph", "export_model", "iter_graphs", "subgraphs_of", "find_nodes",
-    "rewire_input", "insert_after", "bypass", "remove_node", "remove_nodes", "outer_reads", "positions",
+    "rewire_input", "insert_after", "can_bypass", "bypass", "remove_node", "remove_nodes", "outer_reads", "positions",
     "constants", "node_count", "param_count", "param_bytes", "producer",
 ]
 
@@ -35,7 +35,9 @@ def import_graph(model: onnx.ModelProto) -> gs.Graph:
                                  if t.name not in read and t.name not in listed]
     # Initializers also listed as graph inputs are defaults a caller may override:
     # passes must not treat their values as fixed (read with vars(graph).get).
-    graph.initializer_inputs = [t.name for t in model.graph.initializer if t.name in listed]
+    # Before IR 4 every initializer had to be listed as an input, and none is overridable.
+    graph.initializer_inputs = ([t.name for t in model.graph.initializer if t.name in listed]
+                                if model.ir_version >= 4 else [])
     return graph
 
 
@@ -294,26 +296,33 @@ def _fresh_name(graph: gs.Graph, base: str) -> str:
     return name
 
 
-def bypass(graph: gs.Graph, node: gs.Node) -> bool:
-    """Remove a one-in/one-out node whose output equals its first input (Identity, Dropout...).
-
-    Consumers read the input instead. When the output is a graph output, the
-    input tensor takes the output's name and declared type, so the graph's
-    interface is unchanged; that is only done when the input is a value this
-    graph produces itself. Returns False, leaving the graph alone, when the
-    node cannot be removed safely.
-    """
-    if not node.inputs or not node.outputs:
+def can_bypass(graph: gs.Graph, node: gs.Node, src: gs.Tensor | None = None) -> bool:
+    """Whether ``bypass`` would remove ``node``, checked without touching anything."""
+    if not node.outputs or (src is None and not node.inputs):
         return False
-    src, out = node.inputs[0], node.outputs[0]
+    src = node.inputs[0] if src is None else src
+    slots = positions(graph.outputs, node.outputs[0])
+    return not slots or (len(slots) == 1 and _renamable(graph, src))
+
+
+def bypass(graph: gs.Graph, node: gs.Node, src: gs.Tensor | None = None) -> bool:
+    """Remove a node whose first output equals ``src`` (default: its first input).
+
+    For Identity, Dropout and other no-ops: consumers read ``src`` instead.
+    When the output is a graph output, ``src`` takes the output's name and
+    declared type, so the graph's interface is unchanged; that is only done
+    when ``src`` is a value this graph produces itself. Returns False, leaving
+    the graph alone, when the node cannot be removed safely.
+    """
+    if not can_bypass(graph, node, src):
+        return False
+    src = node.inputs[0] if src is None else src
+    out = node.outputs[0]
     slots = positions(graph.outputs, out)
     if slots:
-        if len(slots) > 1 or not _renamable(graph, src):
-            return False
-        idx = slots[0]
         src.name, out.name = out.name, f"{out.name}__bypassed"
         src.dtype, src.shape = out.dtype, out.shape
-        graph.outputs[idx] = src
+        graph.outputs[slots[0]] = src
     for consumer in list(out.outputs):
         rewire_input(consumer, out, src)
     remove_node(graph, node)
