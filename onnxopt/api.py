@@ -20,7 +20,7 @@ from .validate import compare
 
 log = logging.getLogger("onnxopt")
 
-DEFAULT_PIPELINE = "dce"
+DEFAULT_PIPELINE = "cleanup"
 VALIDATION_SAMPLES = 256  # cap when validation borrows the calibration set
 
 

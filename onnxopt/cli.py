@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model")
     p.add_argument("-o", "--output", help="output path (default: <model>.opt.onnx beside the input)")
     group = p.add_mutually_exclusive_group()
-    group.add_argument("--passes", help="pipeline, e.g. 'dce' (default: dce)")
+    group.add_argument("--passes", help="pipeline, e.g. 'fold,noop,dce' (default: cleanup)")
     group.add_argument("--recipe", help="YAML recipe: passes, calibration, inputs, tolerance, verify_each")
     p.add_argument("--calib", metavar="DATA", help="calibration data: .npz, .npy or a folder of them")
     p.add_argument("--verify-each", action="store_true", help="validate after every pass; stop at the first that breaks tolerance")

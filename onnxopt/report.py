@@ -146,15 +146,38 @@ def _did(record: PassRecord) -> str:
     return ", ".join(parts) if parts else ("changed the graph" if record.modified else "nothing to do")
 
 
+def _merge_repeats(records: list[PassRecord]) -> list[tuple[PassRecord, int]]:
+    """One row per pass for people: runs of a fixed-point group summed (the JSON keeps every run)."""
+    rows: dict[tuple, tuple[PassRecord, int]] = {}
+    for r in records:
+        key = (r.canonical, r.auto)
+        if key not in rows:
+            rows[key] = (PassRecord(**{**r.__dict__, "stats": dict(r.stats)}), 1)
+            continue
+        merged, runs = rows[key]
+        merged.seconds += r.seconds
+        merged.modified |= r.modified
+        # before = the first run's; after = before plus every run's own change
+        merged.nodes_after += r.nodes_after - r.nodes_before
+        merged.params_after += r.params_after - r.params_before
+        merged.bytes_after += r.bytes_after - r.bytes_before
+        for k, v in r.stats.items():
+            old = merged.stats.get(k)
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and isinstance(old, (int, float)):
+                merged.stats[k] = max(old, v) if k.startswith("max_") else old + v
+        rows[key] = (merged, runs + 1)
+    return list(rows.values())
+
+
 def format_summary(result: OptimizeResult) -> str:
     d = result.to_dict()
     lines = [f"onnxopt: {result.source or 'model'}" + (f" -> {result.output}" if result.output else ""),
              f"pipeline: {result.pipeline}"]
     if result.records:
-        lines.append(f"  {'pass':<12} {'time':>9}  {'nodes':>13}  {'parameters':>23}  what it did")
-        for r in result.records:
-            label = r.name + (" (auto)" if r.auto else "")
-            lines.append(f"  {label:<12} {r.seconds * 1000:>7.1f}ms  {r.nodes_before:>5} -> {r.nodes_after:<5}"
+        lines.append(f"  {'pass':<14} {'time':>9}  {'nodes':>13}  {'parameters':>23}  what it did")
+        for r, runs in _merge_repeats(result.records):
+            label = r.name + (" (auto)" if r.auto else "") + (f" x{runs}" if runs > 1 else "")
+            lines.append(f"  {label:<14} {r.seconds * 1000:>7.1f}ms  {r.nodes_before:>5} -> {r.nodes_after:<5}"
                          f"  {r.params_before:>10,} -> {r.params_after:<10,}  {_did(r)}")
     b, a = d["before"], d["after"]
     lines.append(f"size: {human_bytes(b['file_bytes'])} -> {human_bytes(a['file_bytes'])}"

@@ -35,11 +35,11 @@ def test_optimize_writes_default_output_and_report(cnn, capsys):
                           "--latency-runs", "3"], capsys)
     assert code == 0, err
     assert (cnn.parent / "digits_cnn.opt.onnx").is_file()
-    assert "pipeline: dce(identities=true)" in out and "PASSED" in out and "latency (median)" in out
+    assert "pipeline: cleanup" in out and "PASSED" in out and "latency (median)" in out
     data = json.loads(report.read_text())
-    assert data["passed"] and data["pipeline"] == "dce(identities=true)"
+    assert data["passed"] and data["pipeline"] == "cleanup"
     assert data["validation"]["outputs"][0]["accuracy_candidate"] == pytest.approx(358 / 360)
-    assert data["passes"][0]["name"] == "dce"
+    assert [p["name"] for p in data["passes"]][:2] == ["fold", "fold_bn"]
 
 
 def test_validation_failure_exits_1_and_writes_nothing(cnn, capsys):

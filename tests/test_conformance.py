@@ -48,6 +48,22 @@ ort = pytest.importorskip("onnxruntime")
 
 pytestmark = pytest.mark.conformance
 
+# Float outputs after lossy-free but reordering passes (fold_bn) must agree within rounding.
+CLOSE_RTOL, CLOSE_ATOL = 1e-4, 1e-5
+
+# Pipelines run over the corpus, and whether their outputs must be bit-identical.
+PIPELINES = {"dce": True, "cleanup": False}
+
+# Originals that break the spec in a way ORT tolerates only until a rewrite exposes it.
+# Each entry must still fail exactly so; when one stops failing, the test says to drop it.
+SPEC_BREAKING_ORIGINALS = {
+    ("cleanup", "test_affine_grid_2d_expanded"):
+        "Range gets 1-element tensors where the spec wants scalars; once fold makes the If "
+        "condition constant, ORT inlines the branch and rejects the Range",
+    ("cleanup", "test_affine_grid_2d_align_corners_expanded"):
+        "same as test_affine_grid_2d_expanded",
+}
+
 MIN_CASES_RUN = 1400  # of ~2,020 cases, ~1,860 run in ORT (onnx 1.23, onnxruntime 1.32)
 SHIPPED_KINDS = ("simple", "pytorch-converted", "pytorch-operator")
 
@@ -192,8 +208,8 @@ def _run(model_source: Any, model: onnx.ModelProto, feeds: dict[str, Any]) -> li
     return [_raw(outs[i]) for i in range(len(names))]
 
 
-def _difference(a: Any, b: Any, where: str = "output") -> str | None:
-    """Why two ORT results are not identical, or None."""
+def _difference(a: Any, b: Any, where: str = "output", close: bool = False) -> str | None:
+    """Why two ORT results are not identical (``close``: not equal within float rounding), or None."""
     if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
         if not (isinstance(a, np.ndarray) and isinstance(b, np.ndarray)):
             return f"{where}: {type(a).__name__} vs {type(b).__name__}"
@@ -202,6 +218,10 @@ def _difference(a: Any, b: Any, where: str = "output") -> str | None:
         if a.shape != b.shape:
             return f"{where}: shape {a.shape} vs {b.shape}"
         nan_ok = a.dtype.kind in "fc"
+        if close and nan_ok:
+            scale = 10.0 if a.dtype == np.float16 else 1.0
+            if np.allclose(a, b, rtol=scale * CLOSE_RTOL, atol=scale * CLOSE_ATOL, equal_nan=True):
+                return None
         if not np.array_equal(a, b, equal_nan=nan_ok):
             if a.dtype.kind in "fciub":
                 same = (a == b) | (np.isnan(a) & np.isnan(b)) if nan_ok else (a == b)
@@ -217,7 +237,7 @@ def _difference(a: Any, b: Any, where: str = "output") -> str | None:
             return f"{where}: sequence {type(a).__name__}[{len(a) if hasattr(a, '__len__') else '?'}] vs " \
                    f"{type(b).__name__}[{len(b) if hasattr(b, '__len__') else '?'}]"
         for i, (x, y) in enumerate(zip(a, b)):
-            problem = _difference(x, y, f"{where}[{i}]")
+            problem = _difference(x, y, f"{where}[{i}]", close)
             if problem:
                 return problem
         return None
@@ -225,7 +245,7 @@ def _difference(a: Any, b: Any, where: str = "output") -> str | None:
         if not (isinstance(a, dict) and isinstance(b, dict)) or a.keys() != b.keys():
             return f"{where}: map keys differ"
         for key in a:
-            problem = _difference(a[key], b[key], f"{where}[{key!r}]")
+            problem = _difference(a[key], b[key], f"{where}[{key!r}]", close)
             if problem:
                 return problem
         return None
@@ -234,11 +254,11 @@ def _difference(a: Any, b: Any, where: str = "output") -> str | None:
     return None
 
 
-def _differences(ref: list, got: list, names: list[str]) -> str | None:
+def _differences(ref: list, got: list, names: list[str], close: bool = False) -> str | None:
     if len(ref) != len(got):
         return f"{len(ref)} outputs vs {len(got)}"
     for name, a, b in zip(names, ref, got):
-        problem = _difference(a, b, f"output '{name}'")
+        problem = _difference(a, b, f"output '{name}'", close)
         if problem:
             return problem
     return None
@@ -328,12 +348,16 @@ class Tally:
     load_rejected: collections.Counter = field(default_factory=collections.Counter)
     failures: list[str] = field(default_factory=list)
 
+    pipeline: str = "dce"
+    expected_failures: int = 0
+
     def summary(self, seconds: float, generated: float) -> str:
         lines = [
-            f"onnx {onnx.__version__}, onnxruntime {ort.__version__}: dce conformance",
+            f"onnx {onnx.__version__}, onnxruntime {ort.__version__}: '{self.pipeline}' conformance",
             f"  cases                                     {self.cases}",
             f"  run (original and optimized in ORT)       {self.run}",
-            f"  identical                                 {self.identical}",
+            f"  {'identical' if PIPELINES[self.pipeline] else 'equal within float rounding':<42}{self.identical}",
+            f"  known spec-breaking originals (failed)    {self.expected_failures}",
             f"  nondeterministic original (types/shapes)  {self.nondeterministic}",
             f"  skipped, ORT cannot run the original      {sum(self.ort_skipped.values())}",
             f"  skipped, onnxopt.load rejects original    {sum(self.load_rejected.values())}",
@@ -363,18 +387,23 @@ def _check_case(case: Path, tally: Tally) -> None:
         tally.ort_skipped[_ort_category(exc)] += 1
         return
     try:
-        optimized = onnxopt.optimize(original, "dce", validate=False).model
+        optimized = onnxopt.optimize(original, tally.pipeline, validate=False).model
         result = _run(optimized.SerializeToString(), optimized, feeds)
     except Exception as exc:  # noqa: BLE001 - any error after this point is onnxopt's
+        if (tally.pipeline, case.name) in SPEC_BREAKING_ORIGINALS:
+            tally.expected_failures += 1
+            return
         tally.failures.append(f"{name}: {_first_line(exc)}")
         return
+    if (tally.pipeline, case.name) in SPEC_BREAKING_ORIGINALS:
+        tally.failures.append(f"{name}: listed in SPEC_BREAKING_ORIGINALS but now passes; drop the entry")
     tally.run += 1
     problem = _interface_difference(original, optimized)
     if problem is not None:
         tally.failures.append(f"{name}: {problem}")
         return
     names = [o.name for o in original.graph.output]
-    problem = _differences(reference, result, names)
+    problem = _differences(reference, result, names, close=not PIPELINES[tally.pipeline])
     if problem is None:
         tally.identical += 1
         return
@@ -387,17 +416,18 @@ def _check_case(case: Path, tally: Tally) -> None:
     tally.failures.append(f"{name}: {problem}")
 
 
-def test_node_corpus_through_dce(corpus):
+@pytest.mark.parametrize("pipeline", list(PIPELINES))
+def test_node_corpus(corpus, pipeline):
     cases, generated = corpus
     start = time.perf_counter()
-    tally = Tally(cases=len(cases))
+    tally = Tally(cases=len(cases), pipeline=pipeline)
     with _quiet():
         for case in cases:
             _check_case(case, tally)
     summary = tally.summary(time.perf_counter() - start + generated, generated)
     print("\n" + summary)
     if tally.failures:
-        pytest.fail(f"{len(tally.failures)} case(s) fail through dce:\n  " + "\n  ".join(tally.failures)
+        pytest.fail(f"{len(tally.failures)} case(s) fail through {pipeline}:\n  " + "\n  ".join(tally.failures)
                     + "\n" + summary, pytrace=False)
     if tally.run < MIN_CASES_RUN:
         pytest.fail(f"only {tally.run} cases ran (expected at least {MIN_CASES_RUN})\n{summary}", pytrace=False)
