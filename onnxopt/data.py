@@ -65,7 +65,12 @@ def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
 
 
 def read_arrays(path: Union[str, os.PathLike]) -> list[dict[str, np.ndarray]]:
-    """Arrays from one .npz, one .npy (single-input models), or a folder of them.
+    """Arrays from one .npz, one .npy (single-input models), or a folder of them."""
+    return list(iter_arrays(path))
+
+
+def iter_arrays(path: Union[str, os.PathLike]) -> Iterator[dict[str, np.ndarray]]:
+    """Groups of arrays, read one file at a time.
 
     In a folder, every .npz is one group of arrays; .npy files are grouped
     together, each named after the input it feeds (``input_ids.npy``).
@@ -74,18 +79,20 @@ def read_arrays(path: Union[str, os.PathLike]) -> list[dict[str, np.ndarray]]:
     if not path.exists():
         raise InputError(f"{path}: no such data file or folder")
     if path.is_dir():
-        groups = [_read_npz(p) for p in sorted(path.glob("*.npz"))]
-        npys = sorted(path.glob("*.npy"))
-        if npys:
-            groups.append({p.stem: _read_npy(p) for p in npys})
-        if not groups:
+        npzs, npys = sorted(path.glob("*.npz")), sorted(path.glob("*.npy"))
+        if not npzs and not npys:
             raise InputError(f"{path}: folder holds no .npz or .npy files")
-        return groups
+        for p in npzs:
+            yield _read_npz(p)
+        if npys:
+            yield {p.stem: _read_npy(p) for p in npys}
+        return
     if path.suffix == ".npz":
-        return [_read_npz(path)]
-    if path.suffix == ".npy":
-        return [{"": _read_npy(path)}]
-    raise InputError(f"{path}: expected a .npz or .npy file or a folder of them")
+        yield _read_npz(path)
+    elif path.suffix == ".npy":
+        yield {"": _read_npy(path)}
+    else:
+        raise InputError(f"{path}: expected a .npz or .npy file or a folder of them")
 
 
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
@@ -105,20 +112,41 @@ def _read_npy(path: Path) -> np.ndarray:
 
 def load_dataset(source: Any, model: onnx.ModelProto, *, batch_size: int = 32, limit: Optional[int] = None,
                  what: str = "data") -> Dataset:
-    """Check data against the model's inputs and cut it into feeds.
+    """Check data against the model's inputs and cut it into feeds, all held in memory.
 
     ``source`` is a path (.npz, .npy, folder), a dict of arrays, or an iterable
     of such dicts (the Python API's calibration iterables).
     """
+    feeds, labels, samples = [], [], 0
+    for feed, feed_labels, n in iter_feeds(source, model, batch_size=batch_size, limit=limit, what=what):
+        feeds.append(feed)
+        samples += n
+        if feed_labels is not None:
+            labels.append(feed_labels)
+    all_labels = np.concatenate(labels)[:samples] if labels else None
+    return Dataset(feeds, all_labels, source=source_label(source), samples=samples)
+
+
+def source_label(source: Any) -> str:
+    return str(source) if isinstance(source, (str, os.PathLike)) else "given data"
+
+
+def iter_feeds(source: Any, model: onnx.ModelProto, *, batch_size: int = 32, limit: Optional[int] = None,
+               what: str = "data") -> Iterator[tuple[dict[str, np.ndarray], Optional[np.ndarray], int]]:
+    """Checked feeds one batch at a time, as (feed, labels or None, samples in it).
+
+    Files are read one at a time, so a folder of many .npz files streams in
+    bounded memory. Stops once ``limit`` samples have been given.
+    """
     specs = input_specs(model)
-    label = str(source) if isinstance(source, (str, os.PathLike)) else "given data"
+    label = source_label(source)
     if isinstance(source, (str, os.PathLike)):
-        groups: Iterable[dict] = read_arrays(source)
+        groups: Iterable[dict] = iter_arrays(source)
     elif isinstance(source, dict):
         groups = [source]
     else:
         groups = source
-    feeds, labels, samples = [], [], 0
+    samples = 0
     for group in groups:
         group = dict(group)
         if "" in group and len(specs) == 1:
@@ -126,21 +154,19 @@ def load_dataset(source: Any, model: onnx.ModelProto, *, batch_size: int = 32, l
         group_labels = group.pop(LABELS, None) if LABELS not in {s.name for s in specs} else None
         arrays = _checked(group, specs, label, what)
         n = _count(arrays, specs)
-        if group_labels is not None:
-            if len(group_labels) != n:
-                raise InputError(f"{label}: {len(group_labels)} labels for {n} samples")
-            labels.append(np.asarray(group_labels).reshape(-1))
+        if group_labels is not None and len(group_labels) != n:
+            raise InputError(f"{label}: {len(group_labels)} labels for {n} samples")
+        start = 0
         for feed in _batches(arrays, specs, n, batch_size):
-            feeds.append(feed)
-            samples += _count(feed, specs)
+            rows = _count(feed, specs)
+            feed_labels = None if group_labels is None else np.asarray(group_labels).reshape(-1)[start:start + rows]
+            start += rows
+            samples += rows
+            yield feed, feed_labels, rows
             if limit is not None and samples >= limit:
-                break
-        if limit is not None and samples >= limit:
-            break
-    if not feeds:
+                return
+    if samples == 0:
         raise InputError(f"{label}: no samples in {what}")
-    all_labels = np.concatenate(labels)[:samples] if labels else None
-    return Dataset(feeds, all_labels, source=label, samples=samples)
 
 
 def _checked(group: dict, specs: list[InputSpec], label: str, what: str) -> dict[str, np.ndarray]:

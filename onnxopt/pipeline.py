@@ -91,13 +91,23 @@ class PassResult:
 
 @dataclass
 class PassContext:
-    """What a pass may read besides the graph: data, seed, the opset, a logger."""
+    """What a pass may read besides the graph: data, seed, the opset, a logger.
+
+    ``template`` is the model the pipeline started from; a pass that needs a
+    ModelProto of its current graph (to run it in ORT for calibration) makes
+    one with ``ctx.export(graph)``.
+    """
 
     opset: int = 0
     calibration: Any = None
     seed: int = 0
     dims: dict[str, int] = field(default_factory=dict)
     log: logging.Logger = log
+    template: Optional[onnx.ModelProto] = None
+
+    def export(self, graph: gs.Graph) -> onnx.ModelProto:
+        """The graph as a ModelProto, with the original model's opsets and fields."""
+        return G.export_model(graph, self.template or onnx.helper.make_model(onnx.GraphProto()))
 
 
 @dataclass
@@ -411,6 +421,7 @@ class PassManager:
         self.template = model
         self.graph = G.import_graph(model)
         self.ctx.opset = self.ctx.opset or _default_opset(model)
+        self.ctx.template = model
         self.interface = interface_of(self.graph)
         self.dups = duplicate_names(self.graph)
         self.ran: list[Pass] = []
