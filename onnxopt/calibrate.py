@@ -122,3 +122,64 @@ def _session(model: onnx.ModelProto) -> ort.InferenceSession:
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InputError(f"ONNX Runtime cannot run the model for calibration: {first}") from None
+
+
+class GramStats:
+    """Running XᵀX over the rows of a layer's input, for reconstruction, whitening and Wanda scores.
+
+    ``update`` takes activations whose last axis (after ``to_rows``) is the
+    reduction axis K of the layer; memory is K×K float64 whatever the number
+    of samples.
+    """
+
+    def __init__(self, k: int) -> None:
+        self.k = k
+        self.gram = np.zeros((k, k), np.float64)
+        self.mean = np.zeros(k, np.float64)
+        self.rows = 0
+
+    def update(self, rows: np.ndarray) -> None:
+        x = np.asarray(rows, np.float64).reshape(-1, self.k)
+        self.gram += x.T @ x
+        total = self.rows + len(x)
+        if total:
+            self.mean += (x.sum(axis=0) - len(x) * self.mean) / total
+        self.rows = total
+
+    @property
+    def column_norms(self) -> np.ndarray:
+        """‖X[:, j]‖₂ for each input column j (the Wanda activation norm)."""
+        return np.sqrt(np.maximum(np.diag(self.gram), 0.0))
+
+    def covariance(self) -> np.ndarray:
+        """XᵀX / rows: the second moment used for output-error estimates."""
+        return self.gram / max(self.rows, 1)
+
+
+def matmul_rows(x: np.ndarray) -> np.ndarray:
+    """Rows of a MatMul/Gemm input: every leading axis flattened, the last one kept."""
+    return x.reshape(-1, x.shape[-1])
+
+
+def conv_rows(x: np.ndarray, kernel: Sequence[int], pads: Sequence[int], strides: Sequence[int],
+              dilations: Sequence[int], group: int = 0, groups: int = 1) -> np.ndarray:
+    """im2col for a 2-D Conv input [N, C, H, W]: rows [N*OH*OW, C/groups*KH*KW] for one group.
+
+    Columns are ordered (channel, kh, kw), matching ``W[o].reshape(-1)`` of a
+    weight [O, C/groups, KH, KW], so ``rows @ W.reshape(O, -1).T`` is the conv.
+    """
+    n, c, h, w = x.shape
+    cg = c // groups
+    x = x[:, group * cg:(group + 1) * cg]
+    kh, kw = kernel
+    top, left, bottom, right = pads[0], pads[1], pads[2], pads[3]
+    x = np.pad(x, ((0, 0), (0, 0), (top, bottom), (left, right)))
+    sh, sw = strides
+    dh, dw = dilations
+    oh = (x.shape[2] - dh * (kh - 1) - 1) // sh + 1
+    ow = (x.shape[3] - dw * (kw - 1) - 1) // sw + 1
+    cols = np.empty((n, cg, kh, kw, oh, ow), x.dtype)
+    for i in range(kh):
+        for j in range(kw):
+            cols[:, :, i, j] = x[:, :, i * dh:i * dh + sh * oh:sh, j * dw:j * dw + sw * ow:sw]
+    return cols.transpose(0, 4, 5, 1, 2, 3).reshape(n * oh * ow, cg * kh * kw)
