@@ -10,6 +10,7 @@ with the number of samples.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
@@ -47,7 +48,7 @@ class CalibrationSet:
         if self.synthetic:
             log.warning("no calibration data given: using random inputs; activation ranges, sensitivities "
                         "and reconstructions computed from them will not match real data")
-        elif not isinstance(self.source, (str, bytes, dict, list, tuple)) and iter(self.source) is self.source:
+        elif not isinstance(self.source, (str, os.PathLike, dict, list, tuple)) and iter(self.source) is self.source:
             # a one-shot iterator (generator): keep what one pass yields so later passes can re-read it
             self.source = [dict(feed) for feed, _, _ in iter_feeds(
                 self.source, self.model, batch_size=self.batch_size, limit=self.samples, what="calibration data")]
