@@ -30,6 +30,17 @@ PROTO_LIMIT = 2**31 - 1
 EXTERNAL_THRESHOLD = 1_800_000_000
 
 
+def fits_in_proto(model: onnx.ModelProto) -> bool:
+    """Whether the model serialises under protobuf's 2 GiB limit.
+
+    Tensor bytes are counted first (cheap); the exact ByteSize, which walks
+    the whole message, is only asked for near the limit.
+    """
+    if tensor_bytes(model) < EXTERNAL_THRESHOLD:
+        return True
+    return model.ByteSize() < PROTO_LIMIT
+
+
 def load(source: ModelSource, *, check: bool = True) -> onnx.ModelProto:
     """Load a model from a path or take a ModelProto, with its external data.
 
@@ -125,16 +136,41 @@ def check_model(model: onnx.ModelProto, label: str = "model") -> None:
         if opset.domain in ("", "ai.onnx") and opset.version > newest:
             raise InputError(f"{label}: uses opset {opset.version} of the default domain; the installed onnx knows up to {newest}")
     try:
-        if model.ByteSize() < PROTO_LIMIT:
+        if fits_in_proto(model):
             onnx.checker.check_model(model)
     except onnx.checker.ValidationError as exc:
         first = str(exc).strip().splitlines()[0]
         raise InputError(f"{label}: fails the ONNX checker: {first}") from exc
     try:
-        onnx.shape_inference.infer_shapes(model, strict_mode=True)
+        onnx.shape_inference.infer_shapes(skeleton(model), strict_mode=True)
     except Exception as exc:  # inference raises several types; none is fatal
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         log.warning("%s: shape inference reports a problem (continuing): %s", label, first)
+
+
+def skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model with initializer data left out (types and shapes kept as graph inputs).
+
+    Shape inference needs only the types and shapes of weights; leaving their
+    bytes out saves serialising the whole model again for it.
+    """
+    graph = onnx.GraphProto()
+    graph.CopyFrom(model.graph) if not model.graph.initializer else _copy_without_initializers(model.graph, graph)
+    light = onnx.ModelProto(ir_version=max(model.ir_version, 4), graph=graph)
+    light.opset_import.extend(model.opset_import)
+    light.functions.extend(model.functions)
+    return light
+
+
+def _copy_without_initializers(src: onnx.GraphProto, dst: onnx.GraphProto) -> None:
+    dst.name = src.name
+    dst.node.extend(src.node)
+    listed = {vi.name for vi in src.input}
+    dst.input.extend(src.input)
+    dst.input.extend(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+                     for t in src.initializer if t.name not in listed)
+    dst.output.extend(src.output)
+    dst.value_info.extend(src.value_info)
 
 
 def tensor_bytes(model: onnx.ModelProto) -> int:
@@ -199,7 +235,7 @@ def save(
 
 def _write(model: onnx.ModelProto, path: Path, data_name: str | None) -> None:
     if data_name is None:
-        if model.ByteSize() >= PROTO_LIMIT:
+        if not fits_in_proto(model):
             raise InputError("model is larger than 2 GB; save it with external data")
         path.write_bytes(model.SerializeToString())
         return

@@ -367,10 +367,19 @@ def check_contracts(graph: gs.Graph, interface: list, dups_before: set[str], who
         raise PassError(f"pass '{who}' broke a contract: names no longer unique: {', '.join(sorted(new_dups)[:5])}")
 
 
-def checker_error(model: onnx.ModelProto) -> Optional[str]:
-    """The ONNX checker's first complaint, or None."""
+def checker_error(model: onnx.ModelProto, structure_only: bool = False) -> Optional[str]:
+    """The ONNX checker's first complaint, or None.
+
+    ``structure_only`` checks the graph without the initializers' bytes (their
+    types and shapes stay): enough after passes, whose tensors gs writes whole,
+    and it saves serialising every weight again.
+    """
+    from .io import fits_in_proto, skeleton
+
     try:
-        if model.ByteSize() < 2**31 - 1:
+        if structure_only:
+            onnx.checker.check_model(skeleton(model))
+        elif fits_in_proto(model):
             onnx.checker.check_model(model)
     except onnx.checker.ValidationError as exc:
         return str(exc).strip().splitlines()[0]
@@ -425,11 +434,12 @@ class PassManager:
         self.interface = interface_of(self.graph)
         self.dups = duplicate_names(self.graph)
         self.ran: list[Pass] = []
+        self.version = 0  # bumped by every pass that changes the graph
         self.last_model = model
         for step in self.pipeline.steps:
             self._run_step(step)
         result = G.export_model(self.graph, model)
-        problem = checker_error(result)
+        problem = checker_error(result, structure_only=True)
         if problem:
             raise PassError(self._blame_checker(model) + f": {problem}")
         return result
@@ -438,10 +448,18 @@ class PassManager:
         if isinstance(step, Pass):
             return self._run_pass(step)
         changed_any = False
+        clean_at: dict[int, int] = {}  # pass index -> graph version it last left unchanged
         for _ in range(step.max_rounds if step.fixed_point else 1):
-            changed = [self._run_pass(p) for p in step.steps]
-            changed_any |= any(changed)
-            if not any(changed):
+            changed = False
+            for i, p in enumerate(step.steps):
+                if clean_at.get(i) == self.version:
+                    continue  # nothing changed since this pass last found nothing to do
+                if self._run_pass(p):
+                    changed = True
+                else:
+                    clean_at[i] = self.version
+            changed_any |= changed
+            if not changed:
                 break
         return changed_any
 
@@ -463,6 +481,7 @@ class PassManager:
                             stats=dict(result.stats), auto=auto)
         self.records.append(record)
         self.ran.append(p)
+        self.version += record.modified
         if self.verify is not None:
             self._verify(p, record)
         if p.leaves_dangling and result.modified and p.name != "dce":

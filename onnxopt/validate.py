@@ -23,6 +23,7 @@ import onnxruntime as ort
 
 from .data import Dataset
 from .errors import InputError, ValidationFailed
+from .io import fits_in_proto
 from .pipeline import Tolerance
 
 OPT_LEVELS = {
@@ -41,7 +42,7 @@ def make_session(model: onnx.ModelProto, opt_level: str = "all", threads: int = 
     options.graph_optimization_level = OPT_LEVELS[opt_level]
     options.intra_op_num_threads = threads
     options.log_severity_level = 3
-    if model.ByteSize() < 2**31 - 1:
+    if fits_in_proto(model):
         return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model.onnx"
