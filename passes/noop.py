@@ -23,6 +23,7 @@ _MAX_ROUNDS = 20
 
 STAT_KEYS = (
     "identity_removed", "dropout_removed", "cast_removed", "reshape_removed", "reshape_chain_collapsed",
+    "unsqueeze_merged",
     "expand_removed", "tile_removed", "transpose_removed", "transpose_merged", "pad_removed",
     "arith_removed", "slice_removed", "concat_removed", "split_removed", "single_input_removed",
     "where_removed", "kept_graph_io", "skipped_unknown_shape", "skipped_unknown_type", "skipped_dropout",
@@ -392,6 +393,19 @@ def _perm(node: gs.Node, facts: _Facts) -> Optional[list[int]]:
     return list(reversed(range(len(shape)))) if shape is not None else None
 
 
+def _merge_unsqueeze(rank: int, first: list[int], second: list[int]) -> Optional[list[int]]:
+    """Axes of one Unsqueeze equal to Unsqueeze(first) then Unsqueeze(second) on a rank-``rank`` input."""
+    mid_rank, out_rank = rank + len(first), rank + len(first) + len(second)
+    a1 = sorted(a + mid_rank if a < 0 else a for a in first)
+    a2 = sorted(a + out_rank if a < 0 else a for a in second)
+    if len(set(a1)) != len(a1) or len(set(a2)) != len(a2) or not all(0 <= a < mid_rank for a in a1) \
+            or not all(0 <= a < out_rank for a in a2):
+        return None
+    new_mid = iter([i in a1 for i in range(mid_rank)])
+    marks = [True if i in a2 else next(new_mid) for i in range(out_rank)]
+    return [i for i, new in enumerate(marks) if new]
+
+
 def _is_identity_perm(perm: list[int]) -> bool:
     return list(perm) == list(range(len(perm)))
 
@@ -409,6 +423,7 @@ class _Rewriter:
         self.rules: dict[str, Callable[[gs.Graph, gs.Node], bool]] = {
             "Identity": self._identity, "Dropout": self._dropout, "Cast": self._cast, "CastLike": self._castlike,
             "Reshape": self._reshape, "Flatten": self._flatten, "Squeeze": self._squeeze,
+            "Unsqueeze": self._unsqueeze,
             "Expand": self._expand, "Tile": self._tile, "Transpose": self._transpose, "Pad": self._pad,
             "Add": self._arith, "Sub": self._arith, "Mul": self._arith, "Div": self._arith,
             "Slice": self._slice, "Concat": self._concat, "Split": self._split,
@@ -590,6 +605,35 @@ class _Rewriter:
         if 1 in shape:
             return False
         return self._remove(graph, node, node.inputs[0], "reshape_removed")
+
+    def _unsqueeze(self, graph: gs.Graph, node: gs.Node) -> bool:
+        """Unsqueeze of an Unsqueeze (``mask[:, None, None, :]``) becomes one Unsqueeze."""
+        if not node.inputs:
+            return False
+        mid = node.inputs[0]
+        first = self._producer_op(mid, ("Unsqueeze",))
+        if first is None or not first.inputs or len(mid.outputs) != 1 or self.facts.is_output(mid):
+            return False
+        rank = self.facts.shape(first.inputs[0])
+        a1, a2 = self._unsqueeze_axes(first), self._unsqueeze_axes(node)
+        if rank is None or a1 is None or a2 is None:
+            return False
+        axes = _merge_unsqueeze(len(rank), a1, a2)
+        if axes is None:
+            return False
+        node.inputs[0] = first.inputs[0]
+        if "axes" in node.attrs:
+            node.attrs["axes"] = axes
+        else:
+            node.inputs[1] = gs.Constant(f"{node.outputs[0].name}_axes", np.array(axes, np.int64))
+        self._drop_if_dead(first)
+        self.counts["unsqueeze_merged"] += 1
+        return True
+
+    def _unsqueeze_axes(self, node: gs.Node) -> Optional[list[int]]:
+        if "axes" in node.attrs:
+            return [int(a) for a in node.attrs["axes"]]
+        return self._ints(_present(node, 1)) if len(node.inputs) > 1 else None
 
     def _expand(self, graph: gs.Graph, node: gs.Node) -> bool:
         target = self._ints(_present(node, 1))

@@ -23,7 +23,7 @@ from onnxopt import graph as G
 from onnxopt.pipeline import PassContext, get_pass
 
 INT64_MAX = np.iinfo(np.int64).max
-STAT_KEYS = ("identity_removed", "dropout_removed", "cast_removed", "reshape_removed", "reshape_chain_collapsed",
+STAT_KEYS = ("identity_removed", "dropout_removed", "cast_removed", "reshape_removed", "reshape_chain_collapsed", "unsqueeze_merged",
              "expand_removed", "tile_removed", "transpose_removed", "transpose_merged", "pad_removed",
              "arith_removed", "slice_removed", "concat_removed", "split_removed", "single_input_removed",
              "where_removed", "kept_graph_io", "skipped_unknown_shape", "skipped_unknown_type", "skipped_dropout")
@@ -680,3 +680,35 @@ def test_random_chains_same_outputs(chain):
     assert_same_outputs(model, out, [feed], opt_levels=("disable",))
     again = run_pass_direct(out, "noop")[1]
     assert again.modified is False
+
+
+@pytest.mark.parametrize("first, second", [([1], [2]), ([0], [0]), ([-1], [1]), ([1, 2], [0, 4])])
+def test_unsqueeze_chain_merges_into_one(first, second):
+    import onnxopt as _onnxopt
+    from onnx import helper as _h, numpy_helper as _nh
+
+    rank = 2 + len(first) + len(second)
+    nodes = [_h.make_node("Unsqueeze", ["x", "a1"], ["m"]), _h.make_node("Unsqueeze", ["m", "a2"], ["y"])]
+    graph = _h.make_graph(nodes, "g", [_h.make_tensor_value_info("x", 1, [2, 3])],
+                          [_h.make_tensor_value_info("y", 1, [None] * rank)],
+                          [_nh.from_array(np.array(first, np.int64), "a1"), _nh.from_array(np.array(second, np.int64), "a2")])
+    model = _h.make_model(graph, opset_imports=[_h.make_opsetid("", 17)])
+    result = _onnxopt.optimize(model, "noop")
+    assert [n.op_type for n in result.model.graph.node] == ["Unsqueeze"]
+    assert result.records[0].stats["unsqueeze_merged"] == 1
+    assert result.validation.identical
+
+
+def test_unsqueeze_chain_with_shared_middle_is_kept():
+    import onnxopt as _onnxopt
+    from onnx import helper as _h, numpy_helper as _nh
+
+    nodes = [_h.make_node("Unsqueeze", ["x", "a"], ["m"]), _h.make_node("Unsqueeze", ["m", "a"], ["y"]),
+             _h.make_node("Relu", ["m"], ["z"])]
+    graph = _h.make_graph(nodes, "g", [_h.make_tensor_value_info("x", 1, [2, 3])],
+                          [_h.make_tensor_value_info("y", 1, [1, 1, 2, 3]), _h.make_tensor_value_info("z", 1, [1, 2, 3])],
+                          [_nh.from_array(np.array([0], np.int64), "a")])
+    model = _h.make_model(graph, opset_imports=[_h.make_opsetid("", 17)])
+    result = _onnxopt.optimize(model, "noop")
+    assert [n.op_type for n in result.model.graph.node] == ["Unsqueeze", "Unsqueeze", "Relu"]
+    assert result.records[0].stats["unsqueeze_merged"] == 0
