@@ -416,7 +416,7 @@ class _Folder:
         worst = 0.0
         for const, ref in self.masters.values():
             if const.outputs:  # still in use
-                worst = max(worst, float(np.max(np.abs(np.asarray(const.values, np.float64) - ref), initial=0.0)))
+                worst = max(worst, float(np.max(np.abs(ref - const.values), initial=0.0)))
         return worst
 
 
@@ -483,15 +483,16 @@ def _per_channel(c: np.ndarray, channels: int, rank: Optional[int], min_rank: in
 
 
 def _scale_weight(unit: _Unit, node: gs.Node, w: np.ndarray, a: np.ndarray) -> np.ndarray:
-    """Multiply output channel k of the weight by a[k]."""
+    """Multiply output channel k of the weight by a[k], in place (``w`` is this pass's own float64 copy)."""
     if unit.kind == "conv":
-        return w * a.reshape((-1,) + (1,) * (w.ndim - 1))
-    if unit.kind == "convtranspose":
+        w *= a.reshape((-1,) + (1,) * (w.ndim - 1))
+    elif unit.kind == "convtranspose":
         group = int(node.attrs.get("group", 1))
         cin, per = w.shape[0], w.shape[1]
         grouped = w.reshape((group, cin // group, per) + w.shape[2:])
-        scaled = grouped * a.reshape((group, 1, per) + (1,) * (w.ndim - 2))
-        return scaled.reshape(w.shape)
-    if unit.kind == "gemm":
-        return w * a[:, None] if int(node.attrs.get("transB", 0)) else w * a[None, :]
-    return w * a  # MatMul: the last axis
+        grouped *= a.reshape((group, 1, per) + (1,) * (w.ndim - 2))
+    elif unit.kind == "gemm":
+        w *= a[:, None] if int(node.attrs.get("transB", 0)) else a[None, :]
+    else:
+        w *= a  # MatMul: the last axis
+    return w
