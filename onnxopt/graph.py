@@ -15,6 +15,8 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from .io import iter_graph_protos
+
 __all__ = [
     "import_graph", "export_model", "iter_graphs", "subgraphs_of", "find_nodes",
     "rewire_input", "insert_after", "can_bypass", "bypass", "remove_node", "remove_nodes", "outer_reads", "positions",
@@ -86,27 +88,17 @@ def _hide_unexportable_types(graph: gs.Graph) -> list[tuple[gs.Tensor, object]]:
     return hidden
 
 
-def _graphs_of(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
-    yield graph
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.HasField("g"):
-                yield from _graphs_of(attr.g)
-            for sub in attr.graphs:
-                yield from _graphs_of(sub)
-
-
 def _restore_value_types(model: onnx.ModelProto, template: onnx.ModelProto) -> None:
     """Give graph inputs/outputs (all scopes) that gs wrote without a type, or as a
     sequence, the type the original declared for that name."""
     declared: dict[str, onnx.TypeProto] = {}
-    for g in _graphs_of(template.graph):
+    for g in iter_graph_protos(template.graph):
         for vi in [*g.input, *g.output, *g.value_info]:
             if vi.type.WhichOneof("value") not in (None, "tensor_type"):
                 declared.setdefault(vi.name, vi.type)
     if not declared:
         return
-    for g in _graphs_of(model.graph):
+    for g in iter_graph_protos(model.graph):
         for vi in [*g.input, *g.output, *g.value_info]:
             if vi.name in declared and vi.type.WhichOneof("value") in (None, "sequence_type"):
                 vi.type.CopyFrom(declared[vi.name])
@@ -166,7 +158,7 @@ _GS_ATTRS = {onnx.AttributeProto.FLOAT, onnx.AttributeProto.INT, onnx.AttributeP
 
 
 def _all_nodes(model: onnx.ModelProto) -> Iterator[onnx.NodeProto]:
-    for g in _graphs_of(model.graph):
+    for g in iter_graph_protos(model.graph):
         yield from g.node
     for func in model.functions:
         yield from func.node

@@ -93,20 +93,10 @@ def _totals(model: onnx.ModelProto) -> dict[str, int]:
             "tensor_bytes": io.tensor_bytes(model), "file_bytes": model.ByteSize()}
 
 
-def _graphs(graph: onnx.GraphProto):
-    yield graph
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.HasField("g"):
-                yield from _graphs(attr.g)
-            for sub in attr.graphs:
-                yield from _graphs(sub)
-
-
 def op_histogram(model: onnx.ModelProto) -> collections.Counter:
     """Op type -> count over the graph, its subgraphs and model-local functions."""
     counts: collections.Counter = collections.Counter()
-    for g in _graphs(model.graph):
+    for g in io.iter_graph_protos(model.graph):
         counts.update(_op_key(n) for n in g.node)
     for func in model.functions:
         counts.update(_op_key(n) for n in func.node)
@@ -230,7 +220,7 @@ def inspect_model(path: str | os.PathLike) -> dict[str, Any]:
         row["tensors"] += 1
         row["parameters"] += math.prod(tensor.dims)
         row["bytes"] += len(tensor.raw_data) or io._typed_bytes(tensor)
-    subgraphs = sum(1 for _ in _graphs(model.graph)) - 1
+    subgraphs = sum(1 for _ in io.iter_graph_protos(model.graph)) - 1
     hist = op_histogram(model)
     return {
         "path": str(path),

@@ -14,6 +14,7 @@ from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 from onnx_graphsurgeon.ir.tensor import LazyValues, SparseValues
 
 from onnxopt import graph as G
+from onnxopt.io import iter_graph_protos
 from onnxopt.pipeline import Pass, PassContext, PassResult, register_pass
 
 try:  # onnx depends on ml_dtypes; ORT hands these types back as raw bytes
@@ -663,7 +664,7 @@ def _infer_shapes(graph: gs.Graph, domains: dict[str, int], ctx: PassContext) ->
                                       opset_imports=[onnx.helper.make_opsetid(d, v) for d, v in domains.items()])
     try:
         model = G.export_model(graph, template)
-        for g in _graph_protos(model.graph):
+        for g in iter_graph_protos(model.graph):
             del g.value_info[:]
             for out in g.output:
                 if out.type.HasField("tensor_type"):
@@ -688,7 +689,7 @@ def _infer_shapes(graph: gs.Graph, domains: dict[str, int], ctx: PassContext) ->
         ctx.log.debug("fold: shape inference failed: %s", exc)
         return {}
     shapes: dict[str, list] = {}
-    for g in _graph_protos(inferred.graph):
+    for g in iter_graph_protos(inferred.graph):
         for vi in [*g.input, *g.value_info, *g.output]:
             t = vi.type.tensor_type if vi.type.HasField("tensor_type") else None
             if t is None or not t.HasField("shape"):
@@ -702,11 +703,4 @@ def _elements(init: onnx.TensorProto) -> int:
     return math.prod(init.dims)
 
 
-def _graph_protos(graph: onnx.GraphProto) -> Iterable[onnx.GraphProto]:
-    yield graph
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.HasField("g"):
-                yield from _graph_protos(attr.g)
-            for sub in attr.graphs:
-                yield from _graph_protos(sub)
+
