@@ -131,9 +131,13 @@ def _change(before: float, after: float) -> str:
 
 
 def _did(record: PassRecord) -> str:
+    """Non-zero counts; for a pass that changed nothing only what it skipped (and why)."""
     parts = [f"{k.replace('_', ' ')} {v}" for k, v in record.stats.items()
-             if isinstance(v, (int, float)) and not isinstance(v, bool) and v]
-    return ", ".join(parts) if parts else ("changed the graph" if record.modified else "nothing to do")
+             if isinstance(v, (int, float)) and not isinstance(v, bool) and v
+             and (record.modified or k.startswith("skipped"))]
+    if parts:
+        return ", ".join(parts) if record.modified else "nothing changed; " + ", ".join(parts)
+    return "changed the graph" if record.modified else "nothing to do"
 
 
 def _merge_repeats(records: list[PassRecord]) -> list[tuple[PassRecord, int]]:
