@@ -208,6 +208,8 @@ class RangeStats:
     ignored.
     """
 
+    MIN_PER_BIN = 16  # entropy: fewest values per histogram bin on average
+
     def __init__(self, bins: int = HIST_BINS, histogram: bool = True, oversample: int = 2) -> None:
         self.bins = bins
         self.fine = bins * max(1, oversample)
@@ -217,6 +219,7 @@ class RangeStats:
         self.min = np.inf
         self.max = -np.inf
         self.count = 0
+        self.zeros = 0  # exact zeros: quantized exactly (the zero point), so left out of threshold searches
         self.limit = 0.0
         self.pos = np.zeros(self.fine, np.int64) if histogram else None
         self.neg = np.zeros(self.fine, np.int64) if histogram else None
@@ -240,17 +243,21 @@ class RangeStats:
         self.count += int(x.size)
         if not self.histogram:
             return
+        self.zeros += int(np.count_nonzero(x == 0))
         peak = max(abs(lo), abs(hi))
         if peak > self.limit:
             self._grow(peak)
         if self.limit <= 0:  # everything so far is exactly zero
             self.pos[0] += x.size
             return
-        scale = self.fine / self.limit
-        for hist, part in ((self.pos, x[x >= 0]), (self.neg, -x[x < 0])):
-            if part.size:
-                idx = np.minimum((part * scale).astype(np.int64), self.fine - 1)
-                hist += np.bincount(idx, minlength=self.fine)
+        # one bincount over [pos bins | neg bins]: bin of |x|, shifted by `fine` for negative values
+        idx = np.abs(x)
+        idx *= self.fine / self.limit
+        idx = np.minimum(idx, self.fine - 1, out=idx).astype(np.int32)
+        idx += (x < 0).view(np.int8) * np.int32(self.fine)
+        counts = np.bincount(idx, minlength=2 * self.fine)
+        self.pos += counts[:self.fine]
+        self.neg += counts[self.fine:]
 
     def _grow(self, peak: float) -> None:
         if self.limit <= 0:
@@ -270,20 +277,23 @@ class RangeStats:
 
     # ------------------------------------------------------------- ranges
 
-    def abs_histogram(self) -> tuple[np.ndarray, float]:
+    def abs_histogram(self, exact_zeros: bool = True, bins: Optional[int] = None) -> tuple[np.ndarray, float]:
         """(counts, bin width): ``bins`` bins of |x| over [0, max|x|], resampled from the fine bins
-        (counts spread evenly within a fine bin)."""
+        (counts spread evenly within a fine bin); without the exact zeros when ``exact_zeros`` is false."""
+        bins = bins or self.bins
         peak = max(abs(float(self.min)), abs(float(self.max))) if self.count else 0.0
         fine = (self.pos + self.neg).astype(np.float64)
+        if not exact_zeros:
+            fine[0] -= self.zeros
         if peak <= 0 or self.limit <= 0:
-            out = np.zeros(self.bins)
+            out = np.zeros(bins)
             out[0] = fine.sum()
             return out, 0.0
         cum = np.concatenate([[0.0], np.cumsum(fine)])
-        edges = np.linspace(0.0, peak, self.bins + 1) / self.width  # in fine-bin units
+        edges = np.linspace(0.0, peak, bins + 1) / self.width  # in fine-bin units
         at = np.interp(edges, np.arange(self.fine + 1), cum)
         at[-1] = cum[-1]
-        return np.diff(at), peak / self.bins
+        return np.diff(at), peak / bins
 
     def range(self, method: str = "minmax", percentile: float = 99.99, symmetric: bool = False,
               levels: Optional[int] = None) -> tuple[float, float]:
@@ -310,9 +320,20 @@ class RangeStats:
             if method == "percentile":
                 lo, hi = self.percentile_range(percentile)
             else:
-                hist, width = self.abs_histogram()
+                # exact zeros (ReLU outputs, padding) are exact at any threshold: a spike of them in
+                # the first bin would otherwise drive the KL search to clip far too much
+                hist, width = self.abs_histogram(exact_zeros=False)
                 if method == "entropy":  # TensorRT: 128 quantized bins for |x|; 255 for one-sided uint8
-                    t = entropy_threshold(hist, width, min(levels or (255 if one_sided else 128), 255))
+                    q_levels = min(levels or (255 if one_sided else 128), 255)
+                    # KL over a sparse histogram follows noise: keep >= MIN_PER_BIN values per bin on
+                    # average, and below 2 bins per quantized level keep the whole range
+                    bins = min(self.bins, (self.count - self.zeros) // self.MIN_PER_BIN)
+                    if bins < 2 * q_levels:
+                        t = max(abs(lo), abs(hi))
+                    else:
+                        if bins < self.bins:
+                            hist, width = self.abs_histogram(exact_zeros=False, bins=bins)
+                        t = entropy_threshold(hist, width, q_levels)
                 else:
                     t = mse_threshold(hist, width, levels or (255 if one_sided else 127))
                 lo, hi = max(lo, -t), min(hi, t)
