@@ -61,13 +61,14 @@ def export_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
     _restore_value_types(model, template)
     _restore_initializer_inputs(model, template)
     _restore_dropped_attributes(model, template)
-    _drop_outer_initializer_copies(model.graph)
+    _hoist_outer_initializers(model, template)
+    _drop_outer_copies(model.graph)
     model.ir_version = template.ir_version
     for field in ("producer_name", "producer_version", "domain", "model_version", "doc_string"):
         setattr(model, field, getattr(template, field))
     model.metadata_props.extend(template.metadata_props)
     model.training_info.extend(template.training_info)
-    _keep_opsets(model, template)
+    _keep_opsets(model, template, getattr(graph, "opset", 0) or 0)
     return model
 
 
@@ -104,21 +105,43 @@ def _restore_value_types(model: onnx.ModelProto, template: onnx.ModelProto) -> N
                 vi.type.CopyFrom(declared[vi.name])
 
 
-def _drop_outer_initializer_copies(graph: onnx.GraphProto, outer: frozenset = frozenset()) -> None:
-    """gs writes an initializer into every graph whose nodes read it; a subgraph reads an
-    outer initializer by name, so its copy (same name, same tensor) is dropped."""
+def _hoist_outer_initializers(model: onnx.ModelProto, template: onnx.ModelProto) -> None:
+    """gs writes an outer initializer that only subgraphs read into each subgraph reading it;
+    put the ones the original kept in the main graph back there, once."""
+    top = {t.name for t in template.graph.initializer}
+    if not top:
+        return
+    have = {t.name for t in model.graph.initializer}
+    for g in list(iter_graph_protos(model.graph))[1:]:
+        moved = [t for t in g.initializer if t.name in top]
+        if not moved:
+            continue
+        keep = [t for t in g.initializer if t.name not in top]
+        for t in moved:
+            if t.name not in have:
+                model.graph.initializer.append(t)
+                have.add(t.name)
+        del g.initializer[:]
+        g.initializer.extend(keep)
+
+
+def _drop_outer_copies(graph: onnx.GraphProto, outer: frozenset = frozenset()) -> None:
+    """gs writes an initializer, and a value_info entry, into every graph whose nodes read an
+    outer value; a subgraph reads outer values by name, so those copies are dropped."""
     if outer:
-        keep = [t for t in graph.initializer if t.name not in outer]
-        if len(keep) != len(graph.initializer):
-            del graph.initializer[:]
-            graph.initializer.extend(keep)
-    visible = outer | {t.name for t in graph.initializer}
+        for field in (graph.initializer, graph.value_info):
+            keep = [t for t in field if t.name not in outer]
+            if len(keep) != len(field):
+                del field[:]
+                field.extend(keep)
+    visible = (outer | {t.name for t in graph.initializer} | {v.name for v in graph.input}
+               | {o for n in graph.node for o in n.output})
     for node in graph.node:
         for attr in node.attribute:
             if attr.HasField("g"):
-                _drop_outer_initializer_copies(attr.g, visible)
+                _drop_outer_copies(attr.g, visible)
             for sub in attr.graphs:
-                _drop_outer_initializer_copies(sub, visible)
+                _drop_outer_copies(sub, visible)
 
 
 def _restore_initializer_inputs(model: onnx.ModelProto, template: onnx.ModelProto) -> None:
@@ -192,9 +215,15 @@ def is_sorted(graph: gs.Graph) -> bool:
     return True
 
 
-def _keep_opsets(model: onnx.ModelProto, template: onnx.ModelProto) -> None:
-    """Keep every opset the original imported, at its version; add new domains only."""
+def _keep_opsets(model: onnx.ModelProto, template: onnx.ModelProto, graph_opset: int = 0) -> None:
+    """Keep every opset the original imported, at its version; add new domains only.
+
+    A pass may raise the default domain's opset by setting ``graph.opset``
+    (e.g. to 13 for per-channel QuantizeLinear); it is never lowered.
+    """
     wanted = {op.domain or "": op.version for op in template.opset_import}
+    if graph_opset > wanted.get("", 0) and "" in wanted:
+        wanted[""] = graph_opset
     for op in model.opset_import:
         wanted.setdefault(op.domain or "", op.version)
     del model.opset_import[:]

@@ -83,10 +83,12 @@ EXACT = Tolerance(atol=1e-5, rtol=1e-4)
 
 @dataclass
 class PassResult:
-    """What a pass did: whether it changed the graph, and its own statistics."""
+    """What a pass did: whether it changed the graph, its statistics (counts), and notes for people
+    (choices it made and why, layers it left alone by name)."""
 
     modified: bool
     stats: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -405,6 +407,7 @@ class PassRecord:
     stats: dict[str, Any]
     auto: bool = False
     verify: Optional[dict] = None
+    notes: list[str] = field(default_factory=list)
 
 
 Verifier = Callable[[onnx.ModelProto, list[Pass]], Any]
@@ -478,7 +481,7 @@ class PassManager:
         check_contracts(self.graph, self.interface, self.dups, p.name)
         after = _measure(self.graph)
         record = PassRecord(p.name, p.canonical(), seconds, bool(result.modified), *_pairs(before, after),
-                            stats=dict(result.stats), auto=auto)
+                            stats=dict(result.stats), auto=auto, notes=list(result.notes))
         self.records.append(record)
         self.ran.append(p)
         self.version += record.modified

@@ -146,7 +146,7 @@ def _merge_repeats(records: list[PassRecord]) -> list[tuple[PassRecord, int]]:
     for r in records:
         key = (r.canonical, r.auto)
         if key not in rows:
-            rows[key] = (PassRecord(**{**r.__dict__, "stats": dict(r.stats)}), 1)
+            rows[key] = (PassRecord(**{**r.__dict__, "stats": dict(r.stats), "notes": list(r.notes)}), 1)
             continue
         merged, runs = rows[key]
         merged.seconds += r.seconds
@@ -173,6 +173,8 @@ def format_summary(result: OptimizeResult) -> str:
             label = r.name + (" (auto)" if r.auto else "") + (f" x{runs}" if runs > 1 else "")
             lines.append(f"  {label:<14} {r.seconds * 1000:>7.1f}ms  {r.nodes_before:>5} -> {r.nodes_after:<5}"
                          f"  {r.params_before:>10,} -> {r.params_after:<10,}  {_did(r)}")
+        for r in result.records:
+            lines.extend(f"  note ({r.name}): {note}" for note in dict.fromkeys(r.notes))
     b, a = d["before"], d["after"]
     lines.append(f"size: {human_bytes(b['file_bytes'])} -> {human_bytes(a['file_bytes'])}"
                  f"{_change(b['file_bytes'], a['file_bytes'])}   nodes: {b['nodes']} -> {a['nodes']}"

@@ -124,23 +124,23 @@ class Qdq(Pass):
         if per_channel and opset and opset < 13:
             per_channel = False
             stats["per_tensor_low_opset"] = 1
+        notes: list[str] = []
         reduce_range, vnni = _reduce_range(o.reduce_range)
         stats["reduce_range"] = int(reduce_range)
         if vnni is not None:
             stats["cpu_int8_vnni"] = int(vnni)
-            ctx.log.info("qdq: reduce_range=auto -> %s (%s)", str(reduce_range).lower(),
-                         "CPU has VNNI: full 8-bit weights" if vnni else
-                         "x86 CPU without VNNI: 7-bit weights, so ORT's u8s8 kernels do not saturate"
-                         if reduce_range else "not an x86 CPU")
+            notes.append("reduce_range=auto -> {} ({})".format(
+                str(reduce_range).lower(), "CPU has VNNI: full 8-bit weights" if vnni else
+                "x86 CPU without VNNI: 7-bit weights, so ORT's u8s8 kernels do not saturate"
+                if reduce_range else "not an x86 CPU"))
 
         plan = _Plan(graph, o, skips)
         if skips["batchnorm_not_folded"] or skips["weight_not_folded"]:
-            ctx.log.warning("qdq: %d layers have unfolded BatchNormalization or weights and stay float; "
-                            "run 'cleanup' first (e.g. --passes cleanup,qdq)",
-                            skips["batchnorm_not_folded"] + skips["weight_not_folded"])
+            notes.append(f"{skips['batchnorm_not_folded'] + skips['weight_not_folded']} layers have unfolded "
+                         "BatchNormalization or weights and stay float; run 'cleanup' first (--passes cleanup,qdq)")
         if not plan.nodes:
             stats.update({f"skipped_{k}": skips[k] for k in _SKIPS})
-            return PassResult(False, stats)
+            return PassResult(False, stats, notes)
 
         # ---- calibration: one streaming run over the data for every tensor that needs its own range
         model = ctx.export(graph)
@@ -192,16 +192,15 @@ class Qdq(Pass):
             ranking = check.sensitivities(current, cur_plan, cur_writer)
             for pos, name, local_db in ranking[:limit]:
                 fallen.append(pos)
-                ctx.log.warning("qdq: layer '%s' back to float (its quantization adds error at %.1f dB SNR)",
-                                name, local_db)
+                notes.append(f"layer '{name}' back to float (its quantization adds error at {local_db:.1f} dB SNR)")
                 current, cur_plan, cur_writer = self._build(model, o, per_channel, reduce_range, found, not_float,
                                                             frozenset(fallen), dict(base))
                 before, cosine = cosine, check.cosine(ctx.export(current))
                 if cosine >= check.target:
                     break
                 if len(fallen) >= 2 and cosine - before < 0.1 * (check.target - before):
-                    ctx.log.warning("qdq: the error is spread over many layers (each one back to float closes "
-                                    "little of the gap): stopping; try another method or exclude= layers")
+                    notes.append("the error is spread over many layers (each one back to float closes little of "
+                                 "the gap): stopping; try another method or exclude= layers")
                     break
             if current is not None:
                 graph.nodes, graph.inputs, graph.outputs = current.nodes, current.inputs, current.outputs
@@ -210,14 +209,14 @@ class Qdq(Pass):
             stats["fallback_nodes"] = len(fallen)
             stats["guard_min_cosine_ppm"] = int(round(cosine * 1e6))
             if cosine < check.target:
-                ctx.log.warning("qdq: cosine %.5f on calibration data is still below %.3g after returning %d "
-                                "layers to float", cosine, check.target, len(fallen))
+                notes.append(f"cosine {cosine:.5f} on calibration data is still below {check.target:.3g} after "
+                             f"returning {len(fallen)} layers to float")
         stats["quantized_nodes"] = len(plan.nodes)
         for op, n in sorted(Counter(n.op for n in plan.nodes).items()):
             stats[f"quantized_{op}"] = n
         stats["relu_clip_folded"] = plan.folded
         stats.update({f"skipped_{k}": skips[k] for k in _SKIPS})
-        return PassResult(True, stats)
+        return PassResult(True, stats, notes)
 
     @staticmethod
     def _build(model, o, per_channel, reduce_range, found, not_float, keep_float, stats):

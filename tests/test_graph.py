@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 import pytest
-from onnx import helper
+from onnx import TensorProto, helper, numpy_helper
 
 from onnxopt import graph as G
 from onnxopt.pipeline import duplicate_names
@@ -467,3 +467,22 @@ def test_export_twice_does_not_duplicate_fields_and_adds_new_domains():
     assert {k: got[k] for k in ("", "custom", "com.microsoft")} == {"": 17, "custom": 1, "com.microsoft": 1}
     assert "ai.onnx.ml.experimental" in got
     assert second.ir_version == 8 and len(second.functions) == 1
+
+
+def test_outer_initializer_read_only_in_branches_stays_in_the_main_graph():
+    """gs would write it into both branches; export puts it back once, so nothing changes."""
+    w = numpy_helper.from_array(np.arange(4, dtype=np.float32).reshape(2, 2, 1, 1), "w")
+    then = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["yt"])], "then", [],
+                             [helper.make_tensor_value_info("yt", TensorProto.FLOAT, [1, 2, 3, 3])])
+    other = helper.make_graph([helper.make_node("Mul", ["x", "w"], ["ye"])], "else", [],
+                              [helper.make_tensor_value_info("ye", TensorProto.FLOAT, [1, 2, 3, 3])])
+    model = helper.make_model(helper.make_graph(
+        [helper.make_node("If", ["c"], ["y"], then_branch=then, else_branch=other)], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 3, 3]),
+         helper.make_tensor_value_info("c", TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, 3, 3])], [w]),
+        opset_imports=[helper.make_opsetid("", 17)])
+    out = G.export_model(G.import_graph(model), model)
+    assert [t.name for t in out.graph.initializer] == ["w"]
+    assert all(not a.g.initializer for a in out.graph.node[0].attribute)
+    assert out.ByteSize() <= model.ByteSize() + 16

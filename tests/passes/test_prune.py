@@ -1,0 +1,510 @@
+"""The ``prune`` pass: unstructured, global, N:M and structured pruning, scores, reconstruction, storage.
+
+prune is lossy. Every rewriting case runs through ``onnxopt.optimize`` (pass manager,
+contracts, checker, validation in ORT) with an explicit tolerance, and the tests check
+what pruning promises exactly: the number of zeros, the N:M pattern in every group, the
+shapes after structured shrinking, and, where the removed channels' contribution can be
+folded exactly, outputs equal to the model with those channels zeroed.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import onnxopt
+from helpers import FLOAT, init, make_model, node, random_feed, run_model, run_pass_direct, vi
+
+FLOAT16 = TensorProto.FLOAT16
+
+
+def rand(shape, seed, dtype=np.float32):
+    return np.random.default_rng(seed).standard_normal(shape).astype(dtype)
+
+
+def weights(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """Every weight as written: initializers and Constant nodes (dense or sparse_value), by reader-visible name."""
+    out = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    for n in model.graph.node:
+        if n.op_type == "Constant":
+            for a in n.attribute:
+                if a.name == "value":
+                    out[n.output[0]] = numpy_helper.to_array(a.t)
+                elif a.name == "sparse_value":
+                    sp = a.sparse_tensor
+                    dense = np.zeros(int(np.prod(sp.dims)), numpy_helper.to_array(sp.values).dtype)
+                    dense[numpy_helper.to_array(sp.indices)] = numpy_helper.to_array(sp.values)
+                    out[n.output[0]] = dense.reshape(list(sp.dims))
+    return out
+
+
+def weight_of(model: onnx.ModelProto, node_name: str, slot: int = 1) -> np.ndarray:
+    n = next(n for n in model.graph.node if n.name == node_name)
+    return weights(model)[n.input[slot]]
+
+
+def prune(model, spec, feeds=None, calibration=None, min_cosine=0.0):
+    feeds = feeds if feeds is not None else [random_feed(model, seed=s) for s in range(2)]
+    result = onnxopt.optimize(model, spec, inputs=feeds, calibration=calibration,
+                              tolerance=f"min_cosine={min_cosine}")
+    assert result.validation is not None and result.passed, result.validation.headline()
+    onnx.checker.check_model(result.model, full_check=True)
+    assert result.records[0].name == "prune"
+    return result.model, dict(result.records[0].stats), result
+
+
+def mlp(k=16, h=32, n=8, dtype=np.float32, constant_node=False) -> onnx.ModelProto:
+    """x[b,k] -> MatMul W1[k,h] + b1 -> Relu -> Gemm(transB) W2[n,h] -> Relu -> MatMul W3[n,n]."""
+    et = FLOAT16 if dtype == np.float16 else FLOAT
+    inits = [init("W1", rand((k, h), 1, dtype), dtype), init("b1", rand(h, 2, dtype), dtype),
+             init("W2", rand((n, h), 3, dtype), dtype), init("W3", rand((n, n), 5, dtype), dtype)]
+    nodes = [node("MatMul", ["x", "W1"], ["m1"], name="fc1"), node("Add", ["m1", "b1"], ["a1"], name="bias1"),
+             node("Relu", ["a1"], ["r1"], name="relu1"),
+             node("Gemm", ["r1", "W2"], ["g2"], name="fc2", transB=1), node("Relu", ["g2"], ["r2"], name="relu2"),
+             node("MatMul", ["r2", "W3"], ["y"], name="fc3")]
+    if constant_node:
+        inits = [i for i in inits if i.name != "W2"]
+        nodes.insert(0, helper.make_node("Constant", [], ["W2"], name="w2_const",
+                                         value=numpy_helper.from_array(rand((n, h), 3, dtype))))
+    return make_model(nodes, [vi("x", ["batch", k], et)], [vi("y", ["batch", n], et)], inits)
+
+
+def count_zeros(a: np.ndarray) -> int:
+    return int(np.count_nonzero(a == 0))
+
+
+# ----------------------------------------------------------------- unstructured
+
+@pytest.mark.parametrize("sparsity", [0.3, 0.5, 0.77])
+def test_layer_sparsity_is_exact(sparsity):
+    model = mlp()
+    out, st, _ = prune(model, f"prune(sparsity={sparsity},keep_first_last=false,reconstruct=false)")
+    for name, w in (("fc1", weights(model)["W1"]), ("fc2", weights(model)["W2"]), ("fc3", weights(model)["W3"])):
+        new = weight_of(out, name)
+        assert new.shape == w.shape
+        assert count_zeros(new) == round(sparsity * w.size), name
+        kept = new != 0
+        np.testing.assert_array_equal(new[kept], w[kept])  # magnitude without reconstruction: survivors unchanged
+        assert np.abs(w[~kept]).max() <= np.abs(w[kept]).min()  # the smallest were removed
+    total = 16 * 32 + 8 * 32 + 64
+    assert st["layers_pruned"] == 3 and st["weights_total"] == total
+    assert st["weights_zeroed"] == sum(round(sparsity * s) for s in (512, 256, 64))
+    assert st["skipped_first_last"] == 0
+
+
+def test_first_and_last_layers_stay_dense_by_default_and_exclude_globs():
+    model = mlp()
+    out, st, _ = prune(model, "prune(sparsity=0.5,reconstruct=false)")
+    assert count_zeros(weight_of(out, "fc1")) == 0 and count_zeros(weight_of(out, "fc3")) == 0
+    assert count_zeros(weight_of(out, "fc2")) == 128
+    assert st["skipped_first_last"] == 2 and st["layers_pruned"] == 1
+    out, st, _ = prune(model, "prune(sparsity=0.5,reconstruct=false,keep_first_last=false,exclude=fc2;W3)")
+    assert count_zeros(weight_of(out, "fc1")) == 256
+    assert count_zeros(weight_of(out, "fc2")) == 0 and count_zeros(weight_of(out, "fc3")) == 0
+    assert st["skipped_excluded"] == 2
+
+
+def test_global_scope_reaches_the_total_exactly():
+    model = mlp()
+    out, st, _ = prune(model, "prune(sparsity=0.6,scope=global,keep_first_last=false,reconstruct=false)")
+    zeros = [count_zeros(weight_of(out, n)) for n in ("fc1", "fc2", "fc3")]
+    assert sum(zeros) == round(0.6 * (512 + 256 + 64)) == st["weights_zeroed"]
+
+
+@pytest.mark.parametrize("pattern,n,m", [("2:4", 2, 4), ("4:8", 4, 8)])
+def test_nm_holds_in_every_group_along_k(pattern, n, m):
+    model = mlp()
+    out, st, _ = prune(model, f"prune(pattern={pattern},keep_first_last=false,reconstruct=false)")
+    w1 = weight_of(out, "fc1")  # MatMul W[K, N]: groups run along K
+    groups = w1.T.reshape(-1, m)
+    assert ((groups != 0).sum(axis=1) == n).all()
+    w2 = weight_of(out, "fc2")  # Gemm transB: W[N, K]
+    assert ((w2.reshape(-1, m) != 0).sum(axis=1) == n).all()
+    assert st["weights_zeroed"] == (512 + 256 + 64) * (m - n) // m
+    # the largest of each group survive
+    orig = weights(model)["W1"].T.reshape(-1, m)
+    kept = groups != 0
+    assert (np.sort(np.abs(orig), axis=1)[:, m - n:] == np.sort(np.abs(np.where(kept, orig, 0)), axis=1)[:, m - n:]).all()
+
+
+def conv_chain(cin=8, mid=8, cout=4, pads=1, group=1) -> onnx.ModelProto:
+    inits = [init("Wa", rand((mid, cin // group, 3, 3), 1)), init("Ba", rand(mid, 2)),
+             init("Wb", rand((cout, mid, 3, 3), 3)), init("Bb", rand(cout, 4))]
+    return make_model([node("Conv", ["x", "Wa", "Ba"], ["c1"], name="conva", pads=[pads] * 4, group=group),
+                       node("Relu", ["c1"], ["r1"], name="relu"),
+                       node("Conv", ["r1", "Wb", "Bb"], ["y"], name="convb", pads=[pads] * 4)],
+                      [vi("x", ["batch", cin, 6, 6])], [vi("y", ["batch", cout, 6 if pads else 2, 6 if pads else 2])],
+                      inits)
+
+
+def test_nm_on_conv_groups_input_channels_at_each_kernel_position():
+    model = conv_chain()
+    out, st, _ = prune(model, "prune(pattern=2:4,keep_first_last=false,reconstruct=false)")
+    for name in ("conva", "convb"):
+        w = weight_of(out, name)  # [O, C, kh, kw]
+        groups = w.transpose(0, 2, 3, 1).reshape(-1, 4)
+        assert ((groups != 0).sum(axis=1) == 2).all()
+    assert st["layers_pruned"] == 2 and st["skipped_nm_indivisible"] == 0
+
+
+def test_nm_skips_layers_whose_reduction_axis_does_not_divide():
+    model = mlp(k=6)  # fc1 K=6, not a multiple of 4
+    out, st, _ = prune(model, "prune(pattern=2:4,keep_first_last=false,reconstruct=false)")
+    assert st["skipped_nm_indivisible"] == 1
+    np.testing.assert_array_equal(weight_of(out, "fc1"), weights(model)["W1"])
+
+
+def test_fp16_and_constant_node_weights():
+    model = mlp(dtype=np.float16, constant_node=True)
+    out, st, _ = prune(model, "prune(sparsity=0.5,keep_first_last=false,reconstruct=false)")
+    w2 = weight_of(out, "fc2")
+    assert w2.dtype == np.float16 and count_zeros(w2) == 128
+    assert count_zeros(weight_of(out, "fc1")) == 256
+    assert st["layers_pruned"] == 3
+
+
+def test_shared_weight_is_pruned_once_or_skipped():
+    w = init("W", rand((8, 8), 1))
+    shared = make_model([node("MatMul", ["x", "W"], ["a"], name="m1"), node("Relu", ["a"], ["r"], name="relu"),
+                         node("MatMul", ["r", "W"], ["y"], name="m2")],
+                        [vi("x", ["batch", 8])], [vi("y", ["batch", 8])], [w])
+    out, st, _ = prune(shared, "prune(sparsity=0.5,keep_first_last=false,reconstruct=false)")
+    assert weight_of(out, "m1").tobytes() == weight_of(out, "m2").tobytes()
+    assert count_zeros(weight_of(out, "m1")) == 32 and st["layers_pruned"] == 1
+    mixed = make_model([node("MatMul", ["x", "W"], ["a"], name="m1"), node("Add", ["a", "W"], ["y"], name="add")],
+                       [vi("x", [8, 8])], [vi("y", [8, 8])], [w])
+    out, st = run_pass_direct(mixed, "prune", sparsity=0.5, keep_first_last=False, reconstruct=False)
+    assert st.modified is False and st.stats["skipped_shared_weight"] == 1
+    np.testing.assert_array_equal(weights(out)["W"], numpy_helper.to_array(w))
+
+
+def test_subgraph_layers_are_pruned():
+    body = helper.make_graph([node("MatMul", ["x", "Wi"], ["t"], name="inner")], "then", [],
+                             [vi("t", ["batch", 8])], initializer=[init("Wi", rand((8, 8), 7))])
+    other = helper.make_graph([node("Identity", ["x"], ["e"], name="id")], "else", [], [vi("e", ["batch", 8])])
+    model = make_model([node("If", ["c"], ["y"], name="if", then_branch=body, else_branch=other)],
+                       [vi("c", [], TensorProto.BOOL), vi("x", ["batch", 8])], [vi("y", ["batch", 8])])
+    feeds = [{"c": np.array(True), "x": rand((3, 8), 0)}]
+    out, st, _ = prune(model, "prune(sparsity=0.25,keep_first_last=false)", feeds=feeds)
+    inner = next(a.g for a in out.graph.node[0].attribute if a.name == "then_branch")
+    w = numpy_helper.to_array(inner.initializer[0])
+    assert count_zeros(w) == 16 and st["layers_pruned"] == 1
+
+
+# ----------------------------------------------------------------- data-driven
+
+def correlated(n, k, seed, rank=6):
+    """Activations of low effective rank with uneven column scales, like real layer inputs."""
+    rng = np.random.default_rng(seed)
+    mix = rng.standard_normal((rank, k))
+    scale = np.exp(rng.standard_normal(k))  # uneven column norms: where wanda differs from magnitude
+    x = rng.standard_normal((n, rank)) @ mix + 0.05 * rng.standard_normal((n, k))
+    return (x * scale).astype(np.float32)
+
+
+def test_wanda_and_reconstruction_reduce_the_output_error():
+    model = make_model([node("MatMul", ["x", "W"], ["y"], name="fc")], [vi("x", ["batch", 32])],
+                       [vi("y", ["batch", 16])], [init("W", rand((32, 16), 2))])
+    calib = {"x": correlated(256, 32, 1)}
+    test = {"x": correlated(64, 32, 1)}
+    ref = run_model(model, test)["y"]
+
+    def err(spec):
+        out, st, _ = prune(model, spec, feeds=[test], calibration=calib)
+        assert st["weights_zeroed"] == round(0.6 * 512)
+        return float(np.linalg.norm(run_model(out, test)["y"] - ref)), st
+
+    base = "prune(sparsity=0.6,keep_first_last=false"
+    magnitude, _ = err(base + ",reconstruct=false)")
+    wanda, _ = err(base + ",score=wanda,reconstruct=false)")
+    rebuilt, st = err(base + ")")  # calibration given: reconstruction is on by default
+    assert st["layers_reconstructed"] == 1
+    assert wanda < magnitude and rebuilt < 0.5 * wanda
+
+
+def test_conv_reconstruction_and_bias_correction():
+    model = conv_chain()
+    base = rand((20, 3, 6, 6), 3)  # 8 channels mixed from 3: the case reconstruction exploits
+    mixed = np.einsum("nchw,cd->ndhw", base, rand((3, 8), 4)).astype(np.float32)
+    calib, test = {"x": mixed[:16]}, {"x": mixed[16:]}
+    ref = run_model(model, test)["y"]
+    errs = {}
+    for spec in ("reconstruct=false", "reconstruct=true", "reconstruct=true,bias_correction=true"):
+        out, st, _ = prune(model, f"prune(sparsity=0.5,keep_first_last=false,exclude=convb,{spec})", feeds=[test],
+                           calibration=calib)
+        assert st["weights_zeroed"] == 288
+        errs[spec] = float(np.linalg.norm(run_model(out, test)["y"] - ref))
+    assert errs["reconstruct=true"] < 0.5 * errs["reconstruct=false"]
+    assert st["biases_corrected"] == 1
+
+
+def test_auto_allocates_ratios_that_reach_the_target():
+    model = mlp()
+    calib = {"x": rand((64, 16), 9)}
+    out, st, _ = prune(model, "prune(sparsity=auto,target=0.7,keep_first_last=false)", calibration=calib)
+    zeros = sum(count_zeros(weight_of(out, n)) for n in ("fc1", "fc2", "fc3"))
+    assert abs(zeros - 0.7 * 832) <= 3 and st["target_reached"] == 1
+    assert len(st["auto_ratios"].split(";")) == 3
+
+
+# ----------------------------------------------------------------- storage
+
+def test_storage_is_sparse_only_when_smaller():
+    model = mlp(k=64, h=64)
+    dense, st, _ = prune(model, "prune(sparsity=0.5,reconstruct=false)")
+    assert st["sparse_tensors"] == 0 and st["written_bytes"] == st["dense_bytes"] == 64 * 8 * 4
+    out, st, _ = prune(model, "prune(sparsity=0.9,reconstruct=false)")
+    assert st["sparse_tensors"] == 1 and st["written_bytes"] < 0.4 * st["dense_bytes"]
+    assert st["gzip_bytes"] < st["gzip_bytes_dense"]
+    const = [n for n in out.graph.node if n.op_type == "Constant"]
+    assert len(const) == 1 and const[0].attribute[0].name == "sparse_value"
+    assert const[0].attribute[0].sparse_tensor.indices.data_type == TensorProto.INT64
+    assert count_zeros(weight_of(out, "fc2")) == round(0.9 * 512)
+    assert len(out.SerializeToString()) < len(dense.SerializeToString())
+    out, st, _ = prune(model, "prune(sparsity=0.9,reconstruct=false,storage=dense)")
+    assert st["sparse_tensors"] == 0
+
+
+# ----------------------------------------------------------------- structured
+
+def zero_channels(model: onnx.ModelProto, weight: str, bias: str, channels, axis=0) -> onnx.ModelProto:
+    """The original model with those output channels' weights and biases zeroed (the dense equivalent)."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    for i in copy.graph.initializer:
+        if i.name in (weight, bias):
+            a = numpy_helper.to_array(i).copy()
+            np.moveaxis(a, axis if i.name == weight else 0, 0)[channels] = 0
+            i.CopyFrom(numpy_helper.from_array(a, i.name))
+    return copy
+
+
+def cnn(pool="MaxPool") -> onnx.ModelProto:
+    c = 8
+    inits = [init("W0", rand((c, 2, 3, 3), 1)), init("W1", rand((c, c, 3, 3), 2)), init("B1", rand(c, 3))]
+    inits += [init(f"bn_{p}", rand(c, 10 + i) if p != "var" else 0.5 + np.abs(rand(c, 14))) for i, p in
+              enumerate(("scale", "bias", "mean", "var"))]
+    inits += [init("W2", rand((6, c, 1, 1), 5)), init("Wf", rand((6, 3), 6)), init("Bf", rand(3, 7))]
+    nodes = [node("Conv", ["x", "W0"], ["c0"], name="conv0", pads=[1] * 4), node("Relu", ["c0"], ["r0"], name="relu0"),
+             node("Conv", ["r0", "W1", "B1"], ["c1"], name="conv1", pads=[1] * 4),
+             node("BatchNormalization", ["c1", "bn_scale", "bn_bias", "bn_mean", "bn_var"], ["b1"], name="bn1"),
+             node("Relu", ["b1"], ["r1"], name="relu1"), node(pool, ["r1"], ["p1"], name="pool1", kernel_shape=[2, 2],
+                                                             strides=[2, 2]),
+             node("Conv", ["p1", "W2"], ["c2"], name="conv2"), node("Relu", ["c2"], ["r2"], name="relu2"),
+             node("GlobalAveragePool", ["r2"], ["g"], name="gap"), node("Flatten", ["g"], ["f"], name="flat"),
+             node("Gemm", ["f", "Wf", "Bf"], ["y"], name="fc")]
+    model = make_model(nodes, [vi("x", ["batch", 2, 6, 6])], [vi("y", ["batch", 3])], inits, check=False)
+    return onnx.shape_inference.infer_shapes(model)
+
+
+def test_structured_shrinks_conv_bn_pool_conv_and_flatten_gemm():
+    model = cnn()
+    out, st, _ = prune(model, "prune(pattern=structured,sparsity=0.5)")
+    w = weights(out)
+    conv1, conv2, fc = (next(n for n in out.graph.node if n.name == nm) for nm in ("conv1", "conv2", "fc"))
+    assert w[conv1.input[1]].shape == (4, 8, 3, 3) and w[conv1.input[2]].shape == (4,)
+    bn = next(n for n in out.graph.node if n.op_type == "BatchNormalization")
+    assert all(w[i].shape == (4,) for i in bn.input[1:])
+    assert w[conv2.input[1]].shape == (3, 4, 1, 1)
+    assert w[fc.input[1]].shape == (3, 3)
+    assert st["layers_pruned"] == 2 and st["channels_removed"] == 7
+    onnx.checker.check_model(onnx.shape_inference.infer_shapes(out, strict_mode=True), full_check=True)
+    feed = random_feed(model, seed=3, dims={"batch": 5})
+    assert run_model(out, feed)["y"].shape == (5, 3)
+
+
+def test_structured_removed_channels_fold_exactly_into_the_consumer():
+    # conv1's removed channels carry only their bias through BN/Relu/pool into a 1x1 conv (no padding)
+    model = cnn()
+    out, st, _ = prune(model, "prune(pattern=structured,sparsity=0.5,exclude=conv2)")
+    w1 = weights(model)["W1"]
+    bn_scale = numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == "bn_scale"))
+    bn_var = numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == "bn_var"))
+    norms = np.sqrt((w1.reshape(8, -1).astype(np.float64) ** 2).sum(1)) * np.abs(bn_scale / np.sqrt(bn_var + 1e-5))
+    removed = np.argsort(norms, kind="stable")[:4]
+    reference = zero_channels(model, "W1", "__none__", removed)
+    feed = random_feed(model, seed=1, dims={"batch": 3})
+    np.testing.assert_allclose(run_model(out, feed)["y"], run_model(reference, feed)["y"], rtol=1e-4, atol=1e-4)
+    assert st["channels_removed"] == 4
+
+
+def test_structured_matmul_chain_with_bias_add():
+    model = mlp()
+    out, st, _ = prune(model, "prune(pattern=structured,sparsity=0.25,keep_first_last=false,exclude=fc2;fc3)")
+    assert weight_of(out, "fc1").shape == (16, 24)
+    assert weights(out)[next(n for n in out.graph.node if n.name == "bias1").input[1]].shape == (24,)
+    assert weight_of(out, "fc2").shape == (8, 24)
+    removed = np.argsort(np.sqrt((weights(model)["W1"].astype(np.float64) ** 2).sum(0)), kind="stable")[:8]
+    reference = zero_channels(model, "W1", "__none__", removed, axis=1)
+    feed = random_feed(model, seed=2, dims={"batch": 4})
+    np.testing.assert_allclose(run_model(out, feed)["y"], run_model(reference, feed)["y"], rtol=1e-4, atol=1e-4)
+    assert st["channels_removed"] == 8
+
+
+def test_structured_skips_paths_it_cannot_follow():
+    w = init("W", rand((8, 8), 1))
+    residual = make_model([node("MatMul", ["x", "W"], ["a"], name="m1"), node("Add", ["a", "x"], ["s"], name="res"),
+                           node("MatMul", ["s", "W2"], ["y"], name="m2")],
+                          [vi("x", ["batch", 8])], [vi("y", ["batch", 8])], [w, init("W2", rand((8, 8), 2))])
+    out, st = run_pass_direct(residual, "prune", pattern="structured", keep_first_last=False)
+    assert st.modified is False and st.stats["skipped_structured_residual"] == 1
+    shape = init("shape", np.array([-1, 2, 4]), np.int64)
+    reshape = make_model([node("MatMul", ["x", "W"], ["a"], name="m1"),
+                          node("Reshape", ["a", "shape"], ["y"], name="rs")],
+                         [vi("x", ["batch", 8])], [vi("y", ["batch", 2, 4])], [w, shape])
+    out, st = run_pass_direct(reshape, "prune", pattern="structured", keep_first_last=False)
+    assert st.modified is False and st.stats["skipped_structured_reshape"] == 1
+    concat = make_model([node("MatMul", ["x", "W"], ["a"], name="m1"),
+                         node("Concat", ["a", "x"], ["y"], name="cat", axis=1)],
+                        [vi("x", ["batch", 8])], [vi("y", ["batch", 16])], [w])
+    out, st = run_pass_direct(concat, "prune", pattern="structured", keep_first_last=False)
+    assert st.modified is False and st.stats["skipped_structured_concat"] == 1
+
+
+# ----------------------------------------------------------------- options
+
+@pytest.mark.parametrize("spec,message", [
+    ("prune(sparsity=1.5)", "sparsity must be in [0, 1)"),
+    ("prune(sparsity=half)", "option 'sparsity'"),
+    ("prune(pattern=3:4)", "option 'pattern'"),
+    ("prune(sparsity=auto,pattern=2:4)", "sparsity=auto works with pattern=unstructured only"),
+    ("prune(tolerance=0.1)", "tolerance applies to sparsity=auto only"),
+    ("prune(pattern=2:4,scope=global)", "scope=global does not apply"),
+    ("prune(ops=Add)", "cannot prune Add"),
+])
+def test_bad_options_get_a_clear_error(spec, message):
+    with pytest.raises(onnxopt.InputError) as info:
+        onnxopt.optimize(mlp(), spec)
+    assert message in str(info.value)
+
+
+def test_nothing_to_prune_leaves_the_graph_untouched():
+    model = mlp()
+    out, st = run_pass_direct(model, "prune", sparsity=0.0, keep_first_last=False)
+    assert st.modified is False and st.stats["weights_zeroed"] == 0
+
+
+# ----------------------------------------------------------------- a real model
+
+def test_digits_mlp_half_magnitude_costs_at_most_one_point():
+    model = onnx.load("models/digits_mlp.onnx")
+    data = np.load("models/digits_test.npz")
+    x, labels = data["input"], data["labels"]
+    out, st, _ = prune(model, "prune(sparsity=0.5,keep_first_last=false,reconstruct=false)", feeds=[{"input": x[:32]}])
+    acc = lambda m: float((run_model(m, {"input": x})["logits"].argmax(1) == labels).mean() * 100)
+    assert st["sparsity_permille"] == 500
+    assert acc(out) >= acc(model) - 1.0
+
+
+def test_weight_read_through_a_transpose_is_pruned_in_place():
+    # exports without constant folding: MatMul(x, Transpose(W[N, K]))
+    model = make_model([node("Transpose", ["W"], ["Wt"], name="tr", perm=[1, 0]),
+                        node("MatMul", ["x", "Wt"], ["y"], name="fc")],
+                       [vi("x", ["batch", 8])], [vi("y", ["batch", 4])], [init("W", rand((4, 8), 1))])
+    out, st, _ = prune(model, "prune(pattern=2:4,keep_first_last=false,reconstruct=false)")
+    w = weights(out)[next(n for n in out.graph.node if n.op_type == "Transpose").input[0]]
+    assert w.shape == (4, 8) and ((w.reshape(-1, 4) != 0).sum(axis=1) == 2).all()  # groups along K
+    assert st["layers_pruned"] == 1
+
+
+def test_structured_with_calibration_refits_the_consumer():
+    model = cnn()
+    calib = {"x": rand((32, 2, 6, 6), 11)}
+    feed = {"x": rand((8, 2, 6, 6), 12)}
+    ref = run_model(model, feed)["y"]
+    plain, st0, _ = prune(model, "prune(pattern=structured,sparsity=0.5,reconstruct=false)", feeds=[feed])
+    refit, st1, _ = prune(model, "prune(pattern=structured,sparsity=0.5)", feeds=[feed], calibration=calib)
+    assert st0["layers_reconstructed"] == 0 and st1["layers_reconstructed"] == 2
+    assert st1["channels_removed"] == st0["channels_removed"] == 7
+    assert [weights(refit)[n.input[1]].shape for n in refit.graph.node if n.op_type in ("Conv", "Gemm")] == \
+        [weights(plain)[n.input[1]].shape for n in plain.graph.node if n.op_type in ("Conv", "Gemm")]
+    err = lambda m: float(np.linalg.norm(run_model(m, feed)["y"] - ref))
+    assert err(refit) < err(plain)
+
+
+def test_sequential_refit_aims_at_the_dense_output():
+    model = conv_chain()
+    base = rand((20, 3, 6, 6), 3)
+    mixed = np.einsum("nchw,cd->ndhw", base, rand((3, 8), 4)).astype(np.float32)
+    calib, test = {"x": mixed[:16]}, {"x": mixed[16:]}
+    ref = run_model(model, test)["y"]
+    errs = {}
+    for seq in ("true", "false"):
+        out, st, _ = prune(model, f"prune(sparsity=0.5,keep_first_last=false,sequential={seq})", feeds=[test],
+                           calibration=calib)
+        assert st["layers_reconstructed"] == 2 and st["weights_zeroed"] == 288 + 144
+        errs[seq] = float(np.linalg.norm(run_model(out, test)["y"] - ref))
+    assert errs["true"] < errs["false"]
+
+
+def test_structured_follows_channels_through_a_depthwise_conv():
+    c = 8
+    inits = [init("W0", rand((c, 2, 1, 1), 1)), init("Wd", rand((c, 1, 3, 3), 3)),
+             init("Bd", rand(c, 4)), init("W2", rand((4, c, 1, 1), 5)), init("W3", rand((3, 4, 1, 1), 6))]
+    model = make_model([node("Conv", ["x", "W0"], ["a"], name="first"), node("Relu", ["a"], ["b"], name="relu0"),
+                        node("Conv", ["b", "Wd", "Bd"], ["d"], name="dw", group=c),
+                        node("Clip", ["d", "lo", "hi"], ["e"], name="relu6"),
+                        node("Conv", ["e", "W2"], ["f"], name="project"),
+                        node("Conv", ["f", "W3"], ["y"], name="last")],
+                       [vi("x", ["batch", 2, 6, 6])], [vi("y", ["batch", 3, 4, 4])],
+                       inits + [init("lo", 0.0), init("hi", 6.0)])
+    model = onnx.shape_inference.infer_shapes(model)
+    out, st, _ = prune(model, "prune(pattern=structured,sparsity=0.25,keep_first_last=false,exclude=project;last)")
+    w = weights(out)
+    dw = next(n for n in out.graph.node if n.name == "dw")
+    assert w[dw.input[1]].shape == (6, 1, 3, 3) and w[dw.input[2]].shape == (6,)
+    assert next(a.i for a in dw.attribute if a.name == "group") == 6
+    assert weight_of(out, "project").shape == (4, 6, 1, 1) and weight_of(out, "first").shape == (6, 2, 1, 1)
+    removed = np.argsort(np.sqrt((weights(model)["W0"].reshape(c, -1).astype(np.float64) ** 2).sum(1)),
+                         kind="stable")[:2]
+    reference = zero_channels(model, "W0", "B0", removed)  # no bias on W0: zero weights only
+    feed = random_feed(model, seed=4, dims={"batch": 2})
+    np.testing.assert_allclose(run_model(out, feed)["y"], run_model(reference, feed)["y"], rtol=1e-4, atol=1e-4)
+    assert st["channels_removed"] == 2
+
+
+def test_zero_sparsity_with_calibration_changes_nothing():
+    model = mlp()
+    graph_before = model.SerializeToString()
+    result = onnxopt.optimize(model, "prune(sparsity=0.0,keep_first_last=false)", calibration={"x": rand((16, 16), 1)},
+                              inputs=[random_feed(model)])
+    assert result.records[0].modified is False and result.validation.identical
+    assert model.SerializeToString() == graph_before
+
+
+def test_auto_stops_at_the_tolerance():
+    model = mlp()
+    out, st, _ = prune(model, "prune(sparsity=auto,target=0.9,tolerance=0.05,keep_first_last=false)",
+                       calibration={"x": rand((64, 16), 9)})
+    assert st["target_reached"] == 0 and st["weights_zeroed"] < 0.9 * 832
+    for pair in st["auto_ratios"].split(";"):
+        assert 0.0 <= float(pair.split("=")[1]) <= 0.95
+
+
+def test_structured_follows_a_decomposed_gelu_that_branches_and_merges():
+    # MatMul -> Add(bias) -> x * 0.5 * (1 + erf(x / sqrt 2)) -> MatMul, as exporters write GELU
+    inits = [init("W1", rand((8, 16), 1)), init("b1", rand(16, 2)), init("W2", rand((16, 8), 3)),
+             init("sqrt2", np.float32(np.sqrt(2))), init("one", np.float32(1.0)), init("half", np.float32(0.5))]
+    model = make_model([node("MatMul", ["x", "W1"], ["m"], name="fc1"), node("Add", ["m", "b1"], ["h"], name="bias"),
+                        node("Div", ["h", "sqrt2"], ["d"], name="div"), node("Erf", ["d"], ["e"], name="erf"),
+                        node("Add", ["e", "one"], ["p"], name="plus"), node("Mul", ["h", "p"], ["q"], name="mul"),
+                        node("Mul", ["q", "half"], ["g"], name="halve"), node("MatMul", ["g", "W2"], ["y"], name="fc2")],
+                       [vi("x", ["batch", 2, 8])], [vi("y", ["batch", 2, 8])], inits)
+    out, st, _ = prune(model, "prune(pattern=structured,sparsity=0.25,keep_first_last=false,exclude=fc2)")
+    assert weight_of(out, "fc1").shape == (8, 12) and weight_of(out, "fc2").shape == (12, 8)
+    assert st["channels_removed"] == 4 and st["layers_pruned"] == 1
+    removed = np.argsort(np.sqrt((weights(model)["W1"].astype(np.float64) ** 2).sum(0)), kind="stable")[:4]
+    reference = zero_channels(model, "W1", "__none__", removed, axis=1)
+    feed = random_feed(model, seed=5, dims={"batch": 3})
+    np.testing.assert_allclose(run_model(out, feed)["y"], run_model(reference, feed)["y"], rtol=1e-4, atol=1e-4)
+
+
+def test_structured_skips_a_merge_with_an_outside_value():
+    inits = [init("W1", rand((8, 8), 1)), init("W2", rand((8, 8), 3))]
+    model = make_model([node("MatMul", ["x", "W1"], ["m"], name="fc1"), node("Relu", ["m"], ["r"], name="relu"),
+                        node("Mul", ["r", "x"], ["g"], name="gate"), node("MatMul", ["g", "W2"], ["y"], name="fc2")],
+                       [vi("x", ["batch", 8])], [vi("y", ["batch", 8])], inits)
+    out, st = run_pass_direct(model, "prune", pattern="structured", keep_first_last=False, exclude=["fc2"])
+    assert st.modified is False and st.stats["skipped_structured_residual"] == 1
