@@ -62,3 +62,16 @@ def test_readme_recipe_block_is_a_valid_recipe(workdir):
     result = onnxopt.optimize("models/digits_cnn.onnx", recipe="recipes/r.yaml")
     assert result.passed and result.validation.samples == 360
     assert result.records[0].verify is not None  # verify_each ran
+
+
+@pytest.mark.parametrize("index", [i for i, b in enumerate(_blocks("bash")) if b.strip().startswith("onnxopt ")])
+def test_readme_onnxopt_commands_run(workdir, index):
+    import shlex
+
+    from onnxopt.cli import main
+
+    argv = shlex.split(_blocks("bash")[index].strip())[1:]
+    assert main(argv) == 0
+    if "qdq" in argv[argv.index("--passes") + 1] if "--passes" in argv else False:
+        after = (workdir / "models" / "digits_cnn.opt.onnx").stat().st_size
+        assert after < 0.4 * (workdir / "models" / "digits_cnn.onnx").stat().st_size
