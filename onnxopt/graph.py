@@ -418,14 +418,24 @@ def _shape_of(tensor: gs.Constant) -> tuple[int, ...]:
     return tuple(values.shape)
 
 
+def _sparse_values(graph: gs.Graph) -> Iterator[onnx.SparseTensorProto]:
+    """Constant(sparse_value) tensors, which gs keeps as protos."""
+    for g in iter_graphs(graph):
+        for node in g.nodes:
+            value = node.attrs.get("sparse_value") if node.op == "Constant" else None
+            if isinstance(value, onnx.SparseTensorProto):
+                yield value
+
+
 def param_count(graph: gs.Graph) -> int:
-    """Number of constant elements (weights) in all scopes."""
-    return int(sum(np.prod(_shape_of(t), dtype=np.int64) for t in constants(graph)))
+    """Number of constant elements (weights) in all scopes; sparse ones at their dense size."""
+    dense = int(sum(np.prod(_shape_of(t), dtype=np.int64) for t in constants(graph)))
+    return dense + sum(int(np.prod(s.dims, dtype=np.int64)) for s in _sparse_values(graph))
 
 
 def param_bytes(graph: gs.Graph) -> int:
-    """Bytes of constant data in all scopes."""
-    total = 0
+    """Bytes of constant data in all scopes, sparse tensors as stored (values and indices)."""
+    total = sum(s.ByteSize() for s in _sparse_values(graph))
     for tensor in constants(graph):
         values = tensor._values
         total += int(values.nbytes)

@@ -10,6 +10,7 @@ unless asked to.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -84,6 +85,31 @@ def iter_graph_protos(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
                 yield from iter_graph_protos(attr.g)
             for sub in attr.graphs:
                 yield from iter_graph_protos(sub)
+
+
+def iter_sparse_tensors(graph: onnx.GraphProto) -> Iterator[onnx.SparseTensorProto]:
+    """Sparse tensors: sparse initializers and Constant(sparse_value), subgraphs included."""
+    for g in iter_graph_protos(graph):
+        yield from g.sparse_initializer
+        for node in g.node:
+            for attr in node.attribute:
+                if attr.HasField("sparse_tensor"):
+                    yield attr.sparse_tensor
+
+
+def parameter_count(model: onnx.ModelProto) -> int:
+    """Weights as a dense model holds them: dense tensors plus the full size of sparse ones."""
+    dense = sum(math.prod(t.dims) for g in iter_graph_protos(model.graph) for t in _dense_tensors(g))
+    return dense + sum(math.prod(s.dims) for s in iter_sparse_tensors(model.graph))
+
+
+def _dense_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
 
 
 def iter_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:

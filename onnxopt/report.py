@@ -108,10 +108,7 @@ def _op_key(node: onnx.NodeProto) -> str:
 
 
 def parameter_count(model: onnx.ModelProto) -> int:
-    total = 0
-    for tensor in io.iter_tensors(model.graph):
-        total += math.prod(tensor.dims)
-    return total
+    return io.parameter_count(model)
 
 
 # ----------------------------------------------------------------- formatting
