@@ -390,7 +390,10 @@ class _Folder:
     def load(self, tensor: gs.Tensor) -> np.ndarray:
         if id(tensor) in self.masters:
             return self.masters[id(tensor)][1]
-        return _const_value(tensor).astype(np.float64)
+        value = _const_value(tensor)
+        # float32 weights are scaled in float32 storage: each op is computed in float64 and
+        # rounded once, and a float64 copy of every weight would double the pass's memory and time
+        return value.astype(np.float32 if value.dtype == np.float32 else np.float64)
 
     def new_const(self, base: str, values64: np.ndarray, dtype: np.dtype) -> gs.Constant:
         const = gs.Constant(self.fresh(base if base.endswith("_folded") else f"{base}_folded"),
