@@ -8,6 +8,8 @@ once at the end.
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import importlib.util
 import logging
 import re
 import time
@@ -157,7 +159,7 @@ class Pass:
 
 _REGISTRY: dict[str, type[Pass]] = {}
 _PRESETS: dict[str, tuple[str, bool]] = {}
-_loaded = False
+_plugins_loaded = False
 
 
 def register_pass(cls: type[Pass]) -> type[Pass]:
@@ -176,13 +178,16 @@ def register_preset(name: str, pipeline: str, fixed_point: bool = True) -> None:
 
 
 def _load_passes() -> None:
-    """Import the built-in passes once, then third-party ones from the entry-point group."""
-    global _loaded
-    if _loaded:
-        return
-    _loaded = True
-    from . import _builtin_passes  # noqa: F401  (registers the shipped passes)
+    """Import the package of shipped passes (which registers the presets); passes load on demand."""
+    from . import _builtin_passes  # noqa: F401
 
+
+def _load_plugins() -> None:
+    """Register third-party passes from the ``onnxopt.passes`` entry-point group, once."""
+    global _plugins_loaded
+    if _plugins_loaded:
+        return
+    _plugins_loaded = True
     for entry in metadata.entry_points(group="onnxopt.passes"):
         try:
             loaded = entry.load()
@@ -193,9 +198,24 @@ def _load_passes() -> None:
             register_pass(loaded)
 
 
+def _load_builtin(name: str) -> None:
+    """Import ``onnxopt.passes.<name>``: a shipped pass lives in the module named after it."""
+    _load_passes()
+    if re.fullmatch(r"[a-z_][a-z0-9_]*", name) and importlib.util.find_spec(f"onnxopt.passes.{name}"):
+        importlib.import_module(f"onnxopt.passes.{name}")
+
+
+def _load_all() -> None:
+    _load_passes()
+    from onnxopt.passes import load_all
+
+    load_all()
+    _load_plugins()
+
+
 def registered_passes() -> dict[str, type[Pass]]:
     """Name -> pass class, built-ins and plugins."""
-    _load_passes()
+    _load_all()
     return dict(sorted(_REGISTRY.items()))
 
 
@@ -205,8 +225,13 @@ def presets() -> dict[str, tuple[str, bool]]:
 
 
 def get_pass(name: str) -> type[Pass]:
-    _load_passes()
+    """The pass registered as ``name``, importing only what it needs (its module, else plugins)."""
     if name not in _REGISTRY:
+        _load_builtin(name)
+    if name not in _REGISTRY:
+        _load_plugins()
+    if name not in _REGISTRY:
+        _load_all()
         known = ", ".join(sorted([*_REGISTRY, *_PRESETS]))
         raise InputError(f"unknown pass '{name}'; known passes: {known}")
     return _REGISTRY[name]
@@ -270,7 +295,7 @@ class Pipeline:
 
 
 def _make_step(name: str, values: dict[str, Any]) -> Step:
-    _load_passes()
+    _load_passes()  # registers the presets
     if name in _PRESETS and name not in _REGISTRY:
         if values:
             raise InputError(f"preset '{name}' takes no options")

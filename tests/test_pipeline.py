@@ -225,7 +225,19 @@ def test_entry_point_plugins_load(monkeypatch):
                     return PassResult(False, {})
             return Plugged
 
-    monkeypatch.setattr(pipeline, "_loaded", False)
+    monkeypatch.setattr(pipeline, "_plugins_loaded", False)
     monkeypatch.setattr(metadata, "entry_points", lambda group: [FakeEntry()] if group == "onnxopt.passes" else [])
     assert "plugged" in pipeline.registered_passes()
     assert Pipeline.parse("plugged").canonical() == "plugged"
+
+
+def test_shipped_pass_modules_are_named_after_their_pass():
+    """get_pass imports onnxopt.passes.<name> on demand, so the names must match."""
+    import pkgutil
+
+    import onnxopt.passes as shipped
+
+    modules = {m.name for m in pkgutil.iter_modules(shipped.__path__)}
+    registered = onnxopt.registered_passes()
+    assert modules <= set(registered)
+    assert {"dce", "fold", "fold_bn", "noop", "dedup", "qdq", "prune", "svd"} <= modules
