@@ -14,7 +14,6 @@ import logging
 import re
 import time
 from dataclasses import dataclass, field
-from importlib import metadata
 from typing import Any, Callable, ClassVar, Iterable, Optional, Union
 
 import onnx
@@ -188,6 +187,8 @@ def _load_plugins() -> None:
     if _plugins_loaded:
         return
     _plugins_loaded = True
+    from importlib import metadata  # reading installed distributions is slow; only when needed
+
     for entry in metadata.entry_points(group="onnxopt.passes"):
         try:
             loaded = entry.load()
