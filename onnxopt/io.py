@@ -15,7 +15,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator, Union
+from typing import Iterator, Optional, Union
 
 import onnx
 from google.protobuf.message import DecodeError
@@ -170,16 +170,41 @@ def check_model(model: onnx.ModelProto, label: str = "model") -> None:
         if opset.domain in ("", "ai.onnx") and opset.version > newest:
             raise InputError(f"{label}: uses opset {opset.version} of the default domain; the installed onnx knows up to {newest}")
     try:
-        if fits_in_proto(model):
-            onnx.checker.check_model(model)
+        # the checker reads the graph; weight bytes are checked here, without serialising them again
+        onnx.checker.check_model(skeleton(model))
     except onnx.checker.ValidationError as exc:
         first = str(exc).strip().splitlines()[0]
         raise InputError(f"{label}: fails the ONNX checker: {first}") from exc
+    for tensor in iter_tensors(model.graph):
+        problem = _data_size_problem(tensor)
+        if problem:
+            raise InputError(f"{label}: tensor '{tensor.name}' is corrupt: {problem}")
     try:
         onnx.shape_inference.infer_shapes(skeleton(model), strict_mode=True)
     except Exception as exc:  # inference raises several types; none is fatal
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         log.warning("%s: shape inference reports a problem (continuing): %s", label, first)
+
+
+def _data_size_problem(tensor: onnx.TensorProto) -> Optional[str]:
+    """Why a tensor's raw bytes do not fit its shape and type (whole-byte types), or None."""
+    if not tensor.raw_data or tensor.data_location == onnx.TensorProto.EXTERNAL:
+        return None
+    try:
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    except (KeyError, ValueError, TypeError):
+        return None
+    if tensor.data_type in _PACKED_TYPES or tensor.data_type == onnx.TensorProto.STRING:
+        return None
+    want = math.prod(tensor.dims) * itemsize
+    if len(tensor.raw_data) != want:
+        return f"{len(tensor.raw_data)} bytes of data for shape {list(tensor.dims)} ({want} expected)"
+    return None
+
+
+# Types packing several values per byte, where the byte count is not shape × itemsize.
+_PACKED_TYPES = {getattr(onnx.TensorProto, n) for n in ("INT4", "UINT4", "FLOAT4E2M1", "INT2", "UINT2")
+                 if hasattr(onnx.TensorProto, n)}
 
 
 def skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -205,6 +230,7 @@ def _copy_without_initializers(src: onnx.GraphProto, dst: onnx.GraphProto) -> No
                      for t in src.initializer if t.name not in listed)
     dst.output.extend(src.output)
     dst.value_info.extend(src.value_info)
+    dst.sparse_initializer.extend(src.sparse_initializer)
 
 
 def tensor_bytes(model: onnx.ModelProto) -> int:

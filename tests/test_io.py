@@ -127,3 +127,11 @@ def test_subgraph_tensors_are_counted():
                               [helper.make_tensor_value_info("out", onnx.TensorProto.FLOAT, [5])])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     assert io.tensor_bytes(model) == 2 * 5 * 4
+
+
+def test_weight_bytes_that_do_not_fit_the_shape_are_named():
+    model = mlp()
+    w = next(t for t in model.graph.initializer if t.name == "W1")
+    w.raw_data = w.raw_data[:-4]
+    with pytest.raises(InputError, match="tensor 'W1' is corrupt: 124 bytes of data for shape \\[4, 8\\] \\(128 expected\\)"):
+        onnxopt.load(model)
