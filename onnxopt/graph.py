@@ -20,7 +20,7 @@ from .io import iter_graph_protos
 __all__ = [
     "import_graph", "export_model", "iter_graphs", "subgraphs_of", "find_nodes",
     "rewire_input", "insert_after", "can_bypass", "bypass", "remove_node", "remove_nodes", "outer_reads", "positions",
-    "constants", "node_count", "param_count", "param_bytes", "producer",
+    "constants", "node_count", "Names", "param_count", "param_bytes", "producer",
 ]
 
 
@@ -308,13 +308,24 @@ def positions(items: Sequence, obj: object) -> list[int]:
     return [i for i, item in enumerate(items) if item is obj]
 
 
+class Names:
+    """Fresh names for new values and nodes: ``base``, ``base_1``, ... unused in any scope."""
+
+    def __init__(self, graph: gs.Graph) -> None:
+        self.taken = {t for g in iter_graphs(graph) for t in g.tensors()}
+        self.taken |= {n.name for n in find_nodes(graph) if n.name}
+
+    def fresh(self, base: str) -> str:
+        name, i = base, 0
+        while name in self.taken:
+            i += 1
+            name = f"{base}_{i}"
+        self.taken.add(name)
+        return name
+
+
 def _fresh_name(graph: gs.Graph, base: str) -> str:
-    taken = {t for g in iter_graphs(graph) for t in g.tensors()} | {n.name for n in find_nodes(graph)}
-    name, i = base, 0
-    while name in taken:
-        i += 1
-        name = f"{base}_{i}"
-    return name
+    return Names(graph).fresh(base)
 
 
 def can_bypass(graph: gs.Graph, node: gs.Node, src: gs.Tensor | None = None) -> bool:

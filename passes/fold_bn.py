@@ -116,8 +116,7 @@ class _Folder:
     def __init__(self, graph: gs.Graph, options: FoldBnOptions) -> None:
         self.options = options
         self.graph_outputs = {id(t) for g in G.iter_graphs(graph) for t in g.outputs}
-        self.taken = {name for g in G.iter_graphs(graph) for name in g.tensors()}
-        self.taken |= {n.name for n in G.find_nodes(graph) if n.name}
+        self.names = G.Names(graph)
         self.masters: dict[int, tuple[gs.Constant, np.ndarray]] = {}  # constants this pass made: float64 values
         self.folded: Counter = Counter({k: 0 for k in ("bn", "mul", "add", "sub", "div")})
         self.skips: Counter = Counter()
@@ -126,12 +125,7 @@ class _Folder:
         self.copied = 0
 
     def fresh(self, base: str) -> str:
-        name, i = base, 0
-        while name in self.taken:
-            i += 1
-            name = f"{base}_{i}"
-        self.taken.add(name)
-        return name
+        return self.names.fresh(base)
 
     # -------------------------------------------------------------- one sweep over a graph
 

@@ -202,18 +202,12 @@ class _Pruner:
     def __init__(self, graph: gs.Graph, ctx: PassContext, options: PruneOptions) -> None:
         self.graph, self.ctx, self.o = graph, ctx, options
         self.skips: Counter = Counter()
-        self.taken = {name for g in G.iter_graphs(graph) for name in g.tensors()}
-        self.taken |= {n.name for n in G.find_nodes(graph) if n.name}
+        self.names = G.Names(graph)
         self.data_driven = options.score == "wanda" or options.bias_correction or options.sparsity == "auto"
         self.reconstruct = (ctx.calibration is not None) if options.reconstruct == "auto" else bool(options.reconstruct)
 
     def fresh(self, base: str) -> str:
-        name, i = base, 0
-        while name in self.taken:
-            i += 1
-            name = f"{base}_{i}"
-        self.taken.add(name)
-        return name
+        return self.names.fresh(base)
 
     # -------------------------------------------------------------- entry
 

@@ -429,19 +429,14 @@ class _Writer:
         self.wmax = 64 if reduce_range else 127
         self.ranges = ranges
         self.stats = stats
-        self.taken = {t for g in G.iter_graphs(graph) for t in g.tensors()} | {n.name for n in G.find_nodes(graph)}
+        self.names = G.Names(graph)
         self.params: dict[int, tuple[gs.Constant, gs.Constant, float]] = {}  # id(tensor) -> (scale, zp, scale value)
         self.dq: dict[int, gs.Variable] = {}
         self.renamed: dict[str, str] = {}  # new name of a graph output's float tensor -> its original name
         self.weight_dq: dict[tuple[int, int], tuple[gs.Variable, np.ndarray]] = {}
 
     def fresh(self, base: str) -> str:
-        name, i = base, 0
-        while name in self.taken:
-            i += 1
-            name = f"{base}_{i}"
-        self.taken.add(name)
-        return name
+        return self.names.fresh(base)
 
     def act_params(self, tensor: gs.Tensor, plan: _Plan) -> tuple[gs.Constant, gs.Constant, float]:
         root = plan.share_of.get(id(tensor))

@@ -151,7 +151,7 @@ class LowRankSvd(Pass):
             shapes = _inferred_shapes(graph, ctx, chosen)
             for l in chosen:
                 _time_layer(l, ctx, shapes)
-        names = _Names(graph)
+        names = G.Names(graph)
         factored = []
         for l in chosen:
             if opts.latency_gate and not l.faster(opts.latency_margin):
@@ -588,21 +588,7 @@ def _time_pair(l: _Layer, ctx: PassContext, rows: int, xdtype: np.dtype, ort: An
 
 # ----------------------------------------------------------------- rewrite
 
-class _Names:
-    def __init__(self, graph: gs.Graph) -> None:
-        self.taken = {name for g in G.iter_graphs(graph) for name in g.tensors()}
-        self.taken |= {n.name for n in G.find_nodes(graph) if n.name}
-
-    def fresh(self, base: str) -> str:
-        name, i = base, 0
-        while name in self.taken:
-            i += 1
-            name = f"{base}_{i}"
-        self.taken.add(name)
-        return name
-
-
-def _rewrite(l: _Layer, names: _Names, opset: int) -> None:
+def _rewrite(l: _Layer, names: G.Names, opset: int) -> None:
     r = l.rank
     root = np.sqrt(l.sigma[:r])
     a = l.p[:, :r] * root[None, :] * l.alpha
