@@ -69,6 +69,8 @@ import traceback
 from collections import Counter
 from pathlib import Path
 
+from benchmarks_md import write_section  # tools/ is on the path when a script runs
+
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL_DIR = Path.home() / ".cache" / "onnxopt" / "models"
 EXPORTED = ["resnet18", "mobilenetv2", "bert", "gpt2"]
@@ -679,22 +681,6 @@ def render(results: list[dict], tools: list[str], meta: dict, notes: list[str]) 
     return "\n".join(out).rstrip() + "\n"
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replace the `## Graph cleanup` section of path (up to the next `## `), or append it."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    lines = text.splitlines(keepends=True)
-    start = next((i for i, l in enumerate(lines) if l.rstrip() == SECTION), None)
-    if start is None:
-        new = text.rstrip("\n") + "\n\n" + section
-    else:
-        end = next((j for j in range(start + 1, len(lines)) if re.match(r"##\s", lines[j])), len(lines))
-        tail = "".join(lines[end:])
-        new = "".join(lines[:start]) + section + ("\n" + tail if tail else "")
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(new)
-    os.replace(tmp, path)
-
-
 # =========================================================================== main
 
 def main(argv: list[str] | None = None) -> int:
@@ -771,7 +757,7 @@ def main(argv: list[str] | None = None) -> int:
     section = render(results, tools, meta, notes)
     print(section)
     if args.out:
-        write_section(args.out, section)
+        write_section(args.out, SECTION, section)
         log(f"wrote the '{SECTION}' section of {args.out}")
     if args.json:
         _, diffs = op_diff(results)

@@ -45,6 +45,8 @@ sys.path.insert(0, str(ROOT))
 
 import onnxopt  # noqa: E402
 
+from benchmarks_md import write_section  # tools/ is on the path when a script runs
+
 SECTION = "## Pruning (prune)"
 CACHE = Path.home() / ".cache" / "onnxopt" / "models"
 SPARSITIES = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
@@ -484,28 +486,12 @@ def versions() -> dict:
     return out
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replace this script's section of path (up to the next `## `), or append it; atomically."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    lines = text.splitlines(keepends=True)
-    start = next((i for i, l in enumerate(lines) if l.rstrip() == SECTION), None)
-    if start is None:
-        new = text.rstrip("\n") + "\n\n" + section
-    else:
-        end = next((j for j in range(start + 1, len(lines)) if re.match(r"##\s", lines[j])), len(lines))
-        tail = "".join(lines[end:])
-        new = "".join(lines[:start]) + section + ("\n" + tail if tail else "")
-    tmp = path.with_name(path.name + ".prune.tmp")
-    tmp.write_text(new)
-    os.replace(tmp, path)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, help="BENCHMARKS.md to update (this script's section only)")
     parser.add_argument("--json", type=Path, help="raw results")
     parser.add_argument("--only", default="digits_mlp,digits_cnn,bert,structured")
-    parser.add_argument("--quick", action="store_true", help="fewer sparsities (0, 50, 80, 90%)")
+    parser.add_argument("--quick", action="store_true", help="fewer sparsities (0, 50, 80, 90%%)")
     parser.add_argument("--runs", type=int, default=20, help="latency runs")
     args = parser.parse_args(argv)
     start = time.perf_counter()
@@ -533,7 +519,7 @@ def main(argv: list[str] | None = None) -> int:
     section = render(results, ["/work/venv-bench/bin/python", "tools/bench_prune.py", *(argv or sys.argv[1:])],
                      seconds)
     if args.out:
-        write_section(args.out, section)
+        write_section(args.out, SECTION, section)
     else:
         print(section)
     return 0

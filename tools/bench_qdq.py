@@ -52,6 +52,8 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks_md import write_section  # tools/ is on the path when a script runs
+
 ROOT = Path(__file__).resolve().parent.parent
 MODEL_DIR = Path(os.path.expanduser("~/.cache/onnxopt/models"))
 SECTION = "## Quantization (qdq)"
@@ -346,22 +348,6 @@ def flat_notes(flat: list[dict], work_sizes: dict) -> list[str]:
             f"{(b['rss_mib'] - extra) / a['rss_mib'] - 1:+.0%}"]
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replace this script's section of path (up to the next `## `), or append it; atomic."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    lines = text.splitlines(keepends=True)
-    start = next((i for i, l in enumerate(lines) if l.rstrip() == SECTION), None)
-    if start is None:
-        new = text.rstrip("\n") + "\n\n" + section
-    else:
-        end = next((j for j in range(start + 1, len(lines)) if re.match(r"##\s", lines[j])), len(lines))
-        tail = "".join(lines[end:])
-        new = "".join(lines[:start]) + section + ("\n" + tail if tail else "")
-    tmp = path.with_name(path.name + ".qdq.tmp")
-    tmp.write_text(new)
-    os.replace(tmp, path)
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--child"]:
@@ -440,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
     text = render(results, meta)
     print(text)
     if args.out:
-        write_section(args.out, text)
+        write_section(args.out, SECTION, text)
     if args.json:
         args.json.write_text(json.dumps(results, indent=1, default=float))
     return 0

@@ -54,6 +54,8 @@ sys.path.insert(0, str(REPO))
 import onnxopt  # noqa: E402
 from onnxopt.calibrate import with_outputs  # noqa: E402
 
+from benchmarks_md import write_section  # tools/ is on the path when a script runs
+
 SECTION = "## Low-rank factorization (svd)"
 MODEL_DIR = Path(os.path.expanduser("~/.cache/onnxopt/models"))
 
@@ -289,22 +291,6 @@ def render(results: list[dict], synth: dict | None, meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replace this script's section of path (up to the next `## `), or append it; atomic."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    lines = text.splitlines(keepends=True)
-    start = next((i for i, l in enumerate(lines) if l.rstrip() == SECTION), None)
-    if start is None:
-        new = text.rstrip("\n") + "\n\n" + section
-    else:
-        end = next((j for j in range(start + 1, len(lines)) if re.match(r"##\s", lines[j])), len(lines))
-        tail = "".join(lines[end:])
-        new = "".join(lines[:start]) + section + ("\n" + tail if tail else "")
-    tmp = path.with_name(path.name + ".svd.tmp")
-    tmp.write_text(new)
-    os.replace(tmp, path)
-
-
 def machine() -> str:
     cpu = platform.machine()
     try:
@@ -347,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.json).write_text(json.dumps({"results": results, "synthetic": synth, "meta": meta}, indent=1,
                                               default=str))
     if args.out:
-        write_section(Path(args.out), text)
+        write_section(Path(args.out), SECTION, text)
     else:
         print(text)
     return 0
