@@ -29,3 +29,5 @@ __all__ = [
     "OptimizeResult", "Comparison", "Dataset", "load_dataset", "synthetic_dataset",
     "OnnxoptError", "InputError", "PassError", "ValidationFailed", "VerifyFailed",
 ]
+
+from . import _builtin_passes  # noqa: E402,F401  (makes onnxopt.passes importable from a source checkout too)

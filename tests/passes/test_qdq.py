@@ -110,7 +110,7 @@ def test_conv_relu_conv_layout_scales_and_bias(tmp_path):
     out = result.model
     assert stats == {**qdq_stats(quantized_nodes=2, qdq_pairs=3, weights_quantized=2, biases_quantized=1,
                                  activations_calibrated=3, relu_clip_folded=1, quantized_Conv=2,
-                                 calibration_batches=4, calibration_synthetic=0),
+                                 calibration_batches=8, calibration_synthetic=0),
                      "guard_min_cosine_ppm": stats["guard_min_cosine_ppm"],
                      "reduce_range": stats["reduce_range"], **({"cpu_int8_vnni": stats["cpu_int8_vnni"]}
                                                                   if "cpu_int8_vnni" in stats else {}),
@@ -375,7 +375,7 @@ def test_subgraphs_and_quantized_models_are_left_alone():
 def test_methods_on_the_digits_mlp(method):
     result, stats = quantize(str(MODELS / "digits_mlp.onnx"), f"qdq(method={method},samples=128)",
                              str(MODELS / "digits_calib.npz"))
-    assert stats["quantized_Gemm"] == 3 and stats["calibration_batches"] == 16  # batches of 8 at most
+    assert stats["quantized_Gemm"] == 3 and stats["calibration_batches"] == 128  # one sample at a time
     assert result.validation.outputs[0].cosine > 0.999
 
 
@@ -442,9 +442,9 @@ def test_option_errors():
         onnxopt.optimize(str(MODELS / "digits_mlp.onnx"), "qdq(method=kl)")
 
 
-def test_batches_are_cut_to_8_only_when_the_batch_axis_is_symbolic():
+def test_batches_are_cut_to_single_samples_only_when_the_batch_axis_is_symbolic():
     rng = np.random.default_rng(10)
-    for batch_dim, want in (("N", 4), (16, 2)):
+    for batch_dim, want in (("N", 32), (16, 2)):
         model = make_model([node("MatMul", ["x", "w"], ["y"], name="mm")], [vi("x", [batch_dim, 4])],
                            [vi("y", [batch_dim, 3])], [init("w", rng.standard_normal((4, 3)))])
         data = [{"x": rng.standard_normal((16, 4)).astype(np.float32)} for _ in range(2)]
@@ -457,4 +457,4 @@ def test_iterable_calibration_through_the_api():
     result = onnxopt.optimize(str(MODELS / "digits_mlp.onnx"), "qdq", calibration=gen,
                               inputs=str(MODELS / "digits_test.npz"))
     assert result.passed
-    assert next(r for r in result.records if r.name == "qdq").stats["calibration_batches"] == 6
+    assert next(r for r in result.records if r.name == "qdq").stats["calibration_batches"] == 48
