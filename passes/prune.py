@@ -34,7 +34,7 @@ _BINARY = ("Add", "Mul", "Sub", "Div")
 class PruneOptions:
     sparsity: Union[float, Literal["auto"]] = 0.5  # fraction of weights (structured: output channels) set to zero; auto: per-layer ratios from sensitivity
     pattern: Literal["unstructured", "2:4", "4:8", "structured"] = "unstructured"  # n:m keeps n of every m along the reduction axis
-    scope: Literal["layer", "global"] = "layer"  # one ratio per layer, or one threshold over layer-normalised (LAMP) scores
+    scope: Literal["layer", "row", "global"] = "layer"  # one ratio per layer, the same ratio in every output row, or one threshold over layer-normalised (LAMP) scores
     score: Literal["magnitude", "wanda"] = "magnitude"  # wanda: |W| times the input column norm on calibration data
     norm: Literal["l1", "l2"] = "l2"  # channel norm for structured pruning
     reconstruct: Union[bool, Literal["auto"]] = "auto"  # least-squares update of surviving weights; auto: when calibration data is given
@@ -60,8 +60,8 @@ class PruneOptions:
             raise ValueError("tolerance applies to sparsity=auto only")
         if self.tolerance is not None and self.tolerance <= 0:
             raise ValueError(f"tolerance must be positive, got {self.tolerance}")
-        if self.pattern in ("2:4", "4:8") and self.scope == "global":
-            raise ValueError(f"pattern={self.pattern} fixes the sparsity of every group; scope=global does not apply")
+        if self.pattern in ("2:4", "4:8") and self.scope != "layer":
+            raise ValueError(f"pattern={self.pattern} fixes the sparsity of every group; scope={self.scope} does not apply")
         bad = [op for op in self.ops if op not in _TARGETS]
         if bad:
             raise ValueError(f"ops: cannot prune {', '.join(bad)}; supported: {', '.join(_TARGETS)}")
@@ -469,6 +469,10 @@ class _Pruner:
             for u in units:
                 masks[id(u)] = ~pruned[start:start + u.size].reshape(scores[id(u)].shape)
                 start += u.size
+        elif self.o.scope == "row":
+            for u in units:
+                per_row = int(round(float(self.o.sparsity) * scores[id(u)].shape[1]))
+                masks[id(u)] = _keep_lowest_per_row(scores[id(u)], per_row)
         else:
             for u in units:
                 masks[id(u)] = _keep_lowest_out(scores[id(u)], int(round(float(self.o.sparsity) * u.size)))
@@ -983,6 +987,14 @@ class _Pruner:
 
 
 # ----------------------------------------------------------------- helpers
+
+def _keep_lowest_per_row(scores: np.ndarray, drop: int) -> np.ndarray:
+    """Mask keeping all but the ``drop`` lowest scores of every output row (ties by position)."""
+    keep = np.ones(scores.shape, bool)
+    if drop > 0:
+        np.put_along_axis(keep, np.argsort(scores, axis=1, kind="stable")[:, :drop], False, axis=1)
+    return keep
+
 
 def _keep_lowest_out(scores: np.ndarray, drop: int) -> np.ndarray:
     """Mask keeping all but the ``drop`` lowest scores (ties broken by position)."""

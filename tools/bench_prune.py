@@ -85,8 +85,10 @@ def methods(calib_batches, kind: str):
     base = "prune(sparsity={s},keep_first_last=false"
     rows = [
         ("magnitude, layer", "onnxopt", oo(base + ",reconstruct=false)")),
+        ("magnitude, row", "onnxopt", oo(base + ",scope=row,reconstruct=false)")),
         ("magnitude, global", "onnxopt", oo(base + ",scope=global,reconstruct=false)")),
         ("wanda", "onnxopt", oo(base + ",score=wanda,reconstruct=false)", True)),
+        ("wanda, row", "onnxopt", oo(base + ",score=wanda,scope=row,reconstruct=false)", True)),
         ("magnitude + reconstruction", "onnxopt", oo(base + ",reconstruct=true)", True)),
         ("wanda + reconstruction", "onnxopt", oo(base + ",score=wanda,reconstruct=true)", True)),
         ("global + reconstruction", "onnxopt", oo(base + ",scope=global,reconstruct=true)", True)),
@@ -95,7 +97,8 @@ def methods(calib_batches, kind: str):
          oo("prune(sparsity={s},scope=global)", True)),
     ]
     sims = [
-        ("magnitude, layer", "onnxsim", lambda m, s: onnxsim_fn("apply_magnitude_pruning")(m, sparsity=s)),
+        # onnxsim's per-layer mode zeros the same share of every output row: compare with "magnitude, row"
+        ("magnitude, row", "onnxsim", lambda m, s: onnxsim_fn("apply_magnitude_pruning")(m, sparsity=s)),
         ("magnitude, global", "onnxsim",
          lambda m, s: onnxsim_fn("apply_magnitude_pruning")(m, sparsity=s, global_sparsity=True)),
         ("wanda", "onnxsim", lambda m, s: onnxsim_fn("apply_wanda_pruning")(m, calibration_data=cal, num_samples=n,

@@ -508,3 +508,20 @@ def test_structured_skips_a_merge_with_an_outside_value():
                        [vi("x", ["batch", 8])], [vi("y", ["batch", 8])], inits)
     out, st = run_pass_direct(model, "prune", pattern="structured", keep_first_last=False, exclude=["fc2"])
     assert st.modified is False and st.stats["skipped_structured_residual"] == 1
+
+
+def test_row_scope_prunes_the_same_share_of_every_output():
+    """scope=row: each output row (MatMul column, Gemm transB row, Conv filter) loses round(s*K) weights."""
+    model = mlp()
+    out, st, _ = prune(model, "prune(sparsity=0.5,scope=row,keep_first_last=false,reconstruct=false)")
+    w1, w2, w3 = (weight_of(out, n) for n in ("fc1", "fc2", "fc3"))
+    assert all(count_zeros(w1[:, j]) == 8 for j in range(w1.shape[1]))  # MatMul W[K, N]: outputs are columns
+    assert all(count_zeros(w2[i]) == 16 for i in range(w2.shape[0]))  # Gemm transB=1: outputs are rows
+    assert all(count_zeros(w3[:, j]) == 4 for j in range(w3.shape[1]))
+    dense = weights(model)["W1"]
+    for j in range(w1.shape[1]):  # the smallest of each output were removed
+        kept = w1[:, j] != 0
+        assert np.abs(dense[~kept, j]).max() <= np.abs(dense[kept, j]).min()
+    assert st["weights_zeroed"] == 16 * 32 // 2 + 8 * 32 // 2 + 8 * 8 // 2
+    with pytest.raises(onnxopt.InputError, match="scope=row does not apply"):
+        onnxopt.optimize(model, "prune(pattern=2:4,scope=row)")
