@@ -56,7 +56,6 @@ import datetime as _dt
 import fnmatch
 import json
 import os
-import platform
 import re
 import shlex
 import statistics
@@ -69,7 +68,8 @@ import traceback
 from collections import Counter
 from pathlib import Path
 
-from benchmarks_md import write_section  # tools/ is on the path when a script runs
+from benchmarks_md import machine, write_section  # tools/ is on the path when a script runs
+from onnxopt.io import iter_graph_protos
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL_DIR = Path.home() / ".cache" / "onnxopt" / "models"
@@ -210,16 +210,6 @@ def run_child(python: str, tool: str, model: Path, out: Path, pipeline: str, tim
     return data
 
 
-def iter_graphs(graph):
-    yield graph
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.HasField("g"):
-                yield from iter_graphs(attr.g)
-            for sub in attr.graphs:
-                yield from iter_graphs(sub)
-
-
 def _tensor_bytes(t) -> int:
     import numpy as np
     import onnx
@@ -241,7 +231,7 @@ def model_stats(path: Path) -> dict:
     model = onnx.load(str(path))
     ops: Counter = Counter()
     inits = tbytes = 0
-    for g in iter_graphs(model.graph):
+    for g in iter_graph_protos(model.graph):
         inits += len(g.initializer) + len(g.sparse_initializer)
         tbytes += sum(_tensor_bytes(t) for t in g.initializer)
         tbytes += sum(_tensor_bytes(s.values) + _tensor_bytes(s.indices) for s in g.sparse_initializer)
@@ -340,26 +330,6 @@ def discover(model_dir: Path, patterns: list[str]) -> tuple[list[dict], list[str
 
 
 # =========================================================================== environment
-
-def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem = ""
-    try:
-        kib = int(re.search(r"MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text()).group(1))
-        mem = f"{kib / 2**20:.0f} GiB"
-    except (OSError, AttributeError):
-        pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return {"cpu": cpu, "cores": cores, "memory": mem, "os": f"{platform.system()} {platform.release()}",
-            "python": platform.python_version()}
-
 
 def tool_versions(python: str) -> dict:
     code = ("import json, importlib.metadata as m\n"

@@ -29,9 +29,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
-import platform
-import re
 import sys
 import time
 from pathlib import Path
@@ -45,7 +42,8 @@ sys.path.insert(0, str(ROOT))
 
 import onnxopt  # noqa: E402
 
-from benchmarks_md import write_section  # tools/ is on the path when a script runs
+from benchmarks_md import machine, write_section  # tools/ is on the path when a script runs
+from onnxopt.validate import latency_ms
 
 SECTION = "## Pruning (prune)"
 CACHE = Path.home() / ".cache" / "onnxopt" / "models"
@@ -222,15 +220,7 @@ def flops_params(model: onnx.ModelProto, feed: dict) -> tuple[int, int]:
 
 
 def latency(model, feed, runs: int) -> float:
-    sess = session(model, threads=1)
-    for _ in range(3):
-        sess.run(None, feed)
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        sess.run(None, feed)
-        times.append(time.perf_counter() - t)
-    return float(np.median(times) * 1000)
+    return latency_ms(session(model, threads=1), feed, runs)
 
 
 # ----------------------------------------------------------------- benchmarks
@@ -462,20 +452,6 @@ def render(results: dict, argv: list[str], seconds: float) -> str:
     for note in results.get("notes", []):
         lines.append(f"- {note}")
     return "\n".join(lines).rstrip() + "\n"
-
-
-def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return {"cpu": cpu, "cores": cores, "os": f"{platform.system()} {platform.release()}",
-            "python": platform.python_version()}
 
 
 def versions() -> dict:

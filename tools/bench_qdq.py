@@ -43,7 +43,6 @@ import datetime as _dt
 import json
 import os
 import platform
-import re
 import subprocess
 import sys
 import tempfile
@@ -53,6 +52,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks_md import write_section  # tools/ is on the path when a script runs
+from onnxopt.validate import latency_ms
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL_DIR = Path(os.path.expanduser("~/.cache/onnxopt/models"))
@@ -216,16 +216,8 @@ def int8_share(path) -> float:
     return q / total if total else 0.0
 
 
-def latency_ms(path, feed, runs: int = 30) -> float:
-    sess = _session(path, threads=1)
-    for _ in range(5):
-        sess.run(None, feed)
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        sess.run(None, feed)
-        times.append(time.perf_counter() - t)
-    return float(np.median(times) * 1000)
+def latency(path, feed, runs: int = 30) -> float:
+    return latency_ms(_session(path, threads=1), feed, runs, warmup=5)
 
 
 def metrics(ref: list[np.ndarray], got: list[np.ndarray], labels) -> dict:
@@ -377,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.models.split(","):
         prep = prepare(name, work, args.samples)
         ref = outputs(prep["path"], prep["evals"])
-        lat_float = latency_ms(prep["path"], prep["lat"])
+        lat_float = latency(prep["path"], prep["lat"])
         size_float = prep["path"].stat().st_size
         floor = run_child(args.python, "none", "-", prep["path"], prep["calib"], work / "none.onnx", args.samples,
                           args.timeout)
@@ -394,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
                         res.update(metrics(ref, outputs(out, prep["evals"]), prep["labels"]))
                         res["size"] = out.stat().st_size
                         res["int8_share"] = int8_share(out)
-                        res["lat"] = latency_ms(out, prep["lat"])
+                        res["lat"] = latency(out, prep["lat"])
                         res["lat_float"] = lat_float
                     except Exception as exc:
                         res["error"] = f"ORT cannot run the result: {str(exc).strip().splitlines()[0][:150]}"
