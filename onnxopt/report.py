@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import functools
 import json
 import math
 import os
@@ -50,8 +51,14 @@ class OptimizeResult:
         self.output = str(written)
         return written
 
+    @functools.cached_property
+    def totals(self) -> tuple[dict[str, int], dict[str, int]]:
+        """Nodes, parameters and bytes of the original and the result; computed once
+        (walking a large model is not free, and the summary and the report both need them)."""
+        return _totals(self.original), _totals(self.model)
+
     def to_dict(self) -> dict[str, Any]:
-        before, after = _totals(self.original), _totals(self.model)
+        before, after = self.totals
         return {
             "schema": SCHEMA,
             "source": self.source,
