@@ -9,13 +9,14 @@ scope at once.
 from __future__ import annotations
 
 import fnmatch
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.ir.tensor import LazyValues, SparseValues
 
-from .io import iter_graph_protos
+from .io import iter_graph_protos, iter_tensors
 
 __all__ = [
     "import_graph", "export_model", "iter_graphs", "subgraphs_of", "find_nodes",
@@ -54,7 +55,7 @@ def export_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
         graph.toposort()
     hidden = _hide_unexportable_types(graph)
     try:
-        model = gs.export_onnx(graph, do_type_check=False)
+        model, stubs = export_onnx(graph)
     finally:
         for tensor, dtype in hidden:
             tensor.dtype = dtype
@@ -69,7 +70,85 @@ def export_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
     model.metadata_props.extend(template.metadata_props)
     model.training_info.extend(template.training_info)
     _keep_opsets(model, template, getattr(graph, "opset", 0) or 0)
+    fill_stubs(model, stubs)
     return model
+
+
+# Tensors at least this big are exported through a stub (see export_onnx).
+_STUB_BYTES = 1024
+_STUB_MARK = "\x00onnxopt-stub:"
+
+
+class _Stub(LazyValues):
+    """Stands in for a constant's data while gs exports the graph: dims and type, no data."""
+
+    def __init__(self, index: int, name: str, data_type: int, shape: tuple, dtype, nbytes: int) -> None:
+        self.tensor = onnx.TensorProto(name=name, data_type=data_type, dims=shape,
+                                       doc_string=f"{_STUB_MARK}{index}")
+        self.shape, self.dtype, self.nbytes = shape, dtype, nbytes
+
+
+def export_onnx(graph: gs.Graph) -> tuple[onnx.ModelProto, list]:
+    """gs.export_onnx, with the data of large constants left out: returns the model and
+    the stubs to give to :func:`fill_stubs`.
+
+    gs copies every tensor two to four times on export (array to bytes, bytes to
+    proto, proto into the graph, graph into the model). Exporting dims-only stubs
+    and copying each tensor once into its final place afterwards makes export
+    several times cheaper on large models; shape inference needs no filling at all.
+    """
+    stubs: list[tuple[gs.Constant, object]] = []
+    for tensor in _big_constants(graph):
+        original = tensor._values
+        if isinstance(original, np.ndarray):
+            if original.dtype.kind not in "biuf" or tensor.export_dtype != tensor.dtype:
+                continue  # strings and dtype conversions take gs's own path
+            data_type = onnx.helper.np_dtype_to_tensor_dtype(original.dtype)
+        else:
+            data_type = original.tensor.data_type
+        tensor._values = _Stub(len(stubs), tensor.name, data_type, tuple(original.shape),
+                               original.dtype, original.nbytes)
+        stubs.append((tensor, original))
+    try:
+        model = gs.export_onnx(graph, do_type_check=False)
+    finally:
+        for tensor, original in stubs:
+            tensor._values = original
+    return model, stubs
+
+
+def _big_constants(graph: gs.Graph) -> Iterator[gs.Constant]:
+    """Initializers and Constant-node values of at least _STUB_BYTES, each once (not in functions)."""
+    seen: set[int] = set()
+    for g in iter_graphs(graph, functions=False):
+        found = [t for t in g.tensors().values() if isinstance(t, gs.Constant)]
+        found += [n.attrs["value"] for n in g.nodes
+                  if n.op == "Constant" and isinstance(n.attrs.get("value"), gs.Constant)]
+        for tensor in found:
+            values = tensor._values
+            if (id(tensor) not in seen and not isinstance(values, SparseValues)
+                    and values.nbytes >= _STUB_BYTES):
+                seen.add(id(tensor))
+                yield tensor
+
+
+def fill_stubs(model: onnx.ModelProto, stubs: list, keep: Callable[[onnx.TensorProto], bool] | None = None) -> None:
+    """Put the data of the tensors :func:`export_onnx` stubbed into the model, one copy each.
+
+    With ``keep``, stubs for which it returns False stay dims-only."""
+    if not stubs:
+        return
+    for proto in iter_tensors(model.graph):
+        if not proto.doc_string.startswith(_STUB_MARK) or (keep is not None and not keep(proto)):
+            continue
+        original = stubs[int(proto.doc_string[len(_STUB_MARK):])][1]
+        if isinstance(original, np.ndarray):
+            proto.doc_string = ""
+            proto.raw_data = np.ascontiguousarray(original).tobytes()
+        else:
+            name = proto.name
+            proto.CopyFrom(original.tensor)
+            proto.name = name
 
 
 # Value kinds onnx-graphsurgeon writes back as it read them; it cannot export

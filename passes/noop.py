@@ -283,9 +283,11 @@ def _infer(graph: gs.Graph, overridable: frozenset = frozenset()) -> dict[str, t
     if not all(G.is_sorted(g) for g in G.iter_graphs(graph)):
         return {}
     try:
-        model = gs.export_onnx(graph, do_type_check=False)
+        model, stubs = G.export_onnx(graph)
     except Exception:  # noqa: BLE001 - no inference, fall back to declared shapes
         return {}
+    # Only the small constants' values matter to shape inference; large ones stay dims-only.
+    G.fill_stubs(model, stubs, keep=lambda t: math.prod(t.dims) <= _SMALL_INIT and t.name not in overridable)
     top = model.graph
     small = []
     for init in top.initializer:
