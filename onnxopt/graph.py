@@ -316,8 +316,8 @@ def subgraphs_of(node: gs.Node) -> list[gs.Graph]:
     for value in node.attrs.values():
         if isinstance(value, gs.Graph):
             found.append(value)
-        elif isinstance(value, (list, tuple)):
-            found.extend(v for v in value if isinstance(v, gs.Graph))
+        elif isinstance(value, (list, tuple)) and value and isinstance(value[0], gs.Graph):
+            found.extend(value)  # a GRAPHS attribute holds graphs only
     return found
 
 
@@ -515,6 +515,21 @@ def _sparse_values(graph: gs.Graph) -> Iterator[onnx.SparseTensorProto]:
             value = node.attrs.get("sparse_value") if node.op == "Constant" else None
             if isinstance(value, onnx.SparseTensorProto):
                 yield value
+
+
+def sizes(graph: gs.Graph) -> tuple[int, int, int]:
+    """(node_count, param_count, param_bytes) in one walk of the graph."""
+    nodes = params = nbytes = 0
+    for g in iter_graphs(graph):
+        nodes += len(g.nodes)
+    for tensor in constants(graph):
+        values = tensor._values
+        params += int(np.prod(values.shape, dtype=np.int64))
+        nbytes += int(values.nbytes)
+    for s in _sparse_values(graph):
+        params += int(np.prod(s.dims, dtype=np.int64))
+        nbytes += s.ByteSize()
+    return nodes, params, nbytes
 
 
 def param_count(graph: gs.Graph) -> int:

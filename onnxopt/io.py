@@ -188,7 +188,8 @@ def check_model(model: onnx.ModelProto, label: str = "model") -> None:
 
 def _data_size_problem(tensor: onnx.TensorProto) -> Optional[str]:
     """Why a tensor's raw bytes do not fit its shape and type (whole-byte types), or None."""
-    if not tensor.raw_data or tensor.data_location == onnx.TensorProto.EXTERNAL:
+    # HasField, and len() once: every read of raw_data copies the bytes out of the proto
+    if not tensor.HasField("raw_data") or tensor.data_location == onnx.TensorProto.EXTERNAL:
         return None
     try:
         itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
@@ -197,8 +198,9 @@ def _data_size_problem(tensor: onnx.TensorProto) -> Optional[str]:
     if tensor.data_type in _PACKED_TYPES or tensor.data_type == onnx.TensorProto.STRING:
         return None
     want = math.prod(tensor.dims) * itemsize
-    if len(tensor.raw_data) != want:
-        return f"{len(tensor.raw_data)} bytes of data for shape {list(tensor.dims)} ({want} expected)"
+    have = len(tensor.raw_data)
+    if have != want:
+        return f"{have} bytes of data for shape {list(tensor.dims)} ({want} expected)"
     return None
 
 

@@ -435,6 +435,9 @@ class PassRecord:
     verify: Optional[dict] = None
     notes: list[str] = field(default_factory=list)
 
+    def after_sizes(self) -> tuple[int, int, int]:
+        return self.nodes_after, self.params_after, self.bytes_after
+
 
 Verifier = Callable[[onnx.ModelProto, list[Pass]], Any]
 
@@ -493,7 +496,8 @@ class PassManager:
         return changed_any
 
     def _run_pass(self, p: Pass, auto: bool = False) -> bool:
-        before = _measure(self.graph)
+        # Only passes change the graph: what the last one left is what this one starts from.
+        before = self.records[-1].after_sizes() if self.records else _measure(self.graph)
         start = time.perf_counter()
         try:
             result = p.run(self.graph, self.ctx)
@@ -558,7 +562,7 @@ def _default_opset(model: onnx.ModelProto) -> int:
 
 
 def _measure(graph: gs.Graph) -> tuple[int, int, int]:
-    return G.node_count(graph), G.param_count(graph), G.param_bytes(graph)
+    return G.sizes(graph)
 
 
 def _pairs(before: tuple, after: tuple) -> list[int]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from collections import Counter
 import hashlib
 import heapq
 import struct
@@ -95,6 +96,7 @@ class Dedup(Pass):
         self.allowed = _DEFAULT_DOMAINS | {_domain(d) for d in self.options.domains}
         self.functions = _function_kinds(graph, self.allowed)
         self.digests: dict[int, tuple] = {}
+        self.lonely = _lonely_shapes(graph)
         # Where each value is a graph output, every scope: id(tensor) -> [(graph, index)].
         self.out_slots: dict[int, list[tuple[gs.Graph, int]]] = {}
         for g in G.iter_graphs(graph):
@@ -129,6 +131,8 @@ class Dedup(Pass):
                 if not isinstance(tensor, gs.Constant) or id(tensor) in seen:
                     continue
                 seen.add(id(tensor))
+                if tuple(tensor._values.shape) in self.lonely:
+                    continue  # no other constant has its shape: nothing to merge with, nothing to hash
                 entry = _ConstEntry.of_tensor(tensor, self.digests)
                 if entry is None:
                     continue
@@ -149,6 +153,9 @@ class Dedup(Pass):
 
     def _constant_node(self, node: gs.Node, scope: "_Scope", doomed: list[gs.Node]) -> None:
         if len(node.outputs) != 1 or not node.outputs[0].name or node.inputs:
+            return
+        value = node.attrs.get("value")
+        if isinstance(value, gs.Constant) and tuple(value._values.shape) in self.lonely:
             return
         entry = _ConstEntry.of_node(node, self.digests)
         if entry is None:
@@ -336,6 +343,32 @@ class _ConstEntry:
         a = self.cached if self.cached is not None else self.load()
         b = other.cached if other.cached is not None else other.load()
         return a is not None and b is not None and _equal_raw(_raw(a), _raw(b))
+
+
+def _lonely_shapes(graph: gs.Graph) -> set[tuple]:
+    """Shapes that exactly one constant in the model has (initializers and Constant values, all
+    scopes and functions): such a constant cannot equal another, so its bytes need no hash."""
+    counts: Counter = Counter()
+    seen: set[int] = set()
+    for g in G.iter_graphs(graph):
+        for node in g.nodes:
+            tensors = [t for t in node.inputs if isinstance(t, gs.Constant)]
+            if node.op == "Constant":
+                for attr, value in node.attrs.items():
+                    if isinstance(value, gs.Constant):
+                        tensors.append(value)
+                    else:
+                        array = _scalar_attr_value(attr, value)
+                        counts[tuple(array.shape) if array is not None else None] += 2
+            for t in tensors:
+                if id(t) not in seen:
+                    seen.add(id(t))
+                    counts[tuple(t._values.shape)] += 1
+        for t in g.outputs:
+            if isinstance(t, gs.Constant) and id(t) not in seen:
+                seen.add(id(t))
+                counts[tuple(t._values.shape)] += 1
+    return {shape for shape, n in counts.items() if n == 1}
 
 
 def _scalar_attr_value(attr: str, value: Any) -> Optional[np.ndarray]:
