@@ -310,8 +310,13 @@ def _keep_opsets(model: onnx.ModelProto, template: onnx.ModelProto, graph_opset:
         model.opset_import.append(onnx.helper.make_opsetid(domain, version))
 
 
+_GRAPH_OPS = frozenset({"If", "Loop", "Scan", "SequenceMap"})
+
+
 def subgraphs_of(node: gs.Node) -> list[gs.Graph]:
     """The graphs held in a node's attributes (If branches, Loop/Scan bodies)."""
+    if (node.domain or "") in ("", "ai.onnx") and node.op not in _GRAPH_OPS:
+        return []  # no other ONNX op has a graph attribute; this is called for every node of every walk
     found: list[gs.Graph] = []
     for value in node.attrs.values():
         if isinstance(value, gs.Graph):

@@ -509,7 +509,7 @@ class PassManager:
         if not isinstance(result, PassResult):
             raise PassError(f"pass '{p.name}' returned {type(result).__name__}, not a PassResult")
         check_contracts(self.graph, self.interface, self.dups, p.name)
-        after = _measure(self.graph)
+        after = _measure(self.graph) if result.modified else before
         record = PassRecord(p.name, p.canonical(), seconds, bool(result.modified), *_pairs(before, after),
                             stats=dict(result.stats), auto=auto, notes=list(result.notes))
         self.records.append(record)
