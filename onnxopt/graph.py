@@ -9,6 +9,7 @@ scope at once.
 from __future__ import annotations
 
 import fnmatch
+import sys
 from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
@@ -550,6 +551,31 @@ def param_bytes(graph: gs.Graph) -> int:
         values = tensor._values
         total += int(values.nbytes)
     return total
+
+
+def const_array(tensor: gs.Constant) -> np.ndarray:
+    """A constant's values, read without caching them in the tensor.
+
+    gs's ``tensor.values`` copies a weight twice to load it (bytes out of the proto, then
+    ``np.array``) and keeps the copy; this reads it once, as a read-only view of the
+    proto's bytes where it can. Copy before writing to it.
+    """
+    values = tensor._values
+    if isinstance(values, np.ndarray):
+        return values
+    proto = values.tensor
+    if (not isinstance(values, SparseValues) and isinstance(values.dtype, np.dtype)
+            and values.dtype.kind in "biuf" and proto.HasField("raw_data") and sys.byteorder == "little"
+            and proto.data_location != onnx.TensorProto.EXTERNAL
+            and proto.data_type not in _PACKED_TYPES):
+        return np.frombuffer(proto.raw_data, dtype=values.dtype).reshape(tuple(values.shape))
+    return tensor.values
+
+
+# Element types stored several to a byte: their raw bytes are not one element each.
+_PACKED_TYPES = {getattr(onnx.TensorProto, n) for n in ("INT4", "UINT4", "FLOAT4E2M1", "INT2", "UINT2",
+                                                       "FLOAT6E2M3", "FLOAT6E3M2")
+                 if hasattr(onnx.TensorProto, n)}
 
 
 def node_count(graph: gs.Graph) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import numpy as np
 import onnx
@@ -238,14 +238,14 @@ class _Folder:
         op = maker.op
         if len(maker.inputs) < 2:
             return "unsupported_producer"
-        w = _const_value(maker.inputs[1])
+        w = _const_value(maker.inputs[1], peek=True)
         if w is None:
             return "non_constant_weights"
         if w.dtype not in _FLOATS:
             return "unsupported_dtype"
         has_bias = len(maker.inputs) > 2 and not maker.inputs[2].is_empty()
         if op in ("Conv", "ConvTranspose", "Gemm") and has_bias:
-            bias = _const_value(maker.inputs[2])
+            bias = _const_value(maker.inputs[2], peek=True)
             if bias is None:
                 return "non_constant_weights"
             if bias.dtype not in _FLOATS:
@@ -289,7 +289,7 @@ class _Folder:
                 continue
             if id(mm) not in self.node_ids or not self.single_use(other) or len(mm.inputs) != 2:
                 continue
-            w = _const_value(mm.inputs[1])
+            w = _const_value(mm.inputs[1], peek=True)
             if w is None or w.dtype not in _FLOATS or c.dtype not in _FLOATS or w.ndim < 2:
                 continue
             rank, min_rank = _matmul_rank(mm, w)
@@ -328,10 +328,10 @@ class _Folder:
         if shared and not self.options.copy_shared:
             return "shared_weights"
 
-        w_dtype = _const_value(w_tensor).dtype
+        w_dtype = _const_value(w_tensor, peek=True).dtype
         w64 = self.load(w_tensor)
         bias64 = self.load(bias_tensor) if bias_tensor is not None else None
-        b_dtype = _const_value(bias_tensor).dtype if bias_tensor is not None else w_dtype
+        b_dtype = _const_value(bias_tensor, peek=True).dtype if bias_tensor is not None else w_dtype
         if unit.kind == "gemm" and bias64 is not None:
             beta = float(node.attrs.get("beta", 1.0))
             bias64 = bias64 * beta if beta != 0 else np.zeros_like(bias64)
@@ -385,20 +385,21 @@ class _Folder:
         if id(tensor) in self.masters:
             return self.masters[id(tensor)][1]
         value = _const_value(tensor)
-        # float32 weights are scaled in float32 storage: each op is computed in float64 and
-        # rounded once, and a float64 copy of every weight would double the pass's memory and time
-        return value.astype(np.float32 if value.dtype == np.float32 else np.float64)
+        # float32 weights stay float32 (_scale_weight computes each product in float64 and
+        # rounds once; a float64 copy of every weight would double the pass's memory and time).
+        # The array may be a read-only view of the model's bytes: arithmetic makes new arrays.
+        return value if value.dtype == np.float32 else value.astype(np.float64)
 
     def new_const(self, base: str, values64: np.ndarray, dtype: np.dtype) -> gs.Constant:
         const = gs.Constant(self.fresh(base if base.endswith("_folded") else f"{base}_folded"),
-                            np.ascontiguousarray(values64.astype(dtype)))
+                            np.ascontiguousarray(values64.astype(dtype, copy=False)))
         self.masters[id(const)] = (const, values64)
         return const
 
     def store(self, node: gs.Node, slot: int, values64: np.ndarray, dtype: np.dtype, base: str) -> None:
         current = node.inputs[slot] if slot < len(node.inputs) else None
         if current is not None and id(current) in self.masters:
-            current.values = np.ascontiguousarray(values64.astype(dtype))
+            current.values = np.ascontiguousarray(values64.astype(dtype, copy=False))
             self.masters[id(current)] = (current, values64)
             return
         const = self.new_const(base, values64, dtype)
@@ -422,7 +423,8 @@ class _Folder:
                 continue
             stored = const.values
             if stored.dtype == np.float32:
-                worst = max(worst, float(np.max(np.abs(ref), initial=0.0)) * 2.0 ** -24)
+                if ref.size:  # max |w| from max and min: no |w| temporary
+                    worst = max(worst, max(float(ref.max()), -float(ref.min())) * 2.0 ** -24)
             else:
                 worst = max(worst, float(np.max(np.abs(ref - stored), initial=0.0)))
         return worst
@@ -430,14 +432,33 @@ class _Folder:
 
 # ----------------------------------------------------------------- helpers
 
-def _const_value(tensor: Optional[gs.Tensor], depth: int = 0) -> Optional[np.ndarray]:
-    """The value of an initializer, a Constant node's output, or an Identity of one; else None."""
+class _Peek(NamedTuple):
+    """A constant's type and shape, read without loading its values."""
+
+    dtype: np.dtype
+    shape: tuple
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+
+def _const_value(tensor: Optional[gs.Tensor], depth: int = 0, peek: bool = False) -> Optional[np.ndarray]:
+    """The value of an initializer, a Constant node's output, or an Identity of one; else None.
+
+    With ``peek``, a constant holding its values in the model proto comes back as a _Peek
+    (dtype, shape, ndim) instead: checks that need no values do not load large weights.
+    Values may be read-only views of the model's bytes (G.const_array)."""
     if tensor is None:
         return None
     if isinstance(tensor, gs.Constant):
         if isinstance(tensor._values, SparseValues):
             return None
-        values = np.asarray(tensor.values)
+        lazy = tensor._values
+        if peek and not isinstance(lazy, np.ndarray) and isinstance(lazy.dtype, np.dtype):
+            values = _Peek(lazy.dtype, tuple(lazy.shape))
+        else:
+            values = np.asarray(G.const_array(tensor))
         export = tensor.export_dtype
         if isinstance(export, int):
             try:
@@ -453,14 +474,14 @@ def _const_value(tensor: Optional[gs.Tensor], depth: int = 0) -> Optional[np.nda
     if maker.op == "Constant" and len(maker.outputs) == 1:
         attrs = maker.attrs
         if isinstance(attrs.get("value"), gs.Constant):
-            return _const_value(attrs["value"], depth)
+            return _const_value(attrs["value"], depth, peek)
         if "value_float" in attrs and isinstance(attrs["value_float"], float):
             return np.array(attrs["value_float"], np.float32)
         if "value_floats" in attrs and isinstance(attrs["value_floats"], (list, tuple)):
             return np.array(attrs["value_floats"], np.float32)
         return None
     if maker.op == "Identity" and depth < 8 and maker.inputs:
-        return _const_value(maker.inputs[0], depth + 1)
+        return _const_value(maker.inputs[0], depth + 1, peek)
     return None
 
 
@@ -491,16 +512,18 @@ def _per_channel(c: np.ndarray, channels: int, rank: Optional[int], min_rank: in
 
 
 def _scale_weight(unit: _Unit, node: gs.Node, w: np.ndarray, a: np.ndarray) -> np.ndarray:
-    """Multiply output channel k of the weight by a[k], in place (``w`` is this pass's own float64 copy)."""
+    """A new weight: output channel k of ``w`` times a[k] (float64 products, stored in w's dtype)."""
+    out = np.empty(w.shape, w.dtype)
     if unit.kind == "conv":
-        w *= a.reshape((-1,) + (1,) * (w.ndim - 1))
+        np.multiply(w, a.reshape((-1,) + (1,) * (w.ndim - 1)), out=out, casting="same_kind")
     elif unit.kind == "convtranspose":
         group = int(node.attrs.get("group", 1))
         cin, per = w.shape[0], w.shape[1]
-        grouped = w.reshape((group, cin // group, per) + w.shape[2:])
-        grouped *= a.reshape((group, 1, per) + (1,) * (w.ndim - 2))
+        shape = (group, cin // group, per) + w.shape[2:]
+        np.multiply(w.reshape(shape), a.reshape((group, 1, per) + (1,) * (w.ndim - 2)),
+                    out=out.reshape(shape), casting="same_kind")
     elif unit.kind == "gemm":
-        w *= a[:, None] if int(node.attrs.get("transB", 0)) else a[None, :]
+        np.multiply(w, a[:, None] if int(node.attrs.get("transB", 0)) else a[None, :], out=out, casting="same_kind")
     else:
-        w *= a  # MatMul: the last axis
-    return w
+        np.multiply(w, a, out=out, casting="same_kind")  # MatMul: the last axis
+    return out
