@@ -486,3 +486,81 @@ def test_outer_initializer_read_only_in_branches_stays_in_the_main_graph():
     assert [t.name for t in out.graph.initializer] == ["w"]
     assert all(not a.g.initializer for a in out.graph.node[0].attribute)
     assert out.ByteSize() <= model.ByteSize() + 16
+
+
+# ----------------------------------------------------------------- large constants on export
+
+def big_constants_model() -> onnx.ModelProto:
+    """Large weights everywhere export stubs them: an initializer, a Constant node, an fp16 weight,
+    an initializer read only inside an If branch, and a branch-local Constant node."""
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((64, 64)).astype(np.float32)
+    h = rng.standard_normal((64, 64)).astype(np.float16)
+    inner = rng.standard_normal((64, 64)).astype(np.float32)
+    then = helper.make_graph([node("MatMul", ["x", "wb"], ["t0"], name="then_mm"),
+                              helper.make_node("Constant", [], ["kc"], value=numpy_helper.from_array(inner, "kc")),
+                              node("Add", ["t0", "kc"], ["t"], name="then_add")],
+                             "then", [], [vi("t", [64, 64])])
+    els = helper.make_graph([node("Identity", ["x"], ["e"], name="else_id")], "else", [], [vi("e", [64, 64])])
+    return make_model(
+        [node("MatMul", ["x", "w"], ["a"], name="mm"),
+         helper.make_node("Constant", [], ["k"], value=numpy_helper.from_array(w * 2, "k"), name="const"),
+         node("Add", ["a", "k"], ["b"], name="add"),
+         node("Cast", ["h"], ["hf"], name="cast", to=TensorProto.FLOAT),
+         node("Add", ["b", "hf"], ["y"], name="add_h"),
+         node("If", ["c"], ["z"], name="if", then_branch=then, else_branch=els)],
+        [vi("x", [64, 64]), vi("c", [], BOOL)], [vi("y", [64, 64]), vi("z", [64, 64])],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(h, "h"),
+         numpy_helper.from_array(rng.standard_normal((64, 64)).astype(np.float32), "wb")])
+
+
+def all_tensors(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    from onnxopt.io import iter_tensors
+    return {t.name: numpy_helper.to_array(t) for t in iter_tensors(model.graph)}
+
+
+def test_export_writes_large_constants_bit_identical_and_leaves_no_stub_marks():
+    model = big_constants_model()
+    graph = G.import_graph(model)
+    out = export(graph, model)
+    want, got = all_tensors(model), all_tensors(out)
+    assert sorted(got) == sorted(want)
+    for name, values in want.items():
+        assert got[name].dtype == values.dtype and np.array_equal(got[name], values), name
+    from onnxopt.io import iter_tensors
+    assert not any(t.doc_string for t in iter_tensors(out.graph))
+    assert [t.name for t in out.graph.initializer] == ["w", "h", "wb"]
+    # the graph's own constants are untouched by the export
+    assert all(isinstance(t._values, (np.ndarray, gs.ir.tensor.LazyValues)) and type(t._values).__name__ != "_Stub"
+               for t in G.constants(graph))
+    feed = {"x": np.ones((64, 64), np.float32), "c": np.array(True)}
+    assert_same_outputs(model, out, [feed])
+
+
+def test_export_writes_new_numpy_constants_and_a_failed_export_restores_them():
+    model = big_constants_model()
+    graph = G.import_graph(model)
+    w = tensor(graph, "w")
+    w.values = np.full((64, 64), 0.5, np.float32)  # a pass's new value, held as numpy
+    out = export(graph, model)
+    np.testing.assert_array_equal(all_tensors(out)["w"], np.full((64, 64), 0.5, np.float32))
+    before = w._values
+    graph.nodes.append(gs.Node("Add", inputs=[w, gs.Variable("undefined_dtype_bad")], outputs=[]))
+    graph.nodes[-1].attrs["bad"] = object()  # gs cannot export this attribute
+    with pytest.raises(Exception):
+        G.export_model(graph, model)
+    assert w._values is before
+
+
+def test_const_array_reads_the_proto_once_without_caching():
+    model = big_constants_model()
+    graph = G.import_graph(model)
+    w = tensor(graph, "w")
+    values = G.const_array(w)
+    np.testing.assert_array_equal(values, numpy_helper.to_array(model.graph.initializer[0]))
+    assert not values.flags.writeable  # a view of the proto's bytes: callers copy before writing
+    assert isinstance(w._values, gs.ir.tensor.LazyValues)  # not loaded into the tensor
+    h = G.const_array(tensor(graph, "h"))
+    assert h.dtype == np.float16 and h.shape == (64, 64)
+    w.values = np.zeros((2, 2), np.float32)
+    assert G.const_array(w) is w._values
