@@ -46,7 +46,7 @@ _MAX_ROUNDS = 8
 
 @dataclass
 class FoldOptions:
-    max_growth_bytes: int = 1 << 20  # skip a node whose folded outputs exceed its constant inputs by more
+    max_growth_bytes: int = 1 << 20  # skip a node whose folding would grow the model by more
     fold_shapes: bool = True  # fold Shape/Size of values whose shape is statically known
     fold_dequantize: bool = False  # also fold DequantizeLinear of constants (undoes weight quantization)
 
@@ -77,9 +77,11 @@ class ConstantFolding(Pass):
 
     Left alone: random ops and training-mode Dropout (``skipped_nondeterministic``),
     nodes holding subgraphs (``skipped_control_flow``), DequantizeLinear unless
-    ``fold_dequantize`` (``skipped_dequantize``), nodes whose stored outputs would
-    exceed their inputs by more than ``max_growth_bytes`` (``skipped_too_large``;
-    a small result computed from such a node still folds), nodes neither runtime
+    ``fold_dequantize`` (``skipped_dequantize``), nodes whose folding would grow the
+    model by more than ``max_growth_bytes``: the outputs stored, less the inputs nothing
+    reads afterwards, so a Tile/Expand that blows up a constant, or a Transpose of a weight
+    another node also reads (a tied embedding), which would store a second copy
+    (``skipped_too_large``; a small result computed from such a node still folds), nodes neither runtime
     can evaluate or whose result is no storable tensor (sequences, 4-bit types:
     ``skipped_unsupported``), custom ops without inputs, model-local function
     bodies, and initializers the importer records as overridable graph inputs
@@ -289,8 +291,13 @@ class _Folder:
                     self.stats["skipped_unsupported"] += 1
                     self.rejected[id(node)] = node
                     continue
-                inputs = {id(t) for t in node.inputs if t.name}
-                grown = sum(_nbytes(results[id(t)]) for t in needed) - sum(_nbytes(results.get(k)) for k in inputs)
+                # Growth of the model: the outputs stored, less the inputs nothing reads afterwards
+                # (a weight another node still reads stays, and its folded copy would be extra).
+                inputs = {id(t): t for t in node.inputs if t.name}
+                freed = sum(_nbytes(results.get(k)) for k, t in inputs.items()
+                            if k not in interface
+                            and all(c is node or id(c) in folded for c in consumers.get(k, [])))
+                grown = sum(_nbytes(results[id(t)]) for t in needed) - freed
                 if grown > self.options.max_growth_bytes:
                     self.stats["skipped_too_large"] += 1
                     self.rejected[id(node)] = node

@@ -244,6 +244,31 @@ def test_size_guard_skips_large_results_and_counts_them():
     assert st["skipped_too_large"] == 0 and st["nodes_folded"] == 3
 
 
+def test_size_guard_counts_a_weight_another_node_still_reads():
+    """A tied embedding: W is gathered and, transposed, multiplied. Folding the Transpose
+    would store a second copy of W (64 KiB): over an 8 KiB limit it stays; when the
+    Transpose is W's only reader, folding stores no extra bytes and goes ahead."""
+    w = np.arange(128 * 128, dtype=np.float32).reshape(128, 128) / 1e4
+    tied = make_model(
+        [node("Gather", ["w", "ids"], ["emb"], name="embed"),
+         node("Transpose", ["w"], ["wt"], name="tr", perm=[1, 0]),
+         node("MatMul", ["emb", "wt"], ["y"], name="head")],
+        [vi("ids", [4], INT64)], [vi("y", [4, 128])], [init("w", w)])
+    feeds = [{"ids": np.array([0, 5, 7, 127], np.int64)}]
+    out, st, _ = fold_both(tied, feeds=feeds, max_growth_bytes=8192)
+    assert ops(out) == ["Gather", "Transpose", "MatMul"]
+    assert st == stats(skipped_too_large=1)
+
+    alone = make_model(
+        [node("Transpose", ["w"], ["wt"], name="tr", perm=[1, 0]),
+         node("MatMul", ["x", "wt"], ["y"], name="head")],
+        [vi("x", [4, 128])], [vi("y", [4, 128])], [init("w", w)])
+    out, st, _ = fold_both(alone, feeds=[random_feed(alone)], max_growth_bytes=8192)
+    assert ops(out) == ["MatMul"]
+    np.testing.assert_array_equal(initializers(out)[out.graph.node[0].input[1]], w.T)
+    assert st["nodes_folded"] == 1 and st["skipped_too_large"] == 0
+
+
 # ----------------------------------------------------------------- dtypes
 
 def test_fp16_and_scalars_keep_dtype_and_shape():
