@@ -9,6 +9,7 @@ scope at once.
 from __future__ import annotations
 
 import fnmatch
+import math
 import sys
 from typing import Callable, Iterable, Iterator, Sequence
 
@@ -23,6 +24,7 @@ __all__ = [
     "import_graph", "export_model", "iter_graphs", "subgraphs_of", "find_nodes",
     "rewire_input", "insert_after", "can_bypass", "bypass", "remove_node", "remove_nodes", "outer_reads", "positions",
     "constants", "node_count", "Names", "param_count", "param_bytes", "producer",
+    "constant_node_value", "constant_source", "const_value", "const_array", "sizes", "export_onnx", "fill_stubs",
 ]
 
 
@@ -551,6 +553,75 @@ def param_bytes(graph: gs.Graph) -> int:
         values = tensor._values
         total += int(values.nbytes)
     return total
+
+
+def constant_node_value(node: gs.Node) -> "gs.Constant | np.ndarray | None":
+    """What an ONNX ``Constant`` node holds: its tensor as a gs.Constant, ``value_float(s)`` as
+    float32 and ``value_int(s)`` as int64 arrays; None for other forms (strings, sparse values,
+    attribute references inside functions) and other ops."""
+    if node.op != "Constant" or (node.domain or "") not in ("", "ai.onnx") or len(node.attrs) != 1:
+        return None
+    (key, value), = node.attrs.items()
+    if key == "value":
+        return value if isinstance(value, gs.Constant) else None
+    kinds = {"value_float": (float, np.float32), "value_floats": (float, np.float32),
+             "value_int": (int, np.int64), "value_ints": (int, np.int64)}
+    if key not in kinds:
+        return None
+    kind, dtype = kinds[key]
+    items = value if isinstance(value, (list, tuple)) else [value]
+    if key.endswith("s") != isinstance(value, (list, tuple)) or not all(
+            isinstance(v, (kind, int)) and not isinstance(v, bool) for v in items):
+        return None
+    return np.array(value, dtype)
+
+
+def constant_source(tensor: "gs.Tensor | None", overridable: Iterable[str] = ()) -> "gs.Constant | np.ndarray | None":
+    """The data behind a tensor, or None when it is not fixed.
+
+    An initializer or a ``Constant`` node's output (through Identity nodes) gives the
+    gs.Constant holding it, whose dtype and shape can be read without loading it
+    (``_values.dtype``/``.shape``); a Constant node's scalar or list attribute gives an
+    array. Initializers named in ``overridable`` (``graph.initializer_inputs``: also graph
+    inputs, so a caller may feed them) are not fixed.
+    """
+    for _ in range(16):
+        if tensor is None or tensor.name in overridable:
+            return None
+        if isinstance(tensor, gs.Constant):
+            return tensor
+        maker = producer(tensor)
+        if maker is None:
+            return None
+        if maker.op != "Identity" or (maker.domain or "") not in ("", "ai.onnx") or not maker.inputs:
+            return constant_node_value(maker)
+        tensor = maker.inputs[0]
+    return None
+
+
+def const_value(tensor: "gs.Tensor | None", overridable: Iterable[str] = (),
+                max_elems: int | None = None) -> np.ndarray | None:
+    """The values behind a tensor (see :func:`constant_source`), or None: not fixed, sparse,
+    more than ``max_elems`` elements, stored as a type numpy cannot hold, or exported as
+    another type. May be a read-only view of the model's bytes: copy before writing."""
+    source = constant_source(tensor, overridable)
+    if source is None or isinstance(source, np.ndarray):
+        return source
+    values = source._values
+    if isinstance(values, SparseValues):
+        return None
+    if max_elems is not None and math.prod(values.shape) > max_elems:
+        return None
+    try:
+        array = np.asarray(const_array(source))
+        export = source.export_dtype
+        if isinstance(export, int):
+            export = onnx.helper.tensor_dtype_to_np_dtype(export)
+        if export is not None and np.dtype(export) != array.dtype:
+            return None
+    except Exception:  # noqa: BLE001 - a type numpy cannot hold
+        return None
+    return array
 
 
 def const_array(tensor: gs.Constant) -> np.ndarray:

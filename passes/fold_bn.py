@@ -115,6 +115,8 @@ class _Unit:
 class _Folder:
     def __init__(self, graph: gs.Graph, options: FoldBnOptions) -> None:
         self.options = options
+        # initializers also listed as graph inputs may be fed at run time: not constants
+        self.overridable = frozenset(vars(graph).get("initializer_inputs") or ())
         self.graph_outputs = {id(t) for g in G.iter_graphs(graph) for t in g.outputs}
         self.names = G.Names(graph)
         self.masters: dict[int, tuple[gs.Constant, np.ndarray]] = {}  # constants this pass made: float64 values
@@ -123,6 +125,9 @@ class _Folder:
         self.layers: set[int] = set()
         self.biases_added = 0
         self.copied = 0
+
+    def value(self, tensor: Optional[gs.Tensor], peek: bool = False) -> Optional[np.ndarray]:
+        return _const_value(tensor, self.overridable, peek)
 
     def fresh(self, base: str) -> str:
         return self.names.fresh(base)
@@ -172,7 +177,7 @@ class _Folder:
                 return "training_mode"
             if int(node.attrs.get("spatial", 1)) != 1:
                 return "unsupported_bn"
-            params = [_const_value(t) for t in node.inputs[1:5]]
+            params = [self.value(t) for t in node.inputs[1:5]]
             if any(p is None for p in params):
                 return "non_constant_params"
             if any(p.ndim != 1 or p.shape != params[0].shape for p in params):
@@ -186,7 +191,7 @@ class _Folder:
                 return "invalid_constant"
             return _Candidate(node, node.inputs[0], "bn", a, b)
         if node.op in _ELEMENTWISE and self.options.elementwise and len(node.inputs) == 2:
-            left, right = (_const_value(t) for t in node.inputs)
+            left, right = (self.value(t) for t in node.inputs)
             if (left is None) == (right is None):
                 return None
             if right is not None:
@@ -238,14 +243,14 @@ class _Folder:
         op = maker.op
         if len(maker.inputs) < 2:
             return "unsupported_producer"
-        w = _const_value(maker.inputs[1], peek=True)
+        w = self.value(maker.inputs[1], peek=True)
         if w is None:
             return "non_constant_weights"
         if w.dtype not in _FLOATS:
             return "unsupported_dtype"
         has_bias = len(maker.inputs) > 2 and not maker.inputs[2].is_empty()
         if op in ("Conv", "ConvTranspose", "Gemm") and has_bias:
-            bias = _const_value(maker.inputs[2], peek=True)
+            bias = self.value(maker.inputs[2], peek=True)
             if bias is None:
                 return "non_constant_weights"
             if bias.dtype not in _FLOATS:
@@ -282,14 +287,14 @@ class _Folder:
         if len(add.inputs) != 2:
             return None
         for slot in (0, 1):
-            c = _const_value(add.inputs[slot])
+            c = self.value(add.inputs[slot])
             other = add.inputs[1 - slot]
             mm = G.producer(other)
             if c is None or mm is None or mm.op != "MatMul" or (mm.domain or "") not in ("", "ai.onnx"):
                 continue
             if id(mm) not in self.node_ids or not self.single_use(other) or len(mm.inputs) != 2:
                 continue
-            w = _const_value(mm.inputs[1], peek=True)
+            w = self.value(mm.inputs[1], peek=True)
             if w is None or w.dtype not in _FLOATS or c.dtype not in _FLOATS or w.ndim < 2:
                 continue
             rank, min_rank = _matmul_rank(mm, w)
@@ -328,10 +333,10 @@ class _Folder:
         if shared and not self.options.copy_shared:
             return "shared_weights"
 
-        w_dtype = _const_value(w_tensor, peek=True).dtype
+        w_dtype = self.value(w_tensor, peek=True).dtype
         w64 = self.load(w_tensor)
         bias64 = self.load(bias_tensor) if bias_tensor is not None else None
-        b_dtype = _const_value(bias_tensor, peek=True).dtype if bias_tensor is not None else w_dtype
+        b_dtype = self.value(bias_tensor, peek=True).dtype if bias_tensor is not None else w_dtype
         if unit.kind == "gemm" and bias64 is not None:
             beta = float(node.attrs.get("beta", 1.0))
             bias64 = bias64 * beta if beta != 0 else np.zeros_like(bias64)
@@ -384,7 +389,7 @@ class _Folder:
     def load(self, tensor: gs.Tensor) -> np.ndarray:
         if id(tensor) in self.masters:
             return self.masters[id(tensor)][1]
-        value = _const_value(tensor)
+        value = self.value(tensor)
         # float32 weights stay float32 (_scale_weight computes each product in float64 and
         # rounds once; a float64 copy of every weight would double the pass's memory and time).
         # The array may be a read-only view of the model's bytes: arithmetic makes new arrays.
@@ -443,47 +448,17 @@ class _Peek(NamedTuple):
         return len(self.shape)
 
 
-def _const_value(tensor: Optional[gs.Tensor], depth: int = 0, peek: bool = False) -> Optional[np.ndarray]:
-    """The value of an initializer, a Constant node's output, or an Identity of one; else None.
-
-    With ``peek``, a constant holding its values in the model proto comes back as a _Peek
-    (dtype, shape, ndim) instead: checks that need no values do not load large weights.
-    Values may be read-only views of the model's bytes (G.const_array)."""
-    if tensor is None:
-        return None
-    if isinstance(tensor, gs.Constant):
-        if isinstance(tensor._values, SparseValues):
-            return None
-        lazy = tensor._values
-        if peek and not isinstance(lazy, np.ndarray) and isinstance(lazy.dtype, np.dtype):
-            values = _Peek(lazy.dtype, tuple(lazy.shape))
-        else:
-            values = np.asarray(G.const_array(tensor))
-        export = tensor.export_dtype
-        if isinstance(export, int):
-            try:
-                export = onnx.helper.tensor_dtype_to_np_dtype(export)
-            except Exception:  # an ONNX type numpy cannot hold
-                return None
-        if export is not None and np.dtype(export) != values.dtype:
-            return None
-        return values
-    maker = G.producer(tensor)
-    if maker is None or (maker.domain or "") not in ("", "ai.onnx"):
-        return None
-    if maker.op == "Constant" and len(maker.outputs) == 1:
-        attrs = maker.attrs
-        if isinstance(attrs.get("value"), gs.Constant):
-            return _const_value(attrs["value"], depth, peek)
-        if "value_float" in attrs and isinstance(attrs["value_float"], float):
-            return np.array(attrs["value_float"], np.float32)
-        if "value_floats" in attrs and isinstance(attrs["value_floats"], (list, tuple)):
-            return np.array(attrs["value_floats"], np.float32)
-        return None
-    if maker.op == "Identity" and depth < 8 and maker.inputs:
-        return _const_value(maker.inputs[0], depth + 1, peek)
-    return None
-
+def _const_value(tensor: Optional[gs.Tensor], overridable: frozenset = frozenset(),
+                 peek: bool = False) -> Optional[np.ndarray]:
+    """The value behind a tensor (G.const_value: initializer, Constant node, through Identity),
+    else None. With ``peek``, a constant still held in the model proto comes back as a _Peek
+    (dtype, shape, ndim) instead: checks that need no values do not load large weights."""
+    if peek:
+        source = G.constant_source(tensor, overridable)
+        lazy = source._values if isinstance(source, gs.Constant) else None
+        if lazy is not None and not isinstance(lazy, (np.ndarray, SparseValues)) and isinstance(lazy.dtype, np.dtype):
+            return _Peek(lazy.dtype, tuple(lazy.shape))
+    return G.const_value(tensor, overridable)
 
 def _rank(tensor: gs.Tensor) -> Optional[int]:
     shape = getattr(tensor, "shape", None)

@@ -118,56 +118,20 @@ def _present(node: gs.Node, index: int) -> Optional[gs.Tensor]:
     return None
 
 
-def _constant_node_value(node: gs.Node) -> Any:
-    """The value a Constant node holds: a gs.Constant, a Python number or list, or None."""
-    if node.op != "Constant" or not _default_domain(node) or _has_attr_refs(node):
-        return None
-    for key in ("value", "value_float", "value_floats", "value_int", "value_ints"):
-        if key in node.attrs:
-            return node.attrs[key]
-    return None
-
-
 def _constant_source(tensor: gs.Tensor, overridable: frozenset = frozenset()) -> Any:
-    """A constant's value holder (gs.Constant, or a Constant node's attribute), or None.
-    Initializers the model also lists as graph inputs (``overridable``) are not constants."""
-    if tensor.name in overridable:
-        return None
-    if isinstance(tensor, gs.Constant):
-        return tensor
-    maker = G.producer(tensor)
-    return _constant_node_value(maker) if maker is not None else None
+    """A constant's value holder (gs.Constant, or an array from a Constant node's attribute), or None."""
+    return G.constant_source(tensor, overridable)
 
 
 def _source_meta(source: Any) -> tuple[Optional[int], Shape]:
-    if isinstance(source, gs.Constant):
-        values = source._values  # no lazy load
-        return _onnx_dtype(values.dtype), tuple(int(d) for d in values.shape)
-    array = np.asarray(source, dtype=np.int64 if _is_int_value(source) else np.float32)
-    return _onnx_dtype(array.dtype), tuple(array.shape)
-
-
-def _is_int_value(value: Any) -> bool:
-    items = value if isinstance(value, (list, tuple)) else [value]
-    return all(isinstance(v, (int, np.integer)) for v in items)
+    values = source._values if isinstance(source, gs.Constant) else source  # no lazy load
+    return _onnx_dtype(values.dtype), tuple(int(d) for d in values.shape)
 
 
 def _const(tensor: Optional[gs.Tensor], max_elems: int = _MAX_LOAD,
            overridable: frozenset = frozenset()) -> Optional[np.ndarray]:
-    """The value of a constant tensor (initializer or Constant-node output), or None."""
-    if tensor is None:
-        return None
-    source = _constant_source(tensor, overridable)
-    if source is None:
-        return None
-    if isinstance(source, gs.Constant):
-        if math.prod(source._values.shape) > max_elems:
-            return None
-        try:
-            return np.asarray(source.values)
-        except Exception:  # noqa: BLE001 - a type numpy cannot hold
-            return None
-    return np.asarray(source, dtype=np.int64 if _is_int_value(source) else np.float32)
+    """The value of a constant tensor (G.const_value), or None; read-only."""
+    return G.const_value(tensor, overridable, max_elems)
 
 
 def _ints(tensor: Optional[gs.Tensor], overridable: frozenset = frozenset()) -> Optional[list[int]]:

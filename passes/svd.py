@@ -261,14 +261,8 @@ class _Layer:
 
 def _fixed(tensor: gs.Tensor, overridable: set) -> Optional[gs.Constant]:
     """The constant behind an initializer or a Constant node's output; None when not fixed."""
-    if isinstance(tensor, gs.Constant):
-        return None if tensor.name in overridable else tensor
-    maker = G.producer(tensor)
-    if maker is not None and maker.op == "Constant" and (maker.domain or "") in ("", "ai.onnx"):
-        value = maker.attrs.get("value")
-        if isinstance(value, gs.Constant):
-            return value
-    return None
+    source = G.constant_source(tensor, overridable)
+    return source if isinstance(source, gs.Constant) else None
 
 
 @dataclass

@@ -564,3 +564,35 @@ def test_const_array_reads_the_proto_once_without_caching():
     assert h.dtype == np.float16 and h.shape == (64, 64)
     w.values = np.zeros((2, 2), np.float32)
     assert G.const_array(w) is w._values
+
+
+# ----------------------------------------------------------------- the value behind a tensor
+
+def test_constant_source_and_const_value_follow_every_form():
+    w = np.arange(6, dtype=np.float32).reshape(2, 3)
+    model = make_model(
+        [helper.make_node("Constant", [], ["k"], value=numpy_helper.from_array(w, "kv"), name="c_tensor"),
+         helper.make_node("Constant", [], ["f"], value_floats=[1.5, 2.0], name="c_floats"),
+         helper.make_node("Constant", [], ["i"], value_int=7, name="c_int"),
+         helper.make_node("Constant", [], ["s"], value_string="x", name="c_str"),
+         node("Identity", ["k"], ["k1"], name="id1"), node("Identity", ["k1"], ["k2"], name="id2"),
+         node("Add", ["x", "k2"], ["a"], name="add"), node("Mul", ["a", "w"], ["b"], name="mul"),
+         node("Sub", ["b", "d"], ["y"], name="sub")],
+        [vi("x", [2, 3])], [vi("y", [2, 3])], [init("w", w), init("d", w)])
+    model.graph.input.append(helper.make_tensor_value_info("d", TensorProto.FLOAT, [2, 3]))
+    graph = G.import_graph(model)
+    overridable = vars(graph)["initializer_inputs"]
+    assert overridable == ["d"]
+    t = graph.tensors()
+    np.testing.assert_array_equal(G.const_value(t["w"]), w)
+    np.testing.assert_array_equal(G.const_value(t["k2"]), w)  # Constant node through two Identity nodes
+    assert isinstance(G.constant_source(t["k2"]), gs.Constant)
+    f, i = G.const_value(t["f"]), G.const_value(t["i"])
+    assert f.dtype == np.float32 and f.tolist() == [1.5, 2.0]
+    assert i.dtype == np.int64 and i.shape == () and int(i) == 7
+    assert G.const_value(t["s"]) is None                      # strings are not read
+    assert G.const_value(t["a"]) is None                      # computed
+    assert G.const_value(t["x"]) is None                      # graph input
+    assert G.const_value(t["d"], overridable) is None         # may be fed at run time
+    np.testing.assert_array_equal(G.const_value(t["d"]), w)
+    assert G.const_value(t["w"], max_elems=5) is None

@@ -457,6 +457,16 @@ def test_conv_weight_from_a_graph_input_is_counted_not_folded():
     check_stats(assert_untouched(model), skipped_non_constant_weights=1)
 
 
+def test_initializers_that_are_also_graph_inputs_are_not_folded():
+    """IR >= 4: an initializer listed as a graph input is a default the caller may override."""
+    for name in ("W", "bn_scale"):
+        model = conv_bn_model(bias=False)
+        listed = next(i for i in model.graph.initializer if i.name == name)
+        model.graph.input.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, list(listed.dims)))
+        skipped = "skipped_non_constant_weights" if name == "W" else "skipped_non_constant_params"
+        check_stats(assert_untouched(model), **{skipped: 1})
+
+
 def test_options_turn_each_kind_off():
     model = make_model(
         [node("Conv", ["x", "W"], ["c"], name="conv"), bn("c", "b", "bn"), node("Mul", ["b", "s"], ["y"], name="mul")],
