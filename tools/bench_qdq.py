@@ -9,7 +9,8 @@ Run (from the repo root):
 
     /work/venv-bench/bin/python tools/bench_qdq.py [--models digits_cnn,digits_mlp,resnet18,mobilenetv2,bert]
         [--methods minmax,entropy,percentile] [--tools onnxopt,ort,onnxsim] [--samples 64]
-        [--out BENCHMARKS.md] [--json results.json]
+        [--rss digits_cnn,mobilenetv2,resnet18] [--rss-methods entropy,percentile] [--rss-samples 50,800]
+        [--rss-ort-samples 800|all] [--ort-cap-gib 8] [--out BENCHMARKS.md] [--json results.json]
 
 Method.
 - Input models: the shipped digits models after onnxopt's `cleanup` (BatchNormalization
@@ -17,7 +18,8 @@ Method.
   are fused already). Every tool gets the same float model file.
 - Calibration data: digits: the first --samples rows of models/digits_calib.npz (360 max);
   exported models: --samples seeded synthetic samples (images N(0,1); token ids uniform in
-  [2, 970), attention mask 1), the same arrays for every tool, cut into batches of 8.
+  [2, 970), attention mask 1), the same arrays for every tool, cut into batches of 8 (of the largest divisor
+  of the sample count up to 8 otherwise: ORT's histogram calibrators need equal batches).
 - Evaluation data: digits: models/digits_test.npz (360 labelled samples, top-1 accuracy);
   exported models: 16 other seeded samples; cosine and SNR (10 log10 sum(ref^2)/sum(err^2))
   of the first output against the float model. Both float and quantized models run in ONNX
@@ -34,6 +36,17 @@ Method.
   extra_options={CalibPercentile: 99.99})` (no mse method); onnxsim
   `onnxsim.quantize_static(model, calibration_data=batches, method=M, per_channel=True,
   percentile=99.99)`.
+- Peak RSS against the sample count (--rss models, --rss-methods, --rss-samples): for each
+  count, the calibration data is ONE .npz (np.savez, uncompressed) in a temp folder, so the
+  rows show how the data is read as well as how it is reduced. Digits: rows of
+  digits_calib.npz, repeated past its 360 rows with a seeded jitter (N(0, 0.02) added, clipped
+  to [0, 1]); exported models: seeded synthetic. onnxopt reads the file itself
+  (`calibration=path`); ORT's data reader streams the same file batch by batch (up to 8 samples) with
+  onnxopt.data's lazy reader, so neither tool holds the file. ORT keeps every activation
+  of every sample for its histogram methods: its child is watched (VmRSS every 0.1 s) and
+  killed above --ort-cap-gib; such a row shows the VmHWM when it was stopped, a lower bound
+  ("> X (stopped)"), and the ratio against it an upper bound ("< r"). ORT runs in these rows at
+  --rss-ort-samples only (default the largest count; its RSS at --samples is in the main table).
 """
 
 from __future__ import annotations
@@ -43,6 +56,7 @@ import datetime as _dt
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -70,11 +84,25 @@ def _vmhwm_mib() -> float:
     return float("nan")
 
 
-def _batches(npz: str) -> list[dict]:
-    with np.load(npz) as d:
-        arrays = {k: d[k] for k in d.files}
-    n = len(next(iter(arrays.values())))
-    return [{k: v[i:i + BATCH] for k, v in arrays.items()} for i in range(0, n, BATCH)]
+def batch_size(n: int) -> int:
+    """The largest divisor of ``n`` up to BATCH: ORT's histogram calibrators stack the batches, so they
+    must all have the same size (a short last batch fails there)."""
+    return next(b for b in range(min(BATCH, n), 0, -1) if n % b == 0)
+
+
+def _batches(npz: str):
+    """Batches of batch_size(n) samples read from the .npz one at a time (the file is never held whole)."""
+    from onnxopt.data import iter_arrays
+
+    for group in iter_arrays(npz, lazy=True):
+        try:
+            n = len(next(iter(group.values())))
+            step = batch_size(n)
+            for i in range(0, n, step):
+                yield {k: v[i:i + step] for k, v in group.items()}
+        finally:
+            for v in group.values():
+                v.close()
 
 
 def child_main(argv: list[str]) -> int:
@@ -104,11 +132,9 @@ def child_main(argv: list[str]) -> int:
                        "percentile": CalibrationMethod.Percentile}
             if method not in methods:
                 raise ValueError(f"no {method} method in onnxruntime.quantization")
-            feeds = _batches(calib)
-
             class Reader(CalibrationDataReader):
                 def __init__(self):
-                    self.it = iter(feeds)
+                    self.it = _batches(calib)
 
                 def get_next(self):
                     return next(self.it, None)
@@ -120,7 +146,7 @@ def child_main(argv: list[str]) -> int:
         elif tool == "onnxsim":
             import onnxsim
 
-            feeds = _batches(calib)
+            feeds = list(_batches(calib))
             model = onnx.load(model_path)
             start = time.perf_counter()
             q = onnxsim.quantize_static(model, calibration_data=feeds, method=method, per_channel=True,
@@ -160,7 +186,7 @@ def prepare(name: str, work: Path, samples: int) -> dict:
         path = work / f"{name}.float.onnx"
         onnx.save(res.model, path)
         with np.load(ROOT / "models" / "digits_calib.npz") as d:
-            calib = {"input": d["input"][:samples]}
+            calib = {"input": digits_rows(d["input"], samples)}
         with np.load(ROOT / "models" / "digits_test.npz") as d:
             evals = [{"input": d["input"][i:i + 60]} for i in range(0, 360, 60)]
             labels = d["labels"]
@@ -188,9 +214,21 @@ def prepare(name: str, work: Path, samples: int) -> dict:
         evals = [{k: v[i:i + 4] for k, v in ev.items()} for i in range(0, 16, 4)]
         labels = None
         lat = example
-    calib_path = work / f"{name}.calib.npz"
-    np.savez(calib_path, **calib)
+    calib_path = work / f"{name}.calib{samples}.npz"
+    if not calib_path.exists():
+        np.savez(calib_path, **calib)
     return {"path": Path(path), "calib": calib_path, "evals": evals, "labels": labels, "lat": lat}
+
+
+def digits_rows(rows: np.ndarray, samples: int) -> np.ndarray:
+    """The first ``samples`` rows; past the end, the rows again with a seeded jitter (N(0, 0.02), clipped to [0, 1])."""
+    if samples <= len(rows):
+        return rows[:samples]
+    out = rows[np.arange(samples) % len(rows)].copy()
+    rng = np.random.default_rng(7)
+    extra = out[len(rows):]
+    out[len(rows):] = np.clip(extra + rng.normal(0, 0.02, extra.shape).astype(rows.dtype), 0, 1)
+    return out
 
 
 def outputs(path, evals) -> list[np.ndarray]:
@@ -233,20 +271,53 @@ def metrics(ref: list[np.ndarray], got: list[np.ndarray], labels) -> dict:
 
 
 def run_child(python: str, tool: str, method: str, model: Path, calib: Path, out: Path, samples: int,
-              timeout: float) -> dict:
+              timeout: float, cap_mib: float | None = None) -> dict:
+    """One quantization in a fresh process; with ``cap_mib``, killed once its VmRSS passes the cap."""
     cmd = [python, str(Path(__file__).resolve()), "--child", tool, method, str(model), str(calib), str(out), str(samples)]
     start = time.perf_counter()
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=str(ROOT))
-    except subprocess.TimeoutExpired:
-        return {"tool": tool, "method": method, "error": f"timed out after {timeout:.0f} s"}
-    line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
+    with tempfile.TemporaryFile("w+") as so, tempfile.TemporaryFile("w+") as se:
+        proc = subprocess.Popen(cmd, stdout=so, stderr=se, text=True, cwd=str(ROOT))
+        stopped = None
+        while proc.poll() is None:
+            if time.perf_counter() - start > timeout:
+                proc.kill()
+                proc.wait()
+                return {"tool": tool, "method": method, "error": f"timed out after {timeout:.0f} s"}
+            if cap_mib is not None:
+                rss, hwm = _proc_mib(proc.pid)
+                if rss is not None and rss > cap_mib:
+                    proc.kill()
+                    proc.wait()
+                    stopped = {"tool": tool, "method": method, "stopped": True, "rss_mib": max(hwm or 0, rss),
+                               "child_s": time.perf_counter() - start,
+                               "error": f"stopped above {cap_mib / 1024:.0f} GiB"}
+                    break
+            time.sleep(0.1 if cap_mib is not None else 0.05)
+        if stopped:
+            return stopped
+        so.seek(0)
+        se.seek(0)
+        stdout, stderr = so.read(), se.read()
+    line = next((l for l in stdout.splitlines() if l.startswith("RESULT ")), None)
     if line is None:
-        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        tail = (stderr.strip().splitlines() or ["no output"])[-1]
         return {"tool": tool, "method": method, "error": f"child failed: {tail[:200]}"}
     res = json.loads(line[7:])
     res["child_s"] = time.perf_counter() - start
     return res
+
+
+def _proc_mib(pid: int) -> tuple[float | None, float | None]:
+    """VmRSS and VmHWM of a running process, MiB."""
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None, None
+    found = {}
+    for line in text.splitlines():
+        if line.startswith(("VmRSS:", "VmHWM:")):
+            found[line.split(":")[0]] = int(line.split()[1]) / 1024
+    return found.get("VmRSS"), found.get("VmHWM")
 
 
 def fmt(v, spec=".1f", none="-"):
@@ -262,8 +333,10 @@ def render(results: list[dict], meta: dict) -> str:
            "integer kernels.", "",
            f"- Date: {meta['date']}", f"- Machine: {meta['machine']}", f"- Command: `{meta['command']}`",
            f"- Versions: {meta['versions']}", f"- Calibration samples: {meta['samples']} "
-           "(digits: rows of digits_calib.npz; others: seeded synthetic), batches of 8",
-           f"- Total benchmark time: {meta['total_s']:.0f} s",
+           "(digits: rows of digits_calib.npz; others: seeded synthetic), "
+           f"batches of {batch_size(meta['samples'])}",
+           f"- Total benchmark time: {meta['total_s']:.0f} s"
+           + (f" (of which the peak-RSS-against-samples rows: {meta['rss_s']:.0f} s)" if meta.get("flat") else ""),
            "- Latency and calib s are wall-clock figures on a shared 2-core machine (other benchmarks may run at "
            "the same time): models with the same graph (same tool, different method) show the noise; SNR, "
            "cosine, top-1, size and RSS are not affected.", ""]
@@ -286,11 +359,22 @@ def render(results: list[dict], meta: dict) -> str:
                    f"{fmt(r.get('size', 0) / 1024, '.0f')} | {fmt(r.get('lat'), '.2f')} ({fmt(r.get('lat_float'), '.2f')}) | "
                    f"{fmt(speed, '.2f')}x |")
     if meta.get("flat"):
-        out += ["", "Peak RSS against the number of calibration samples (entropy; ORT only where it fits):", "",
-                "| model | tool | samples | calib s | peak RSS MiB |", "|---|---|---:|---:|---:|"]
+        out += ["", "Peak RSS against the number of calibration samples (one uncompressed .npz per count, "
+                f"batches of up to {BATCH} for ORT (the largest divisor of the count: its histogram calibrators need "
+                "equal batches); digits past 360 samples: digits_calib.npz rows repeated with a "
+                f"seeded N(0, 0.02) jitter; others seeded synthetic). ORT is stopped once its RSS passes "
+                f"{meta['cap_gib']:g} GiB: \"> X (stopped)\" is the peak it had reached, a lower bound:", "",
+                "| model | method | tool | samples | calib .npz MiB | calib s | peak RSS MiB |",
+                "|---|---|---|---:|---:|---:|---:|"]
         for r in meta["flat"]:
-            out.append(f"| {r['model']} | {r['tool']} | {r['samples']} | "
-                       f"{fmt(r.get('calib_s'), '.2f') if not r.get('error') else r['error']} | {fmt(r.get('rss_mib'), '.0f')} |")
+            if r.get("stopped"):
+                secs, rss = f"stopped after {r['child_s']:.0f} s", f"> {r['rss_mib']:.0f} (stopped)"
+            elif r.get("error"):
+                secs, rss = f"error: {r['error']}", "-"
+            else:
+                secs, rss = fmt(r.get("calib_s"), ".2f"), fmt(r.get("rss_mib"), ".0f")
+            out.append(f"| {r['model']} | {r['method']} | {r['tool']} | {r['samples']} | "
+                       f"{fmt(r.get('file_mib'), '.1f')} | {secs} | {rss} |")
     return "\n".join(out) + "\n"
 
 
@@ -328,16 +412,34 @@ def findings(results: list[dict]) -> list[str]:
     return notes
 
 
-def flat_notes(flat: list[dict], work_sizes: dict) -> list[str]:
-    ours = [r for r in flat if r["tool"] == "onnxopt" and r.get("rss_mib")]
-    if len(ours) < 2:
-        return []
-    a, b = ours[0], ours[-1]
-    extra = (work_sizes.get(b["samples"], 0) - work_sizes.get(a["samples"], 0)) / 2**20
-    return [f"{a['model']} entropy: onnxopt peak RSS {a['rss_mib']:.0f} MiB at {a['samples']} samples, "
-            f"{b['rss_mib']:.0f} MiB at {b['samples']} ({b['rss_mib'] / a['rss_mib'] - 1:+.0%}); the calibration "
-            f".npz grows by {extra:.0f} MiB between the two and is read whole (one file); without it "
-            f"{(b['rss_mib'] - extra) / a['rss_mib'] - 1:+.0%}"]
+def flat_notes(flat: list[dict], results: list[dict] = ()) -> list[str]:
+    """Peak RSS of onnxopt against ORT at each count, and onnxopt's growth from the fewest samples to the most."""
+    floors = {r["model"]: r["rss_mib"] for r in results if r["tool"] == "(load only)" and r.get("rss_mib")}
+    notes = []
+    groups: dict = {}
+    for r in flat:
+        groups.setdefault((r["model"], r["method"]), []).append(r)
+    for (model, method), rows in groups.items():
+        ours = {r["samples"]: r for r in rows if r["tool"] == "onnxopt" and not r.get("error") and r.get("rss_mib")}
+        for r in rows:
+            mine = ours.get(r["samples"])
+            if r["tool"] != "ort" or not mine or not r.get("rss_mib") or (r.get("error") and not r.get("stopped")):
+                continue
+            if r.get("stopped"):
+                notes.append(f"{model} {method} at {r['samples']} samples: peak RSS onnxopt {mine['rss_mib']:.0f} MiB "
+                             f"vs ort > {r['rss_mib']:.0f} MiB (stopped) (< {mine['rss_mib'] / r['rss_mib']:.2f}x)")
+            else:
+                floor = f"; loading the model alone peaks at {floors[model]:.0f} MiB" if model in floors else ""
+                notes.append(f"{model} {method} at {r['samples']} samples: peak RSS onnxopt {mine['rss_mib']:.0f} MiB "
+                             f"vs ort {r['rss_mib']:.0f} MiB ({mine['rss_mib'] / r['rss_mib']:.2f}x{floor})")
+        if len(ours) >= 2:
+            a, b = ours[min(ours)], ours[max(ours)]
+            growth = b["rss_mib"] / a["rss_mib"] - 1
+            notes.append(f"{model} {method}: flat: {a['samples']} vs {b['samples']} samples {growth:+.0%} "
+                         f"(onnxopt {a['rss_mib']:.0f} -> {b['rss_mib']:.0f} MiB, "
+                         f"{'within' if abs(growth) <= 0.10 else 'NOT within'} 10%; the calibration .npz grows "
+                         f"{a.get('file_mib', 0):.1f} -> {b.get('file_mib', 0):.1f} MiB)")
+    return notes
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -351,9 +453,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--samples", type=int, default=64, help="calibration samples (digits: at most 360)")
     ap.add_argument("--python", default=sys.executable)
     ap.add_argument("--timeout", type=float, default=300)
-    ap.add_argument("--rss-flat", default="mobilenetv2:50:400",
-                    help="MODEL:N1:N2: onnxopt entropy calibration at N1 and N2 samples, to show peak RSS flat in "
-                         "the sample count ('' to skip)")
+    ap.add_argument("--rss", default="digits_cnn,mobilenetv2,resnet18",
+                    help="models whose peak RSS is measured against the sample count ('' to skip)")
+    ap.add_argument("--rss-methods", default="entropy,percentile")
+    ap.add_argument("--rss-samples", default="50,800", help="sample counts, one .npz each")
+    ap.add_argument("--rss-tools", default="onnxopt,ort")
+    ap.add_argument("--rss-ort-samples", default="800",
+                    help="the counts at which ORT runs in these rows ('all'; its RSS at --samples is in the main table)")
+    ap.add_argument("--ort-cap-gib", type=float, default=8,
+                    help="stop an ORT calibration once its RSS passes this (its figure is then a lower bound)")
     ap.add_argument("--out", type=Path)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
@@ -366,7 +474,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     results = []
     work = Path(tempfile.mkdtemp(prefix="bench_qdq_"))
-    for name in args.models.split(","):
+    for name in filter(None, args.models.split(",")):
         prep = prepare(name, work, args.samples)
         ref = outputs(prep["path"], prep["evals"])
         lat_float = latency(prep["path"], prep["lat"])
@@ -392,18 +500,25 @@ def main(argv: list[str] | None = None) -> int:
                         res["error"] = f"ORT cannot run the result: {str(exc).strip().splitlines()[0][:150]}"
                 print(json.dumps({k: v for k, v in res.items() if k != "stats"}, default=float), flush=True)
                 results.append(res)
-    flat, flat_sizes = [], {}
-    if args.rss_flat:
-        name, *counts = args.rss_flat.split(":")
-        for n in map(int, counts):
+    t_rss = time.perf_counter()
+    flat = []
+    cap_mib = args.ort_cap_gib * 1024
+    for name in filter(None, args.rss.split(",")):
+        for n in map(int, args.rss_samples.split(",")):
             prep = prepare(name, work, n)
-            flat_sizes[n] = prep["calib"].stat().st_size
-            for tool in ("onnxopt",) + (("ort",) if n <= 64 else ()):
-                res = run_child(args.python, tool, "entropy", prep["path"], prep["calib"], work / "flat.onnx", n,
-                                args.timeout)
-                res.update(model=name, samples=n)
-                print(json.dumps({k: v for k, v in res.items() if k != "stats"}, default=float), flush=True)
-                flat.append(res)
+            file_mib = prep["calib"].stat().st_size / 2**20
+            for method in args.rss_methods.split(","):
+                for tool in args.rss_tools.split(","):
+                    if tool != "onnxopt" and args.rss_ort_samples != "all" and str(n) not in args.rss_ort_samples.split(","):
+                        continue
+                    res = run_child(args.python, tool, method, prep["path"], prep["calib"], work / "flat.onnx", n,
+                                    args.timeout, cap_mib=cap_mib if tool == "ort" else None)
+                    res.update(model=name, method=method, tool=tool, samples=n, file_mib=file_mib)
+                    print(json.dumps({k: v for k, v in res.items() if k != "stats"}, default=float), flush=True)
+                    flat.append(res)
+            prep["calib"].unlink()
+    t_rss = time.perf_counter() - t_rss
+    shutil.rmtree(work, ignore_errors=True)
     import onnxsim
 
     meta = {
@@ -413,14 +528,15 @@ def main(argv: list[str] | None = None) -> int:
         "command": "/work/venv-bench/bin/python tools/bench_qdq.py " + " ".join(argv),
         "versions": f"onnxopt {getattr(onnxopt, '__version__', '?')}, onnxruntime {onnxruntime.__version__}, "
                     f"onnxsim {getattr(onnxsim, '__version__', '?')}, onnx {onnx.__version__}, numpy {np.__version__}",
-        "samples": args.samples, "total_s": time.perf_counter() - t0, "notes": findings(results) + flat_notes(flat, flat_sizes), "flat": flat,
+        "samples": args.samples, "total_s": time.perf_counter() - t0, "notes": findings(results) + flat_notes(flat, results), "flat": flat,
+        "cap_gib": args.ort_cap_gib, "rss_s": t_rss,
     }
     text = render(results, meta)
     print(text)
     if args.out:
         write_section(args.out, SECTION, text)
     if args.json:
-        args.json.write_text(json.dumps(results, indent=1, default=float))
+        args.json.write_text(json.dumps({"results": results, "rss": flat}, indent=1, default=float))
     return 0
 
 
