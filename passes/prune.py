@@ -45,7 +45,7 @@ class PruneOptions:
     keep_first_last: bool = True  # leave the first and last weighted layers dense
     ops: list[str] = field(default_factory=lambda: list(_TARGETS))  # op types whose weights are pruned
     damp: float = 0.01  # ridge damping of XᵀX, relative to its mean diagonal
-    samples: int = 256  # calibration samples read
+    samples: int = 512  # calibration samples read at most (the stat calibration_samples says how many were)
     sequential: bool = True  # refit each layer on the inputs the pruned layers before it make, aiming at the dense output
     storage: Literal["auto", "dense"] = "auto"  # auto: a Constant with a COO sparse_value where that is smaller
 
@@ -92,9 +92,12 @@ class Prune(Pass):
     consumer's bias. Paths that cannot be followed safely (fan-out,
     Reshape, residual Add, Concat, Split, a graph output) are skipped and counted.
 
-    Scores: ``magnitude`` |W|, or ``wanda`` |W|·‖X_j‖ with column norms of the
-    layer's input on calibration data (compared across the whole layer: on the
-    digits models that kept more accuracy than Wanda's per-output-row groups).
+    Scores: ``magnitude`` |W|, or ``wanda`` |W|·‖X_j‖₂ with the L2 norms of the
+    layer's input columns on the dense model over the calibration samples (at
+    most ``samples``; stat ``calibration_samples``). Scores are compared within
+    ``scope`` like every score: per layer by default; ``scope=row`` is Wanda's
+    own per-output group (Sun et al. 2023). An input that is zero on all the
+    calibration data ranks its weights last, by magnitude among themselves.
     ``reconstruct`` (default: when calibration data is given) re-solves each output row's surviving weights by ridge-damped
     least squares on the layer's input XᵀX (``G[S,S] w_S = G[S,:] w``), the
     closed form SparseGPT approximates (direct solves, or batched conjugate
@@ -205,6 +208,7 @@ class _Pruner:
         self.names = G.Names(graph)
         self.data_driven = options.score == "wanda" or options.bias_correction or options.sparsity == "auto"
         self.reconstruct = (ctx.calibration is not None) if options.reconstruct == "auto" else bool(options.reconstruct)
+        self.samples_read = 0  # calibration samples the statistics came from (the most any one run read)
 
     def fresh(self, base: str) -> str:
         return self.names.fresh(base)
@@ -216,13 +220,14 @@ class _Pruner:
         stats: dict[str, Any] = {"layers_pruned": 0, "weights_total": 0, "weights_zeroed": 0,
                                  "channels_removed": 0, "layers_reconstructed": 0, "biases_corrected": 0,
                                  "dense_bytes": 0, "written_bytes": 0, "gzip_bytes_dense": 0, "gzip_bytes": 0,
-                                 "sparse_tensors": 0}
+                                 "sparse_tensors": 0, "calibration_samples": 0}
         if self.o.pattern == "structured":
             modified = self.structured(units, stats)
         else:
             if units and (self.data_driven or self.reconstruct):
                 self.collect(units)
             modified = self.zero(units, stats)
+        stats["calibration_samples"] = self.samples_read
         stats["sparsity_permille"] = (int(round(1000 * stats["weights_zeroed"] / stats["weights_total"]))
                                       if stats["weights_total"] else 0)
         stats.update({f"skipped_{k}": self.skips[k] for k in _SKIPS})
@@ -356,7 +361,7 @@ class _Pruner:
         if not wanted:
             return
         model = self.ctx.export(self.graph)
-        data = calibration_set(self.ctx, model, samples=self.o.samples)
+        data = _Counted(calibration_set(self.ctx, model, samples=self.o.samples), self)
         names = sorted({key[0] for key in wanted})
         by_name: dict[str, list] = {}
         for (name, _), value in wanted.items():
@@ -395,7 +400,7 @@ class _Pruner:
                 for rp, rd in zip(_rows(values[x.name], layout, gi, k), _rows(values[twin], layout, gi, k)):
                     stats[gi].update(rp, rd)
 
-        data = calibration_set(self.ctx, paired, samples=self.o.samples)
+        data = _Counted(calibration_set(self.ctx, paired, samples=self.o.samples), self)
         stream_tensors(paired, [x.name, twin], data, reduce)
         if any(st.rows == 0 for st in stats):
             return False
@@ -426,7 +431,7 @@ class _Pruner:
             per = o // u.groups
             for gi in range(u.groups):
                 gram = u.gram(gi)
-                s[gi * per:(gi + 1) * per] *= np.sqrt(np.maximum(np.diag(gram[0]), 0.0))[None, :]
+                s[gi * per:(gi + 1) * per] *= _input_norms(np.diag(gram[0]))[None, :]
         return s
 
     def nm_mask(self, u: _Unit, s: np.ndarray) -> Optional[np.ndarray]:
@@ -988,6 +993,18 @@ class _Pruner:
 
 # ----------------------------------------------------------------- helpers
 
+def _input_norms(sq: np.ndarray) -> np.ndarray:
+    """‖X_j‖₂ from the column sums of squares. An input that is zero on all the calibration data gets
+    a norm far below every live one (1e-6 of the smallest), so its weights still rank below the
+    live ones and, among themselves, by magnitude rather than by position: with no evidence from
+    the data, magnitude decides."""
+    norms = np.sqrt(np.maximum(sq, 0.0))
+    live = norms > 0
+    if not live.all():
+        norms = np.where(live, norms, 1e-6 * float(norms[live].min()) if live.any() else 1.0)
+    return norms
+
+
 def _keep_lowest_per_row(scores: np.ndarray, drop: int) -> np.ndarray:
     """Mask keeping all but the ``drop`` lowest scores of every output row (ties by position)."""
     keep = np.ones(scores.shape, bool)
@@ -1002,6 +1019,21 @@ def _keep_lowest_out(scores: np.ndarray, drop: int) -> np.ndarray:
     if drop > 0:
         keep[np.argsort(scores, axis=None, kind="stable")[:drop]] = False
     return keep.reshape(scores.shape)
+
+
+class _Counted:
+    """Calibration feeds passed through, counting the samples each full pass yields (as the feeds'
+    leading dimension counts them) into ``owner.samples_read``."""
+
+    def __init__(self, data, owner) -> None:
+        self.data, self.owner = data, owner
+
+    def __iter__(self):
+        n = 0
+        for feed in self.data:
+            n += max((int(np.shape(v)[0]) for v in feed.values() if np.ndim(v)), default=1)
+            yield feed
+        self.owner.samples_read = max(self.owner.samples_read, n)
 
 
 class _Cross:

@@ -18,6 +18,10 @@ calibration data and the same sparsities, post-training with no retraining:
 onnxsim functions used: apply_magnitude_pruning (layer/global, n:m),
 apply_wanda_pruning, apply_sparsegpt_pruning and apply_structured_pruning, each
 with the calibration batches where it takes them (``num_samples`` = all of them).
+onnxopt gets the same samples, all of them (``samples=N`` is added to every
+calibrated spec: prune reads at most ``samples``). Each onnxsim method is
+compared with the onnxopt row of the same method and comparison group
+(``findings``: printed, and listed in the section).
 
 Run from the repo root with the bench venv (onnxsim installed, onnxopt editable):
 
@@ -60,8 +64,17 @@ def session(model: onnx.ModelProto, threads: int = 0) -> ort.InferenceSession:
     return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
 
+def with_samples(spec: str, calib) -> str:
+    """``spec`` reading all of ``calib`` (prune's ``samples`` caps what it reads): the same data onnxsim gets."""
+    if calib is None:
+        return spec
+    n = len(next(iter(calib.values())))
+    head, sep, tail = spec.partition(")")
+    return f"{head},samples={n}{sep}{tail}"
+
+
 def onnxopt_prune(model: onnx.ModelProto, spec: str, calib) -> onnx.ModelProto:
-    return onnxopt.optimize(model, spec, calibration=calib, validate=False).model
+    return onnxopt.optimize(model, with_samples(spec, calib), calibration=calib, validate=False).model
 
 
 def onnxsim_fn(name: str):
@@ -105,8 +118,11 @@ def methods(calib_batches, kind: str):
                                                                                     num_samples=n, sparsity=s)),
     ]
     if kind == "structured":
-        rows = [("structured L2", "onnxopt", oo("prune(pattern=structured,sparsity={s},reconstruct=false)")),
-                ("structured L2 + refit", "onnxopt", oo("prune(pattern=structured,sparsity={s})", True))]
+        st = "prune(pattern=structured,sparsity={s}"
+        rows = [("structured L2", "onnxopt", oo(st + ",keep_first_last=false,reconstruct=false)")),
+                ("structured L2 + refit", "onnxopt", oo(st + ",keep_first_last=false)", True)),
+                ("structured L2, first/last layers dense (default)", "onnxopt", oo(st + ",reconstruct=false)")),
+                ("structured L2 + refit, first/last layers dense (default)", "onnxopt", oo(st + ")", True))]
         sims = [("structured L2", "onnxsim",
                  lambda m, s: onnxsim_fn("apply_structured_pruning")(m, sparsity=s, importance_norm="l2"))]
     return rows + sims
@@ -153,6 +169,12 @@ def fingerprint(model: onnx.ModelProto) -> list:
 def accuracy(model, x, labels) -> float:
     logits = session(model).run(None, {"input": x})[0]
     return float((logits.argmax(1) == labels).mean() * 100)
+
+
+def logit_error(model, x, ref: np.ndarray) -> float:
+    """‖logits − dense logits‖ / ‖dense logits‖ on the test images: how far the pruned model moved."""
+    logits = session(model).run(None, {"input": x})[0].astype(np.float64)
+    return float(np.linalg.norm(logits - ref) / max(np.linalg.norm(ref), 1e-30))
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
@@ -232,6 +254,7 @@ def bench_digits(name: str, sparsities, log) -> dict:
     calib = np.load(ROOT / "models" / "digits_calib.npz")["input"]
     batches = [{"input": calib[i:i + 40]} for i in range(0, len(calib), 40)]
     dense = accuracy(model, x, labels)
+    ref = session(model).run(None, {"input": x})[0].astype(np.float64)
     table = {"dense": dense, "rows": [], "nm": [], "structured": []}
     for kind, key in (("unstructured", "rows"), ("structured", "structured")):
         for label, family, fn in methods(batches, kind):
@@ -246,6 +269,7 @@ def bench_digits(name: str, sparsities, log) -> dict:
                     row["errors"][s] = err
                     continue
                 row["acc"][s] = accuracy(out, x, labels)
+                row.setdefault("err", {})[s] = logit_error(out, x, ref)
                 if fingerprint(out) == fingerprint(model):
                     row.setdefault("unchanged", []).append(s)
                 if key == "rows":
@@ -259,7 +283,8 @@ def bench_digits(name: str, sparsities, log) -> dict:
     for label, family, fn in nm_methods(batches):
         out, sec, err = attempt(fn, model)
         acc = accuracy(out, x, labels) if out is not None else None
-        table["nm"].append({"method": label, "tool": family, "acc": acc, "error": err})
+        table["nm"].append({"method": label, "tool": family, "acc": acc, "error": err,
+                            "err": logit_error(out, x, ref) if out is not None else None})
         log(f"{name} {family:8s} {label:28s} {acc}" + (f" error: {err}" if err else ""))
     return table
 
@@ -285,7 +310,9 @@ def bench_bert(sparsities, log) -> dict:
     n = len(calib)
     candidates = [
         ("magnitude", "onnxopt", oo(base + ",reconstruct=false)")),
+        ("magnitude, row", "onnxopt", oo(base + ",scope=row,reconstruct=false)")),
         ("wanda", "onnxopt", oo(base + ",score=wanda,reconstruct=false)", cal_dict)),
+        ("wanda, row", "onnxopt", oo(base + ",score=wanda,scope=row,reconstruct=false)", cal_dict)),
         ("magnitude + reconstruction", "onnxopt", oo(base + ",reconstruct=true)", cal_dict)),
         ("magnitude", "onnxsim", lambda m, s: onnxsim_fn("apply_magnitude_pruning")(m, sparsity=s)),
         ("wanda", "onnxsim", lambda m, s: onnxsim_fn("apply_wanda_pruning")(m, calibration_data=calib,
@@ -340,7 +367,7 @@ def bench_structured(log, runs: int) -> list:
         base_lat = latency(model, feed, runs)
         ref = session(model).run(None, feed)[0]
         for label, fn in (("onnxopt structured L2 + refit",
-                           lambda m: onnxopt.optimize(m, f"prune(pattern=structured,sparsity={s}),dce",
+                           lambda m: onnxopt.optimize(m, with_samples(f"prune(pattern=structured,sparsity={s}),dce", cal),
                                                       calibration=cal, validate=False)),
                           ("onnxsim apply_structured_pruning",
                            lambda m: onnxsim_fn("apply_structured_pruning")(m, sparsity=s))):
@@ -362,6 +389,128 @@ def bench_structured(log, runs: int) -> list:
             log(f"structured {name} {label}: params {base_params}->{params} flops {base_flops/1e6:.1f}M->{flops/1e6:.1f}M "
                 f"latency {base_lat:.2f}->{lat:.2f} ms cos {cos:.4f} {row['skips']}")
     return out_rows
+
+
+# ----------------------------------------------------------------- findings
+
+# each onnxsim method and the onnxopt row it is compared with: the same method, comparison group and data
+DIGITS_PAIRS = [
+    ("magnitude, row", "magnitude, row", "both zero the same share of every output row"),
+    ("magnitude, global", "magnitude, global", "one threshold over all layers (onnxopt: LAMP-normalised)"),
+    ("wanda", "wanda, row", "Wanda's per-output comparison group, as onnxsim and the paper use"),
+    ("wanda", "wanda", "reference: onnxopt's default per-layer group, a different comparison group"),
+    ("sparsegpt", "magnitude + reconstruction", "onnxopt's default with calibration data"),
+    ("structured L2", "structured L2", "data-free, as onnxsim's"),
+    ("structured L2", "structured L2 + refit", "onnxopt's default with calibration data"),
+]
+NM_PAIRS = [("2:4 magnitude", "2:4 magnitude"), ("2:4 wanda", "2:4 wanda"), ("2:4 sparsegpt", "2:4 + reconstruction")]
+BERT_PAIRS = [
+    ("magnitude", "magnitude, row", "both zero the same share of every output row"),
+    ("magnitude", "magnitude", "reference: onnxopt's default per-layer group"),
+    ("wanda", "wanda, row", "Wanda's per-output comparison group"),
+    ("wanda", "wanda", "reference: onnxopt's default per-layer group"),
+    ("sparsegpt", "magnitude + reconstruction", "onnxopt's default with calibration data"),
+]
+
+
+def compare(sim: dict, opt: dict, skip=()) -> tuple[list, list]:
+    """Points both have (sparsity > 0, onnxsim not declining) and those where onnxopt is lower."""
+    points = [s for s in sim if s in opt and s and s not in skip and sim[s] is not None and opt[s] is not None]
+    return points, [s for s in points if opt[s] < sim[s] - 1e-9]
+
+
+def verdict(sim_label: str, opt_label: str, why: str, sim: dict, opt: dict, digits: int, skip=(),
+            errors: tuple = ({}, {})) -> tuple[str, bool]:
+    """One findings line; ``errors`` (onnxsim's, onnxopt's logit error by point) annotate the lower points."""
+    points, lower = compare(sim, opt, skip)
+    head = f"onnxsim {sim_label} vs onnxopt {opt_label} ({why}): "
+    if not points:
+        return head + "no comparable point" + (f" (onnxsim declined at {_pcts(skip)})" if skip else ""), True
+
+    def err(s):
+        e_sim, e_opt = errors[0].get(s), errors[1].get(s)
+        return "" if e_sim is None or e_opt is None else f", logit error {e_opt:.3f} vs {e_sim:.3f}"
+
+    if lower:
+        body = "onnxopt LOWER at " + ", ".join(f"{_pct(s)} ({opt[s]:.{digits}f} vs {sim[s]:.{digits}f}{err(s)})"
+                                               for s in lower)
+    else:
+        body = f"onnxopt >= onnxsim at every point ({_pcts(points)})"
+    declined = [s for s in skip if s in opt and s]
+    if declined:
+        body += f"; onnxsim declined (weights unchanged) at {_pcts(declined)}"
+    return head + body, not lower
+
+
+def _pct(s) -> str:
+    return f"{int(round(float(s) * 100))}%" if not isinstance(s, str) else s
+
+
+def _pcts(points) -> str:
+    return ", ".join(_pct(s) for s in sorted(points, key=lambda p: float(p) if not isinstance(p, str) else 0))
+
+
+def findings(results: dict) -> list[tuple[str, bool, bool]]:
+    """(line, onnxopt >= onnxsim, primary) for every onnxsim method and the onnxopt row it is compared with;
+    primary: the like-for-like counterpart, not a reference line about a different comparison group."""
+    out = []
+    for name in ("digits_mlp", "digits_cnn"):
+        t = results.get(name)
+        if not t:
+            continue
+        rows = {(r["tool"], r["method"]): r for r in t["rows"] + t["structured"]}
+        for sim_label, opt_label, why in DIGITS_PAIRS:
+            sim, opt = rows.get(("onnxsim", sim_label)), rows.get(("onnxopt", opt_label))
+            if sim and opt:
+                line, ok = verdict(sim_label, opt_label, why.removeprefix("reference: "), sim["acc"], opt["acc"], 2,
+                                   sim.get("unchanged", []),
+                                   (sim.get("err", {}), opt.get("err", {})))
+                out.append((f"{name}: {line}", ok, not why.startswith("reference")))
+        nm = {(r["tool"], r["method"]): r["acc"] for r in t["nm"]}
+        nm_err = {(r["tool"], r["method"]): r.get("err") for r in t["nm"]}
+        for sim_label, opt_label in NM_PAIRS:
+            if ("onnxsim", sim_label) in nm and ("onnxopt", opt_label) in nm:
+                line, ok = verdict(sim_label, opt_label, "2:4", {"2:4": nm[("onnxsim", sim_label)]},
+                                   {"2:4": nm[("onnxopt", opt_label)]}, 2, (),
+                                   ({"2:4": nm_err.get(("onnxsim", sim_label))},
+                                    {"2:4": nm_err.get(("onnxopt", opt_label))}))
+                out.append((f"{name}: {line}", ok, True))
+    b = results.get("bert") or {}
+    if "rows" in b:
+        rows = {(r["tool"], r["method"]): r["cos"] for r in b["rows"]}
+        for sim_label, opt_label, why in BERT_PAIRS:
+            if ("onnxsim", sim_label) in rows and ("onnxopt", opt_label) in rows:
+                line, ok = verdict(sim_label, opt_label, why.removeprefix("reference: ") + ", output cosine",
+                                   rows[("onnxsim", sim_label)],
+                                   rows[("onnxopt", opt_label)], 4)
+                out.append((f"bert: {line}", ok, not why.startswith("reference")))
+        nm = {r["method"]: r["cos"] for r in b["nm"]}
+        for sim_label, opt_label in NM_PAIRS:
+            sim_key = f"{sim_label}/onnxsim"
+            opt_key = f"2:4 reconstruction/onnxopt" if "reconstruction" in opt_label else f"{opt_label}/onnxopt"
+            if sim_key in nm and opt_key in nm:
+                line, ok = verdict(sim_label, opt_key.split("/")[0], "2:4, output cosine", {"2:4": nm[sim_key]},
+                                   {"2:4": nm[opt_key]}, 4)
+                out.append((f"bert: {line}", ok, True))
+    by_model: dict = {}
+    for r in results.get("structured") or []:
+        if "error" not in r:
+            by_model.setdefault(r["model"], {})["onnxsim" if r["method"].startswith("onnxsim") else "onnxopt"] = r
+    for model, pair in by_model.items():
+        if len(pair) != 2:
+            continue
+        sim, opt = pair["onnxsim"], pair["onnxopt"]
+        if sim["params"][1] == sim["params"][0]:
+            out.append((f"structured {model}: onnxsim apply_structured_pruning declined (parameters unchanged); "
+                        f"onnxopt removed {1 - opt['params'][1] / opt['params'][0]:.0%} of the parameters at cosine "
+                        f"{opt['cosine']:.4f}", True, True))
+            continue
+        ok = opt["cosine"] >= sim["cosine"] - 1e-12
+        out.append((f"structured {model}: onnxsim apply_structured_pruning vs onnxopt structured L2 + refit: cosine "
+                    f"{opt['cosine']:.4f} vs {sim['cosine']:.4f} at {opt['flops'][1] / opt['flops'][0]:.2f}x vs "
+                    f"{sim['flops'][1] / sim['flops'][0]:.2f}x FLOPs: " + ("onnxopt >= onnxsim" if ok else "onnxopt LOWER"),
+                    ok, True))
+    return out
 
 
 # ----------------------------------------------------------------- report
@@ -399,8 +548,10 @@ def render(results: dict, argv: list[str], seconds: float) -> str:
                          + " | " + ("—" if row["best"] is None else f"{int(row['best'] * 100)}%") + " |")
         lines += ["", "Structured rows: the sparsity is the fraction of output channels removed per prunable layer. "
                   "*(unchanged)*: the tool returned the weights as they were (it declined to prune); such points "
-                  "do not count for *highest within 1 pt*. The *first/last layers dense* row is onnxopt's default "
-                  "(its sparsity is over the layers it prunes).",
+                  "do not count for *highest within 1 pt*. The *first/last layers dense* rows are onnxopt's default "
+                  "(its sparsity is over the layers it prunes; for structured pruning the first layer's channels stay); "
+                  "the other onnxopt rows prune every layer, as onnxsim does. Every calibrated onnxopt row reads all "
+                  "the calibration images (`samples=` their number), the same data as onnxsim's `num_samples`.",
                   "", "2:4 (50%): " + "; ".join(f"{r['tool']} {r['method']} {fmt(r['acc'])}" +
                                              (f" ({r['error']})" if r["error"] else "") for r in t["nm"]), ""]
         errs = {(r["tool"], r["method"]): sorted(set(r["errors"].values())) for r in t["rows"] + t["structured"]
@@ -434,6 +585,20 @@ def render(results: dict, argv: list[str], seconds: float) -> str:
                          f"{l[0]:.2f} → {l[1]:.2f} ({l[1] / max(l[0], 1e-9):.2f}x) | {r['cosine']:.4f} | "
                          f"{', '.join(f'{k[8:]} {v}' for k, v in r['skips'].items()) or '—'} |")
         lines.append("")
+    found = results.get("findings") or []
+    if found:
+        lines += ["### onnxopt against its onnxsim counterpart", "",
+                  "Each onnxsim method beside the onnxopt row it is compared with (same method and comparison group "
+                  "where onnxopt has one), at every sparsity both measured; points where onnxsim declined to prune "
+                  "are left out.", ""]
+        lines += [f"- {('ok' if ok else 'MISS') if primary else 'reference'}: {line}" for line, ok, primary in found]
+        primaries = [ok for _, ok, primary in found if primary]
+        misses = primaries.count(False)
+        lines += ["", f"{len(primaries) - misses} of {len(primaries)} like-for-like comparisons: onnxopt >= onnxsim "
+                  "at every point" + (f"; {misses} with a point where onnxopt is lower (logit error: relative "
+                                      "L2 distance of the logits from the dense model's on the test images)."
+                                      if misses else ".") +
+                  " *reference* lines compare onnxsim with an onnxopt row of a different comparison group.", ""]
     lines += ["Notes:", "",
               "- Storage: unstructured zeros do not shrink a dense file. `prune` writes a pruned tensor as a "
               "`Constant` with a COO `sparse_value` (int64 indices, the only form onnx.checker accepts) only where "
@@ -447,7 +612,9 @@ def render(results: dict, argv: list[str], seconds: float) -> str:
     rows = {(r["tool"], r["method"]): r["cos"] for r in (results.get("bert") or {}).get("rows", [])}
     if rows.get(("onnxsim", "wanda")) and rows.get(("onnxsim", "wanda")) == rows.get(("onnxsim", "magnitude")):
         lines.append("- onnxsim's apply_wanda_pruning gave the same cosines as its magnitude pruning on the BERT "
-                     "export, with the calibration batches passed as `calibration_data`.")
+                     "export, with the calibration batches passed as `calibration_data`: it reads activation norms "
+                     "of MatMul/Gemm inputs of rank 2 only and falls back to magnitude for the rank-3 "
+                     "[batch, seq, hidden] inputs of a transformer (as its docstring says).")
     lines.append("")
     for note in results.get("notes", []):
         lines.append(f"- {note}")
@@ -492,6 +659,9 @@ def main(argv: list[str] | None = None) -> int:
         results["bert"] = bench_bert(results["bert_sparsities"], log)
     if "structured" in only:
         results["structured"] = bench_structured(log, args.runs)
+    results["findings"] = findings(results)
+    for line, ok, primary in results["findings"]:
+        log(f"{('ok  ' if ok else 'MISS') if primary else 'ref '} {line}")
     seconds = time.perf_counter() - start
     if args.json:
         args.json.write_text(json.dumps(results, indent=1, default=str))

@@ -525,3 +525,75 @@ def test_row_scope_prunes_the_same_share_of_every_output():
     assert st["weights_zeroed"] == 16 * 32 // 2 + 8 * 32 // 2 + 8 * 8 // 2
     with pytest.raises(onnxopt.InputError, match="scope=row does not apply"):
         onnxopt.optimize(model, "prune(pattern=2:4,scope=row)")
+
+
+# ----------------------------------------------------------------- wanda as published
+
+def wanda_reference(w_nk: np.ndarray, x: np.ndarray, sparsity: float) -> np.ndarray:
+    """Sun et al. 2023: keep-mask from |W_ij|·‖X_j‖₂, the round(s·K) lowest of every output row dropped."""
+    score = np.abs(w_nk.astype(np.float64)) * np.linalg.norm(x.astype(np.float64), axis=0)[None, :]
+    keep = np.ones(w_nk.shape, bool)
+    np.put_along_axis(keep, np.argsort(score, axis=1, kind="stable")[:, :round(sparsity * w_nk.shape[1])], False, 1)
+    return keep
+
+
+def two_gemms(k=24, h=20, n=12):
+    """x -> Gemm(transB) W1[h,k] + b1 -> Relu -> MatMul W2[h,n]: the second layer's input is the first's output."""
+    inits = [init("W1", rand((h, k), 11)), init("b1", rand(h, 12)), init("W2", rand((h, n), 13))]
+    nodes = [node("Gemm", ["x", "W1", "b1"], ["g"], name="fc1", transB=1), node("Relu", ["g"], ["r"], name="relu"),
+             node("MatMul", ["r", "W2"], ["y"], name="fc2")]
+    return make_model(nodes, [vi("x", ["batch", k])], [vi("y", ["batch", n])], inits)
+
+
+def test_wanda_row_is_the_published_score_on_the_dense_inputs_of_all_samples():
+    """scope=row, score=wanda: the mask is exactly Wanda's, with column norms of every layer's input in the
+    dense model over all the calibration samples (300: more than a batch, fewer than ``samples``)."""
+    model = two_gemms()
+    x = correlated(300, 24, 7)
+    out, st, _ = prune(model, "prune(sparsity=0.5,scope=row,score=wanda,keep_first_last=false,reconstruct=false)",
+                       feeds=[{"x": x[:16]}], calibration={"x": x})
+    assert st["calibration_samples"] == 300
+    w1, w2 = weights(model)["W1"], weights(model)["W2"]
+    r = np.maximum(x.astype(np.float64) @ w1.T.astype(np.float64) + weights(model)["b1"], 0)  # dense input of fc2
+    np.testing.assert_array_equal(weight_of(out, "fc1") != 0, wanda_reference(w1, x, 0.5))
+    np.testing.assert_array_equal((weight_of(out, "fc2") != 0).T, wanda_reference(w2.T, r, 0.5))
+    assert st["weights_zeroed"] == 20 * 12 + 12 * 10
+
+
+def test_wanda_reads_at_most_samples():
+    model = two_gemms()
+    x = correlated(300, 24, 7)
+    spec = "prune(sparsity=0.5,scope=row,score=wanda,keep_first_last=false,reconstruct=false,samples=64)"
+    out, st, _ = prune(model, spec, feeds=[{"x": x[:16]}], calibration={"x": x})
+    assert st["calibration_samples"] == 64
+    np.testing.assert_array_equal(weight_of(out, "fc1") != 0, wanda_reference(weights(model)["W1"], x[:64], 0.5))
+
+
+def test_wanda_ranks_weights_of_inputs_dead_on_the_calibration_data_by_magnitude():
+    """Inputs that are zero on every calibration sample carry no evidence: their weights rank below every
+    live input's and, among themselves, by |W| (not by position), for row, layer and 2:4 groups alike."""
+    k, n = 8, 6
+    w = rand((k, n), 21)
+    model = make_model([node("MatMul", ["x", "W"], ["y"], name="fc")], [vi("x", ["batch", k])],
+                       [vi("y", ["batch", n])], [init("W", w)])
+    x = correlated(64, k, 3)
+    dead = np.array([0, 1, 2, 5])
+    x[:, dead] = 0
+    feeds = [{"x": correlated(8, k, 4)}]  # test inputs where the dead columns are not zero
+    base = "prune(keep_first_last=false,score=wanda,reconstruct=false,"
+    out, st, _ = prune(model, base + "sparsity=0.25,scope=row)", feeds=feeds, calibration={"x": x})
+    got = weight_of(out, "fc") != 0
+    for j in range(n):  # 2 of each output column go: the two dead inputs with the smallest |W|
+        order = dead[np.argsort(np.abs(w[dead, j]), kind="stable")]
+        assert set(np.flatnonzero(~got[:, j])) == set(order[:2]), j
+    out, st, _ = prune(model, base + "sparsity=0.25)", feeds=feeds, calibration={"x": x})
+    got = weight_of(out, "fc") != 0
+    cells = sorted(((i, j) for i in dead for j in range(n)), key=lambda c: abs(w[c]))  # 24 dead weights
+    assert set(zip(*np.nonzero(~got))) == set(cells[:12])  # round(0.25 * 48) go: the 12 smallest of them
+    out, st, _ = prune(model, base.replace("score=wanda,", "score=wanda,pattern=2:4,") + "sparsity=0.5)",
+                       feeds=feeds, calibration={"x": x})
+    got = weight_of(out, "fc") != 0
+    for j in range(n):  # group 0..3 has 3 dead inputs: keeps input 3 and the dead one with the largest |W|
+        assert got[3, j] and got[[0, 1, 2], j].sum() == 1 and got[np.argmax(np.abs(w[:3, j])), j], j
+        # group 4..7 has one dead input (5): it goes with the live one of the smallest score
+        assert not got[5, j] and got[4:8, j].sum() == 2
