@@ -34,7 +34,7 @@ _BINARY = ("Add", "Mul", "Sub", "Div")
 class PruneOptions:
     sparsity: Union[float, Literal["auto"]] = 0.5  # fraction of weights (structured: output channels) set to zero; auto: per-layer ratios from sensitivity
     pattern: Literal["unstructured", "2:4", "4:8", "structured"] = "unstructured"  # n:m keeps n of every m along the reduction axis
-    scope: Literal["layer", "row", "global"] = "layer"  # one ratio per layer, the same ratio in every output row, or one threshold over layer-normalised (LAMP) scores
+    scope: Literal["auto", "layer", "row", "global"] = "auto"  # one ratio per layer, the same ratio in every output row, or one threshold over layer-normalised (LAMP) scores; auto: row for wanda (its paper's group), layer otherwise
     score: Literal["magnitude", "wanda"] = "magnitude"  # wanda: |W| times the input column norm on calibration data
     norm: Literal["l1", "l2"] = "l2"  # channel norm for structured pruning
     reconstruct: Union[bool, Literal["auto"]] = "auto"  # least-squares update of surviving weights; auto: when calibration data is given
@@ -60,7 +60,7 @@ class PruneOptions:
             raise ValueError("tolerance applies to sparsity=auto only")
         if self.tolerance is not None and self.tolerance <= 0:
             raise ValueError(f"tolerance must be positive, got {self.tolerance}")
-        if self.pattern in ("2:4", "4:8") and self.scope != "layer":
+        if self.pattern in ("2:4", "4:8") and self.scope not in ("auto", "layer"):
             raise ValueError(f"pattern={self.pattern} fixes the sparsity of every group; scope={self.scope} does not apply")
         bad = [op for op in self.ops if op not in _TARGETS]
         if bad:
@@ -95,8 +95,8 @@ class Prune(Pass):
     Scores: ``magnitude`` |W|, or ``wanda`` |W|·‖X_j‖₂ with the L2 norms of the
     layer's input columns on the dense model over the calibration samples (at
     most ``samples``; stat ``calibration_samples``). Scores are compared within
-    ``scope`` like every score: per layer by default; ``scope=row`` is Wanda's
-    own per-output group (Sun et al. 2023). An input that is zero on all the
+    ``scope``; by default (``auto``) magnitude per layer and wanda per output
+    row, the group its paper (Sun et al. 2023) compares within. An input that is zero on all the
     calibration data ranks its weights last, by magnitude among themselves.
     ``reconstruct`` (default: when calibration data is given) re-solves each output row's surviving weights by ridge-damped
     least squares on the layer's input XᵀX (``G[S,S] w_S = G[S,:] w``), the
@@ -209,6 +209,7 @@ class _Pruner:
         self.data_driven = options.score == "wanda" or options.bias_correction or options.sparsity == "auto"
         self.reconstruct = (ctx.calibration is not None) if options.reconstruct == "auto" else bool(options.reconstruct)
         self.samples_read = 0  # calibration samples the statistics came from (the most any one run read)
+        self.scope = options.scope if options.scope != "auto" else ("row" if options.score == "wanda" else "layer")
 
     def fresh(self, base: str) -> str:
         return self.names.fresh(base)
@@ -463,7 +464,7 @@ class _Pruner:
             ratios = self.allocate(units, weights, scores, stats)
             for u in units:
                 masks[id(u)] = _keep_lowest_out(scores[id(u)], int(round(ratios[id(u)] * u.size)))
-        elif self.o.scope == "global":
+        elif self.scope == "global":
             total = sum(u.size for u in units)
             drop = int(round(float(self.o.sparsity) * total))
             flat = np.concatenate([_lamp(scores[id(u)]) for u in units]) if units else np.zeros(0)
@@ -474,7 +475,7 @@ class _Pruner:
             for u in units:
                 masks[id(u)] = ~pruned[start:start + u.size].reshape(scores[id(u)].shape)
                 start += u.size
-        elif self.o.scope == "row":
+        elif self.scope == "row":
             for u in units:
                 per_row = int(round(float(self.o.sparsity) * scores[id(u)].shape[1]))
                 masks[id(u)] = _keep_lowest_per_row(scores[id(u)], per_row)

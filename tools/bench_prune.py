@@ -99,7 +99,7 @@ def methods(calib_batches, kind: str):
         ("magnitude, row", "onnxopt", oo(base + ",scope=row,reconstruct=false)")),
         ("magnitude, global", "onnxopt", oo(base + ",scope=global,reconstruct=false)")),
         ("wanda", "onnxopt", oo(base + ",score=wanda,reconstruct=false)", True)),
-        ("wanda, row", "onnxopt", oo(base + ",score=wanda,scope=row,reconstruct=false)", True)),
+        ("wanda, layer", "onnxopt", oo(base + ",score=wanda,scope=layer,reconstruct=false)", True)),
         ("magnitude + reconstruction", "onnxopt", oo(base + ",reconstruct=true)", True)),
         ("wanda + reconstruction", "onnxopt", oo(base + ",score=wanda,reconstruct=true)", True)),
         ("global + reconstruction", "onnxopt", oo(base + ",scope=global,reconstruct=true)", True)),
@@ -312,7 +312,7 @@ def bench_bert(sparsities, log) -> dict:
         ("magnitude", "onnxopt", oo(base + ",reconstruct=false)")),
         ("magnitude, row", "onnxopt", oo(base + ",scope=row,reconstruct=false)")),
         ("wanda", "onnxopt", oo(base + ",score=wanda,reconstruct=false)", cal_dict)),
-        ("wanda, row", "onnxopt", oo(base + ",score=wanda,scope=row,reconstruct=false)", cal_dict)),
+        ("wanda, layer", "onnxopt", oo(base + ",score=wanda,scope=layer,reconstruct=false)", cal_dict)),
         ("magnitude + reconstruction", "onnxopt", oo(base + ",reconstruct=true)", cal_dict)),
         ("magnitude", "onnxsim", lambda m, s: onnxsim_fn("apply_magnitude_pruning")(m, sparsity=s)),
         ("wanda", "onnxsim", lambda m, s: onnxsim_fn("apply_wanda_pruning")(m, calibration_data=calib,
@@ -397,8 +397,8 @@ def bench_structured(log, runs: int) -> list:
 DIGITS_PAIRS = [
     ("magnitude, row", "magnitude, row", "both zero the same share of every output row"),
     ("magnitude, global", "magnitude, global", "one threshold over all layers (onnxopt: LAMP-normalised)"),
-    ("wanda", "wanda, row", "Wanda's per-output comparison group, as onnxsim and the paper use"),
-    ("wanda", "wanda", "reference: onnxopt's default per-layer group, a different comparison group"),
+    ("wanda", "wanda", "Wanda's per-output comparison group (onnxopt's default for score=wanda), as onnxsim and the paper use"),
+    ("wanda", "wanda, layer", "reference: one comparison group per layer, a different group"),
     ("sparsegpt", "magnitude + reconstruction", "onnxopt's default with calibration data"),
     ("structured L2", "structured L2", "data-free, as onnxsim's"),
     ("structured L2", "structured L2 + refit", "onnxopt's default with calibration data"),
@@ -407,8 +407,8 @@ NM_PAIRS = [("2:4 magnitude", "2:4 magnitude"), ("2:4 wanda", "2:4 wanda"), ("2:
 BERT_PAIRS = [
     ("magnitude", "magnitude, row", "both zero the same share of every output row"),
     ("magnitude", "magnitude", "reference: onnxopt's default per-layer group"),
-    ("wanda", "wanda, row", "Wanda's per-output comparison group"),
-    ("wanda", "wanda", "reference: onnxopt's default per-layer group"),
+    ("wanda", "wanda", "Wanda's per-output comparison group (onnxopt's default for score=wanda)"),
+    ("wanda", "wanda, layer", "reference: one comparison group per layer"),
     ("sparsegpt", "magnitude + reconstruction", "onnxopt's default with calibration data"),
 ]
 

@@ -218,7 +218,7 @@ def test_wanda_and_reconstruction_reduce_the_output_error():
 
     base = "prune(sparsity=0.6,keep_first_last=false"
     magnitude, _ = err(base + ",reconstruct=false)")
-    wanda, _ = err(base + ",score=wanda,reconstruct=false)")
+    wanda, _ = err(base + ",score=wanda,scope=layer,reconstruct=false)")  # the same group as magnitude
     rebuilt, st = err(base + ")")  # calibration given: reconstruction is on by default
     assert st["layers_reconstructed"] == 1
     assert wanda < magnitude and rebuilt < 0.5 * wanda
@@ -558,6 +558,13 @@ def test_wanda_row_is_the_published_score_on_the_dense_inputs_of_all_samples():
     np.testing.assert_array_equal(weight_of(out, "fc1") != 0, wanda_reference(w1, x, 0.5))
     np.testing.assert_array_equal((weight_of(out, "fc2") != 0).T, wanda_reference(w2.T, r, 0.5))
     assert st["weights_zeroed"] == 20 * 12 + 12 * 10
+    # score=wanda compares within output rows by default (scope=auto), magnitude within the layer
+    default, _, _ = prune(model, "prune(sparsity=0.5,score=wanda,keep_first_last=false,reconstruct=false)",
+                          feeds=[{"x": x[:16]}], calibration={"x": x})
+    np.testing.assert_array_equal(weight_of(default, "fc1"), weight_of(out, "fc1"))
+    layer, _, _ = prune(model, "prune(sparsity=0.5,score=wanda,scope=layer,keep_first_last=false,reconstruct=false)",
+                        feeds=[{"x": x[:16]}], calibration={"x": x})
+    assert not np.array_equal(weight_of(layer, "fc1") != 0, weight_of(out, "fc1") != 0)
 
 
 def test_wanda_reads_at_most_samples():
@@ -586,7 +593,7 @@ def test_wanda_ranks_weights_of_inputs_dead_on_the_calibration_data_by_magnitude
     for j in range(n):  # 2 of each output column go: the two dead inputs with the smallest |W|
         order = dead[np.argsort(np.abs(w[dead, j]), kind="stable")]
         assert set(np.flatnonzero(~got[:, j])) == set(order[:2]), j
-    out, st, _ = prune(model, base + "sparsity=0.25)", feeds=feeds, calibration={"x": x})
+    out, st, _ = prune(model, base + "sparsity=0.25,scope=layer)", feeds=feeds, calibration={"x": x})
     got = weight_of(out, "fc") != 0
     cells = sorted(((i, j) for i in dead for j in range(n)), key=lambda c: abs(w[c]))  # 24 dead weights
     assert set(zip(*np.nonzero(~got))) == set(cells[:12])  # round(0.25 * 48) go: the 12 smallest of them
