@@ -79,7 +79,9 @@ class Qdq(Pass):
 
     Ranges come from one streaming run over the calibration data
     (``ctx.calibration``; ``method`` minmax, percentile, entropy or mse, see
-    onnxopt.calibrate.RangeStats). Fragile patterns stay float unless
+    onnxopt.calibrate.RangeStats; entropy is TensorRT's KL search with 256
+    quantized bins for one-sided uint8 tensors, corrected for the number of
+    independent values the histogram holds). Fragile patterns stay float unless
     ``op_types`` is set explicitly: in transformer-like graphs (Softmax,
     LayerNormalization or a decomposed LayerNorm present) Add and Mul
     (residuals, LayerNorm affine) and MatMuls of two activations (attention);
@@ -164,7 +166,12 @@ class Qdq(Pass):
         stats["calibration_batches"] = batches
         stats["calibration_synthetic"] = int(data.synthetic)
 
-        found = ranges.ranges(o.percentile)  # int8 activations are made symmetric in activation_qparams
+        # the threshold searches get the quantization grid each tensor will have: uint8 over [lo, hi]
+        # (255 steps; 127 per side of 0 for signed data), int8 symmetric (127 steps per side; also for
+        # one-sided data) except a folded Relu/Clip, which gets zero point -128 (255 steps)
+        folded = {t.name for t in plan.tensors.values() if id(t) in plan.folded_ids}
+        found = {n: s.range(o.method, o.percentile, symmetric=o.activation_type == "int8" and n not in folded)
+                 for n, s in ranges.stats.items()}
         not_float = {n for n, d in dtypes.items() if d != np.float32}
         plan.drop_tensors(not_float)
         if not plan.nodes:

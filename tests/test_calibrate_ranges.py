@@ -1,5 +1,6 @@
 """Streaming range statistics for quantization (calibrate.RangeStats): each method against a
-numpy reference on known distributions, methods that differ, memory flat in the sample count."""
+numpy reference on known distributions (entropy: NVIDIA's TensorRT search, loop by loop), the
+finite-sample rules of the entropy search, methods that differ, memory flat in the sample count."""
 
 from __future__ import annotations
 
@@ -11,35 +12,33 @@ import pytest
 from onnxopt.calibrate import RangeStats, TensorRanges, entropy_threshold, mse_threshold
 
 
-def _smooth(p, eps=1e-4):
-    zeros = (p == 0).astype(np.float64)
-    nonzeros = 1 - zeros
-    return p + eps * zeros - eps * zeros.sum() / nonzeros.sum() * nonzeros
-
-
-def reference_entropy(absx: np.ndarray, bins: int = 2048, levels: int = 128) -> float:
-    """TensorRT's KL calibration as in MXNet's/ORT's reference code, loop by loop, no stride."""
-    hist, edges = np.histogram(absx, bins=bins, range=(0, absx.max()))
-    best, best_i = np.inf, bins
-    for i in range(levels, bins + 1):
-        sliced = hist[:i].astype(np.float64)
-        p = sliced.copy()
-        p[i - 1] += hist[i:].sum()
-        nz = p != 0
-        merged = i // levels
-        q = np.zeros(i)
-        for j in range(levels):
-            a, b = j * merged, (i if j == levels - 1 else (j + 1) * merged)
-            if nz[a:b].sum():
-                q[a:b] = sliced[a:b].sum() / nz[a:b].sum()
-        q[~nz] = 0
-        p, q = _smooth(p / p.sum()), _smooth(q / q.sum())
-        if (p <= 0).any() or (q <= 0).any():
-            continue
-        kl = np.sum(p * np.log(p / q))
-        if kl < best:
+def reference_entropy(hist: np.ndarray, levels: int, samples: float = 0) -> int:
+    """TensorRT's KL calibration as NVIDIA's pytorch-quantization writes it (_compute_amax_entropy),
+    loop by loop, stride 1: the number of bins of the threshold. Level of bin j: floor(j * levels / i)
+    in integers (the reference's linspace + digitize, without its float rounding at the edges).
+    ``samples``: subtract the Miller-Madow bias (occupied bins of P - occupied levels of Q) / 2n."""
+    bins = np.asarray(hist, np.float64)
+    last = int(np.nonzero(bins)[0][-1]) + 1
+    best, best_i = np.inf, last
+    for i in range(levels, last + 1):
+        level = (np.arange(i) * levels) // i
+        level[bins[:i] == 0] = -1  # Q is spread over the bins where hist[:i] is non-empty only
+        full_bins = level != -1
+        mass = np.bincount(level[full_bins], weights=bins[:i][full_bins], minlength=levels)
+        used = np.bincount(level[full_bins], minlength=levels)
+        q = np.where(full_bins, mass[level] / np.maximum(used[level], 1), 0.0)
+        p = bins[:i].copy()
+        p[i - 1] += bins[i:].sum()
+        p, q = p / p.sum(), q / q.sum()
+        full = p > 0
+        if (q[full] == 0).any():
+            continue  # outliers folded into an empty last bin: KL infinite
+        kl = float(np.sum(p[full] * np.log(p[full] / q[full])))
+        if samples:
+            kl -= (full.sum() - (mass > 0).sum()) / (2 * samples)
+        if kl <= best:  # the widest threshold on ties
             best, best_i = kl, i
-    return float(edges[best_i])
+    return best_i
 
 
 def reference_mse(x: np.ndarray, threshold: float, levels: int, one_sided: bool) -> float:
@@ -85,23 +84,78 @@ def test_minmax_and_percentile_match_numpy(name):
     assert abs(lo - want_lo) <= tol and abs(hi - want_hi) <= tol
 
 
-@pytest.mark.parametrize("name", list(DISTS))
-def test_entropy_matches_tensorrt_reference(name):
-    x = DISTS[name]
-    one_sided = x.min() >= 0
-    levels = 255 if one_sided else 128
-    # exact zeros (40% of the ReLU data) are quantized exactly and left out of the search
-    nonzero = np.abs(x[x != 0])
-    want = reference_entropy(nonzero, levels=levels)
-    # on the same histogram (stride 1) the search is exactly the reference's
-    hist, edges = np.histogram(nonzero, bins=2048, range=(0, nonzero.max()))
-    assert entropy_threshold(hist, edges[1], levels, stride=1) == pytest.approx(want, rel=1e-6)
-    # streamed in batches, with re-binning and strided candidates: the KL minimum is flat, so
-    # within 8% (minmax is 25% or more away on all three)
+def sparse_tail(n: int = 20_000) -> np.ndarray:
+    """Exponential magnitudes: a tail of isolated values over most of the 2048 bins."""
+    return np.random.default_rng(4).exponential(size=n).astype(np.float32)
+
+
+@pytest.mark.parametrize("name", [*DISTS, "sparse_tail"])
+@pytest.mark.parametrize("bias_corrected", [False, True])
+def test_entropy_matches_tensorrt_reference(name, bias_corrected):
+    x = sparse_tail() if name == "sparse_tail" else DISTS[name]
+    levels = 256 if x.min() >= 0 else 128
+    a = np.abs(x[x != 0])  # exact zeros (40% of the ReLU data) are quantized exactly: not in the search
+    hist, edges = np.histogram(a, bins=2048, range=(0, a.max()))
+    n = a.size if bias_corrected else 0
+    want = reference_entropy(hist, levels, n)
+    # on the same histogram, every candidate (stride 1): exactly the reference's threshold
+    assert entropy_threshold(hist, edges[1], levels, stride=1, samples=n or None) == pytest.approx(
+        want * edges[1], rel=1e-9)
+
+
+def test_no_smoothing_that_drops_wide_candidates():
+    """MXNet's / ONNX Runtime's eps smoothing turns the single-value bins of a sparse tail negative,
+    which rejected every candidate past the first empty bins (0.56 of the max here, on 60000
+    exponential values) where the plain KL search gives 0.69; with the bias correction for 60000
+    samples, the whole range (an exponential tail has no outliers)."""
+    x = sparse_tail(60_000)
+    hist, edges = np.histogram(x, bins=2048, range=(0, x.max()))
+    assert 0.65 * x.max() < entropy_threshold(hist, edges[1], 256) < 0.75 * x.max()
+    assert entropy_threshold(hist, edges[1], 256, samples=x.size) == pytest.approx(x.max(), rel=1e-6)
+
+
+def test_entropy_streamed_follows_the_reference():
+    """Streamed in batches (re-binned as the range grows, resampled, strided candidates) the
+    threshold stays close to the reference on the final histogram: the KL minimum is flat."""
+    x = DISTS["laplace_outliers"]
+    a = np.abs(x)
+    hist, edges = np.histogram(a, bins=2048, range=(0, a.max()))
+    want = reference_entropy(hist, 128, a.size) * edges[1]
     lo, hi = streamed(x).range("entropy")
-    assert hi == pytest.approx(min(want, x.max()), rel=0.08)
-    assert abs(hi - x.max()) > 0.2 * x.max()
-    assert lo == (0.0 if one_sided else -hi)
+    assert hi == pytest.approx(want, rel=0.1) and lo == -hi
+    assert hi < 0.35 * x.max()  # the outliers (25..40) are clipped, the body (|x| < 13) is not
+    assert hi > np.percentile(a, 99.99)
+
+
+def test_entropy_post_relu_outliers_clipped_between_bulk_and_max():
+    rng = np.random.default_rng(1)
+    bulk = np.maximum(rng.standard_normal(200_000), 0).astype(np.float32)  # half zeros, half half-normal
+    with_outliers = bulk.copy()
+    with_outliers[:5] = [12, 15, 9, 20, 11]
+    hi = streamed(with_outliers).range("entropy")[1]
+    assert 0.9 * bulk.max() < hi < 0.3 * 20  # the whole bulk in range, the outliers clipped
+    # without outliers the threshold is the max (the TensorRT search on a thin tail would clip it
+    # at ~3.7 on 60k values: sampling noise, undone by the bias correction)
+    assert streamed(bulk).range("entropy")[1] > 0.95 * bulk.max()
+    # one-sided uint8 data: the search has 256 quantized bins, the range starts at 0
+    assert streamed(with_outliers).range("entropy")[0] == 0.0
+
+
+def test_dispersion_counts_repeated_values():
+    rng = np.random.default_rng(2)
+    iid = rng.standard_normal(200_000).astype(np.float32)
+    assert 0.9 < streamed(iid).dispersion() < 1.3  # Poisson counts
+    base = iid[:5000].copy()
+    base[:4] = [30, -22, 25, 18]
+    repeated = streamed(np.tile(base, 40))  # an activation that does not depend on the input
+    assert 30 < repeated.dispersion() < 50
+    # 5000 values, not 200000: a coarse histogram (312 bins), and the KL search clips far less than on
+    # 200000 independent values with the same outliers
+    iid[:4] = [30, -22, 25, 18]
+    assert streamed(iid).range("entropy")[1] < 5
+    assert repeated.range("entropy")[1] > 15
+    pixels = np.random.default_rng(3).integers(0, 17, 100_000).astype(np.float32) / 16  # 17 levels
+    assert streamed(pixels).range("entropy") == (0.0, 1.0)
 
 
 @pytest.mark.parametrize("name", list(DISTS))
@@ -123,9 +177,11 @@ def test_methods_really_differ():
     assert his["minmax"] == 40.0
     assert his["mse"] < 0.6 * his["minmax"]  # clips the outliers, not the body
     assert max(his["percentile"], his["entropy"]) < 0.5 * his["mse"]
-    relu = streamed(DISTS["relu"])
-    his = {m: relu.range(m)[1] for m in ("minmax", "percentile", "entropy", "mse")}
-    order = [his[m] for m in ("entropy", "percentile", "mse", "minmax")]
+    assert abs(his["entropy"] - his["percentile"]) > 0.1 * his["percentile"]
+    relu = DISTS["relu"].copy()
+    relu[:3] = [30.0, 24.0, 26.0]
+    his = {m: streamed(relu).range(m)[1] for m in ("minmax", "percentile", "entropy", "mse")}
+    order = [his[m] for m in ("percentile", "entropy", "mse", "minmax")]
     assert all(a < 0.95 * b for a, b in zip(order, order[1:])), his
 
 
@@ -136,6 +192,13 @@ def test_relu_ranges_are_one_sided_and_symmetric_on_request():
         assert lo == pytest.approx(0.0, abs=stats.width) and hi > 0
     lo, hi = stats.range("entropy", symmetric=True)
     assert lo == -hi
+    # the search gets the grid the tensor will have: 256 quantized bins for uint8 over [0, hi],
+    # 128 for int8 symmetric
+    relu = DISTS["relu"].copy()
+    relu[:3] = [30.0, 24.0, 26.0]
+    stats = streamed(relu)
+    assert stats.range("entropy") == (0.0, stats.entropy_threshold(256))
+    assert stats.range("entropy", symmetric=True)[1] == stats.entropy_threshold(128)
 
 
 def test_histogram_rebins_exactly_when_the_range_doubles():
@@ -159,11 +222,31 @@ def test_exact_zeros_do_not_move_the_threshold_searches():
 
 
 def test_entropy_on_too_few_values_keeps_the_whole_range():
-    x = np.abs(np.random.default_rng(5).standard_normal(3000)).astype(np.float32)  # < 16 per bin x 510 bins
+    rng = np.random.default_rng(5)
+    x = np.abs(rng.standard_normal(3000)).astype(np.float32)  # < 16 per bin x 512 bins
+    x[:2] = [9.0, 11.0]
     stats = streamed(x, parts=3)
-    assert stats.range("entropy") == (float(x.min()), float(x.max()))
-    big = streamed(np.abs(np.random.default_rng(5).standard_normal(200_000)).astype(np.float32))
-    assert big.range("entropy")[1] < 0.8 * big.range("minmax")[1]
+    assert stats.range("entropy") == (float(x.min()), 11.0)
+    big = np.abs(rng.standard_normal(200_000)).astype(np.float32)
+    big[:2] = [9.0, 11.0]
+    assert streamed(big).range("entropy")[1] < 0.5 * 11.0
+
+
+def test_histogram_work_per_batch_is_bounded():
+    x = np.random.default_rng(6).standard_normal(100_000).astype(np.float32)
+    stats = RangeStats(max_values=10_000)
+    stats.update(x)
+    stats.update(x)
+    assert stats.count == 200_000 and stats.sampled == 20_004
+    assert stats.range("minmax") == (float(x.min()), float(x.max()))  # extremes from every value
+    # an evenly strided subset, its offset moving from batch to batch, and the batch's extremes
+    full = RangeStats()
+    for offset in (0, 1):
+        full.update(np.concatenate([x[offset::10], [x.min(), x.max()]]))
+    assert np.array_equal(stats.hist, full.hist)
+    lo, hi = stats.range("percentile", percentile=99.9)
+    want_lo, want_hi = np.percentile(x, [0.1, 99.9])
+    assert abs(lo - want_lo) < 0.1 and abs(hi - want_hi) < 0.1
 
 
 def test_zeros_then_values_and_non_finite_are_ignored():

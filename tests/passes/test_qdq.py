@@ -331,9 +331,10 @@ def test_exclude_by_glob_and_op_types():
     assert op_counts(result.model) == op_counts(model)
 
 
-def test_int8_symmetric_activations(tmp_path):
+@pytest.mark.parametrize("method", ["percentile", "entropy"])
+def test_int8_symmetric_activations(tmp_path, method):
     model, _ = conv_relu_conv()
-    result, stats = quantize(model, "qdq(activation_type=int8)", feeds((2, 3, 6, 6)))
+    result, stats = quantize(model, f"qdq(activation_type=int8,method={method})", feeds((2, 3, 6, 6)))
     zps = {q.input[0]: initializer(result.model, q.input[2]) for q in result.model.graph.node
            if q.op_type == "QuantizeLinear"}
     assert all(z.dtype == np.int8 for z in zps.values())
@@ -380,14 +381,16 @@ def test_methods_on_the_digits_mlp(method):
 
 
 def test_methods_give_different_scales():
-    model = str(MODELS / "digits_mlp.onnx")
+    """Real data through the digits CNN: the KL search clips some activations (on the MLP's few
+    hundred values per tensor it keeps every range: too few values for a 2048-bin search)."""
+    model = str(MODELS / "digits_cnn.onnx")
     scales = {}
     for method in ("minmax", "entropy"):
-        result, _ = quantize(model, f"qdq(method={method},samples=128)", str(MODELS / "digits_calib.npz"))
-        scales[method] = sorted(float(initializer(result.model, n.input[1])) for n in result.model.graph.node
-                                if n.op_type == "QuantizeLinear")
+        result, _ = quantize(model, f"cleanup,qdq(method={method},samples=360)", str(MODELS / "digits_calib.npz"))
+        scales[method] = [float(initializer(result.model, n.input[1])) for n in result.model.graph.node
+                          if n.op_type == "QuantizeLinear"]
     assert all(e <= m for e, m in zip(scales["entropy"], scales["minmax"])), scales
-    assert sum(e < 0.9 * m for e, m in zip(scales["entropy"], scales["minmax"])) >= 1, scales
+    assert sum(e < 0.95 * m for e, m in zip(scales["entropy"], scales["minmax"])) >= 2, scales
 
 
 def test_digits_cnn_accuracy_and_fusion(tmp_path):
