@@ -11,7 +11,6 @@ from typing import Literal, Optional
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from onnx_graphsurgeon.ir.tensor import SparseValues
 
 from onnxopt import graph as G
 from onnxopt.calibrate import TensorRanges, calibration_set, stream_tensors
@@ -352,7 +351,7 @@ class _Plan:
         if len(readers) == 1 and readers[0].op in _FOLDED and (readers[0].domain or "") in ("", "ai.onnx") \
                 and readers[0].inputs and readers[0].inputs[0] is out and id(out) not in graph_outputs:
             act = readers[0]
-            if act.op == "Clip" and not all(_const_value(t) is not None for t in act.inputs[1:] if t.name):
+            if act.op == "Clip" and not all(_is_const(t) for t in act.inputs[1:] if t.name):
                 return out
             if id(act.outputs[0]) in graph_outputs:
                 return out
@@ -657,8 +656,8 @@ def _foldable(tensor: gs.Tensor, depth: int = 0) -> bool:
                                                        "Squeeze", "Flatten"):
         return False
     src = maker.inputs[0] if maker.inputs else None
-    return src is not None and (_const_value(src) is not None or _foldable(src, depth + 1)) and all(
-        _const_value(t) is not None for t in maker.inputs[1:] if t.name)
+    return src is not None and (_is_const(src) or _foldable(src, depth + 1)) and all(
+        _is_const(t) for t in maker.inputs[1:] if t.name)
 
 
 def _float32_or_unknown(tensor: gs.Tensor) -> bool:
@@ -672,7 +671,7 @@ def _float32_or_unknown(tensor: gs.Tensor) -> bool:
 
 
 def _is_activation(tensor: gs.Tensor) -> bool:
-    return isinstance(tensor, gs.Variable) and bool(tensor.name) and _const_value(tensor) is None
+    return isinstance(tensor, gs.Variable) and bool(tensor.name) and not _is_const(tensor)
 
 
 def _dq_source(tensor: gs.Tensor) -> Optional[gs.Tensor]:
@@ -687,20 +686,13 @@ def _dq_source(tensor: gs.Tensor) -> Optional[gs.Tensor]:
 
 
 def _const_value(tensor: Optional[gs.Tensor]) -> Optional[np.ndarray]:
-    """The value of an initializer or a Constant node's output; else None."""
-    if tensor is None:
-        return None
-    if isinstance(tensor, gs.Constant):
-        if isinstance(tensor._values, SparseValues):
-            return None
-        return np.asarray(tensor.values)
-    maker = G.producer(tensor)
-    if maker is None or maker.op != "Constant" or (maker.domain or "") not in ("", "ai.onnx"):
-        return None
-    value = maker.attrs.get("value")
-    if isinstance(value, gs.Constant):
-        return _const_value(value)
-    return None
+    """The value behind a tensor (G.const_value: initializer, Constant node, through Identity); else None."""
+    return G.const_value(tensor)
+
+
+def _is_const(tensor: Optional[gs.Tensor]) -> bool:
+    """Whether a tensor has a fixed value, without loading it."""
+    return G.constant_source(tensor) is not None
 
 
 class _Guard:
