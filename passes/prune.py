@@ -34,8 +34,8 @@ _BINARY = ("Add", "Mul", "Sub", "Div")
 class PruneOptions:
     sparsity: Union[float, Literal["auto"]] = 0.5  # fraction of weights (structured: output channels) set to zero; auto: per-layer ratios from sensitivity
     pattern: Literal["unstructured", "2:4", "4:8", "structured"] = "unstructured"  # n:m keeps n of every m along the reduction axis
-    scope: Literal["auto", "layer", "row", "global"] = "auto"  # one ratio per layer, the same ratio in every output row, or one threshold over layer-normalised (LAMP) scores; auto: row for wanda (its paper's group), layer otherwise
-    score: Literal["magnitude", "wanda"] = "magnitude"  # wanda: |W| times the input column norm on calibration data
+    scope: Literal["auto", "layer", "row", "global"] = "auto"  # one ratio per layer, the same ratio in every output row, or one threshold over layer-normalised (LAMP) scores; auto: row for wanda (its paper's group), layer otherwise (obs: SparseGPT shares one threshold across rows)
+    score: Literal["magnitude", "wanda", "obs"] = "magnitude"  # wanda: |W| times the input column norm on calibration data; obs: the OBS/SparseGPT saliency w²/[(XᵀX+λI)⁻¹]_jj
     norm: Literal["l1", "l2"] = "l2"  # channel norm for structured pruning
     reconstruct: Union[bool, Literal["auto"]] = "auto"  # least-squares update of surviving weights; auto: when calibration data is given
     bias_correction: bool = False  # shift biases by the mean output change on calibration data
@@ -92,22 +92,38 @@ class Prune(Pass):
     consumer's bias. Paths that cannot be followed safely (fan-out,
     Reshape, residual Add, Concat, Split, a graph output) are skipped and counted.
 
-    Scores: ``magnitude`` |W|, or ``wanda`` |W|·‖X_j‖₂ with the L2 norms of the
+    Scores: ``magnitude`` |W|; ``wanda`` |W|·‖X_j‖₂ with the L2 norms of the
     layer's input columns on the dense model over the calibration samples (at
-    most ``samples``; stat ``calibration_samples``). Scores are compared within
-    ``scope``; by default (``auto``) magnitude per layer and wanda per output
-    row, the group its paper (Sun et al. 2023) compares within. An input that is zero on all the
+    most ``samples``; stat ``calibration_samples``); ``obs`` the Optimal Brain
+    Surgeon saliency SparseGPT (Frantar & Alistarh 2023) prunes by,
+    w_ij²/[(XᵀX + λI)⁻¹]_jj from the same dense-model XᵀX and the same ridge λ
+    as reconstruction (``damp``): the rise in the layer's squared output error
+    when w_ij alone goes and the rest of its row is re-solved, which the refit
+    then does (ranked by its square root, which scales like |W|). It reduces to
+    Wanda's score when the inputs are uncorrelated. ``prune`` takes it once, on
+    the dense weights, as a static mask; SparseGPT itself chooses its mask column
+    block by column block (128 wide, one threshold per block shared by all rows;
+    N:M per row) on weights its OBS updates of the blocks before have changed,
+    and writes those updated weights, where ``prune`` refits the kept weights
+    exactly. Scores are compared within
+    ``scope``; by default (``auto``) wanda per output row, the group its paper
+    (Sun et al. 2023) compares within, magnitude and obs per layer (obs scores
+    are comparable across rows: each is a share of the layer's output error;
+    SparseGPT's unstructured mask likewise shares its threshold across rows;
+    on N:M groups it is per row like every score). An input that is zero on all the
     calibration data ranks its weights last, by magnitude among themselves.
     ``reconstruct`` (default: when calibration data is given) re-solves each output row's surviving weights by ridge-damped
-    least squares on the layer's input XᵀX (``G[S,S] w_S = G[S,:] w``), the
+    least squares on the layer's input XᵀX (``(G[S,S] + λI) w_S = G[S,:] w + λ w_S``:
+    the ridge λ, ``damp`` times the mean diagonal of G, pulls towards the dense
+    weights, so a row that loses nothing keeps its weights), the
     closed form SparseGPT approximates (direct solves, or batched conjugate
     gradients on large layers where the sum of |S|³ over rows exceeds 5e8). Masks and scores use the dense model's
     activations; with ``sequential`` (default) each layer is then refit on the
     inputs the already-pruned layers before it produce, towards the dense
-    output (``G_pp[S,S] w_S = G_pd[S,:] w``, one paired run of the pruned and
+    output (``G_pp[S,S] w_S = G_pd[S,:] w``, same ridge, one paired run of the pruned and
     dense models per layer); ``sequential=false`` refits every layer on the
     dense model's inputs in one streaming run (cheaper, less accurate). Layers whose inputs cannot be read (inside If/Loop bodies
-    or functions, 3-D Conv, ConvTranspose) fall back to magnitude without
+    or functions, 3-D Conv, ConvTranspose) fall back to magnitude (wanda, obs) without
     reconstruction and are counted. ``sparsity=auto`` allocates per-layer ratios
     that reach ``target`` with the least estimated output error (diagonal XᵀX
     estimate), none above ``tolerance`` when given.
@@ -206,7 +222,7 @@ class _Pruner:
         self.graph, self.ctx, self.o = graph, ctx, options
         self.skips: Counter = Counter()
         self.names = G.Names(graph)
-        self.data_driven = options.score == "wanda" or options.bias_correction or options.sparsity == "auto"
+        self.data_driven = options.score in ("wanda", "obs") or options.bias_correction or options.sparsity == "auto"
         self.reconstruct = (ctx.calibration is not None) if options.reconstruct == "auto" else bool(options.reconstruct)
         self.samples_read = 0  # calibration samples the statistics came from (the most any one run read)
         self.scope = options.scope if options.scope != "auto" else ("row" if options.score == "wanda" else "layer")
@@ -427,12 +443,16 @@ class _Pruner:
 
     def scores(self, u: _Unit, w: np.ndarray) -> np.ndarray:
         s = np.abs(w)
-        if self.o.score == "wanda" and u.grams:
+        if self.o.score in ("wanda", "obs") and u.grams:
             o = w.shape[0]
             per = o // u.groups
             for gi in range(u.groups):
                 gram = u.gram(gi)
-                s[gi * per:(gi + 1) * per] *= _input_norms(np.diag(gram[0]))[None, :]
+                sl = slice(gi * per, (gi + 1) * per)
+                if self.o.score == "wanda":
+                    s[sl] *= _input_norms(np.diag(gram[0]))[None, :]
+                else:
+                    s[sl] = _obs_scores(w[sl], gram[0], self.o.damp)
         return s
 
     def nm_mask(self, u: _Unit, s: np.ndarray) -> Optional[np.ndarray]:
@@ -576,17 +596,15 @@ class _Pruner:
         out = np.where(keep, w, 0.0)
         per = w.shape[0] // u.groups
         for gi in range(u.groups):
-            gram = u.gram(gi)[0].copy()
-            dead = np.diag(gram) <= 0
-            gram[dead, dead] = 1.0
-            lam = self.o.damp * float(np.mean(np.diag(gram)))
+            gram, lam, _ = _damping(u.gram(gi)[0], self.o.damp)
             rows = np.arange(gi * per, (gi + 1) * per)
             cross = u.cross(gi)  # sequential: X_pᵀ X_dense, the refit aims at the dense output
             counts = keep[rows].sum(axis=1)
             if float(np.sum(counts.astype(np.float64) ** 3)) > _EXACT_FLOPS:
                 out[rows] = _cg_solve(w[rows], keep[rows], gram, lam, gram if cross is None else cross.T)
                 continue
-            rhs_all = w[rows] @ (gram if cross is None else cross.T)  # row o of (G w_o)
+            # row o of (G w_o + lam w_o): the ridge pulls towards the dense weights, not towards zero
+            rhs_all = w[rows] @ (gram if cross is None else cross.T) + lam * w[rows]
             for s in np.unique(counts):
                 if s == 0:
                     continue
@@ -1006,6 +1024,39 @@ def _input_norms(sq: np.ndarray) -> np.ndarray:
     return norms
 
 
+def _damping(gram: np.ndarray, damp: float) -> tuple[np.ndarray, float, np.ndarray]:
+    """XᵀX with a unit diagonal at inputs that are zero on all the calibration data (they then touch
+    nothing else), the ridge ``lam`` (``damp`` times its mean diagonal) and the mask of those dead inputs."""
+    gram = gram.copy()
+    dead = np.diag(gram) <= 0
+    gram[dead, dead] = 1.0
+    return gram, damp * float(np.mean(np.diag(gram))), dead
+
+
+def _obs_scores(w: np.ndarray, gram: np.ndarray, damp: float) -> np.ndarray:
+    """The OBS saliency of SparseGPT (Frantar & Alistarh 2023), ranked by its square root:
+    |w_ij| / sqrt([(XᵀX + lam I)⁻¹]_jj), ``lam`` the same ridge as the refit. w_ij²/[H⁻¹]_jj is the
+    increase of the layer's squared output error when w_ij alone is removed and the row's other
+    weights are re-solved. With uncorrelated inputs it is |w_ij|·‖X_j‖ (Wanda); correlated inputs
+    make a weight that the others can stand in for cheaper. The square root makes it scale like
+    |W| (for LAMP and ``auto``); the order within any group is the same. Weights of inputs that are
+    zero on all the calibration data rank below every live one, by magnitude among themselves."""
+    h, lam, dead = _damping(gram, damp)
+    h[np.diag_indices_from(h)] += max(lam, 1e-12)
+    try:
+        inv_diag = np.diag(np.linalg.inv(h))
+    except np.linalg.LinAlgError:
+        inv_diag = np.diag(np.linalg.pinv(h))
+    inv_diag = np.maximum(inv_diag, 1e-300)
+    s = np.abs(w) / np.sqrt(inv_diag)[None, :]
+    if dead.any():
+        live = s[:, ~dead]
+        floor = float(live[live > 0].min()) if live.size and np.any(live > 0) else 1.0
+        a = np.abs(w[:, dead])
+        s[:, dead] = 0.5 * floor * a / max(float(a.max()), 1e-300)
+    return s
+
+
 def _keep_lowest_per_row(scores: np.ndarray, drop: int) -> np.ndarray:
     """Mask keeping all but the ``drop`` lowest scores of every output row (ties by position)."""
     keep = np.ones(scores.shape, bool)
@@ -1099,12 +1150,12 @@ def _paired(current: onnx.ModelProto, dense: onnx.ModelProto, name: str) -> tupl
 
 def _cg_solve(w: np.ndarray, keep: np.ndarray, gram: np.ndarray, lam: float, rhs_matrix: np.ndarray,
               tol: float = 1e-5, max_iter: int = 1000) -> np.ndarray:
-    """The same per-row least squares, ``(G[S,S] + lam) w_S = (M w)[S]``, for all rows at once by
+    """The same per-row least squares, ``(G[S,S] + lam) w_S = (M w + lam w)[S]``, for all rows at once by
     Jacobi-preconditioned conjugate gradients: each iteration is one [O,K]x[K,K] product, where
     direct solves would cost the sum of |S|³."""
     m = keep.astype(np.float64)
     diag = np.diag(gram) + lam
-    b = (w @ rhs_matrix) * m
+    b = (w @ rhs_matrix + lam * w) * m
     x = w * m
     apply = lambda v: ((v * m) @ gram + lam * v) * m
     r = b - apply(x)

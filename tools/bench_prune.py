@@ -102,6 +102,8 @@ def methods(calib_batches, kind: str):
         ("wanda, layer", "onnxopt", oo(base + ",score=wanda,scope=layer,reconstruct=false)", True)),
         ("magnitude + reconstruction", "onnxopt", oo(base + ",reconstruct=true)", True)),
         ("wanda + reconstruction", "onnxopt", oo(base + ",score=wanda,reconstruct=true)", True)),
+        ("obs + reconstruction", "onnxopt", oo(base + ",score=obs,reconstruct=true)", True)),
+        ("obs, row + reconstruction", "onnxopt", oo(base + ",score=obs,scope=row,reconstruct=true)", True)),
         ("global + reconstruction", "onnxopt", oo(base + ",scope=global,reconstruct=true)", True)),
         ("reconstruction, one pass", "onnxopt", oo(base + ",reconstruct=true,sequential=false)", True)),
         ("global + reconstruction, first/last layers dense (default)", "onnxopt",
@@ -136,6 +138,8 @@ def nm_methods(calib_batches):
         ("2:4 magnitude", "onnxopt", lambda m: onnxopt_prune(m, base + ",reconstruct=false)", None)),
         ("2:4 wanda", "onnxopt", lambda m: onnxopt_prune(m, base + ",score=wanda,reconstruct=false)", cal_dict)),
         ("2:4 + reconstruction", "onnxopt", lambda m: onnxopt_prune(m, base + ",reconstruct=true)", cal_dict)),
+        ("2:4 obs + reconstruction", "onnxopt",
+         lambda m: onnxopt_prune(m, base + ",score=obs,reconstruct=true)", cal_dict)),
         ("2:4 magnitude", "onnxsim", lambda m: onnxsim_fn("apply_magnitude_pruning")(m, sparsity=0.5, n=2, m=4)),
         ("2:4 wanda", "onnxsim", lambda m: onnxsim_fn("apply_wanda_pruning")(m, calibration_data=cal, num_samples=n,
                                                                              sparsity=0.5, n=2, m=4)),
@@ -314,6 +318,7 @@ def bench_bert(sparsities, log) -> dict:
         ("wanda", "onnxopt", oo(base + ",score=wanda,reconstruct=false)", cal_dict)),
         ("wanda, layer", "onnxopt", oo(base + ",score=wanda,scope=layer,reconstruct=false)", cal_dict)),
         ("magnitude + reconstruction", "onnxopt", oo(base + ",reconstruct=true)", cal_dict)),
+        ("obs + reconstruction", "onnxopt", oo(base + ",score=obs,reconstruct=true)", cal_dict)),
         ("magnitude", "onnxsim", lambda m, s: onnxsim_fn("apply_magnitude_pruning")(m, sparsity=s)),
         ("wanda", "onnxsim", lambda m, s: onnxsim_fn("apply_wanda_pruning")(m, calibration_data=calib,
                                                                             num_samples=n, sparsity=s)),
@@ -323,6 +328,8 @@ def bench_bert(sparsities, log) -> dict:
     nm = {"2:4 magnitude/onnxopt": lambda m: onnxopt_prune(m, "prune(pattern=2:4,keep_first_last=false,reconstruct=false)", None),
           "2:4 wanda/onnxopt": lambda m: onnxopt_prune(m, "prune(pattern=2:4,keep_first_last=false,score=wanda,reconstruct=false)", cal_dict),
           "2:4 reconstruction/onnxopt": lambda m: onnxopt_prune(m, "prune(pattern=2:4,keep_first_last=false)", cal_dict),
+          "2:4 obs + reconstruction/onnxopt": lambda m: onnxopt_prune(
+              m, "prune(pattern=2:4,keep_first_last=false,score=obs)", cal_dict),
           "2:4 magnitude/onnxsim": lambda m: onnxsim_fn("apply_magnitude_pruning")(m, sparsity=0.5, n=2, m=4),
           "2:4 wanda/onnxsim": lambda m: onnxsim_fn("apply_wanda_pruning")(m, calibration_data=calib, num_samples=n,
                                                                           sparsity=0.5, n=2, m=4),
@@ -399,17 +406,21 @@ DIGITS_PAIRS = [
     ("magnitude, global", "magnitude, global", "one threshold over all layers (onnxopt: LAMP-normalised)"),
     ("wanda", "wanda", "Wanda's per-output comparison group (onnxopt's default for score=wanda), as onnxsim and the paper use"),
     ("wanda", "wanda, layer", "reference: one comparison group per layer, a different group"),
-    ("sparsegpt", "magnitude + reconstruction", "onnxopt's default with calibration data"),
+    ("sparsegpt", "obs + reconstruction", "SparseGPT's OBS saliency for the mask, then onnxopt's exact refit"),
+    ("sparsegpt", "magnitude + reconstruction", "reference: onnxopt's default with calibration data"),
     ("structured L2", "structured L2", "data-free, as onnxsim's"),
     ("structured L2", "structured L2 + refit", "onnxopt's default with calibration data"),
 ]
-NM_PAIRS = [("2:4 magnitude", "2:4 magnitude"), ("2:4 wanda", "2:4 wanda"), ("2:4 sparsegpt", "2:4 + reconstruction")]
+NM_PAIRS = [("2:4 magnitude", "2:4 magnitude", True), ("2:4 wanda", "2:4 wanda", True),
+            ("2:4 sparsegpt", "2:4 obs + reconstruction", True),
+            ("2:4 sparsegpt", "2:4 + reconstruction", False)]  # False: a reference line (onnxopt's default)
 BERT_PAIRS = [
     ("magnitude", "magnitude, row", "both zero the same share of every output row"),
     ("magnitude", "magnitude", "reference: onnxopt's default per-layer group"),
     ("wanda", "wanda", "Wanda's per-output comparison group (onnxopt's default for score=wanda)"),
     ("wanda", "wanda, layer", "reference: one comparison group per layer"),
-    ("sparsegpt", "magnitude + reconstruction", "onnxopt's default with calibration data"),
+    ("sparsegpt", "obs + reconstruction", "SparseGPT's OBS saliency for the mask, then onnxopt's exact refit"),
+    ("sparsegpt", "magnitude + reconstruction", "reference: onnxopt's default with calibration data"),
 ]
 
 
@@ -468,13 +479,13 @@ def findings(results: dict) -> list[tuple[str, bool, bool]]:
                 out.append((f"{name}: {line}", ok, not why.startswith("reference")))
         nm = {(r["tool"], r["method"]): r["acc"] for r in t["nm"]}
         nm_err = {(r["tool"], r["method"]): r.get("err") for r in t["nm"]}
-        for sim_label, opt_label in NM_PAIRS:
+        for sim_label, opt_label, primary in NM_PAIRS:
             if ("onnxsim", sim_label) in nm and ("onnxopt", opt_label) in nm:
                 line, ok = verdict(sim_label, opt_label, "2:4", {"2:4": nm[("onnxsim", sim_label)]},
                                    {"2:4": nm[("onnxopt", opt_label)]}, 2, (),
                                    ({"2:4": nm_err.get(("onnxsim", sim_label))},
                                     {"2:4": nm_err.get(("onnxopt", opt_label))}))
-                out.append((f"{name}: {line}", ok, True))
+                out.append((f"{name}: {line}", ok, primary))
     b = results.get("bert") or {}
     if "rows" in b:
         rows = {(r["tool"], r["method"]): r["cos"] for r in b["rows"]}
@@ -485,13 +496,13 @@ def findings(results: dict) -> list[tuple[str, bool, bool]]:
                                    rows[("onnxopt", opt_label)], 4)
                 out.append((f"bert: {line}", ok, not why.startswith("reference")))
         nm = {r["method"]: r["cos"] for r in b["nm"]}
-        for sim_label, opt_label in NM_PAIRS:
+        for sim_label, opt_label, primary in NM_PAIRS:
             sim_key = f"{sim_label}/onnxsim"
-            opt_key = f"2:4 reconstruction/onnxopt" if "reconstruction" in opt_label else f"{opt_label}/onnxopt"
+            opt_key = {"2:4 + reconstruction": "2:4 reconstruction"}.get(opt_label, opt_label) + "/onnxopt"
             if sim_key in nm and opt_key in nm:
                 line, ok = verdict(sim_label, opt_key.split("/")[0], "2:4, output cosine", {"2:4": nm[sim_key]},
                                    {"2:4": nm[opt_key]}, 4)
-                out.append((f"bert: {line}", ok, True))
+                out.append((f"bert: {line}", ok, primary))
     by_model: dict = {}
     for r in results.get("structured") or []:
         if "error" not in r:
@@ -528,7 +539,8 @@ def render(results: dict, argv: list[str], seconds: float) -> str:
              "the first and last layers dense). *reconstruction* is the least-squares refit of the surviving "
              "weights, layer by layer on the inputs the already-pruned layers produce (`sequential`, the default); "
              "*one pass* refits every layer on the dense model's inputs; *global* is one LAMP threshold over all "
-             "layers.", "",
+             "layers; *obs* masks by SparseGPT's OBS saliency w²/[(XᵀX+λI)⁻¹]_jj (per layer, or per output row "
+             "where it says *row*) before the refit.", "",
              f"- Date: {results['date']}",
              f"- Machine: {mach['cpu']}, {mach['cores']} cores, {mach['os']}, Python {mach['python']}",
              f"- Command: `{' '.join(argv)}`",

@@ -604,3 +604,103 @@ def test_wanda_ranks_weights_of_inputs_dead_on_the_calibration_data_by_magnitude
         assert got[3, j] and got[[0, 1, 2], j].sum() == 1 and got[np.argmax(np.abs(w[:3, j])), j], j
         # group 4..7 has one dead input (5): it goes with the live one of the smallest score
         assert not got[5, j] and got[4:8, j].sum() == 2
+
+
+# ----------------------------------------------------------------- obs (SparseGPT's saliency)
+
+def obs_reference(w_nk: np.ndarray, x: np.ndarray, damp: float = 0.01) -> np.ndarray:
+    """Frantar & Alistarh 2023: w_ij² / [(XᵀX + λI)⁻¹]_jj, λ = damp x the mean diagonal of XᵀX."""
+    x = x.astype(np.float64)
+    h = x.T @ x
+    h += damp * np.mean(np.diag(h)) * np.eye(len(h))
+    return w_nk.astype(np.float64) ** 2 / np.diag(np.linalg.inv(h))[None, :]
+
+
+def drop_lowest_per_row(score: np.ndarray, drop: int) -> np.ndarray:
+    keep = np.ones(score.shape, bool)
+    np.put_along_axis(keep, np.argsort(score, axis=1, kind="stable")[:, :drop], False, 1)
+    return keep
+
+
+def test_obs_mask_is_the_sparsegpt_saliency_on_the_dense_inputs():
+    """score=obs: per output row, per layer (its default group), and in 2:4 groups along K, the weights
+    kept are exactly those of the highest w²/[H⁻¹]_jj, H the dense model's XᵀX of each layer plus the ridge."""
+    model = two_gemms()
+    x = correlated(300, 24, 7)
+    w1, w2 = weights(model)["W1"], weights(model)["W2"]
+    r = np.maximum(x.astype(np.float64) @ w1.T.astype(np.float64) + weights(model)["b1"], 0)  # dense input of fc2
+    s1, s2 = obs_reference(w1, x), obs_reference(w2.T, r)
+    assert not np.array_equal(drop_lowest_per_row(s1, 12), drop_lowest_per_row(np.abs(w1), 12))  # not magnitude
+    assert not np.array_equal(drop_lowest_per_row(s1, 12), wanda_reference(w1, x, 0.5))  # nor wanda
+    base = "prune(sparsity=0.5,score=obs,keep_first_last=false,reconstruct=false"
+    kw = dict(feeds=[{"x": x[:16]}], calibration={"x": x})
+
+    out, st, _ = prune(model, base + ",scope=row)", **kw)
+    np.testing.assert_array_equal(weight_of(out, "fc1") != 0, drop_lowest_per_row(s1, 12))
+    np.testing.assert_array_equal((weight_of(out, "fc2") != 0).T, drop_lowest_per_row(s2, 10))
+    assert st["weights_zeroed"] == 20 * 12 + 12 * 10 and st["skipped_no_activations"] == 0
+
+    out, st, _ = prune(model, base + ")", **kw)  # scope=auto: layer, one group as SparseGPT's shared threshold
+    for got, s in ((weight_of(out, "fc1") != 0, s1), ((weight_of(out, "fc2") != 0).T, s2)):
+        keep = np.ones(s.size, bool)
+        keep[np.argsort(s, axis=None, kind="stable")[:s.size // 2]] = False
+        np.testing.assert_array_equal(got, keep.reshape(s.shape))
+    assert not np.array_equal(weight_of(out, "fc1") != 0, drop_lowest_per_row(s1, 12))
+
+    out, st, _ = prune(model, base.replace("sparsity=0.5", "pattern=2:4") + ")", **kw)
+    for got, s in ((weight_of(out, "fc1") != 0, s1), ((weight_of(out, "fc2") != 0).T, s2)):
+        groups = s.reshape(-1, 4)
+        want = np.zeros(groups.shape, bool)
+        np.put_along_axis(want, np.argsort(-groups, axis=1, kind="stable")[:, :2], True, 1)
+        np.testing.assert_array_equal(got, want.reshape(s.shape))
+
+
+def test_obs_with_reconstruction_beats_magnitude_with_reconstruction():
+    """Inputs of uneven scale and strong correlation: the OBS mask leaves a refit with less output error than
+    the magnitude mask (2 layers, 60% and 2:4)."""
+    model = two_gemms()
+    calib = {"x": correlated(512, 24, 1)}
+    test = {"x": correlated(128, 24, 2)}
+    ref = run_model(model, test)["y"]
+
+    def err(spec):
+        out, st, _ = prune(model, spec, feeds=[test], calibration=calib)
+        assert st["layers_reconstructed"] == 2
+        return float(np.linalg.norm(run_model(out, test)["y"] - ref) / np.linalg.norm(ref))
+
+    for extra in ("sparsity=0.6", "pattern=2:4"):
+        base = f"prune(keep_first_last=false,reconstruct=true,{extra}"
+        magnitude, obs = err(base + ")"), err(base + ",score=obs)")
+        assert obs < 0.9 * magnitude, (extra, obs, magnitude)
+
+
+def test_obs_ranks_weights_of_inputs_dead_on_the_calibration_data_first_by_magnitude():
+    k, n = 8, 6
+    w = rand((k, n), 21)
+    model = make_model([node("MatMul", ["x", "W"], ["y"], name="fc")], [vi("x", ["batch", k])],
+                       [vi("y", ["batch", n])], [init("W", w)])
+    x = correlated(64, k, 3)
+    dead = np.array([0, 1, 2, 5])
+    x[:, dead] = 0
+    out, st, _ = prune(model, "prune(keep_first_last=false,score=obs,reconstruct=false,sparsity=0.25)",
+                       feeds=[{"x": correlated(8, k, 4)}], calibration={"x": x})
+    got = weight_of(out, "fc") != 0
+    cells = sorted(((i, j) for i in dead for j in range(n)), key=lambda c: abs(w[c]))  # 24 dead weights
+    assert set(zip(*np.nonzero(~got))) == set(cells[:12])  # round(0.25 * 48) go: the 12 smallest of them
+
+
+def test_refit_ridge_pulls_towards_the_dense_weights():
+    """The refit's ridge is towards the dense weights: an output row that loses no weight keeps its weights
+    exactly (one pass, where its target is its own dense output); one that does is re-solved."""
+    w = rand((16, 8), 31)
+    w[:, :4] *= 10  # the 6 smallest weights all lie in columns 4..7 (output rows of the matrix W[N, K])
+    model = make_model([node("MatMul", ["x", "W"], ["y"], name="fc")], [vi("x", ["batch", 16])],
+                       [vi("y", ["batch", 8])], [init("W", w)])
+    out, st, _ = prune(model, "prune(keep_first_last=false,sparsity=0.05,reconstruct=true,sequential=false)",
+                       calibration={"x": correlated(128, 16, 5)})
+    got = weight_of(out, "fc")
+    assert st["layers_reconstructed"] == 1 and count_zeros(got) == round(0.05 * 128)
+    untouched = np.all(got != 0, axis=0)
+    assert untouched[:4].all() and not untouched.all()
+    np.testing.assert_allclose(got[:, untouched], w[:, untouched], rtol=1e-5, atol=1e-6)
+    assert not np.allclose(got[:, ~untouched], np.where(got[:, ~untouched] == 0, 0, w[:, ~untouched]), atol=1e-4)
