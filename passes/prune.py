@@ -35,6 +35,7 @@ class PruneOptions:
     sparsity: Union[float, Literal["auto"]] = 0.5  # fraction of weights (structured: output channels) set to zero; auto: per-layer ratios from sensitivity
     pattern: Literal["unstructured", "2:4", "4:8", "structured"] = "unstructured"  # n:m keeps n of every m along the reduction axis
     scope: Literal["auto", "layer", "row", "global"] = "auto"  # one ratio per layer, the same ratio in every output row, or one threshold over layer-normalised (LAMP) scores; auto: row for wanda (its paper's group), layer otherwise (obs: SparseGPT shares one threshold across rows)
+    global_norm: Literal["lamp", "none"] = "lamp"  # scope=global ranks LAMP-normalised scores, or raw ones (none: Han et al. 2015's global magnitude)
     score: Literal["magnitude", "wanda", "obs"] = "magnitude"  # wanda: |W| times the input column norm on calibration data; obs: the OBS/SparseGPT saliency w²/[(XᵀX+λI)⁻¹]_jj
     norm: Literal["l1", "l2"] = "l2"  # channel norm for structured pruning
     reconstruct: Union[bool, Literal["auto"]] = "auto"  # least-squares update of surviving weights; auto: when calibration data is given
@@ -47,6 +48,7 @@ class PruneOptions:
     damp: float = 0.01  # ridge damping of XᵀX, relative to its mean diagonal
     samples: int = 512  # calibration samples read at most (the stat calibration_samples says how many were)
     sequential: bool = True  # refit each layer on the inputs the pruned layers before it make, aiming at the dense output
+    fold_removed: bool = True  # structured, no calibration data: fold the removed channels' constant output (bias through the chain) into the consumer's bias
     storage: Literal["auto", "dense"] = "auto"  # auto: a Constant with a COO sparse_value where that is smaller
 
     def validate(self) -> None:
@@ -62,6 +64,8 @@ class PruneOptions:
             raise ValueError(f"tolerance must be positive, got {self.tolerance}")
         if self.pattern in ("2:4", "4:8") and self.scope not in ("auto", "layer"):
             raise ValueError(f"pattern={self.pattern} fixes the sparsity of every group; scope={self.scope} does not apply")
+        if self.global_norm != "lamp" and self.scope != "global":
+            raise ValueError(f"global_norm applies to scope=global only, not scope={self.scope}")
         bad = [op for op in self.ops if op not in _TARGETS]
         if bad:
             raise ValueError(f"ops: cannot prune {', '.join(bad)}; supported: {', '.join(_TARGETS)}")
@@ -78,7 +82,8 @@ class Prune(Pass):
     Patterns: ``unstructured`` zeroes exactly round(sparsity x size) weights per
     layer, or (``scope=global``) that share of all targeted weights under one
     threshold over layer-normalised scores (LAMP: s² over the sum of s² of the
-    layer's weights at least as large); ``2:4``/``4:8``
+    layer's weights at least as large; ``global_norm=none``: over the raw scores,
+    the classic global magnitude pruning); ``2:4``/``4:8``
     keep the n largest of every m consecutive weights along the reduction axis
     (MatMul/Gemm: K; Conv: input channels at each kernel position, else the
     flattened channel x kernel axis); ``structured`` removes whole output channels
@@ -89,7 +94,7 @@ class Prune(Pass):
     calibration data the consumer's kept input weights and bias are refit by least
     squares on its dense input (with an intercept); without, the removed channels'
     constant contribution (the bias pushed through the chain) is folded into the
-    consumer's bias. Paths that cannot be followed safely (fan-out,
+    consumer's bias (``fold_removed``, default on). Paths that cannot be followed safely (fan-out,
     Reshape, residual Add, Concat, Split, a graph output) are skipped and counted.
 
     Scores: ``magnitude`` |W|; ``wanda`` |W|·‖X_j‖₂ with the L2 norms of the
@@ -487,7 +492,8 @@ class _Pruner:
         elif self.scope == "global":
             total = sum(u.size for u in units)
             drop = int(round(float(self.o.sparsity) * total))
-            flat = np.concatenate([_lamp(scores[id(u)]) for u in units]) if units else np.zeros(0)
+            norm = _lamp if self.o.global_norm == "lamp" else (lambda x: x)
+            flat = np.concatenate([norm(scores[id(u)]).reshape(-1) for u in units]) if units else np.zeros(0)
             order = np.argsort(flat, kind="stable")
             pruned = np.zeros(flat.size, bool)
             pruned[order[:drop]] = True
@@ -944,6 +950,8 @@ class _Pruner:
         if cu is not None and cu.grams:
             new_cw, contrib = self.refit(cu, cw, keep, ckind)
             stats["layers_reconstructed"] += 1
+        elif not self.o.fold_removed:
+            contrib = np.zeros_like(contrib)
         if cons.op == "Gemm":
             contrib = contrib * float(cons.attrs.get("alpha", 1.0))
         cname = cons.inputs[1].name

@@ -98,6 +98,7 @@ def methods(calib_batches, kind: str):
         ("magnitude, layer", "onnxopt", oo(base + ",reconstruct=false)")),
         ("magnitude, row", "onnxopt", oo(base + ",scope=row,reconstruct=false)")),
         ("magnitude, global", "onnxopt", oo(base + ",scope=global,reconstruct=false)")),
+        ("magnitude, global, raw", "onnxopt", oo(base + ",scope=global,global_norm=none,reconstruct=false)")),
         ("wanda", "onnxopt", oo(base + ",score=wanda,reconstruct=false)", True)),
         ("wanda, layer", "onnxopt", oo(base + ",score=wanda,scope=layer,reconstruct=false)", True)),
         ("magnitude + reconstruction", "onnxopt", oo(base + ",reconstruct=true)", True)),
@@ -122,6 +123,8 @@ def methods(calib_batches, kind: str):
     if kind == "structured":
         st = "prune(pattern=structured,sparsity={s}"
         rows = [("structured L2", "onnxopt", oo(st + ",keep_first_last=false,reconstruct=false)")),
+                ("structured L2, removed bias not folded", "onnxopt",
+                 oo(st + ",keep_first_last=false,reconstruct=false,fold_removed=false)")),
                 ("structured L2 + refit", "onnxopt", oo(st + ",keep_first_last=false)", True)),
                 ("structured L2, first/last layers dense (default)", "onnxopt", oo(st + ",reconstruct=false)")),
                 ("structured L2 + refit, first/last layers dense (default)", "onnxopt", oo(st + ")", True))]
@@ -403,12 +406,14 @@ def bench_structured(log, runs: int) -> list:
 # each onnxsim method and the onnxopt row it is compared with: the same method, comparison group and data
 DIGITS_PAIRS = [
     ("magnitude, row", "magnitude, row", "both zero the same share of every output row"),
-    ("magnitude, global", "magnitude, global", "one threshold over all layers (onnxopt: LAMP-normalised)"),
+    ("magnitude, global", "magnitude, global, raw", "one threshold over the raw |W| of all layers (Han et al. 2015), as onnxsim's"),
+    ("magnitude, global", "magnitude, global", "reference: onnxopt's default global threshold over LAMP-normalised scores"),
     ("wanda", "wanda", "Wanda's per-output comparison group (onnxopt's default for score=wanda), as onnxsim and the paper use"),
     ("wanda", "wanda, layer", "reference: one comparison group per layer, a different group"),
     ("sparsegpt", "obs + reconstruction", "SparseGPT's OBS saliency for the mask, then onnxopt's exact refit"),
     ("sparsegpt", "magnitude + reconstruction", "reference: onnxopt's default with calibration data"),
-    ("structured L2", "structured L2", "data-free, as onnxsim's"),
+    ("structured L2", "structured L2, removed bias not folded", "data-free, the same method as onnxsim's"),
+    ("structured L2", "structured L2", "reference: onnxopt's data-free default, the removed channels' bias folded into the next layer"),
     ("structured L2", "structured L2 + refit", "onnxopt's default with calibration data"),
 ]
 NM_PAIRS = [("2:4 magnitude", "2:4 magnitude", True), ("2:4 wanda", "2:4 wanda", True),

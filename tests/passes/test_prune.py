@@ -111,6 +111,15 @@ def test_global_scope_reaches_the_total_exactly():
     out, st, _ = prune(model, "prune(sparsity=0.6,scope=global,keep_first_last=false,reconstruct=false)")
     zeros = [count_zeros(weight_of(out, n)) for n in ("fc1", "fc2", "fc3")]
     assert sum(zeros) == round(0.6 * (512 + 256 + 64)) == st["weights_zeroed"]
+    # global_norm=none: one threshold over the raw |W| of all layers
+    raw, st, _ = prune(model, "prune(sparsity=0.6,scope=global,global_norm=none,keep_first_last=false,reconstruct=false)")
+    every = np.concatenate([np.abs(weights(model)[n]).reshape(-1) for n in ("W1", "W2", "W3")])
+    threshold = np.sort(every)[round(0.6 * every.size) - 1]
+    for name, node_name in (("W1", "fc1"), ("W2", "fc2"), ("W3", "fc3")):
+        w = weights(model)[name]
+        np.testing.assert_array_equal(weight_of(raw, node_name) == 0, np.abs(w) <= threshold)
+    with pytest.raises(onnxopt.InputError, match="global_norm applies to scope=global"):
+        onnxopt.optimize(model, "prune(global_norm=none)")
 
 
 @pytest.mark.parametrize("pattern,n,m", [("2:4", 2, 4), ("4:8", 4, 8)])
@@ -328,6 +337,13 @@ def test_structured_removed_channels_fold_exactly_into_the_consumer():
     feed = random_feed(model, seed=1, dims={"batch": 3})
     np.testing.assert_allclose(run_model(out, feed)["y"], run_model(reference, feed)["y"], rtol=1e-4, atol=1e-4)
     assert st["channels_removed"] == 4
+    # fold_removed=false: the same channels go and conv2 (no bias) gets none; folded, it gets their constant
+    plain, st2, _ = prune(model, "prune(pattern=structured,sparsity=0.5,exclude=conv2,fold_removed=false)")
+    plain_conv2, folded_conv2 = (next(n for n in m.graph.node if n.name == "conv2") for m in (plain, out))
+    assert st2["channels_removed"] == 4
+    assert len(plain_conv2.input) == 2 and len(folded_conv2.input) == 3
+    assert np.array_equal(weight_of(plain, "conv2"), weight_of(out, "conv2"))
+    assert not np.allclose(run_model(plain, feed)["y"], run_model(out, feed)["y"], rtol=1e-4, atol=1e-4)
 
 
 def test_structured_matmul_chain_with_bias_add():
