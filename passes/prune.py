@@ -1259,13 +1259,8 @@ def _slice_channels(c: np.ndarray, keep: np.ndarray, channels: int, axis_last: b
 
 
 def _const(t: gs.Tensor) -> Optional[np.ndarray]:
-    """The value of an initializer or of a Constant node's output, else None."""
-    if isinstance(t, gs.Constant):
-        return t.values
-    maker = G.producer(t)
-    if maker is not None and maker.op == "Constant" and isinstance(maker.attrs.get("value"), gs.Constant):
-        return maker.attrs["value"].values
-    return None
+    """The value behind a tensor (G.const_value: initializer, Constant node, through Identity), else None; read-only."""
+    return G.const_value(t)
 
 
 def _depthwise(n: gs.Node, t: gs.Tensor, channels: int) -> bool:
