@@ -592,9 +592,8 @@ def test_wanda_reads_at_most_samples():
     np.testing.assert_array_equal(weight_of(out, "fc1") != 0, wanda_reference(weights(model)["W1"], x[:64], 0.5))
 
 
-def test_wanda_ranks_weights_of_inputs_dead_on_the_calibration_data_by_magnitude():
-    """Inputs that are zero on every calibration sample carry no evidence: their weights rank below every
-    live input's and, among themselves, by |W| (not by position), for row, layer and 2:4 groups alike."""
+def dead_input_layer():
+    """A MatMul [8, 6] whose calibration inputs 0, 1, 2 and 5 are zero on every sample."""
     k, n = 8, 6
     w = rand((k, n), 21)
     model = make_model([node("MatMul", ["x", "W"], ["y"], name="fc")], [vi("x", ["batch", k])],
@@ -602,6 +601,13 @@ def test_wanda_ranks_weights_of_inputs_dead_on_the_calibration_data_by_magnitude
     x = correlated(64, k, 3)
     dead = np.array([0, 1, 2, 5])
     x[:, dead] = 0
+    return k, n, w, model, x, dead
+
+
+def test_wanda_ranks_weights_of_inputs_dead_on_the_calibration_data_by_magnitude():
+    """Inputs that are zero on every calibration sample carry no evidence: their weights rank below every
+    live input's and, among themselves, by |W| (not by position), for row, layer and 2:4 groups alike."""
+    k, n, w, model, x, dead = dead_input_layer()
     feeds = [{"x": correlated(8, k, 4)}]  # test inputs where the dead columns are not zero
     base = "prune(keep_first_last=false,score=wanda,reconstruct=false,"
     out, st, _ = prune(model, base + "sparsity=0.25,scope=row)", feeds=feeds, calibration={"x": x})
@@ -691,13 +697,7 @@ def test_obs_with_reconstruction_beats_magnitude_with_reconstruction():
 
 
 def test_obs_ranks_weights_of_inputs_dead_on_the_calibration_data_first_by_magnitude():
-    k, n = 8, 6
-    w = rand((k, n), 21)
-    model = make_model([node("MatMul", ["x", "W"], ["y"], name="fc")], [vi("x", ["batch", k])],
-                       [vi("y", ["batch", n])], [init("W", w)])
-    x = correlated(64, k, 3)
-    dead = np.array([0, 1, 2, 5])
-    x[:, dead] = 0
+    k, n, w, model, x, dead = dead_input_layer()
     out, st, _ = prune(model, "prune(keep_first_last=false,score=obs,reconstruct=false,sparsity=0.25)",
                        feeds=[{"x": correlated(8, k, 4)}], calibration={"x": x})
     got = weight_of(out, "fc") != 0
