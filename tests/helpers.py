@@ -184,3 +184,15 @@ def run_pass_direct(model: onnx.ModelProto, name: str, **options: Any) -> tuple[
     out = G.export_model(graph, model)
     onnx.checker.check_model(out, full_check=True)
     return out, result
+
+
+def assert_pass_agrees(model: onnx.ModelProto, optimized: onnx.ModelProto, record: Any,
+                       direct: onnx.ModelProto, direct_result: PassResult, feeds: Sequence[dict]) -> None:
+    """A pass run by the pipeline and run directly on the graph: same statistics, the model's
+    interface kept by both, and both compute what the original does (ORT optimizations on and off)."""
+    assert direct_result.stats == record.stats
+    assert direct_result.modified == record.modified
+    assert interface(optimized) == interface(model)
+    assert interface(direct) == interface(model)
+    assert_same_outputs(model, optimized, feeds)
+    assert_same_outputs(model, direct, feeds[:1], opt_levels=("disable",))
