@@ -18,7 +18,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues, SparseValues
 
-from .io import iter_graph_protos, iter_tensors
+from .io import PACKED_TYPES, iter_graph_protos, iter_tensors
 
 __all__ = [
     "import_graph", "export_model", "iter_graphs", "subgraphs_of", "find_nodes",
@@ -511,11 +511,6 @@ def constants(graph: gs.Graph) -> list[gs.Constant]:
     return list(seen.values())
 
 
-def _shape_of(tensor: gs.Constant) -> tuple[int, ...]:
-    values = tensor._values  # shape without loading lazily held data
-    return tuple(values.shape)
-
-
 def _sparse_values(graph: gs.Graph) -> Iterator[onnx.SparseTensorProto]:
     """Constant(sparse_value) tensors, which gs keeps as protos."""
     for g in iter_graphs(graph):
@@ -526,10 +521,8 @@ def _sparse_values(graph: gs.Graph) -> Iterator[onnx.SparseTensorProto]:
 
 
 def sizes(graph: gs.Graph) -> tuple[int, int, int]:
-    """(node_count, param_count, param_bytes) in one walk of the graph."""
-    nodes = params = nbytes = 0
-    for g in iter_graphs(graph):
-        nodes += len(g.nodes)
+    """(node_count, param_count, param_bytes); each constant read once, without loading its data."""
+    params = nbytes = 0
     for tensor in constants(graph):
         values = tensor._values
         params += int(np.prod(values.shape, dtype=np.int64))
@@ -537,22 +530,17 @@ def sizes(graph: gs.Graph) -> tuple[int, int, int]:
     for s in _sparse_values(graph):
         params += int(np.prod(s.dims, dtype=np.int64))
         nbytes += s.ByteSize()
-    return nodes, params, nbytes
+    return node_count(graph), params, nbytes
 
 
 def param_count(graph: gs.Graph) -> int:
     """Number of constant elements (weights) in all scopes; sparse ones at their dense size."""
-    dense = int(sum(np.prod(_shape_of(t), dtype=np.int64) for t in constants(graph)))
-    return dense + sum(int(np.prod(s.dims, dtype=np.int64)) for s in _sparse_values(graph))
+    return sizes(graph)[1]
 
 
 def param_bytes(graph: gs.Graph) -> int:
     """Bytes of constant data in all scopes, sparse tensors as stored (values and indices)."""
-    total = sum(s.ByteSize() for s in _sparse_values(graph))
-    for tensor in constants(graph):
-        values = tensor._values
-        total += int(values.nbytes)
-    return total
+    return sizes(graph)[2]
 
 
 def constant_node_value(node: gs.Node) -> "gs.Constant | np.ndarray | None":
@@ -638,15 +626,9 @@ def const_array(tensor: gs.Constant) -> np.ndarray:
     if (not isinstance(values, SparseValues) and isinstance(values.dtype, np.dtype)
             and values.dtype.kind in "biuf" and proto.HasField("raw_data") and sys.byteorder == "little"
             and proto.data_location != onnx.TensorProto.EXTERNAL
-            and proto.data_type not in _PACKED_TYPES):
+            and proto.data_type not in PACKED_TYPES):
         return np.frombuffer(proto.raw_data, dtype=values.dtype).reshape(tuple(values.shape))
     return tensor.values
-
-
-# Element types stored several to a byte: their raw bytes are not one element each.
-_PACKED_TYPES = {getattr(onnx.TensorProto, n) for n in ("INT4", "UINT4", "FLOAT4E2M1", "INT2", "UINT2",
-                                                       "FLOAT6E2M3", "FLOAT6E3M2")
-                 if hasattr(onnx.TensorProto, n)}
 
 
 def node_count(graph: gs.Graph) -> int:

@@ -195,7 +195,7 @@ def _data_size_problem(tensor: onnx.TensorProto) -> Optional[str]:
         itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
     except (KeyError, ValueError, TypeError):
         return None
-    if tensor.data_type in _PACKED_TYPES or tensor.data_type == onnx.TensorProto.STRING:
+    if tensor.data_type in PACKED_TYPES or tensor.data_type == onnx.TensorProto.STRING:
         return None
     want = math.prod(tensor.dims) * itemsize
     have = len(tensor.raw_data)
@@ -205,7 +205,8 @@ def _data_size_problem(tensor: onnx.TensorProto) -> Optional[str]:
 
 
 # Types packing several values per byte, where the byte count is not shape × itemsize.
-_PACKED_TYPES = {getattr(onnx.TensorProto, n) for n in ("INT4", "UINT4", "FLOAT4E2M1", "INT2", "UINT2")
+PACKED_TYPES = {getattr(onnx.TensorProto, n) for n in ("INT4", "UINT4", "FLOAT4E2M1", "INT2", "UINT2",
+                                                      "FLOAT6E2M3", "FLOAT6E3M2")
                  if hasattr(onnx.TensorProto, n)}
 
 

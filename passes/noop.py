@@ -118,25 +118,14 @@ def _present(node: gs.Node, index: int) -> Optional[gs.Tensor]:
     return None
 
 
-def _constant_source(tensor: gs.Tensor, overridable: frozenset = frozenset()) -> Any:
-    """A constant's value holder (gs.Constant, or an array from a Constant node's attribute), or None."""
-    return G.constant_source(tensor, overridable)
-
-
 def _source_meta(source: Any) -> tuple[Optional[int], Shape]:
     values = source._values if isinstance(source, gs.Constant) else source  # no lazy load
     return _onnx_dtype(values.dtype), tuple(int(d) for d in values.shape)
 
 
-def _const(tensor: Optional[gs.Tensor], max_elems: int = _MAX_LOAD,
-           overridable: frozenset = frozenset()) -> Optional[np.ndarray]:
-    """The value of a constant tensor (G.const_value), or None; read-only."""
-    return G.const_value(tensor, overridable, max_elems)
-
-
 def _ints(tensor: Optional[gs.Tensor], overridable: frozenset = frozenset()) -> Optional[list[int]]:
     """A small constant integer tensor as a list of ints (0-D gives one item), or None."""
-    value = _const(tensor, 4096, overridable)
+    value = G.const_value(tensor, overridable, 4096)
     if value is None or value.dtype.kind not in "iu":
         return None
     return [int(v) for v in value.reshape(-1)]
@@ -188,7 +177,7 @@ class _Facts:
                   untrusted: set[int]) -> tuple[Optional[int], Shape]:
         if tensor.name in self.overridable:
             return _onnx_dtype(tensor.dtype), None
-        source = _constant_source(tensor, self.overridable)
+        source = G.constant_source(tensor, self.overridable)
         if source is not None:
             try:
                 return _source_meta(source)
@@ -426,7 +415,7 @@ class _Rewriter:
     # ------------------------------------------------------------- plumbing
 
     def _const(self, tensor: Optional[gs.Tensor], max_elems: int = _MAX_LOAD) -> Optional[np.ndarray]:
-        return _const(tensor, max_elems, self.facts.overridable)
+        return G.const_value(tensor, self.facts.overridable, max_elems)
 
     def _ints(self, tensor: Optional[gs.Tensor]) -> Optional[list[int]]:
         return _ints(tensor, self.facts.overridable)

@@ -812,9 +812,9 @@ class _Pruner:
                     if n.op == "BatchNormalization" and (len(n.outputs) != 1 or not all(
                             isinstance(x, gs.Constant) and len(x.outputs) == 1 for x in n.inputs[1:])):
                         return fail("shared_param")
-                    if n.op != "BatchNormalization" and any(_const(x) is None for x in n.inputs[1:] if x.name):
+                    if n.op != "BatchNormalization" and any(G.const_value(x) is None for x in n.inputs[1:] if x.name):
                         return fail("unsupported_op")
-                    if n.op in ("PRelu", "Pow") and _const(n.inputs[1]).size != 1:
+                    if n.op in ("PRelu", "Pow") and G.const_value(n.inputs[1]).size != 1:
                         return fail("unsupported_op")
                     new_state = (axis_last, spatial_one)
                 elif n.op in _POOLS and not axis_last:
@@ -829,7 +829,7 @@ class _Pruner:
                         new_state = (axis_last, spatial_one)
                     else:
                         c = others[0]
-                        value = _const(c)
+                        value = G.const_value(c)
                         if value is None:
                             pending[id(n)] = n  # maybe both operands come from the region later
                             continue
@@ -1258,11 +1258,6 @@ def _slice_channels(c: np.ndarray, keep: np.ndarray, channels: int, axis_last: b
     return np.ascontiguousarray(np.take(c, keep, axis=-1 if axis_last else c.ndim - 3))
 
 
-def _const(t: gs.Tensor) -> Optional[np.ndarray]:
-    """The value behind a tensor (G.const_value: initializer, Constant node, through Identity), else None; read-only."""
-    return G.const_value(t)
-
-
 def _depthwise(n: gs.Node, t: gs.Tensor, channels: int) -> bool:
     """A Conv with one filter per input channel (group = channels), constant single-use parameters, reading t."""
     if n.op != "Conv" or (n.domain or "") not in ("", "ai.onnx") or G.positions(n.inputs, t) != [0] or len(n.inputs) < 2:
@@ -1298,15 +1293,15 @@ def _through(n: gs.Node, inputs: list) -> Optional[np.ndarray]:
     if op == "LeakyRelu":
         return np.where(v >= 0, v, v * float(n.attrs.get("alpha", 0.01)))
     if op == "PRelu":
-        a = float(_const(n.inputs[1]).reshape(-1)[0])
+        a = float(G.const_value(n.inputs[1]).reshape(-1)[0])
         return np.where(v >= 0, v, v * a)
     if op == "Sigmoid":
         return 1 / (1 + np.exp(-v))
     if op == "Tanh":
         return np.tanh(v)
     if op == "Clip":
-        lo = _const(n.inputs[1]) if len(n.inputs) > 1 and n.inputs[1].name else n.attrs.get("min", -np.inf)
-        hi = _const(n.inputs[2]) if len(n.inputs) > 2 and n.inputs[2].name else n.attrs.get("max", np.inf)
+        lo = G.const_value(n.inputs[1]) if len(n.inputs) > 1 and n.inputs[1].name else n.attrs.get("min", -np.inf)
+        hi = G.const_value(n.inputs[2]) if len(n.inputs) > 2 and n.inputs[2].name else n.attrs.get("max", np.inf)
         return np.clip(v, float(np.asarray(lo).reshape(-1)[0]), float(np.asarray(hi).reshape(-1)[0]))
     if op == "HardSwish":
         return v * np.clip(v / 6 + 0.5, 0, 1)
@@ -1327,9 +1322,9 @@ def _through(n: gs.Node, inputs: list) -> Optional[np.ndarray]:
     if op == "Sqrt":
         return np.sqrt(np.maximum(v, 0))
     if op == "Pow":
-        return np.power(v, float(_const(n.inputs[1]).reshape(-1)[0]))
+        return np.power(v, float(G.const_value(n.inputs[1]).reshape(-1)[0]))
     if op in _BINARY:
-        a, b = (x if x is not None else np.broadcast_to(_const(t).astype(np.float64).reshape(-1), v.shape)
+        a, b = (x if x is not None else np.broadcast_to(G.const_value(t).astype(np.float64).reshape(-1), v.shape)
                 for x, t in zip(inputs, n.inputs))
         return {"Add": np.add, "Mul": np.multiply, "Sub": np.subtract, "Div": np.divide}[op](a, b)
     return None

@@ -302,7 +302,7 @@ class _Plan:
                 skips["batchnorm_not_folded"] += 1  # run fold_bn (cleanup) first: Conv -> BN cannot fuse
                 return None
             w_tensor = node.inputs[1]
-            w = _const_value(w_tensor)
+            w = G.const_value(w_tensor)
             if w is None:
                 if _foldable(w_tensor):
                     skips["weight_not_folded"] += 1  # run fold (cleanup) first
@@ -527,7 +527,7 @@ class _Writer:
 
     def quantize_bias(self, node: gs.Node, w_scale: np.ndarray, axis: int, plan: _Plan) -> None:
         bias_t = node.inputs[2]
-        b = _const_value(bias_t)
+        b = G.const_value(bias_t)
         x = node.inputs[0]
         if b is None or b.dtype != np.float32 or b.ndim != 1:
             self.stats["skipped_bias"] = self.stats.get("skipped_bias", 0) + 1
@@ -683,11 +683,6 @@ def _dq_source(tensor: gs.Tensor) -> Optional[gs.Tensor]:
     if q is None or q.op != "QuantizeLinear":
         return None
     return q.inputs[0]
-
-
-def _const_value(tensor: Optional[gs.Tensor]) -> Optional[np.ndarray]:
-    """The value behind a tensor (G.const_value: initializer, Constant node, through Identity); else None."""
-    return G.const_value(tensor)
 
 
 def _is_const(tensor: Optional[gs.Tensor]) -> bool:
