@@ -136,20 +136,10 @@ class Dedup(Pass):
                 entry = _ConstEntry.of_tensor(tensor, self.digests)
                 if entry is None:
                     continue
-                kept, _ = root.find(entry.key, entry.same_as)
                 if tensor.name in overridable:
-                    self.stats["kept_graph_io"] += kept is not None
+                    self.stats["kept_graph_io"] += root.find(entry.key, entry.same_as)[0] is not None
                     continue
-                if kept is None:
-                    root.add(entry.key, entry.trimmed())
-                    continue
-                if id(tensor) in self.out_slots:
-                    self.stats["kept_graph_io"] += 1
-                    continue
-                for consumer in list(tensor.outputs):
-                    G.rewire_input(consumer, tensor, kept.tensor)
-                self.stats["constants_merged"] += 1
-                self.stats["bytes_saved"] += entry.nbytes
+                self._merge_constant(root, entry, tensor)
 
     def _constant_node(self, node: gs.Node, scope: "_Scope", doomed: list[gs.Node]) -> None:
         if len(node.outputs) != 1 or not node.outputs[0].name or node.inputs:
@@ -160,19 +150,24 @@ class Dedup(Pass):
         entry = _ConstEntry.of_node(node, self.digests)
         if entry is None:
             return
-        out = node.outputs[0]
+        if self._merge_constant(scope, entry, node.outputs[0]):
+            doomed.append(node)
+
+    def _merge_constant(self, scope: "_Scope", entry: "_ConstEntry", tensor: gs.Tensor) -> bool:
+        """Point the readers of ``tensor`` at an equal constant already kept in ``scope``.
+        False when it is kept instead: the first of its value, or a graph output."""
         kept, _ = scope.find(entry.key, entry.same_as)
         if kept is None:
             scope.add(entry.key, entry.trimmed())
-            return
-        if id(out) in self.out_slots:
+            return False
+        if id(tensor) in self.out_slots:
             self.stats["kept_graph_io"] += 1
-            return
-        for consumer in list(out.outputs):
-            G.rewire_input(consumer, out, kept.tensor)
-        doomed.append(node)
+            return False
+        for consumer in list(tensor.outputs):
+            G.rewire_input(consumer, tensor, kept.tensor)
         self.stats["constants_merged"] += 1
         self.stats["bytes_saved"] += entry.nbytes
+        return True
 
     # ------------------------------------------------------------- nodes
 
