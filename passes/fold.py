@@ -15,7 +15,8 @@ from onnx_graphsurgeon.ir.tensor import LazyValues, SparseValues
 
 from onnxopt import graph as G
 from onnxopt.io import iter_graph_protos
-from onnxopt.pipeline import Pass, PassContext, PassResult, register_pass
+from onnxopt.pipeline import Pass, PassContext, PassResult, growth_limit, register_pass
+from onnxopt.report import human_bytes
 
 try:  # onnx depends on ml_dtypes; ORT hands these types back as raw bytes
     import ml_dtypes
@@ -46,7 +47,7 @@ _MAX_ROUNDS = 8
 
 @dataclass
 class FoldOptions:
-    max_growth_bytes: int = 1 << 20  # skip a node whose folding would grow the model by more
+    max_growth_bytes: Optional[int] = None  # the most one run may add (it only tightens the pipeline's max_growth)
     fold_shapes: bool = True  # fold Shape/Size of values whose shape is statically known
     fold_dequantize: bool = False  # also fold DequantizeLinear of constants (undoes weight quantization)
 
@@ -75,13 +76,19 @@ class ConstantFolding(Pass):
     are stored: ``constants_created``, ``bytes_created`` (new data; values moved
     out of ``Constant`` nodes are not new).
 
-    Left alone: random ops and training-mode Dropout (``skipped_nondeterministic``),
+    Size guard: folding never grows the model past its growth allowance (the pipeline's
+    ``max_growth`` left to this pass, or ``growth_limit`` of the graph when run alone,
+    tightened by ``max_growth_bytes``). A node's growth is the bytes of the outputs it
+    would store less the stored constants (initializers, Constant nodes) nothing would
+    read any more, found through the chain of folded producers; the growth of the nodes
+    folded adds up against the allowance. So a dequantization over narrow weights,
+    (Cast(int8 W) - zero point) * scale, a Cast of fp16 weights to float, a Tile/Expand that
+    blows up a constant, or a Transpose of a weight another node also reads (a tied
+    embedding, which would store a second copy) stays unless it is tiny
+    (``skipped_too_large``, with a note; a small result computed from such a node
+    still folds). Left alone also: random ops and training-mode Dropout (``skipped_nondeterministic``),
     nodes holding subgraphs (``skipped_control_flow``), DequantizeLinear unless
-    ``fold_dequantize`` (``skipped_dequantize``), nodes whose folding would grow the
-    model by more than ``max_growth_bytes``: the outputs stored, less the inputs nothing
-    reads afterwards, so a Tile/Expand that blows up a constant, or a Transpose of a weight
-    another node also reads (a tied embedding), which would store a second copy
-    (``skipped_too_large``; a small result computed from such a node still folds), nodes neither runtime
+    ``fold_dequantize`` (``skipped_dequantize``), nodes neither runtime
     can evaluate or whose result is no storable tensor (sequences, 4-bit types:
     ``skipped_unsupported``), custom ops without inputs, model-local function
     bodies, and initializers the importer records as overridable graph inputs
@@ -102,7 +109,12 @@ class ConstantFolding(Pass):
             folded, shapes_may_improve = folder.round()
             if not folded or not shapes_may_improve:
                 break
-        return PassResult(stats["nodes_folded"] > 0, stats)
+        notes = []
+        if folder.refused:
+            notes.append(f"{len(folder.refused)} node(s) left unfolded for size: folding would grow the model "
+                         f"by up to {human_bytes(max(folder.refused))} each, over the {human_bytes(folder.allowance)} "
+                         f"it may grow by (raise it with --max-growth)")
+        return PassResult(stats["nodes_folded"] > 0, stats, notes)
 
 
 # ----------------------------------------------------------------- values
@@ -178,6 +190,14 @@ class _Folder:
         # Initializers also listed as graph inputs (IR >= 4) are defaults a user may override:
         # not constants. onnx-graphsurgeon drops that listing; the importer may record it here.
         self.overridable = set(vars(graph).get("initializer_inputs") or ())
+        # Bytes of tensor data this run may still add; the growth each refused node would have made.
+        allowance, own = ctx.growth_allowance, options.max_growth_bytes
+        if own is not None:
+            allowance = own if allowance is None else min(allowance, own)
+        if allowance is None:  # run alone: the default limit for this graph
+            allowance = growth_limit(G.sizes(graph)[2]) or 0
+        self.allowance = self.left = allowance
+        self.refused: list[int] = []
 
     # ------------------------------------------------------------- one round
 
@@ -281,6 +301,7 @@ class _Folder:
         # node that stays reads it, or it is a graph output of some scope.
         candidates = [n for n in analysed if id(n) not in keep]
         folded: dict[int, list[gs.Tensor]] = {}
+        guard = _Guard(self, candidates, failed | blocked, consumers, interface, sources, held, folded)
         for node in reversed(candidates):
             if id(node) in failed or id(node) in blocked:
                 continue
@@ -291,14 +312,8 @@ class _Folder:
                     self.stats["skipped_unsupported"] += 1
                     self.rejected[id(node)] = node
                     continue
-                # Growth of the model: the outputs stored, less the inputs nothing reads afterwards
-                # (a weight another node still reads stays, and its folded copy would be extra).
-                inputs = {id(t): t for t in node.inputs if t.name}
-                freed = sum(_nbytes(results.get(k)) for k, t in inputs.items()
-                            if k not in interface
-                            and all(c is node or id(c) in folded for c in consumers.get(k, [])))
-                grown = sum(_nbytes(results[id(t)]) for t in needed) - freed
-                if grown > self.options.max_growth_bytes:
+                stored = sum(_nbytes(results[id(t)]) for t in needed)
+                if stored and not guard.admit(node, stored):
                     self.stats["skipped_too_large"] += 1
                     self.rejected[id(node)] = node
                     continue
@@ -435,6 +450,76 @@ class _Folder:
                 for n in g.nodes:
                     rebuilt.extend(replacement.get(id(n), [n]))
                 g.nodes = rebuilt
+
+
+class _Guard:
+    """Decides whether folding a node keeps the model within its growth allowance.
+
+    Nodes are decided consumers first. Folding a node stores its needed outputs and
+    frees the stored constants (initializers, Constant-node values) that nothing would
+    read any more: those it reads, and those read by producers all of whose outputs
+    only folded nodes read (those producers fold too, storing nothing). Intermediate
+    values were never stored, so a Cast from int8 to float frees the int8 table, not
+    the float copy it computes. Each freed constant counts once.
+    """
+
+    def __init__(self, folder: "_Folder", candidates, left_out, consumers, interface, sources, held, folded) -> None:
+        self.folder = folder
+        self.foldable = {id(n) for n in candidates if id(n) not in left_out}
+        self.consumers = consumers
+        self.interface = interface
+        self.sources = sources
+        self.held = held
+        self.folded = folded
+        self.freed: set[int] = set()  # ids of constants already counted as freed
+
+    def admit(self, node: gs.Node, stored: int) -> bool:
+        freed = self._freed_by(node)
+        grown = stored - sum(nbytes for _, nbytes in freed)
+        folder = self.folder
+        if grown > folder.left:
+            folder.refused.append(grown)
+            return False
+        folder.left -= max(grown, 0)
+        self.freed.update(key for key, _ in freed)
+        return True
+
+    def _freed_by(self, node: gs.Node) -> list[tuple[int, int]]:
+        """(constant id, bytes) of the stored constants folding ``node`` would leave unread."""
+        dying = {id(node)}
+        stack, found = [node], {}
+
+        def unread(t: gs.Tensor) -> bool:
+            return id(t) not in self.interface and all(
+                id(c) in dying or id(c) in self.folded for c in self.consumers.get(id(t), []))
+
+        while stack:
+            current = stack.pop()
+            for t in {id(t): t for t in current.inputs if t.name}.values():
+                if not unread(t):
+                    continue
+                if isinstance(t, gs.Constant):
+                    if t.name not in self.folder.overridable:
+                        found[id(t)] = _stored_nbytes(t)
+                    continue
+                producer = t.inputs[0] if t.inputs else None
+                if (producer is None or id(producer) in dying or id(producer) not in self.foldable
+                        or not all(unread(o) for o in producer.outputs if o.name)):
+                    continue
+                dying.add(id(producer))
+                if producer.op == "Constant" and id(producer) in self.held:
+                    source = self.sources[id(t)]
+                    found[id(source)] = _stored_nbytes(source)
+                stack.append(producer)
+        return [(key, nbytes) for key, nbytes in found.items() if key not in self.freed]
+
+
+def _stored_nbytes(tensor: gs.Constant) -> int:
+    """Bytes a constant holds in the model, without loading it."""
+    values = tensor._values
+    if isinstance(values, SparseValues):
+        return 0  # never read by fold
+    return int(values.nbytes)
 
 
 class _Evaluator:
