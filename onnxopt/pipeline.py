@@ -11,6 +11,7 @@ import dataclasses
 import importlib
 import importlib.util
 import logging
+import math
 import re
 import time
 from dataclasses import dataclass, field
@@ -133,8 +134,9 @@ class PassContext:
     ModelProto of its current graph (to run it in ORT for calibration) makes
     one with ``ctx.export(graph)``. ``growth_allowance`` is how many bytes of
     tensor data the pass may add to the model (set by the pass manager from the
-    pipeline's ``max_growth``; None: no limit given, a pass that can grow the
-    model applies ``growth_limit`` to the graph it is given).
+    pipeline's ``max_growth``, ``math.inf`` when unlimited; None when no pass
+    manager set it: a pass that can grow the model applies ``growth_limit`` to the
+    graph it is given).
     """
 
     opset: int = 0
@@ -143,7 +145,7 @@ class PassContext:
     dims: dict[str, int] = field(default_factory=dict)
     log: logging.Logger = log
     template: Optional[onnx.ModelProto] = None
-    growth_allowance: Optional[int] = None
+    growth_allowance: Optional[float] = None
 
     def export(self, graph: gs.Graph) -> onnx.ModelProto:
         """The graph as a ModelProto, with the original model's opsets and fields."""
@@ -561,8 +563,9 @@ class PassManager:
     def _run_pass(self, p: Pass, auto: bool = False) -> bool:
         # Only passes change the graph: what the last one left is what this one starts from.
         before = self.records[-1].after_sizes() if self.records else _measure(self.graph)
-        if self.limit is not None:  # what is left of the growth limit
-            self.ctx.growth_allowance = max(0, self.limit - (before[2] - self.start_bytes))
+        # What is left of the growth limit, for passes that can grow the model.
+        self.ctx.growth_allowance = (math.inf if self.limit is None
+                                     else max(0, self.limit - (before[2] - self.start_bytes)))
         start = time.perf_counter()
         try:
             result = p.run(self.graph, self.ctx)
