@@ -134,10 +134,10 @@ def test_identity_of_initializer_reads_the_initializer_without_a_copy():
 
 def test_one_onnxruntime_session_per_round(monkeypatch):
     """Many independent foldable nodes are evaluated together, not one session per node."""
-    fold_module = sys.modules[get_pass("fold").__module__]
+    evaluate = sys.modules[get_pass("fold").__module__ + ".evaluate"]
     calls = []
-    real = fold_module._run_ort
-    monkeypatch.setattr(fold_module, "_run_ort", lambda *a: calls.append(1) or real(*a))
+    real = evaluate._run_ort
+    monkeypatch.setattr(evaluate, "_run_ort", lambda *a: calls.append(1) or real(*a))
     nodes, value = [], "w"
     for i in range(40):
         nodes.append(node("Add" if i % 2 else "Mul", [value, "w"], [f"v{i}"]))

@@ -4,44 +4,26 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Iterable, Optional
+from typing import Any, Optional
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from onnx import numpy_helper
-from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
-from onnx_graphsurgeon.ir.tensor import LazyValues, SparseValues
+from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from onnxopt import graph as G
-from onnxopt.io import iter_graph_protos
 from onnxopt.pipeline import Pass, PassContext, PassResult, growth_limit, register_pass
 from onnxopt.report import human_bytes
 
-try:  # onnx depends on ml_dtypes; ORT hands these types back as raw bytes
-    import ml_dtypes
-
-    _EXOTIC = {
-        "tensor(bfloat16)": (onnx.TensorProto.BFLOAT16, np.dtype(ml_dtypes.bfloat16)),
-        "tensor(float8e4m3fn)": (onnx.TensorProto.FLOAT8E4M3FN, np.dtype(ml_dtypes.float8_e4m3fn)),
-        "tensor(float8e4m3fnuz)": (onnx.TensorProto.FLOAT8E4M3FNUZ, np.dtype(ml_dtypes.float8_e4m3fnuz)),
-        "tensor(float8e5m2)": (onnx.TensorProto.FLOAT8E5M2, np.dtype(ml_dtypes.float8_e5m2)),
-        "tensor(float8e5m2fnuz)": (onnx.TensorProto.FLOAT8E5M2FNUZ, np.dtype(ml_dtypes.float8_e5m2fnuz)),
-    }
-except ImportError:  # pragma: no cover - ml_dtypes ships with onnx
-    _EXOTIC = {}
-_EXOTIC_BY_DTYPE = {dtype: onnx_type for onnx_type, dtype in _EXOTIC.values()}
-
-# Element types held packed (several per byte) or without a numpy form: never read nor made.
-_PACKED = {getattr(onnx.TensorProto, n) for n in ("UINT4", "INT4", "FLOAT4E2M1", "UINT2", "INT2", "FLOAT8E8M0")
-           if hasattr(onnx.TensorProto, n)}
+from .evaluate import _Evaluator, _run_ort
+from .guard import _Guard
+from .scopes import _DEFAULT_DOMAINS, _fresh, _infer_shapes, _scopes, _topo
+from .values import _EXOTIC, _const_value, _loadable, _make_constant, _nbytes, _onnx_type
 
 # Ops whose result changes from run to run (default domain); in other domains any op whose
 # name says random or dropout.
 _RANDOM_OPS = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli"}
 _DEQUANTIZE_OPS = {"DequantizeLinear", "DynamicDequantizeLinear"}
-_LOOP_OPS = {"Loop", "Scan"}
-_DEFAULT_DOMAINS = ("", "ai.onnx")
 _MAX_ROUNDS = 8
 
 
@@ -117,54 +99,10 @@ class ConstantFolding(Pass):
         return PassResult(stats["nodes_folded"] > 0, stats, notes)
 
 
-# ----------------------------------------------------------------- values
-
-def _const_value(tensor: gs.Constant) -> Optional[np.ndarray]:
-    """A constant's values without caching them on the tensor (gs would re-encode them on export)."""
-    values = tensor._values
-    if isinstance(values, SparseValues):
-        return None
-    if isinstance(values, LazyValues):
-        proto = values.tensor
-        if proto.data_type in _PACKED or proto.data_location == onnx.TensorProto.EXTERNAL:
-            return None
-        try:
-            return numpy_helper.to_array(proto)
-        except Exception:  # noqa: BLE001 - unreadable data: not a usable constant
-            return None
-    return np.asarray(values)
-
-
-def _onnx_type(value: Any) -> Optional[int]:
-    """The ONNX element type of an array we can feed and store, else None."""
-    if not isinstance(value, np.ndarray):
-        return None
-    if value.dtype in _EXOTIC_BY_DTYPE:
-        return _EXOTIC_BY_DTYPE[value.dtype]
-    if value.dtype == object:
-        return onnx.TensorProto.STRING if all(isinstance(v, (str, bytes)) for v in value.flat) else None
-    try:
-        onnx_type = onnx.helper.np_dtype_to_tensor_dtype(value.dtype)
-    except Exception:  # noqa: BLE001 - complex or other unmapped numpy types
-        return None
-    return None if onnx_type in _PACKED else onnx_type
-
-
-def _nbytes(value: Any) -> int:
-    if isinstance(value, np.ndarray):
-        if value.dtype == object:
-            return int(sum(len(v) for v in value.flat if isinstance(v, (str, bytes))))
-        return int(value.nbytes)
-    return 0
-
-
-def _make_constant(name: str, value: np.ndarray) -> gs.Constant:
-    """A gs.Constant exported from its own TensorProto: dtype (fp16, bf16, strings...) and shape kept."""
-    return gs.Constant(name, LazyValues(numpy_helper.from_array(value, name)))
-
 
 def _is_default(node: gs.Node) -> bool:
     return (node.domain or "") in _DEFAULT_DOMAINS
+
 
 
 # ----------------------------------------------------------------- the folder
@@ -452,289 +390,6 @@ class _Folder:
                 g.nodes = rebuilt
 
 
-class _Guard:
-    """Decides whether folding a node keeps the model within its growth allowance.
-
-    Nodes are decided consumers first. Folding a node stores its needed outputs and
-    frees the stored constants (initializers, Constant-node values) that nothing would
-    read any more: those it reads, and those read by producers all of whose outputs
-    only folded nodes read (those producers fold too, storing nothing). Intermediate
-    values were never stored, so a Cast from int8 to float frees the int8 table, not
-    the float copy it computes. Each freed constant counts once.
-    """
-
-    def __init__(self, folder: "_Folder", candidates, left_out, consumers, interface, sources, held, folded) -> None:
-        self.folder = folder
-        self.foldable = {id(n) for n in candidates if id(n) not in left_out}
-        self.consumers = consumers
-        self.interface = interface
-        self.sources = sources
-        self.held = held
-        self.folded = folded
-        self.freed: set[int] = set()  # ids of constants already counted as freed
-
-    def admit(self, node: gs.Node, stored: int) -> bool:
-        freed = self._freed_by(node)
-        grown = stored - sum(nbytes for _, nbytes in freed)
-        folder = self.folder
-        if grown > folder.left:
-            folder.refused.append(grown)
-            return False
-        folder.left -= max(grown, 0)
-        self.freed.update(key for key, _ in freed)
-        return True
-
-    def _freed_by(self, node: gs.Node) -> list[tuple[int, int]]:
-        """(constant id, bytes) of the stored constants folding ``node`` would leave unread."""
-        dying = {id(node)}
-        stack, found = [node], {}
-
-        def unread(t: gs.Tensor) -> bool:
-            return id(t) not in self.interface and all(
-                id(c) in dying or id(c) in self.folded for c in self.consumers.get(id(t), []))
-
-        while stack:
-            current = stack.pop()
-            for t in {id(t): t for t in current.inputs if t.name}.values():
-                if not unread(t):
-                    continue
-                if isinstance(t, gs.Constant):
-                    if t.name not in self.folder.overridable:
-                        found[id(t)] = _stored_nbytes(t)
-                    continue
-                producer = t.inputs[0] if t.inputs else None
-                if (producer is None or id(producer) in dying or id(producer) not in self.foldable
-                        or not all(unread(o) for o in producer.outputs if o.name)):
-                    continue
-                dying.add(id(producer))
-                if producer.op == "Constant" and id(producer) in self.held:
-                    source = self.sources[id(t)]
-                    found[id(source)] = _stored_nbytes(source)
-                stack.append(producer)
-        return [(key, nbytes) for key, nbytes in found.items() if key not in self.freed]
-
-
-def _stored_nbytes(tensor: gs.Constant) -> int:
-    """Bytes a constant holds in the model, without loading it."""
-    values = tensor._values
-    if isinstance(values, SparseValues):
-        return 0  # never read by fold
-    return int(values.nbytes)
-
-
-class _Evaluator:
-    """Evaluates a list of nodes on known values; bisects on failure, single nodes fall back to onnx.reference."""
-
-    def __init__(self, folder: _Folder, values: dict[int, Any]) -> None:
-        self.folder = folder
-        self.values = values
-        self.results: dict[int, Any] = {}
-        self.failed: set[int] = set()
-        self.blocked: set[int] = set()
-
-    def value(self, t: gs.Tensor) -> Any:
-        return self.results.get(id(t), self.values.get(id(t)))
-
-    def run(self, nodes: list[gs.Node]) -> None:
-        ready, made = [], set()
-        for node in nodes:
-            ok = all((not t.name) or id(t) in made or _onnx_type(self.value(t)) is not None for t in node.inputs)
-            if ok:
-                ready.append(node)
-                made.update(id(t) for t in node.outputs if t.name)
-            else:
-                self.blocked.add(id(node))
-        if not ready:
-            return
-        model, feeds, outputs = self._model(ready)
-        try:
-            got = _run_ort(model, feeds, [name for name, _ in outputs])
-        except Exception:  # noqa: BLE001 - find the node(s) ORT cannot run
-            if len(ready) == 1:
-                try:
-                    got = _run_reference(model, feeds, [name for name, _ in outputs])
-                except Exception:  # noqa: BLE001
-                    self.failed.add(id(ready[0]))
-                    return
-            else:
-                half = len(ready) // 2
-                self.run(ready[:half])
-                self.run(ready[half:])
-                return
-        for (_, t), value in zip(outputs, got):
-            self.results[id(t)] = value
-
-    def _model(self, nodes: list[gs.Node], wanted: Optional[set[int]] = None
-               ) -> tuple[onnx.ModelProto, dict[str, Any], list[tuple[str, gs.Tensor]]]:
-        """A model of ``nodes`` whose inputs are the known values they read (fed, not stored) and
-        whose outputs are every value they make, or those in ``wanted`` (tensor ids)."""
-        names: dict[int, str] = {}
-
-        def name_of(t: gs.Tensor) -> str:
-            if not t.name:
-                return ""
-            if id(t) not in names:
-                names[id(t)] = f"v{len(names)}"
-            return names[id(t)]
-
-        protos, outputs, made = [], [], set()
-        for node in nodes:
-            proto = OnnxExporter.export_node(node)
-            del proto.input[:]
-            proto.input.extend(name_of(t) for t in node.inputs)
-            del proto.output[:]
-            proto.output.extend(name_of(t) for t in node.outputs)
-            protos.append(proto)
-            for t in node.outputs:
-                if t.name:
-                    made.add(id(t))
-                    if wanted is None or id(t) in wanted:
-                        outputs.append((name_of(t), t))
-        feeds, graph_inputs, seen = {}, [], set()
-        for node in nodes:
-            for t in node.inputs:
-                if t.name and id(t) not in made and id(t) not in seen:
-                    seen.add(id(t))
-                    value = self.value(t)
-                    feeds[name_of(t)] = value
-                    graph_inputs.append(onnx.helper.make_tensor_value_info(name_of(t), _onnx_type(value), value.shape))
-        domains = dict(self.folder.domains)
-        for node in nodes:
-            if node.domain and node.domain not in domains:
-                domains[node.domain] = 1
-        functions = []
-        if any((node.domain or "", node.op) in self.folder.functions for node in nodes):
-            for func in self.folder.functions.values():  # all of them: functions may call functions
-                functions.append(OnnxExporter.export_function(func))
-                domains.setdefault(func.domain or "", 1)
-        graph = onnx.helper.make_graph(protos, "fold", graph_inputs,
-                                       [onnx.helper.make_empty_tensor_value_info(n) for n, _ in outputs])
-        opsets = [onnx.helper.make_opsetid(d, v) for d, v in domains.items()]
-        model = onnx.helper.make_model(graph, opset_imports=opsets, functions=functions)
-        try:
-            model.ir_version = max(8, onnx.helper.find_min_ir_version_for(opsets, ignore_unknown=True))
-        except Exception:  # noqa: BLE001 - an opset this onnx does not know
-            model.ir_version = onnx.IR_VERSION
-        return model, feeds, outputs
-
-
-# ----------------------------------------------------------------- runtimes
-
-def _run_ort(model: onnx.ModelProto, feeds: dict[str, Any], outputs: list[str]) -> list[Any]:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.log_severity_level = 4
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    exotic = any(o.type in _EXOTIC for o in session.get_outputs()) or any(
-        isinstance(v, np.ndarray) and v.dtype in _EXOTIC_BY_DTYPE for v in feeds.values())
-    if not exotic:
-        return session.run(outputs, feeds)
-    ort_feeds = {}
-    for name, value in feeds.items():
-        if value.dtype in _EXOTIC_BY_DTYPE:
-            ort_feeds[name] = ort.OrtValue.ortvalue_from_numpy_with_onnx_type(value, _EXOTIC_BY_DTYPE[value.dtype])
-        else:
-            ort_feeds[name] = ort.OrtValue.ortvalue_from_numpy(value)
-    got = session.run_with_ort_values(outputs, ort_feeds)
-    return [_from_ort(got[i]) for i in range(len(outputs))]
-
-
-def _from_ort(value: Any) -> Any:
-    if not value.is_tensor():
-        return None  # sequences and optionals are evaluated but never stored
-    kind = value.data_type()
-    if kind not in _EXOTIC:
-        return value.numpy()
-    import ctypes
-
-    size = value.tensor_size_in_bytes()
-    data = ctypes.string_at(value.data_ptr(), size) if size else b""
-    return np.frombuffer(data, dtype=_EXOTIC[kind][1]).reshape(value.shape()).copy()
-
-
-def _run_reference(model: onnx.ModelProto, feeds: dict[str, Any], outputs: list[str]) -> list[Any]:
-    from onnx.reference import ReferenceEvaluator
-
-    got = ReferenceEvaluator(model).run(outputs, feeds)
-    return [np.asarray(v) if isinstance(v, np.ndarray) or np.isscalar(v) else None for v in got]
-
-
-# ----------------------------------------------------------------- graph walking
-
-def _scopes(graph: gs.Graph) -> list[tuple[gs.Graph, set[int]]]:
-    """Every graph (no function bodies), outer before inner, with the ids of values made inside
-    an enclosing Loop/Scan body (their shapes may change from one iteration to the next)."""
-    found: list[tuple[gs.Graph, set[int]]] = []
-
-    def visit(g: gs.Graph, loop_local: set[int]) -> None:
-        found.append((g, loop_local))
-        for node in g.nodes:
-            for sub in G.subgraphs_of(node):
-                inner = loop_local | _defined(sub) if node.op in _LOOP_OPS else loop_local
-                visit(sub, inner)
-
-    visit(graph, set())
-    return found
-
-
-def _defined(graph: gs.Graph) -> set[int]:
-    """Ids of values a graph and its nested graphs take as inputs or make."""
-    ids = set()
-    for g in G.iter_graphs(graph, functions=False):
-        ids.update(id(t) for t in g.inputs)
-        for node in g.nodes:
-            ids.update(id(t) for t in node.outputs)
-    return ids
-
-
-def _topo(nodes: list[gs.Node]) -> list[gs.Node]:
-    """Nodes in dependency order (the given order when already sorted); nodes in cycles last."""
-    made = {id(t): i for i, n in enumerate(nodes) for t in n.outputs}
-    waiting = [0] * len(nodes)
-    users: dict[int, list[int]] = {}
-    for i, node in enumerate(nodes):
-        deps = {made[id(t)] for t in node.inputs if id(t) in made and made[id(t)] != i}
-        waiting[i] = len(deps)
-        for d in deps:
-            users.setdefault(d, []).append(i)
-    ready = [i for i in range(len(nodes)) if waiting[i] == 0]
-    ready.reverse()
-    order = []
-    while ready:
-        i = ready.pop()
-        order.append(i)
-        for u in reversed(users.get(i, [])):
-            waiting[u] -= 1
-            if waiting[u] == 0:
-                ready.append(u)
-    placed = set(order)
-    order += [i for i in range(len(nodes)) if i not in placed]
-    return [nodes[i] for i in order]
-
-
-def _fresh(taken: set[str], base: str) -> str:
-    name, i = base, 0
-    while name in taken:
-        i += 1
-        name = f"{base}_{i}"
-    taken.add(name)
-    return name
-
-
-def _loadable(tensor: gs.Constant) -> bool:
-    """Whether a constant's data can be read as an array we can feed and store (without loading it)."""
-    values = tensor._values
-    if isinstance(values, SparseValues):
-        return False
-    if isinstance(values, LazyValues):
-        proto = values.tensor
-        return (proto.data_type not in _PACKED and proto.data_type != onnx.TensorProto.UNDEFINED
-                and proto.data_location != onnx.TensorProto.EXTERNAL)
-    return _onnx_type(np.asarray(values)) is not None
-
-
 def _dropout_trains(node: gs.Node, values: dict[int, Any], opset: int) -> bool:
     """Dropout in training mode draws a random mask."""
     if opset and opset < 7:
@@ -743,56 +398,4 @@ def _dropout_trains(node: gs.Node, values: dict[int, Any], opset: int) -> bool:
         mode = values.get(id(node.inputs[2]))
         return mode is None or bool(np.any(mode))
     return False
-
-
-def _infer_shapes(graph: gs.Graph, domains: dict[str, int], ctx: PassContext) -> dict[str, list]:
-    """Name -> dims (int, or None when unknown) from onnx shape inference with data propagation.
-
-    Declared shapes of graph outputs and value_info are dropped first: exporters get
-    them wrong. Large initializers become graph inputs (their shapes are all that
-    inference needs) so the model stays small.
-    """
-    template = onnx.helper.make_model(onnx.helper.make_graph([], "t", [], []),
-                                      opset_imports=[onnx.helper.make_opsetid(d, v) for d, v in domains.items()])
-    try:
-        model = G.export_model(graph, template)
-        for g in iter_graph_protos(model.graph):
-            del g.value_info[:]
-            for out in g.output:
-                if out.type.HasField("tensor_type"):
-                    out.type.tensor_type.ClearField("shape")
-            for n in g.node:  # loop-carried values change shape: trust no declared body input shape
-                if n.op_type in _LOOP_OPS and (n.domain or "") in _DEFAULT_DOMAINS:
-                    for attr in n.attribute:
-                        for vi in (attr.g.input if attr.HasField("g") else []):
-                            if vi.type.HasField("tensor_type"):
-                                vi.type.tensor_type.ClearField("shape")
-        top = model.graph
-        kept = []
-        for init in top.initializer:
-            if init.data_type == onnx.TensorProto.INT64 and _elements(init) <= 4096:
-                kept.append(init)
-            else:
-                top.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
-        del top.initializer[:]
-        top.initializer.extend(kept)
-        inferred = onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False, data_prop=True)
-    except Exception as exc:  # noqa: BLE001 - no static shapes then
-        ctx.log.debug("fold: shape inference failed: %s", exc)
-        return {}
-    shapes: dict[str, list] = {}
-    for g in iter_graph_protos(inferred.graph):
-        for vi in [*g.input, *g.value_info, *g.output]:
-            t = vi.type.tensor_type if vi.type.HasField("tensor_type") else None
-            if t is None or not t.HasField("shape"):
-                continue
-            shapes[vi.name] = [d.dim_value if d.HasField("dim_value") and d.dim_value >= 0 else None
-                               for d in t.shape.dim]
-    return shapes
-
-
-def _elements(init: onnx.TensorProto) -> int:
-    return math.prod(init.dims)
-
-
 
