@@ -93,8 +93,8 @@ class ConstantFolding(Pass):
                 break
         notes = []
         if folder.refused:
-            notes.append(f"{len(folder.refused)} node(s) left unfolded for size: folding would grow the model "
-                         f"by up to {human_bytes(max(folder.refused))} each, over the {human_bytes(folder.allowance)} "
+            notes.append(f"{len(folder.refused)} node(s) left unfolded for size: folding the largest would grow "
+                         f"the model by {human_bytes(max(folder.refused))}, over the {human_bytes(folder.allowance)} "
                          f"it may grow by (raise it with --max-growth)")
         return PassResult(stats["nodes_folded"] > 0, stats, notes)
 
