@@ -71,8 +71,8 @@ class ConstantFolding(Pass):
     still folds). Left alone also: random ops and training-mode Dropout (``skipped_nondeterministic``),
     nodes holding subgraphs (``skipped_control_flow``), DequantizeLinear unless
     ``fold_dequantize`` (``skipped_dequantize``), nodes neither runtime
-    can evaluate or whose result is no storable tensor (sequences, 4-bit types:
-    ``skipped_unsupported``), custom ops without inputs, model-local function
+    can evaluate, that read constants it cannot read (4-bit types, unloaded external
+    data), or whose result is no storable tensor (sequences: ``skipped_unsupported``), custom ops without inputs, model-local function
     bodies, and initializers the importer records as overridable graph inputs
     (``graph.initializer_inputs``).
     """
@@ -214,7 +214,11 @@ class _Folder:
                     analysed.append(node)
                     continue
                 if not all(known(t) for t in sorted(node.inputs, key=lambda t: isinstance(t, gs.Constant))):
-                    continue  # variables first: a large weight is only loaded when it may be folded
+                    # variables first: a large weight is only loaded when it may be folded
+                    if all(known(t) or self._unreadable(t) for t in node.inputs):
+                        self.stats["skipped_unsupported"] += 1  # reads packed (4-bit) or external data
+                        self.rejected[id(node)] = node
+                    continue
                 if not node.inputs and not default:
                     continue  # a custom op without inputs: a source of its own, maybe stateful
                 reason = self._skip_reason(node, values)
@@ -280,6 +284,10 @@ class _Folder:
         if node.op in _DEQUANTIZE_OPS and not self.options.fold_dequantize:
             return "skipped_dequantize"
         return None
+
+    def _unreadable(self, t: gs.Tensor) -> bool:
+        """A constant whose data fold cannot read (4-bit packed types, data left external)."""
+        return isinstance(t, gs.Constant) and t.name not in self.overridable and not _loadable(t)
 
     def _static_shape_value(self, node: gs.Node, loop_local: set[int]) -> Optional[np.ndarray]:
         """Shape/Size of a value onnx shape inference knows statically, else None."""

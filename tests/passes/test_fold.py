@@ -305,6 +305,22 @@ def test_dequantization_of_narrow_weights_is_not_folded(dtype, zero_point):
     assert "left unfolded for size" in result.records[0].notes[0]
 
 
+def test_int4_weights_are_never_unpacked():
+    """4-bit weights are stored packed; fold does not read them, even without a growth limit,
+    and counts what reads them."""
+    values = np.random.default_rng(4).integers(-8, 8, (64, 32))
+    model = make_model(
+        [node("Cast", ["wq"], ["wf"], to=FLOAT), node("Mul", ["wf", "scale"], ["w"]),
+         node("MatMul", ["x", "w"], ["y"], name="mm")],
+        [vi("x", [2, 64])], [vi("y", [2, 32])],
+        [helper.make_tensor("wq", TensorProto.INT4, [64, 32], values.flatten().tolist()), init("scale", 0.1)],
+        opsets={"": 21})
+    out, st, _ = fold_both(model, max_growth="none")
+    assert ops(out) == ops(model)
+    assert st == stats(skipped_unsupported=1)
+    assert_no_growth(model, out)
+
+
 def test_a_tiny_dequantized_table_still_folds():
     """A few hundred bytes of float is within the allowance (64 KiB for a small model)."""
     model = int8_embedding(rows=16)
