@@ -22,7 +22,9 @@ class _Guard:
     the float copy it computes. Each freed constant counts once.
     """
 
-    def __init__(self, folder: "_Folder", candidates, left_out, consumers, interface, sources, held, folded) -> None:
+    def __init__(self, folder: "_Folder", candidates: list[gs.Node], left_out: set[int],
+                 consumers: dict[int, list[gs.Node]], interface: set[int], sources: dict[int, gs.Constant],
+                 held: set[int], folded: dict[int, list[gs.Tensor]]) -> None:
         self.folder = folder
         self.foldable = {id(n) for n in candidates if id(n) not in left_out}
         self.consumers = consumers
