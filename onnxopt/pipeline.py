@@ -82,39 +82,6 @@ class Tolerance:
 
 EXACT = Tolerance(atol=1e-5, rtol=1e-4)
 
-# How much larger than its input the optimized model may be, unless the user says otherwise:
-# a fraction of the input's size, and at least GROWTH_FLOOR_BYTES (tiny models).
-MAX_GROWTH = 0.01
-GROWTH_FLOOR_BYTES = 64 << 10
-
-
-def parse_max_growth(spec: Any) -> Optional[float]:
-    """``max_growth`` from '1%', '0.01', 0.01, or 'none' (no limit, also inf); None means no limit."""
-    if isinstance(spec, str):
-        text = spec.strip().lower()
-        if text in ("none", "off", "inf", "unlimited"):
-            return None
-        try:
-            value = float(text[:-1]) / 100 if text.endswith("%") else float(text)
-        except ValueError:
-            raise InputError(f"max_growth: expected a fraction (0.05), a percentage (5%) or 'none', "
-                             f"got {spec!r}") from None
-    elif isinstance(spec, (int, float)) and not isinstance(spec, bool):
-        value = float(spec)
-    else:
-        raise InputError(f"max_growth: expected a fraction (0.05), a percentage (5%) or 'none', got {spec!r}")
-    if value != value or value < 0:
-        raise InputError(f"max_growth must be 0 or more, got {spec!r}")
-    return None if value == float("inf") else value
-
-
-def growth_limit(input_bytes: int, max_growth: Optional[float] = MAX_GROWTH) -> Optional[int]:
-    """The bytes a model of ``input_bytes`` may grow by: ``max_growth`` of it, at least
-    GROWTH_FLOOR_BYTES; None when unlimited."""
-    if max_growth is None:
-        return None
-    return max(int(max_growth * input_bytes), GROWTH_FLOOR_BYTES)
-
 
 @dataclass
 class PassResult:
@@ -451,6 +418,41 @@ def checker_error(model: onnx.ModelProto, structure_only: bool = False) -> Optio
     except onnx.checker.ValidationError as exc:
         return str(exc).strip().splitlines()[0]
     return None
+
+
+# ----------------------------------------------------------------- growth limit
+# How much larger than its input the optimized model may be, unless the user says otherwise:
+# a fraction of the input's size, and at least GROWTH_FLOOR_BYTES (tiny models).
+MAX_GROWTH = 0.01
+GROWTH_FLOOR_BYTES = 64 << 10
+
+
+def parse_max_growth(spec: Any) -> Optional[float]:
+    """``max_growth`` from '1%', '0.01', 0.01, or 'none' (no limit, also inf); None means no limit."""
+    if isinstance(spec, str):
+        text = spec.strip().lower()
+        if text in ("none", "off", "inf", "unlimited"):
+            return None
+        try:
+            value = float(text[:-1]) / 100 if text.endswith("%") else float(text)
+        except ValueError:
+            raise InputError(f"max_growth: expected a fraction (0.05), a percentage (5%) or 'none', "
+                             f"got {spec!r}") from None
+    elif isinstance(spec, (int, float)) and not isinstance(spec, bool):
+        value = float(spec)
+    else:
+        raise InputError(f"max_growth: expected a fraction (0.05), a percentage (5%) or 'none', got {spec!r}")
+    if value != value or value < 0:
+        raise InputError(f"max_growth must be 0 or more, got {spec!r}")
+    return None if value == float("inf") else value
+
+
+def growth_limit(input_bytes: int, max_growth: Optional[float] = MAX_GROWTH) -> Optional[int]:
+    """The bytes a model of ``input_bytes`` may grow by: ``max_growth`` of it, at least
+    GROWTH_FLOOR_BYTES; None when unlimited."""
+    if max_growth is None:
+        return None
+    return max(int(max_growth * input_bytes), GROWTH_FLOOR_BYTES)
 
 
 # ----------------------------------------------------------------- manager
