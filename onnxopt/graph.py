@@ -8,6 +8,7 @@ scope at once.
 
 from __future__ import annotations
 
+import collections
 import fnmatch
 import math
 import sys
@@ -93,9 +94,9 @@ def export_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
         for tensor, dtype in hidden:
             tensor.dtype = dtype
     _restore_value_types(model, template)
+    _hoist_outer_initializers(model, template)
     _restore_initializer_inputs(model, template)
     _restore_dropped_attributes(model, template)
-    _hoist_outer_initializers(model, template)
     _drop_outer_copies(model.graph)
     _drop_unusable_value_info(model.graph)
     model.ir_version = template.ir_version
@@ -220,12 +221,16 @@ def _restore_value_types(model: onnx.ModelProto, template: onnx.ModelProto) -> N
 
 def _hoist_outer_initializers(model: onnx.ModelProto, template: onnx.ModelProto) -> None:
     """gs writes an outer initializer that only subgraphs read into each subgraph reading it;
-    put the ones the original kept in the main graph back there, once."""
-    top = {t.name for t in template.graph.initializer}
+    put the ones the original kept in the main graph back there, once. So too a constant
+    that several subgraphs read (one a pass shared between If branches): the main graph
+    is visible from every subgraph, and one copy is what the model's size counted."""
+    subgraphs = list(iter_graph_protos(model.graph))[1:]
+    written = collections.Counter(t.name for g in subgraphs for t in g.initializer)
+    top = {t.name for t in template.graph.initializer} | {name for name, n in written.items() if n > 1}
     if not top:
         return
     have = {t.name for t in model.graph.initializer}
-    for g in list(iter_graph_protos(model.graph))[1:]:
+    for g in subgraphs:
         moved = [t for t in g.initializer if t.name in top]
         if not moved:
             continue
