@@ -16,7 +16,7 @@ from onnxopt.pipeline import Pass, PassContext, PassResult, growth_limit, regist
 from onnxopt.report import human_bytes
 
 from .evaluate import _Evaluator, _run_ort
-from .guard import _Guard
+from .guard import _Guard, _Plan, _value_key
 from .scopes import _DEFAULT_DOMAINS, _fresh, _infer_shapes, _scopes, _topo
 from .values import _EXOTIC, _const_value, _loadable, _make_constant, _nbytes, _onnx_type
 
@@ -62,8 +62,11 @@ class ConstantFolding(Pass):
     ``max_growth`` left to this pass, or ``growth_limit`` of the graph when run alone,
     tightened by ``max_growth_bytes``). A node's growth is the bytes of the outputs it
     would store less the stored constants (initializers, Constant nodes) nothing would
-    read any more, found through the chain of folded producers; the growth of the nodes
-    folded adds up against the allowance. So a dequantization over narrow weights,
+    read any more, found through the chain of folded producers; the net growth of the
+    nodes folded adds up against the allowance, and a folded value equal to another one
+    folded is stored once. A weight read by several foldable nodes (sliced into gates,
+    say) frees only when all of them fold: the plan assumes they do, and is made again
+    counting only certain frees if it would pass the allowance. So a dequantization over narrow weights,
     (Cast(int8 W) - zero point) * scale, a Cast of fp16 weights to float, a Tile/Expand that
     blows up a constant, or a Transpose of a weight another node also reads (a tied
     embedding, which would store a second copy) stays unless it is tiny
@@ -242,30 +245,50 @@ class _Folder:
         # Decide, consumers before producers: an output is materialised only when some
         # node that stays reads it, or it is a graph output of some scope.
         candidates = [n for n in analysed if id(n) not in keep]
-        folded: dict[int, list[gs.Tensor]] = {}
-        guard = _Guard(self, candidates, failed | blocked, consumers, interface, sources, held, folded)
-        for node in reversed(candidates):
-            if id(node) in failed or id(node) in blocked:
-                continue
-            needed = [t for t in node.outputs if t.name and (
-                id(t) in interface or any(id(c) not in folded for c in consumers.get(id(t), [])))]
-            if id(node) not in held:
-                if any(_onnx_type(results.get(id(t))) is None for t in needed):
-                    self.stats["skipped_unsupported"] += 1
-                    self.rejected[id(node)] = node
-                    continue
-                stored = sum(_nbytes(results[id(t)]) for t in needed)
-                if stored and not guard.admit(node, stored):
-                    self.stats["skipped_too_large"] += 1
-                    self.rejected[id(node)] = node
-                    continue
-            folded[id(node)] = needed
+        context = (candidates, results, failed | blocked, consumers, interface, sources, held)
+        # First assume that the other readers of a weight fold too (its parts sliced apart
+        # for LSTM gates, say, free it together); if the plan then grows the model past
+        # the allowance, decide again counting only what each fold frees for certain.
+        plan = self._decide(*context, optimistic=True)
+        if plan.growth > self.left:
+            plan = self._decide(*context, optimistic=False)
+        self.left -= plan.growth
+        self.refused.extend(plan.refused)
+        for reason, nodes in (("skipped_unsupported", plan.unsupported), ("skipped_too_large", plan.too_large)):
+            self.stats[reason] += len(nodes)
+            self.rejected.update((id(n), n) for n in nodes)
+        folded = plan.folded
 
         if not folded:
             return False, False
         self._rerun_half_precision(to_eval, folded, values, results, failed | blocked)
         self._apply(scopes, candidates, folded, results, consumers, interface, sources, held)
         return True, shape_nodes_left
+
+    def _decide(self, candidates, results, left_out, consumers, interface, sources, held,
+                optimistic: bool) -> _Plan:
+        """Which candidates fold, consumers before producers: an output is materialised only
+        when some node that stays reads it, or it is a graph output of some scope."""
+        plan = _Plan()
+        guard = _Guard(self, candidates, left_out, consumers, interface, sources, held, plan.folded, optimistic)
+        for node in reversed(candidates):
+            if id(node) in left_out:
+                continue
+            guard.decided.add(id(node))
+            needed = [t for t in node.outputs if t.name and (
+                id(t) in interface or any(id(c) not in plan.folded for c in consumers.get(id(t), [])))]
+            if id(node) not in held:
+                if any(_onnx_type(results.get(id(t))) is None for t in needed):
+                    plan.unsupported.append(node)
+                    continue
+                stored = guard.stored_bytes(node, [(t, results[id(t)]) for t in needed])
+                if stored and not guard.admit(node, stored):
+                    plan.too_large.append(node)
+                    continue
+            plan.folded[id(node)] = needed
+        plan.refused = guard.refused
+        plan.growth = guard.exact_growth(candidates)
+        return plan
 
     # ------------------------------------------------------------- rules
 
@@ -356,6 +379,7 @@ class _Folder:
     def _apply(self, scopes, candidates, folded, results, consumers, interface, sources, held) -> None:
         taken = {n.name for g, _ in scopes for n in g.nodes if n.name}
         replacement: dict[int, list[gs.Node]] = {}
+        made: dict[Any, gs.Constant] = {}  # values -> the constant made for them
         for node in candidates:
             needed = folded.get(id(node))
             if needed is None:
@@ -374,7 +398,13 @@ class _Folder:
                         _make_constant(t.name, np.asarray(data))
                 else:
                     value = results[id(t)]
+                    key = _value_key(value) if id(t) not in interface and not self.as_nodes else None
+                    if key is not None and key in made:
+                        pairs.append((t, made[key]))  # the same values folded elsewhere: one constant
+                        continue
                     const = _make_constant(t.name, value)
+                    if key is not None:
+                        made[key] = const
                     self.stats["bytes_created"] += _nbytes(value)
                 self.stats["constants_created"] += 1
                 pairs.append((t, const))

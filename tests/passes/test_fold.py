@@ -381,6 +381,33 @@ def test_tied_embedding_transpose_is_kept_under_the_pipeline_limit():
     assert raised.model.ByteSize() > model.ByteSize() + w.nbytes - 1024
 
 
+def test_a_weight_sliced_into_gates_by_two_steps_folds_without_growth():
+    """An exported LSTM unrolled over two steps: each step slices the same 256 KiB weight into
+    four gates. Folded together the slices free the weight, and the second step's slices are
+    the first's values (one constant each): all eight fold, and the file does not grow."""
+    w = np.random.default_rng(5).standard_normal((128, 512)).astype(np.float32)
+    nodes, inits = [], [init("w", w), init("axis", [1], np.int64)]
+    for gate in range(4):
+        inits += [init(f"s{gate}", [128 * gate], np.int64), init(f"e{gate}", [128 * gate + 128], np.int64)]
+    state = "x"
+    for step in range(2):
+        gates = []
+        for gate in range(4):
+            nodes += [node("Slice", ["w", f"s{gate}", f"e{gate}", "axis"], [f"w{step}{gate}"]),
+                      node("MatMul", [state, f"w{step}{gate}"], [f"g{step}{gate}"], name=f"mm{step}{gate}")]
+            gates.append(f"g{step}{gate}")
+        nodes += [node("Sum", gates, [f"h{step}"], name=f"sum{step}"),
+                  node("Tanh", [f"h{step}"], [f"t{step}"], name=f"tanh{step}")]
+        state = f"t{step}"
+    nodes.append(node("Identity", [state], ["y"], name="out"))
+    model = make_model(nodes, [vi("x", [2, 128])], [vi("y", [2, 128])], inits)
+    out, st, _ = fold_both(model)
+    assert "Slice" not in ops(out)
+    assert st["nodes_folded"] == 8 and st["skipped_too_large"] == 0 and st["constants_created"] == 4
+    assert_no_growth(model, out)
+    assert out.ByteSize() <= model.ByteSize()
+
+
 # ----------------------------------------------------------------- dtypes
 
 def test_fp16_and_scalars_keep_dtype_and_shape():
