@@ -640,3 +640,30 @@ def test_export_drops_value_info_that_onnxruntime_would_reject():
     out = export(graph, model)
     assert list(out.graph.value_info) == []
     np.testing.assert_array_equal(run_model(out, {"x": X})["y"], -np.maximum(X, 0))
+
+
+@pytest.mark.parametrize("ir_version", [3, 8])
+def test_a_constant_both_branches_read_is_written_once_in_the_main_graph(ir_version):
+    """A pass may give both If branches one constant (dedup does); gs would write it into each
+    branch. Export writes it once, in the main graph (before IR 4, listed as an input too)."""
+    two = numpy_helper.from_array(np.full(3, 2.0, np.float32))
+    then = helper.make_graph([helper.make_node("Constant", [], ["a"], value=two),
+                              helper.make_node("Add", ["x", "a"], ["yt"])], "then", [],
+                             [helper.make_tensor_value_info("yt", TensorProto.FLOAT, [3])])
+    other = helper.make_graph([helper.make_node("Constant", [], ["b"], value=two),
+                               helper.make_node("Mul", ["x", "b"], ["ye"])], "else", [],
+                              [helper.make_tensor_value_info("ye", TensorProto.FLOAT, [3])])
+    inputs = [vi("x", [3]), vi("c", [], BOOL)]
+    model = make_model([node("If", ["c"], ["y"], then_branch=then, else_branch=other)], inputs, [vi("y", [3])],
+                       ir_version=ir_version, opsets={"": 11})
+    graph = G.import_graph(model)
+    shared = gs.Constant("shared", np.full(3, 2.0, np.float32))
+    for sub in G.subgraphs_of(graph.nodes[0]):
+        sub.nodes = sub.nodes[1:]
+        sub.nodes[0].inputs[1] = shared
+    out = export(graph, model)
+    assert [t.name for t in out.graph.initializer] == ["shared"]
+    assert all(len(attr.g.initializer) == 0 for attr in out.graph.node[0].attribute)
+    assert ("shared" in [i.name for i in out.graph.input]) == (ir_version < 4)
+    for cond, expected in ((True, X + 2), (False, X * 2)):
+        np.testing.assert_array_equal(run_model(out, {"x": X, "c": np.array(cond)})["y"], expected)
