@@ -14,7 +14,8 @@ import onnx
 from . import io
 from .data import Dataset, load_dataset, synthetic_dataset
 from .errors import InputError
-from .pipeline import (EXACT, Pass, PassContext, PassManager, Pipeline, Tolerance, VerifyFailed)
+from .pipeline import (EXACT, MAX_GROWTH, Pass, PassContext, PassManager, Pipeline, Tolerance, VerifyFailed,
+                       parse_max_growth)
 from .report import OptimizeResult, write_text_atomic
 from .validate import compare
 
@@ -39,6 +40,7 @@ class Recipe:
     dims: dict[str, int] = field(default_factory=dict)
     ort_opt_level: Optional[str] = None
     seed: int = 0
+    max_growth: Any = None
 
     @classmethod
     def load(cls, source: Union[str, os.PathLike, dict]) -> "Recipe":
@@ -69,6 +71,8 @@ class Recipe:
             if value is not None:
                 setattr(recipe, key, str(base / value))
         Pipeline.parse(recipe.passes)  # fail early on unknown passes or options
+        if recipe.max_growth is not None:
+            parse_max_growth(recipe.max_growth)
         return recipe
 
 
@@ -98,6 +102,7 @@ def optimize(
     ort_opt_level: Optional[str] = None,
     latency_runs: int = 0,
     repro_dir: Union[str, os.PathLike, None] = None,
+    max_growth: Union[float, str, None] = None,
 ) -> OptimizeResult:
     """Rewrite a model with a pipeline and validate it against the original in ONNX Runtime.
 
@@ -106,6 +111,9 @@ def optimize(
     the recipe. Validation data comes from ``inputs``, else the calibration
     data, else seeded synthetic inputs. The result is returned even when
     validation fails (``result.passed`` is False; ``result.save`` refuses it).
+    ``max_growth`` bounds how much larger than the input the result may be: a
+    fraction (``0.05``) or percentage (``"5%"``) of the input's size, at least
+    64 KiB; ``"none"`` for no limit; unset, the recipe's, else 1%.
     """
     start = time.perf_counter()
     rec = recipe if isinstance(recipe, Recipe) else (Recipe.load(recipe) if recipe is not None else Recipe())
@@ -118,6 +126,8 @@ def optimize(
     calibration = calibration if calibration is not None else rec.calibration
     tol = Tolerance.parse(tolerance) or Tolerance.parse(rec.tolerance) or default_tolerance(pipeline)
     ctx = PassContext(calibration=calibration, seed=seed, dims=dims, log=log)
+    growth = max_growth if max_growth is not None else rec.max_growth
+    growth = MAX_GROWTH if growth is None else parse_max_growth(growth)
 
     data: Optional[Dataset] = None
     if validate or verify_each or rec.verify_each:
@@ -130,7 +140,7 @@ def optimize(
             step_tol = user_tol or default_tolerance(Pipeline(ran))
             return compare(original, candidate, data, step_tol, ort_opt_level=level)
 
-    manager = PassManager(pipeline, ctx, verify)
+    manager = PassManager(pipeline, ctx, verify, max_growth=growth)
     try:
         optimized = manager.run(original)
     except VerifyFailed as failure:

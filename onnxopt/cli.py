@@ -68,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-on-fail", action="store_true", help="write the model even when validation fails")
     p.add_argument("--in-place", action="store_true", help="allow the output path to be the input model")
     p.add_argument("--external-data", action="store_true", help="store weights in a .data file beside the model")
+    p.add_argument("--max-growth", metavar="SPEC", help="how much larger than the input the result may be: "
+                   "a fraction or percentage of its size (at least 64 KiB), or 'none' (default: 1%%)")
     _common(p)
 
     p = sub.add_parser("inspect", help="opsets, ops, parameters by dtype, inputs and outputs")
@@ -121,7 +123,8 @@ def cmd_optimize(args: argparse.Namespace) -> int:
             args.model, args.passes, recipe=args.recipe, calibration=args.calib, inputs=args.inputs,
             tolerance=args.tolerance, validate=not args.no_validate, verify_each=args.verify_each or None,
             dims=_dims(args.dim), seed=args.seed, ort_opt_level=args.ort_opt_level,
-            latency_runs=args.latency_runs, repro_dir=args.repro_dir or f"{output}.repro")
+            latency_runs=args.latency_runs, repro_dir=args.repro_dir or f"{output}.repro",
+            max_growth=args.max_growth)
     except VerifyFailed as failure:
         print(f"onnxopt: error: {failure}", file=sys.stderr)
         print("\n".join(format_comparison(failure.comparison)), file=sys.stderr)

@@ -8,6 +8,7 @@ scope at once.
 
 from __future__ import annotations
 
+import collections
 import fnmatch
 import math
 import sys
@@ -16,6 +17,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.importers.onnx_importer import OnnxImporter
 from onnx_graphsurgeon.ir.tensor import LazyValues, SparseValues
 
 from .io import PACKED_TYPES, iter_graph_protos, iter_tensors
@@ -35,6 +37,7 @@ def import_graph(model: onnx.ModelProto) -> gs.Graph:
     kept in ``graph.unread_initializers`` so ``dce`` can report them.
     """
     graph = gs.import_onnx(model)
+    _declare_interface(graph, model.graph)
     read = {name for g in iter_graphs(graph) for name in g.tensors()}
     listed = {vi.name for vi in model.graph.input}
     graph.unread_initializers = [t.name for t in model.graph.initializer
@@ -45,6 +48,34 @@ def import_graph(model: onnx.ModelProto) -> gs.Graph:
     graph.initializer_inputs = ([t.name for t in model.graph.initializer if t.name in listed]
                                 if model.ir_version >= 4 else [])
     return graph
+
+
+def _declare_interface(graph: gs.Graph, proto: onnx.GraphProto) -> None:
+    """Give every graph input and output (all scopes) the type and shape its graph declares.
+
+    gs reads value_info before the inputs and outputs and keeps the first entry of a
+    name: a value_info entry that repeats an output with less (an older exporter's,
+    without a shape) would replace the declaration, and the exported model would then
+    fail the checker. The declaration wins wherever it says more.
+    """
+    if proto.value_info:
+        initializers = {t.name for t in proto.initializer}
+        declared = {vi.name: vi for vi in [*proto.input, *proto.output] if vi.name not in initializers}
+        for tensor in [*graph.inputs, *graph.outputs]:
+            vi = declared.get(tensor.name)
+            if isinstance(tensor, gs.Variable) and vi is not None and vi.type.HasField("tensor_type"):
+                read = OnnxImporter.import_tensor(vi)  # gs's own reading of types and shapes
+                tensor.dtype = read.dtype if read.dtype is not None else tensor.dtype
+                tensor.shape = read.shape if read.shape is not None else tensor.shape
+    for gs_node, node_proto in zip(graph.nodes, proto.node):
+        for attr in node_proto.attribute:
+            held = gs_node.attrs.get(attr.name)
+            if attr.type == onnx.AttributeProto.GRAPH and isinstance(held, gs.Graph):
+                _declare_interface(held, attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS and isinstance(held, (list, tuple)):
+                for sub, sub_proto in zip(held, attr.graphs):
+                    if isinstance(sub, gs.Graph):
+                        _declare_interface(sub, sub_proto)
 
 
 def export_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
@@ -63,10 +94,11 @@ def export_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
         for tensor, dtype in hidden:
             tensor.dtype = dtype
     _restore_value_types(model, template)
+    _hoist_outer_initializers(model, template)
     _restore_initializer_inputs(model, template)
     _restore_dropped_attributes(model, template)
-    _hoist_outer_initializers(model, template)
     _drop_outer_copies(model.graph)
+    _drop_unusable_value_info(model.graph)
     model.ir_version = template.ir_version
     for field in ("producer_name", "producer_version", "domain", "model_version", "doc_string"):
         setattr(model, field, getattr(template, field))
@@ -189,12 +221,16 @@ def _restore_value_types(model: onnx.ModelProto, template: onnx.ModelProto) -> N
 
 def _hoist_outer_initializers(model: onnx.ModelProto, template: onnx.ModelProto) -> None:
     """gs writes an outer initializer that only subgraphs read into each subgraph reading it;
-    put the ones the original kept in the main graph back there, once."""
-    top = {t.name for t in template.graph.initializer}
+    put the ones the original kept in the main graph back there, once. So too a constant
+    that several subgraphs read (one a pass shared between If branches): the main graph
+    is visible from every subgraph, and one copy is what the model's size counted."""
+    subgraphs = list(iter_graph_protos(model.graph))[1:]
+    written = collections.Counter(t.name for g in subgraphs for t in g.initializer)
+    top = {t.name for t in template.graph.initializer} | {name for name, n in written.items() if n > 1}
     if not top:
         return
     have = {t.name for t in model.graph.initializer}
-    for g in list(iter_graph_protos(model.graph))[1:]:
+    for g in subgraphs:
         moved = [t for t in g.initializer if t.name in top]
         if not moved:
             continue
@@ -224,6 +260,37 @@ def _drop_outer_copies(graph: onnx.GraphProto, outer: frozenset = frozenset()) -
                 _drop_outer_copies(attr.g, visible)
             for sub in attr.graphs:
                 _drop_outer_copies(sub, visible)
+
+
+def _drop_unusable_value_info(graph: onnx.GraphProto) -> None:
+    """Drop value_info entries (all scopes) that say nothing or that ONNX Runtime rejects.
+
+    An entry without a type says nothing; one whose tensor element type is undefined
+    (gs writes those for a value whose shape it knows but not its type) makes ONNX
+    Runtime refuse the model ("Invalid tensor data type 0"); one that repeats a graph
+    input, output or initializer is a second declaration of the same name. Nothing
+    reads value_info but shape inference, which recomputes what is dropped.
+    """
+    for g in iter_graph_protos(graph):
+        declared = {vi.name for vi in [*g.input, *g.output]} | {t.name for t in g.initializer}
+        keep = [vi for vi in g.value_info if vi.name and vi.name not in declared and _says_something(vi.type)]
+        if len(keep) != len(g.value_info):
+            del g.value_info[:]
+            g.value_info.extend(keep)
+
+
+def _says_something(t: onnx.TypeProto) -> bool:
+    """A type with a kind whose element types are all defined."""
+    kind = t.WhichOneof("value")
+    if kind in ("tensor_type", "sparse_tensor_type"):
+        return getattr(t, kind).elem_type != onnx.TensorProto.UNDEFINED
+    if kind == "sequence_type":
+        return _says_something(t.sequence_type.elem_type)
+    if kind == "optional_type":
+        return _says_something(t.optional_type.elem_type)
+    if kind == "map_type":
+        return _says_something(t.map_type.value_type)
+    return kind is not None
 
 
 def _restore_initializer_inputs(model: onnx.ModelProto, template: onnx.ModelProto) -> None:

@@ -11,6 +11,7 @@ import dataclasses
 import importlib
 import importlib.util
 import logging
+import math
 import re
 import time
 from dataclasses import dataclass, field
@@ -98,7 +99,11 @@ class PassContext:
 
     ``template`` is the model the pipeline started from; a pass that needs a
     ModelProto of its current graph (to run it in ORT for calibration) makes
-    one with ``ctx.export(graph)``.
+    one with ``ctx.export(graph)``. ``growth_allowance`` is how many bytes of
+    tensor data the pass may add to the model (set by the pass manager from the
+    pipeline's ``max_growth``, ``math.inf`` when unlimited; None when no pass
+    manager set it: a pass that can grow the model applies ``growth_limit`` to the
+    graph it is given).
     """
 
     opset: int = 0
@@ -107,6 +112,7 @@ class PassContext:
     dims: dict[str, int] = field(default_factory=dict)
     log: logging.Logger = log
     template: Optional[onnx.ModelProto] = None
+    growth_allowance: Optional[float] = None
 
     def export(self, graph: gs.Graph) -> onnx.ModelProto:
         """The graph as a ModelProto, with the original model's opsets and fields."""
@@ -414,6 +420,41 @@ def checker_error(model: onnx.ModelProto, structure_only: bool = False) -> Optio
     return None
 
 
+# ----------------------------------------------------------------- growth limit
+# How much larger than its input the optimized model may be, unless the user says otherwise:
+# a fraction of the input's size, and at least GROWTH_FLOOR_BYTES (tiny models).
+MAX_GROWTH = 0.01
+GROWTH_FLOOR_BYTES = 64 << 10
+
+
+def parse_max_growth(spec: Any) -> Optional[float]:
+    """``max_growth`` from '1%', '0.01', 0.01, or 'none' (no limit, also inf); None means no limit."""
+    if isinstance(spec, str):
+        text = spec.strip().lower()
+        if text in ("none", "off", "inf", "unlimited"):
+            return None
+        try:
+            value = float(text[:-1]) / 100 if text.endswith("%") else float(text)
+        except ValueError:
+            raise InputError(f"max_growth: expected a fraction (0.05), a percentage (5%) or 'none', "
+                             f"got {spec!r}") from None
+    elif isinstance(spec, (int, float)) and not isinstance(spec, bool):
+        value = float(spec)
+    else:
+        raise InputError(f"max_growth: expected a fraction (0.05), a percentage (5%) or 'none', got {spec!r}")
+    if value != value or value < 0:
+        raise InputError(f"max_growth must be 0 or more, got {spec!r}")
+    return None if value == float("inf") else value
+
+
+def growth_limit(input_bytes: int, max_growth: Optional[float] = MAX_GROWTH) -> Optional[int]:
+    """The bytes a model of ``input_bytes`` may grow by: ``max_growth`` of it, at least
+    GROWTH_FLOOR_BYTES; None when unlimited."""
+    if max_growth is None:
+        return None
+    return max(int(max_growth * input_bytes), GROWTH_FLOOR_BYTES)
+
+
 # ----------------------------------------------------------------- manager
 
 @dataclass
@@ -449,13 +490,22 @@ class PassManager:
     the passes run so far; it returns a comparison with ``passed`` and
     ``to_dict()``. When a pass leaves the tolerance, the manager raises
     ``VerifyFailed`` carrying the model from before that pass.
+
+    ``max_growth`` bounds how much larger than its input the model may become
+    (see ``growth_limit``; None: no limit). Each pass gets what is left of that
+    allowance in ``ctx.growth_allowance`` and a pass that can grow the model
+    (``fold``) stays within it; a pass that adds tensor data past the limit
+    breaks a contract and is named, and the exported model is checked as a whole.
     """
 
     def __init__(self, pipeline: Pipeline, ctx: Optional[PassContext] = None,
-                 verify: Optional[Verifier] = None) -> None:
+                 verify: Optional[Verifier] = None, max_growth: Optional[float] = MAX_GROWTH) -> None:
         self.pipeline = pipeline
         self.ctx = ctx or PassContext()
         self.verify = verify
+        self.max_growth = max_growth
+        self.limit: Optional[int] = None  # bytes the model may grow by; set by run
+        self.start_bytes = 0  # tensor data when the run started
         self.records: list[PassRecord] = []
 
     def run(self, model: onnx.ModelProto) -> onnx.ModelProto:
@@ -468,13 +518,30 @@ class PassManager:
         self.ran: list[Pass] = []
         self.version = 0  # bumped by every pass that changes the graph
         self.last_model = model
+        self.input_bytes = _file_bytes(model)
+        self.limit = growth_limit(self.input_bytes, self.max_growth)
+        self.start_bytes = _measure(self.graph)[2]
         for step in self.pipeline.steps:
             self._run_step(step)
         result = G.export_model(self.graph, model)
         problem = checker_error(result, structure_only=True)
         if problem:
             raise PassError(self._blame_checker(model) + f": {problem}")
+        grown = _file_bytes(result) - self.input_bytes
+        if self.limit is not None and grown > self.limit:
+            raise PassError(f"the optimized model is {_bytes(grown)} larger than the input "
+                            f"({_bytes(self.input_bytes)}): over {self._limit_text()}")
         return result
+
+    def _limit_text(self) -> str:
+        return (f"the growth limit of {_bytes(self.limit)} (max_growth={100 * self.max_growth:g}% of the input, "
+                f"at least {_bytes(GROWTH_FLOOR_BYTES)}); raise it with --max-growth (API: max_growth=)")
+
+    def _check_growth(self, p: Pass, before: int, after: int) -> None:
+        """A pass that adds tensor data past the pipeline's growth limit breaks a contract."""
+        if self.limit is not None and after > before and after - self.start_bytes > self.limit:
+            raise PassError(f"pass '{p.name}' grew the tensor data from {_bytes(before)} to {_bytes(after)} "
+                            f"({_bytes(after - self.start_bytes)} over the input's): over {self._limit_text()}")
 
     def _run_step(self, step: Step) -> bool:
         if isinstance(step, Pass):
@@ -498,6 +565,9 @@ class PassManager:
     def _run_pass(self, p: Pass, auto: bool = False) -> bool:
         # Only passes change the graph: what the last one left is what this one starts from.
         before = self.records[-1].after_sizes() if self.records else _measure(self.graph)
+        # What is left of the growth limit, for passes that can grow the model.
+        self.ctx.growth_allowance = (math.inf if self.limit is None
+                                     else max(0, self.limit - (before[2] - self.start_bytes)))
         start = time.perf_counter()
         try:
             result = p.run(self.graph, self.ctx)
@@ -510,6 +580,7 @@ class PassManager:
             raise PassError(f"pass '{p.name}' returned {type(result).__name__}, not a PassResult")
         check_contracts(self.graph, self.interface, self.dups, p.name)
         after = _measure(self.graph) if result.modified else before
+        self._check_growth(p, before[2], after[2])
         record = PassRecord(p.name, p.canonical(), seconds, bool(result.modified), *_pairs(before, after),
                             stats=dict(result.stats), auto=auto, notes=list(result.notes))
         self.records.append(record)
@@ -559,6 +630,22 @@ class VerifyFailed(OnnxoptError):
 
 def _default_opset(model: onnx.ModelProto) -> int:
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
+def _file_bytes(model: onnx.ModelProto) -> int:
+    """The serialized size of a model (weights held in memory included)."""
+    try:
+        return model.ByteSize()
+    except Exception:  # noqa: BLE001 - a model past protobuf's limits: its tensor data
+        from .io import tensor_bytes
+
+        return tensor_bytes(model)
+
+
+def _bytes(n: int) -> str:
+    from .report import human_bytes  # report imports this module
+
+    return human_bytes(n)
 
 
 def _measure(graph: gs.Graph) -> tuple[int, int, int]:

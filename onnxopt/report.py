@@ -177,8 +177,8 @@ def format_summary(result: OptimizeResult) -> str:
             label = r.name + (" (auto)" if r.auto else "") + (f" x{runs}" if runs > 1 else "")
             lines.append(f"  {label:<14} {r.seconds * 1000:>7.1f}ms  {r.nodes_before:>5} -> {r.nodes_after:<5}"
                          f"  {r.params_before:>10,} -> {r.params_after:<10,}  {_did(r)}")
-        for r in result.records:
-            lines.extend(f"  note ({r.name}): {note}" for note in dict.fromkeys(r.notes))
+        # a pass run again by a fixed-point group often says the same again: once is enough
+        lines.extend(dict.fromkeys(f"  note ({r.name}): {note}" for r in result.records for note in r.notes))
     b, a = d["before"], d["after"]
     lines.append(f"size: {human_bytes(b['file_bytes'])} -> {human_bytes(a['file_bytes'])}"
                  f"{_change(b['file_bytes'], a['file_bytes'])}   nodes: {b['nodes']} -> {a['nodes']}"

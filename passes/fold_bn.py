@@ -12,7 +12,7 @@ import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import SparseValues
 
 from onnxopt import graph as G
-from onnxopt.pipeline import Pass, PassContext, PassResult, register_pass
+from onnxopt.pipeline import Pass, PassContext, PassResult, growth_limit, register_pass
 
 _FLOATS = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 _PRODUCERS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
@@ -53,7 +53,8 @@ class FoldBatchNorm(Pass):
     or extra outputs), BN with spatial=0 or malformed parameters, non-constant BN or
     producer parameters, a producer output read by another node or a graph output, a
     producer in an outer scope, constants that are not per output channel, non-float
-    weights, division by zero, and (with ``copy_shared=false``) weights other nodes also
+    weights, division by zero, and (with ``copy_shared=false``, or once the copies would
+    grow the model past ``ctx.growth_allowance``) weights other nodes also
     read. Shared weights are never changed in place: the folded layer gets new
     constants. A BN after a node that is no supported producer is counted as
     ``skipped_unsupported_producer``; Mul/Add/Sub/Div are counted only when they follow
@@ -66,7 +67,8 @@ class FoldBatchNorm(Pass):
     leaves_dangling = True  # folded-away Constant nodes
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
-        folder = _Folder(graph, self.options)
+        allowance = ctx.growth_allowance  # copies of shared weights grow the model
+        folder = _Folder(graph, self.options, growth_limit(G.sizes(graph)[2]) if allowance is None else allowance)
         for g in list(G.iter_graphs(graph)):
             while True:
                 skips: Counter = Counter()
@@ -113,8 +115,9 @@ class _Unit:
 
 
 class _Folder:
-    def __init__(self, graph: gs.Graph, options: FoldBnOptions) -> None:
+    def __init__(self, graph: gs.Graph, options: FoldBnOptions, allowance: int) -> None:
         self.options = options
+        self.left = allowance  # bytes the copies of shared weights may still add
         # initializers also listed as graph inputs may be fed at run time: not constants
         self.overridable = frozenset(vars(graph).get("initializer_inputs") or ())
         self.graph_outputs = {id(t) for g in G.iter_graphs(graph) for t in g.outputs}
@@ -330,7 +333,8 @@ class _Folder:
                 bias_tensor = None
         shared = [t for t in ([w_tensor] if a is not None else []) + ([bias_tensor] if bias_tensor is not None else [])
                   if id(t) not in self.masters and len(t.outputs) > 1]
-        if shared and not self.options.copy_shared:
+        copied_bytes = sum(_nbytes(self.value(t, peek=True)) for t in shared)
+        if shared and (not self.options.copy_shared or copied_bytes > self.left):
             return "shared_weights"
 
         w_dtype = self.value(w_tensor, peek=True).dtype
@@ -354,6 +358,7 @@ class _Folder:
 
         # Write back: new constants (shared ones untouched), or our own updated in place.
         self.copied += len(shared)
+        self.left -= copied_bytes
         if a is not None:
             self.store(node, 1, w64, w_dtype, w_tensor.name)
         z = cand.node.outputs[0]
@@ -459,6 +464,11 @@ def _const_value(tensor: Optional[gs.Tensor], overridable: frozenset = frozenset
         if lazy is not None and not isinstance(lazy, (np.ndarray, SparseValues)) and isinstance(lazy.dtype, np.dtype):
             return _Peek(lazy.dtype, tuple(lazy.shape))
     return G.const_value(tensor, overridable)
+
+def _nbytes(value) -> int:
+    """Bytes of an array or a _Peek."""
+    return int(np.prod(value.shape, dtype=np.int64)) * value.dtype.itemsize
+
 
 def _rank(tensor: gs.Tensor) -> Optional[int]:
     shape = getattr(tensor, "shape", None)

@@ -59,7 +59,7 @@ def test_validation_failure_exits_1_and_writes_nothing(cnn, capsys):
 
 @pytest.mark.parametrize("case", ["truncated", "random", "missing_external", "same_path", "unknown_pass",
                                   "bad_option", "bad_inputs_dtype", "bad_inputs_name", "bad_inputs_shape",
-                                  "empty_dir"])
+                                  "empty_dir", "bad_max_growth"])
 def test_bad_input_exits_2_with_one_line(tmp_path, capsys, case):
     model = tmp_path / "m.onnx"
     save(mlp(), model)
@@ -72,6 +72,7 @@ def test_bad_input_exits_2_with_one_line(tmp_path, capsys, case):
         "bad_inputs_name": "validation data has array 'image' but the model's inputs are: x",
         "bad_inputs_shape": "input 'x' has shape [batch, 4], validation data has shape [2, 5]",
         "empty_dir": "folder holds no .npz or .npy files",
+        "bad_max_growth": "max_growth: expected a fraction (0.05), a percentage (5%) or 'none', got 'lots'",
     }[case]
     if case == "truncated":
         model.write_bytes(model.read_bytes()[:100])
@@ -87,6 +88,8 @@ def test_bad_input_exits_2_with_one_line(tmp_path, capsys, case):
         args += ["--passes", "fold_everything"]
     elif case == "bad_option":
         args += ["--passes", "dce(depth=3)"]
+    elif case == "bad_max_growth":
+        args += ["--max-growth", "lots"]
     elif case.startswith("bad_inputs") or case == "empty_dir":
         arrays = {"bad_inputs_dtype": {"x": np.zeros((2, 4))}, "bad_inputs_name": {"image": np.zeros((2, 4), np.float32)},
                   "bad_inputs_shape": {"x": np.zeros((2, 5), np.float32)}}.get(case)

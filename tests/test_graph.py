@@ -596,3 +596,74 @@ def test_constant_source_and_const_value_follow_every_form():
     assert G.const_value(t["d"], overridable) is None         # may be fed at run time
     np.testing.assert_array_equal(G.const_value(t["d"]), w)
     assert G.const_value(t["w"], max_elems=5) is None
+
+
+# ----------------------------------------------------------------- value_info as exporters write it
+
+def shapeless_value_info(name: str, dtype: int = TensorProto.FLOAT) -> onnx.ValueInfoProto:
+    entry = onnx.ValueInfoProto(name=name)
+    entry.type.tensor_type.elem_type = dtype
+    return entry
+
+
+def test_value_info_without_shape_does_not_hide_the_declared_output_shape():
+    """An older exporter lists every value in value_info with its type only, graph outputs
+    included. The declared inputs and outputs keep their shapes through import and export,
+    in every scope, so the model still passes the checker."""
+    branch = helper.make_graph([helper.make_node("Neg", ["t"], ["bt"])], "then", [],
+                               [helper.make_tensor_value_info("bt", TensorProto.FLOAT, [3])])
+    branch.value_info.append(shapeless_value_info("bt"))
+    other = helper.make_graph([helper.make_node("Identity", ["t"], ["be"])], "else", [],
+                              [helper.make_tensor_value_info("be", TensorProto.FLOAT, [3])])
+    model = make_model([node("Mul", ["x", "w"], ["t"]), node("If", ["c"], ["y"], then_branch=branch, else_branch=other)],
+                       [vi("x", [3]), vi("c", [], BOOL)], [vi("y", [3])], [init("w", [1.0, 2.0, 3.0])])
+    model.graph.value_info.extend([shapeless_value_info("t"), shapeless_value_info("y"), shapeless_value_info("x")])
+    onnx.checker.check_model(model, full_check=True)
+
+    graph = G.import_graph(model)
+    assert (graph.inputs[0].shape, graph.outputs[0].shape) == ([3], [3])
+    assert graph.nodes[1].attrs["then_branch"].outputs[0].shape == [3]
+    out = export(graph, model)
+    assert interface(out) == interface(model)
+    assert [v.name for v in out.graph.value_info] == ["t"]  # the repeats of x and y are dropped
+    for cond in (True, False):
+        assert_same_outputs(model, out, [{"x": X, "c": np.array(cond)}])
+
+
+def test_export_drops_value_info_that_onnxruntime_would_reject():
+    """A value whose shape is known but not its type (a pass that set only a shape) would be
+    written with element type 0, which ONNX Runtime refuses; entries without a type say nothing."""
+    model = make_model([node("Relu", ["x"], ["r"]), node("Neg", ["r"], ["y"])], [vi("x", [3])], [vi("y", [3])])
+    model.graph.value_info.append(onnx.ValueInfoProto(name="r"))
+    graph = G.import_graph(model)
+    tensor(graph, "r").dtype, tensor(graph, "r").shape = None, [3]
+    out = export(graph, model)
+    assert list(out.graph.value_info) == []
+    np.testing.assert_array_equal(run_model(out, {"x": X})["y"], -np.maximum(X, 0))
+
+
+@pytest.mark.parametrize("ir_version", [3, 8])
+def test_a_constant_both_branches_read_is_written_once_in_the_main_graph(ir_version):
+    """A pass may give both If branches one constant (dedup does); gs would write it into each
+    branch. Export writes it once, in the main graph (before IR 4, listed as an input too)."""
+    two = numpy_helper.from_array(np.full(3, 2.0, np.float32))
+    then = helper.make_graph([helper.make_node("Constant", [], ["a"], value=two),
+                              helper.make_node("Add", ["x", "a"], ["yt"])], "then", [],
+                             [helper.make_tensor_value_info("yt", TensorProto.FLOAT, [3])])
+    other = helper.make_graph([helper.make_node("Constant", [], ["b"], value=two),
+                               helper.make_node("Mul", ["x", "b"], ["ye"])], "else", [],
+                              [helper.make_tensor_value_info("ye", TensorProto.FLOAT, [3])])
+    inputs = [vi("x", [3]), vi("c", [], BOOL)]
+    model = make_model([node("If", ["c"], ["y"], then_branch=then, else_branch=other)], inputs, [vi("y", [3])],
+                       ir_version=ir_version, opsets={"": 11})
+    graph = G.import_graph(model)
+    shared = gs.Constant("shared", np.full(3, 2.0, np.float32))
+    for sub in G.subgraphs_of(graph.nodes[0]):
+        sub.nodes = sub.nodes[1:]
+        sub.nodes[0].inputs[1] = shared
+    out = export(graph, model)
+    assert [t.name for t in out.graph.initializer] == ["shared"]
+    assert all(len(attr.g.initializer) == 0 for attr in out.graph.node[0].attribute)
+    assert ("shared" in [i.name for i in out.graph.input]) == (ir_version < 4)
+    for cond, expected in ((True, X + 2), (False, X * 2)):
+        np.testing.assert_array_equal(run_model(out, {"x": X, "c": np.array(cond)})["y"], expected)

@@ -13,7 +13,7 @@ import onnxopt
 from onnxopt import graph as G
 from onnxopt.errors import InputError, PassError
 from onnxopt.pipeline import (Group, Pass, PassContext, PassResult, Pipeline, Tolerance, VerifyFailed,
-                              get_pass, register_pass, register_preset)
+                              get_pass, growth_limit, parse_max_growth, register_pass, register_preset)
 from models_for_tests import mlp
 
 
@@ -70,6 +70,22 @@ class Crash(Pass):
 
     def run(self, graph, ctx):
         raise RuntimeError("boom")
+
+
+@register_pass
+class AddZeros(Pass):
+    """Adds the sum of a zero tensor of 100 KiB to the first output (exact, and grows the model)."""
+
+    name = "add_zeros"
+    allowances: list = []
+
+    def run(self, graph, ctx):
+        AddZeros.allowances.append(ctx.growth_allowance)
+        total = gs.Variable("zeros_sum", dtype=np.float32, shape=[])
+        graph.nodes.append(gs.Node("ReduceSum", inputs=[gs.Constant("zeros_100k", np.zeros(25600, np.float32))],
+                                   outputs=[total], attrs={"keepdims": 0}))
+        G.insert_after(graph, graph.outputs[0], "Add", extra_inputs=[total])
+        return PassResult(True, {})
 
 
 def test_parse_options_and_canonical_round_trip():
@@ -241,3 +257,32 @@ def test_shipped_pass_modules_are_named_after_their_pass():
     registered = onnxopt.registered_passes()
     assert modules <= set(registered)
     assert {"dce", "fold", "fold_bn", "noop", "dedup", "qdq", "prune", "svd"} <= modules
+
+
+# ----------------------------------------------------------------- growth limit
+
+def test_growth_limit_parses_and_has_a_floor():
+    assert [parse_max_growth(v) for v in ("5%", "0.05", 0.05, "none", "inf", float("inf"), 0)] == [
+        0.05, 0.05, 0.05, None, None, None, 0.0]
+    for bad in ("lots", "-1%", True, None):
+        with pytest.raises(InputError, match="max_growth"):
+            parse_max_growth(bad)
+    assert growth_limit(100 << 20) == 1 << 20
+    assert growth_limit(1000) == 64 << 10
+    assert growth_limit(1000, None) is None
+
+
+def test_a_pass_that_grows_the_model_past_the_limit_is_named():
+    """Each pass is told what is left of the limit; one that adds more breaks a contract.
+    Raised (or lifted) by the user, the same pipeline goes through."""
+    AddZeros.allowances.clear()
+    with pytest.raises(PassError, match=r"pass 'add_zeros' grew the tensor data .* over the growth limit of "
+                                        r"64\.0 KiB \(max_growth=1% of the input, at least 64\.0 KiB\); raise it"):
+        onnxopt.optimize(mlp(batch=2), "add_zeros", validate=False)
+    assert AddZeros.allowances == [64 << 10]
+    for limit in ("none", "50000%"):
+        result = onnxopt.optimize(mlp(batch=2), "add_zeros", max_growth=limit)
+        assert result.passed and result.records[0].bytes_after - result.records[0].bytes_before == 100 << 10
+    result = onnxopt.optimize(mlp(batch=2), "add_zeros", recipe={"passes": "add_zeros", "max_growth": "none"},
+                              validate=False)
+    assert result.model.ByteSize() > 100 << 10

@@ -49,14 +49,15 @@ def run_direct(model: onnx.ModelProto, full_check: bool = True, **options):
     return out, result
 
 
-def fold_both(model: onnx.ModelProto, feeds=None, full_check: bool = True, **options):
+def fold_both(model: onnx.ModelProto, feeds=None, full_check: bool = True, max_growth=None, **options):
     """fold through optimize() and directly; both agree, the interface is kept, outputs are bitwise equal.
 
-    ``full_check=False`` for models whose declared shapes are wrong on purpose.
+    ``full_check=False`` for models whose declared shapes are wrong on purpose; ``max_growth``
+    goes to optimize() (the direct run has only ``max_growth_bytes``).
     Returns (optimized model, fold's stats, modified).
     """
     feeds = list(feeds) if feeds is not None else [random_feed(model, seed=s) for s in range(2)]
-    result = onnxopt.optimize(model, spec(options), inputs=feeds)
+    result = onnxopt.optimize(model, spec(options), inputs=feeds, max_growth=max_growth)
     assert result.validation is not None and result.validation.identical, result.validation.headline()
     assert result.passed
     record = result.records[0]
@@ -133,10 +134,10 @@ def test_identity_of_initializer_reads_the_initializer_without_a_copy():
 
 def test_one_onnxruntime_session_per_round(monkeypatch):
     """Many independent foldable nodes are evaluated together, not one session per node."""
-    fold_module = sys.modules[get_pass("fold").__module__]
+    evaluate = sys.modules[get_pass("fold").__module__ + ".evaluate"]
     calls = []
-    real = fold_module._run_ort
-    monkeypatch.setattr(fold_module, "_run_ort", lambda *a: calls.append(1) or real(*a))
+    real = evaluate._run_ort
+    monkeypatch.setattr(evaluate, "_run_ort", lambda *a: calls.append(1) or real(*a))
     nodes, value = [], "w"
     for i in range(40):
         nodes.append(node("Add" if i % 2 else "Mul", [value, "w"], [f"v{i}"]))
@@ -233,7 +234,7 @@ def test_size_guard_skips_large_results_and_counts_them():
     np.testing.assert_array_equal(initializers(out)["small"], np.full(1024, 1536.0, np.float32))
     assert st == stats(nodes_folded=1, constants_created=1, bytes_created=4096, skipped_too_large=2)
 
-    out, st, _ = fold_both(model, feeds=[random_feed(model)], max_growth_bytes=8 << 20)
+    out, st, _ = fold_both(model, feeds=[random_feed(model)], max_growth="none", max_growth_bytes=8 << 20)
     assert sorted(ops(out)) == ["Add", "Add", "Mul"]
     assert st["skipped_too_large"] == 0 and st["nodes_folded"] == 3
 
@@ -261,6 +262,150 @@ def test_size_guard_counts_a_weight_another_node_still_reads():
     assert ops(out) == ["MatMul"]
     np.testing.assert_array_equal(initializers(out)[out.graph.node[0].input[1]], w.T)
     assert st["nodes_folded"] == 1 and st["skipped_too_large"] == 0
+
+
+def assert_no_growth(model: onnx.ModelProto, out: onnx.ModelProto) -> None:
+    """The file stays within the default growth limit: +1% of the input, at least 64 KiB."""
+    assert out.ByteSize() - model.ByteSize() <= max(model.ByteSize() // 100, 64 << 10)
+
+
+def int8_embedding(dtype=np.int8, rows: int = 1000, zero_point: bool = False) -> onnx.ModelProto:
+    """A sentence embedder's table shipped narrow and dequantized at run time:
+    Cast(W) * scale, or (Cast(W) - zero point) * scale, gathered by token ids."""
+    info = np.iinfo(dtype)
+    table = np.random.default_rng(0).integers(info.min, info.max, (rows, 64), endpoint=True).astype(dtype)
+    nodes = [node("Cast", ["wq"], ["wf"], to=FLOAT)]
+    if zero_point:
+        nodes.append(node("Sub", ["wf", "zp"], ["wc"]))
+    nodes += [node("Mul", ["wc" if zero_point else "wf", "scale"], ["w"]),
+              node("Gather", ["w", "ids"], ["emb"], name="lookup"), node("ReduceMean", ["emb"], ["y"], axes=[0],
+                                                                         keepdims=0, name="pool")]
+    return make_model(nodes, [vi("ids", [5], INT64)], [vi("y", [64])],
+                      [init("wq", table, dtype), init("scale", 0.02), init("zp", 3.0)][:3 if zero_point else 2],
+                      opsets={"": 13})
+
+
+IDS = [{"ids": np.array([0, 1, 17, 998, 999], np.int64)}]
+
+
+@pytest.mark.parametrize("dtype, zero_point", [(np.int8, False), (np.int8, True), (np.uint8, True), (np.int16, False)],
+                         ids=["int8", "int8-zero-point", "uint8-zero-point", "int16"])
+def test_dequantization_of_narrow_weights_is_not_folded(dtype, zero_point):
+    """Folding Cast + Mul over an int8 table would store it as float32 (4x): the chain stays,
+    every node of it counted, and the file keeps its size."""
+    model = int8_embedding(dtype, zero_point=zero_point)
+    result = onnxopt.optimize(model, "cleanup", inputs=IDS)
+    assert result.passed and result.validation.identical
+    out = result.model
+    assert ops(out) == ops(model)
+    assert initializers(out)["wq"].dtype == dtype
+    assert_no_growth(model, out)
+    fold = result.records[0].stats
+    assert fold["skipped_too_large"] == len(model.graph.node) - 2 and fold["nodes_folded"] == 0
+    assert "left unfolded for size" in result.records[0].notes[0]
+
+
+def test_int4_weights_are_never_unpacked():
+    """4-bit weights are stored packed; fold does not read them, even without a growth limit,
+    and counts what reads them."""
+    values = np.random.default_rng(4).integers(-8, 8, (64, 32))
+    model = make_model(
+        [node("Cast", ["wq"], ["wf"], to=FLOAT), node("Mul", ["wf", "scale"], ["w"]),
+         node("MatMul", ["x", "w"], ["y"], name="mm")],
+        [vi("x", [2, 64])], [vi("y", [2, 32])],
+        [helper.make_tensor("wq", TensorProto.INT4, [64, 32], values.flatten().tolist()), init("scale", 0.1)],
+        opsets={"": 21})
+    out, st, _ = fold_both(model, max_growth="none")
+    assert ops(out) == ops(model)
+    assert st == stats(skipped_unsupported=1)
+    assert_no_growth(model, out)
+
+
+def test_a_tiny_dequantized_table_still_folds():
+    """A few hundred bytes of float is within the allowance (64 KiB for a small model)."""
+    model = int8_embedding(rows=16)
+    out, st, _ = fold_both(model, feeds=[{"ids": np.array([0, 1, 2, 3, 15], np.int64)}])
+    assert ops(out) == ["Gather", "ReduceMean"]
+    assert st["skipped_too_large"] == 0 and st["nodes_folded"] == 2 and st["bytes_created"] == 16 * 64 * 4
+
+
+def test_dequantize_linear_of_weights_is_not_folded_even_when_asked():
+    """fold_dequantize=true lifts the rule on DequantizeLinear by name; the size guard still keeps
+    an int8 weight that would grow fourfold."""
+    wq = np.random.default_rng(1).integers(-128, 127, (256, 128)).astype(np.int8)
+    model = make_model(
+        [node("DequantizeLinear", ["wq", "scale", "zp"], ["w"]), node("MatMul", ["x", "w"], ["y"], name="mm")],
+        [vi("x", [2, 256])], [vi("y", [2, 128])],
+        [init("wq", wq, np.int8), init("scale", 0.01), init("zp", 0, np.int8)])
+    out, st, _ = fold_both(model, fold_dequantize=True)
+    assert ops(out) == ["DequantizeLinear", "MatMul"]
+    assert st == stats(skipped_too_large=1)
+    assert_no_growth(model, out)
+
+
+def test_fp16_weights_cast_to_float_stay_fp16():
+    """A model shipped in fp16 that computes in float keeps its weights fp16 on disk."""
+    rng = np.random.default_rng(2)
+    model = make_model(
+        [node("Cast", ["w16"], ["w"], to=FLOAT), node("MatMul", ["x", "w"], ["y"], name="mm")],
+        [vi("x", [3, 256])], [vi("y", [3, 256])], [init("w16", rng.standard_normal((256, 256)), np.float16)])
+    out, st, _ = fold_both(model)
+    assert ops(out) == ["Cast", "MatMul"]
+    assert initializers(out)["w16"].dtype == np.float16
+    assert st == stats(skipped_too_large=1)
+    assert_no_growth(model, out)
+
+
+def test_tied_embedding_transpose_is_kept_under_the_pipeline_limit():
+    """A second, transposed copy of a 75 KiB table is 7.5% of this model: over the default
+    limit (1%, at least 64 KiB); allowed once the user raises it with max_growth."""
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((300, 64)).astype(np.float32)
+    body = rng.standard_normal((64, 64 * 60)).astype(np.float32)  # the rest of the model, ~1 MiB
+    model = make_model(
+        [node("Gather", ["w", "ids"], ["emb"], name="embed"), node("MatMul", ["emb", "body"], ["h"], name="body_mm"),
+         node("Slice", ["h", "starts", "ends", "axes"], ["hs"], name="cut"),
+         node("Transpose", ["w"], ["wt"], name="tr", perm=[1, 0]), node("MatMul", ["hs", "wt"], ["y"], name="head")],
+        [vi("ids", [4], INT64)], [vi("y", [4, 300])],
+        [init("w", w), init("body", body), init("starts", [0], np.int64), init("ends", [64], np.int64),
+         init("axes", [1], np.int64)])
+    feeds = [{"ids": np.array([0, 5, 7, 299], np.int64)}]
+    out, st, _ = fold_both(model, feeds=feeds)
+    assert ops(out) == ops(model)
+    assert st == stats(skipped_too_large=1)
+    assert_no_growth(model, out)
+
+    raised = onnxopt.optimize(model, "cleanup", inputs=feeds, max_growth="10%")
+    assert raised.passed and raised.validation.identical
+    assert "Transpose" not in ops(raised.model)
+    assert raised.model.ByteSize() > model.ByteSize() + w.nbytes - 1024
+
+
+def test_a_weight_sliced_into_gates_by_two_steps_folds_without_growth():
+    """An exported LSTM unrolled over two steps: each step slices the same 256 KiB weight into
+    four gates. Folded together the slices free the weight, and the second step's slices are
+    the first's values (one constant each): all eight fold, and the file does not grow."""
+    w = np.random.default_rng(5).standard_normal((128, 512)).astype(np.float32)
+    nodes, inits = [], [init("w", w), init("axis", [1], np.int64)]
+    for gate in range(4):
+        inits += [init(f"s{gate}", [128 * gate], np.int64), init(f"e{gate}", [128 * gate + 128], np.int64)]
+    state = "x"
+    for step in range(2):
+        gates = []
+        for gate in range(4):
+            nodes += [node("Slice", ["w", f"s{gate}", f"e{gate}", "axis"], [f"w{step}{gate}"]),
+                      node("MatMul", [state, f"w{step}{gate}"], [f"g{step}{gate}"], name=f"mm{step}{gate}")]
+            gates.append(f"g{step}{gate}")
+        nodes += [node("Sum", gates, [f"h{step}"], name=f"sum{step}"),
+                  node("Tanh", [f"h{step}"], [f"t{step}"], name=f"tanh{step}")]
+        state = f"t{step}"
+    nodes.append(node("Identity", [state], ["y"], name="out"))
+    model = make_model(nodes, [vi("x", [2, 128])], [vi("y", [2, 128])], inits)
+    out, st, _ = fold_both(model)
+    assert "Slice" not in ops(out)
+    assert st["nodes_folded"] == 8 and st["skipped_too_large"] == 0 and st["constants_created"] == 4
+    assert_no_growth(model, out)
+    assert out.ByteSize() <= model.ByteSize()
 
 
 # ----------------------------------------------------------------- dtypes

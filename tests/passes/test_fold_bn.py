@@ -430,6 +430,24 @@ def test_shared_weight_left_alone_when_copies_are_off():
     check_stats(assert_untouched(shared_weight_model(), copy_shared=False), skipped_shared_weights=1)
 
 
+def test_large_shared_weight_is_not_copied_past_the_growth_limit():
+    """A copy of a 288 KiB weight is half this model: over the default limit (1%, at least
+    64 KiB) the BN stays; once the user lifts the limit the layer gets its copy."""
+    c = 128
+    model = make_model(
+        [node("Conv", ["x", "W"], ["c1"], name="conv1", pads=[1, 1, 1, 1]), bn("c1", "y1", "bn"),
+         node("Conv", ["x", "W"], ["y2"], name="conv2", pads=[1, 1, 1, 1])],
+        [vi("x", [1, c, 3, 3])], [vi("y1", [1, c, 3, 3]), vi("y2", [1, c, 3, 3])],
+        [init("W", rand((c, c, 3, 3), 1))] + bn_inits("bn", c, 90))
+    check_stats(assert_untouched(model), skipped_shared_weights=1)
+    kept = onnxopt.optimize(model, "fold_bn", inputs=[random_feed(model)])
+    assert kept.passed and ops(kept.model) == ops(model)
+    assert kept.model.ByteSize() < model.ByteSize() + 1024
+    copied = onnxopt.optimize(model, "fold_bn", inputs=[random_feed(model)], max_growth="none")
+    assert copied.passed and ops(copied.model) == ["Conv", "Conv"]
+    assert copied.records[0].stats["shared_weights_copied"] == 1
+
+
 def test_training_mode_bn_left_alone():
     c = 4
     model = make_model(

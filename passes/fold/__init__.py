@@ -4,49 +4,32 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Iterable, Optional
+from typing import Any, Optional
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from onnx import numpy_helper
-from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
-from onnx_graphsurgeon.ir.tensor import LazyValues, SparseValues
+from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from onnxopt import graph as G
-from onnxopt.io import iter_graph_protos
-from onnxopt.pipeline import Pass, PassContext, PassResult, register_pass
+from onnxopt.pipeline import Pass, PassContext, PassResult, growth_limit, register_pass
+from onnxopt.report import human_bytes
 
-try:  # onnx depends on ml_dtypes; ORT hands these types back as raw bytes
-    import ml_dtypes
-
-    _EXOTIC = {
-        "tensor(bfloat16)": (onnx.TensorProto.BFLOAT16, np.dtype(ml_dtypes.bfloat16)),
-        "tensor(float8e4m3fn)": (onnx.TensorProto.FLOAT8E4M3FN, np.dtype(ml_dtypes.float8_e4m3fn)),
-        "tensor(float8e4m3fnuz)": (onnx.TensorProto.FLOAT8E4M3FNUZ, np.dtype(ml_dtypes.float8_e4m3fnuz)),
-        "tensor(float8e5m2)": (onnx.TensorProto.FLOAT8E5M2, np.dtype(ml_dtypes.float8_e5m2)),
-        "tensor(float8e5m2fnuz)": (onnx.TensorProto.FLOAT8E5M2FNUZ, np.dtype(ml_dtypes.float8_e5m2fnuz)),
-    }
-except ImportError:  # pragma: no cover - ml_dtypes ships with onnx
-    _EXOTIC = {}
-_EXOTIC_BY_DTYPE = {dtype: onnx_type for onnx_type, dtype in _EXOTIC.values()}
-
-# Element types held packed (several per byte) or without a numpy form: never read nor made.
-_PACKED = {getattr(onnx.TensorProto, n) for n in ("UINT4", "INT4", "FLOAT4E2M1", "UINT2", "INT2", "FLOAT8E8M0")
-           if hasattr(onnx.TensorProto, n)}
+from .evaluate import _Evaluator, _run_ort
+from .guard import _Guard, _Plan, _value_key
+from .scopes import _DEFAULT_DOMAINS, _fresh, _infer_shapes, _scopes, _topo
+from .values import _EXOTIC, _const_value, _loadable, _make_constant, _nbytes, _onnx_type
 
 # Ops whose result changes from run to run (default domain); in other domains any op whose
 # name says random or dropout.
 _RANDOM_OPS = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli"}
 _DEQUANTIZE_OPS = {"DequantizeLinear", "DynamicDequantizeLinear"}
-_LOOP_OPS = {"Loop", "Scan"}
-_DEFAULT_DOMAINS = ("", "ai.onnx")
 _MAX_ROUNDS = 8
 
 
 @dataclass
 class FoldOptions:
-    max_growth_bytes: int = 1 << 20  # skip a node whose folding would grow the model by more
+    max_growth_bytes: Optional[int] = None  # the most one run may add (it only tightens the pipeline's max_growth)
     fold_shapes: bool = True  # fold Shape/Size of values whose shape is statically known
     fold_dequantize: bool = False  # also fold DequantizeLinear of constants (undoes weight quantization)
 
@@ -75,15 +58,24 @@ class ConstantFolding(Pass):
     are stored: ``constants_created``, ``bytes_created`` (new data; values moved
     out of ``Constant`` nodes are not new).
 
-    Left alone: random ops and training-mode Dropout (``skipped_nondeterministic``),
+    Size guard: folding never grows the model past its growth allowance (the pipeline's
+    ``max_growth`` left to this pass, or ``growth_limit`` of the graph when run alone,
+    tightened by ``max_growth_bytes``). A node's growth is the bytes of the outputs it
+    would store less the stored constants (initializers, Constant nodes) nothing would
+    read any more, found through the chain of folded producers; the net growth of the
+    nodes folded adds up against the allowance, and a folded value equal to another one
+    folded is stored once. A weight read by several foldable nodes (sliced into gates,
+    say) frees only when all of them fold: the plan assumes they do, and is made again
+    counting only certain frees if it would pass the allowance. So a dequantization over narrow weights,
+    (Cast(int8 W) - zero point) * scale, a Cast of fp16 weights to float, a Tile/Expand that
+    blows up a constant, or a Transpose of a weight another node also reads (a tied
+    embedding, which would store a second copy) stays unless it is tiny
+    (``skipped_too_large``, with a note; a small result computed from such a node
+    still folds). Left alone also: random ops and training-mode Dropout (``skipped_nondeterministic``),
     nodes holding subgraphs (``skipped_control_flow``), DequantizeLinear unless
-    ``fold_dequantize`` (``skipped_dequantize``), nodes whose folding would grow the
-    model by more than ``max_growth_bytes``: the outputs stored, less the inputs nothing
-    reads afterwards, so a Tile/Expand that blows up a constant, or a Transpose of a weight
-    another node also reads (a tied embedding), which would store a second copy
-    (``skipped_too_large``; a small result computed from such a node still folds), nodes neither runtime
-    can evaluate or whose result is no storable tensor (sequences, 4-bit types:
-    ``skipped_unsupported``), custom ops without inputs, model-local function
+    ``fold_dequantize`` (``skipped_dequantize``), nodes neither runtime
+    can evaluate, that read constants it cannot read (4-bit types, unloaded external
+    data), or whose result is no storable tensor (sequences: ``skipped_unsupported``), custom ops without inputs, model-local function
     bodies, and initializers the importer records as overridable graph inputs
     (``graph.initializer_inputs``).
     """
@@ -102,57 +94,18 @@ class ConstantFolding(Pass):
             folded, shapes_may_improve = folder.round()
             if not folded or not shapes_may_improve:
                 break
-        return PassResult(stats["nodes_folded"] > 0, stats)
+        notes = []
+        if folder.refused:
+            notes.append(f"{len(folder.refused)} node(s) left unfolded for size: folding the largest would grow "
+                         f"the model by {human_bytes(max(folder.refused))}, over the {human_bytes(folder.allowance)} "
+                         f"it may grow by (raise it with --max-growth)")
+        return PassResult(stats["nodes_folded"] > 0, stats, notes)
 
-
-# ----------------------------------------------------------------- values
-
-def _const_value(tensor: gs.Constant) -> Optional[np.ndarray]:
-    """A constant's values without caching them on the tensor (gs would re-encode them on export)."""
-    values = tensor._values
-    if isinstance(values, SparseValues):
-        return None
-    if isinstance(values, LazyValues):
-        proto = values.tensor
-        if proto.data_type in _PACKED or proto.data_location == onnx.TensorProto.EXTERNAL:
-            return None
-        try:
-            return numpy_helper.to_array(proto)
-        except Exception:  # noqa: BLE001 - unreadable data: not a usable constant
-            return None
-    return np.asarray(values)
-
-
-def _onnx_type(value: Any) -> Optional[int]:
-    """The ONNX element type of an array we can feed and store, else None."""
-    if not isinstance(value, np.ndarray):
-        return None
-    if value.dtype in _EXOTIC_BY_DTYPE:
-        return _EXOTIC_BY_DTYPE[value.dtype]
-    if value.dtype == object:
-        return onnx.TensorProto.STRING if all(isinstance(v, (str, bytes)) for v in value.flat) else None
-    try:
-        onnx_type = onnx.helper.np_dtype_to_tensor_dtype(value.dtype)
-    except Exception:  # noqa: BLE001 - complex or other unmapped numpy types
-        return None
-    return None if onnx_type in _PACKED else onnx_type
-
-
-def _nbytes(value: Any) -> int:
-    if isinstance(value, np.ndarray):
-        if value.dtype == object:
-            return int(sum(len(v) for v in value.flat if isinstance(v, (str, bytes))))
-        return int(value.nbytes)
-    return 0
-
-
-def _make_constant(name: str, value: np.ndarray) -> gs.Constant:
-    """A gs.Constant exported from its own TensorProto: dtype (fp16, bf16, strings...) and shape kept."""
-    return gs.Constant(name, LazyValues(numpy_helper.from_array(value, name)))
 
 
 def _is_default(node: gs.Node) -> bool:
     return (node.domain or "") in _DEFAULT_DOMAINS
+
 
 
 # ----------------------------------------------------------------- the folder
@@ -178,6 +131,14 @@ class _Folder:
         # Initializers also listed as graph inputs (IR >= 4) are defaults a user may override:
         # not constants. onnx-graphsurgeon drops that listing; the importer may record it here.
         self.overridable = set(vars(graph).get("initializer_inputs") or ())
+        # Bytes of tensor data this run may still add; the growth each refused node would have made.
+        allowance, own = ctx.growth_allowance, options.max_growth_bytes
+        if own is not None:
+            allowance = own if allowance is None else min(allowance, own)
+        if allowance is None:  # run alone: the default limit for this graph
+            allowance = growth_limit(G.sizes(graph)[2]) or 0
+        self.allowance = self.left = allowance
+        self.refused: list[int] = []
 
     # ------------------------------------------------------------- one round
 
@@ -256,7 +217,11 @@ class _Folder:
                     analysed.append(node)
                     continue
                 if not all(known(t) for t in sorted(node.inputs, key=lambda t: isinstance(t, gs.Constant))):
-                    continue  # variables first: a large weight is only loaded when it may be folded
+                    # variables first: a large weight is only loaded when it may be folded
+                    if all(known(t) or self._unreadable(t) for t in node.inputs):
+                        self.stats["skipped_unsupported"] += 1  # reads packed (4-bit) or external data
+                        self.rejected[id(node)] = node
+                    continue
                 if not node.inputs and not default:
                     continue  # a custom op without inputs: a source of its own, maybe stateful
                 reason = self._skip_reason(node, values)
@@ -280,35 +245,50 @@ class _Folder:
         # Decide, consumers before producers: an output is materialised only when some
         # node that stays reads it, or it is a graph output of some scope.
         candidates = [n for n in analysed if id(n) not in keep]
-        folded: dict[int, list[gs.Tensor]] = {}
-        for node in reversed(candidates):
-            if id(node) in failed or id(node) in blocked:
-                continue
-            needed = [t for t in node.outputs if t.name and (
-                id(t) in interface or any(id(c) not in folded for c in consumers.get(id(t), [])))]
-            if id(node) not in held:
-                if any(_onnx_type(results.get(id(t))) is None for t in needed):
-                    self.stats["skipped_unsupported"] += 1
-                    self.rejected[id(node)] = node
-                    continue
-                # Growth of the model: the outputs stored, less the inputs nothing reads afterwards
-                # (a weight another node still reads stays, and its folded copy would be extra).
-                inputs = {id(t): t for t in node.inputs if t.name}
-                freed = sum(_nbytes(results.get(k)) for k, t in inputs.items()
-                            if k not in interface
-                            and all(c is node or id(c) in folded for c in consumers.get(k, [])))
-                grown = sum(_nbytes(results[id(t)]) for t in needed) - freed
-                if grown > self.options.max_growth_bytes:
-                    self.stats["skipped_too_large"] += 1
-                    self.rejected[id(node)] = node
-                    continue
-            folded[id(node)] = needed
+        context = (candidates, results, failed | blocked, consumers, interface, sources, held)
+        # First assume that the other readers of a weight fold too (its parts sliced apart
+        # for LSTM gates, say, free it together); if the plan then grows the model past
+        # the allowance, decide again counting only what each fold frees for certain.
+        plan = self._decide(*context, optimistic=True)
+        if plan.growth > self.left:
+            plan = self._decide(*context, optimistic=False)
+        self.left -= plan.growth
+        self.refused.extend(plan.refused)
+        for reason, nodes in (("skipped_unsupported", plan.unsupported), ("skipped_too_large", plan.too_large)):
+            self.stats[reason] += len(nodes)
+            self.rejected.update((id(n), n) for n in nodes)
+        folded = plan.folded
 
         if not folded:
             return False, False
         self._rerun_half_precision(to_eval, folded, values, results, failed | blocked)
         self._apply(scopes, candidates, folded, results, consumers, interface, sources, held)
         return True, shape_nodes_left
+
+    def _decide(self, candidates, results, left_out, consumers, interface, sources, held,
+                optimistic: bool) -> _Plan:
+        """Which candidates fold, consumers before producers: an output is materialised only
+        when some node that stays reads it, or it is a graph output of some scope."""
+        plan = _Plan()
+        guard = _Guard(self, candidates, left_out, consumers, interface, sources, held, plan.folded, optimistic)
+        for node in reversed(candidates):
+            if id(node) in left_out:
+                continue
+            guard.decided.add(id(node))
+            needed = [t for t in node.outputs if t.name and (
+                id(t) in interface or any(id(c) not in plan.folded for c in consumers.get(id(t), [])))]
+            if id(node) not in held:
+                if any(_onnx_type(results.get(id(t))) is None for t in needed):
+                    plan.unsupported.append(node)
+                    continue
+                stored = guard.stored_bytes(node, [(t, results[id(t)]) for t in needed])
+                if stored and not guard.admit(node, stored):
+                    plan.too_large.append(node)
+                    continue
+            plan.folded[id(node)] = needed
+        plan.refused = guard.refused
+        plan.growth = guard.exact_growth(candidates)
+        return plan
 
     # ------------------------------------------------------------- rules
 
@@ -327,6 +307,10 @@ class _Folder:
         if node.op in _DEQUANTIZE_OPS and not self.options.fold_dequantize:
             return "skipped_dequantize"
         return None
+
+    def _unreadable(self, t: gs.Tensor) -> bool:
+        """A constant whose data fold cannot read (4-bit packed types, data left external)."""
+        return isinstance(t, gs.Constant) and t.name not in self.overridable and not _loadable(t)
 
     def _static_shape_value(self, node: gs.Node, loop_local: set[int]) -> Optional[np.ndarray]:
         """Shape/Size of a value onnx shape inference knows statically, else None."""
@@ -395,6 +379,7 @@ class _Folder:
     def _apply(self, scopes, candidates, folded, results, consumers, interface, sources, held) -> None:
         taken = {n.name for g, _ in scopes for n in g.nodes if n.name}
         replacement: dict[int, list[gs.Node]] = {}
+        made: dict[Any, gs.Constant] = {}  # values -> the constant made for them
         for node in candidates:
             needed = folded.get(id(node))
             if needed is None:
@@ -413,7 +398,13 @@ class _Folder:
                         _make_constant(t.name, np.asarray(data))
                 else:
                     value = results[id(t)]
+                    key = _value_key(value) if id(t) not in interface and not self.as_nodes else None
+                    if key is not None and key in made:
+                        pairs.append((t, made[key]))  # the same values folded elsewhere: one constant
+                        continue
                     const = _make_constant(t.name, value)
+                    if key is not None:
+                        made[key] = const
                     self.stats["bytes_created"] += _nbytes(value)
                 self.stats["constants_created"] += 1
                 pairs.append((t, const))
@@ -437,219 +428,6 @@ class _Folder:
                 g.nodes = rebuilt
 
 
-class _Evaluator:
-    """Evaluates a list of nodes on known values; bisects on failure, single nodes fall back to onnx.reference."""
-
-    def __init__(self, folder: _Folder, values: dict[int, Any]) -> None:
-        self.folder = folder
-        self.values = values
-        self.results: dict[int, Any] = {}
-        self.failed: set[int] = set()
-        self.blocked: set[int] = set()
-
-    def value(self, t: gs.Tensor) -> Any:
-        return self.results.get(id(t), self.values.get(id(t)))
-
-    def run(self, nodes: list[gs.Node]) -> None:
-        ready, made = [], set()
-        for node in nodes:
-            ok = all((not t.name) or id(t) in made or _onnx_type(self.value(t)) is not None for t in node.inputs)
-            if ok:
-                ready.append(node)
-                made.update(id(t) for t in node.outputs if t.name)
-            else:
-                self.blocked.add(id(node))
-        if not ready:
-            return
-        model, feeds, outputs = self._model(ready)
-        try:
-            got = _run_ort(model, feeds, [name for name, _ in outputs])
-        except Exception:  # noqa: BLE001 - find the node(s) ORT cannot run
-            if len(ready) == 1:
-                try:
-                    got = _run_reference(model, feeds, [name for name, _ in outputs])
-                except Exception:  # noqa: BLE001
-                    self.failed.add(id(ready[0]))
-                    return
-            else:
-                half = len(ready) // 2
-                self.run(ready[:half])
-                self.run(ready[half:])
-                return
-        for (_, t), value in zip(outputs, got):
-            self.results[id(t)] = value
-
-    def _model(self, nodes: list[gs.Node], wanted: Optional[set[int]] = None
-               ) -> tuple[onnx.ModelProto, dict[str, Any], list[tuple[str, gs.Tensor]]]:
-        """A model of ``nodes`` whose inputs are the known values they read (fed, not stored) and
-        whose outputs are every value they make, or those in ``wanted`` (tensor ids)."""
-        names: dict[int, str] = {}
-
-        def name_of(t: gs.Tensor) -> str:
-            if not t.name:
-                return ""
-            if id(t) not in names:
-                names[id(t)] = f"v{len(names)}"
-            return names[id(t)]
-
-        protos, outputs, made = [], [], set()
-        for node in nodes:
-            proto = OnnxExporter.export_node(node)
-            del proto.input[:]
-            proto.input.extend(name_of(t) for t in node.inputs)
-            del proto.output[:]
-            proto.output.extend(name_of(t) for t in node.outputs)
-            protos.append(proto)
-            for t in node.outputs:
-                if t.name:
-                    made.add(id(t))
-                    if wanted is None or id(t) in wanted:
-                        outputs.append((name_of(t), t))
-        feeds, graph_inputs, seen = {}, [], set()
-        for node in nodes:
-            for t in node.inputs:
-                if t.name and id(t) not in made and id(t) not in seen:
-                    seen.add(id(t))
-                    value = self.value(t)
-                    feeds[name_of(t)] = value
-                    graph_inputs.append(onnx.helper.make_tensor_value_info(name_of(t), _onnx_type(value), value.shape))
-        domains = dict(self.folder.domains)
-        for node in nodes:
-            if node.domain and node.domain not in domains:
-                domains[node.domain] = 1
-        functions = []
-        if any((node.domain or "", node.op) in self.folder.functions for node in nodes):
-            for func in self.folder.functions.values():  # all of them: functions may call functions
-                functions.append(OnnxExporter.export_function(func))
-                domains.setdefault(func.domain or "", 1)
-        graph = onnx.helper.make_graph(protos, "fold", graph_inputs,
-                                       [onnx.helper.make_empty_tensor_value_info(n) for n, _ in outputs])
-        opsets = [onnx.helper.make_opsetid(d, v) for d, v in domains.items()]
-        model = onnx.helper.make_model(graph, opset_imports=opsets, functions=functions)
-        try:
-            model.ir_version = max(8, onnx.helper.find_min_ir_version_for(opsets, ignore_unknown=True))
-        except Exception:  # noqa: BLE001 - an opset this onnx does not know
-            model.ir_version = onnx.IR_VERSION
-        return model, feeds, outputs
-
-
-# ----------------------------------------------------------------- runtimes
-
-def _run_ort(model: onnx.ModelProto, feeds: dict[str, Any], outputs: list[str]) -> list[Any]:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.log_severity_level = 4
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    exotic = any(o.type in _EXOTIC for o in session.get_outputs()) or any(
-        isinstance(v, np.ndarray) and v.dtype in _EXOTIC_BY_DTYPE for v in feeds.values())
-    if not exotic:
-        return session.run(outputs, feeds)
-    ort_feeds = {}
-    for name, value in feeds.items():
-        if value.dtype in _EXOTIC_BY_DTYPE:
-            ort_feeds[name] = ort.OrtValue.ortvalue_from_numpy_with_onnx_type(value, _EXOTIC_BY_DTYPE[value.dtype])
-        else:
-            ort_feeds[name] = ort.OrtValue.ortvalue_from_numpy(value)
-    got = session.run_with_ort_values(outputs, ort_feeds)
-    return [_from_ort(got[i]) for i in range(len(outputs))]
-
-
-def _from_ort(value: Any) -> Any:
-    if not value.is_tensor():
-        return None  # sequences and optionals are evaluated but never stored
-    kind = value.data_type()
-    if kind not in _EXOTIC:
-        return value.numpy()
-    import ctypes
-
-    size = value.tensor_size_in_bytes()
-    data = ctypes.string_at(value.data_ptr(), size) if size else b""
-    return np.frombuffer(data, dtype=_EXOTIC[kind][1]).reshape(value.shape()).copy()
-
-
-def _run_reference(model: onnx.ModelProto, feeds: dict[str, Any], outputs: list[str]) -> list[Any]:
-    from onnx.reference import ReferenceEvaluator
-
-    got = ReferenceEvaluator(model).run(outputs, feeds)
-    return [np.asarray(v) if isinstance(v, np.ndarray) or np.isscalar(v) else None for v in got]
-
-
-# ----------------------------------------------------------------- graph walking
-
-def _scopes(graph: gs.Graph) -> list[tuple[gs.Graph, set[int]]]:
-    """Every graph (no function bodies), outer before inner, with the ids of values made inside
-    an enclosing Loop/Scan body (their shapes may change from one iteration to the next)."""
-    found: list[tuple[gs.Graph, set[int]]] = []
-
-    def visit(g: gs.Graph, loop_local: set[int]) -> None:
-        found.append((g, loop_local))
-        for node in g.nodes:
-            for sub in G.subgraphs_of(node):
-                inner = loop_local | _defined(sub) if node.op in _LOOP_OPS else loop_local
-                visit(sub, inner)
-
-    visit(graph, set())
-    return found
-
-
-def _defined(graph: gs.Graph) -> set[int]:
-    """Ids of values a graph and its nested graphs take as inputs or make."""
-    ids = set()
-    for g in G.iter_graphs(graph, functions=False):
-        ids.update(id(t) for t in g.inputs)
-        for node in g.nodes:
-            ids.update(id(t) for t in node.outputs)
-    return ids
-
-
-def _topo(nodes: list[gs.Node]) -> list[gs.Node]:
-    """Nodes in dependency order (the given order when already sorted); nodes in cycles last."""
-    made = {id(t): i for i, n in enumerate(nodes) for t in n.outputs}
-    waiting = [0] * len(nodes)
-    users: dict[int, list[int]] = {}
-    for i, node in enumerate(nodes):
-        deps = {made[id(t)] for t in node.inputs if id(t) in made and made[id(t)] != i}
-        waiting[i] = len(deps)
-        for d in deps:
-            users.setdefault(d, []).append(i)
-    ready = [i for i in range(len(nodes)) if waiting[i] == 0]
-    ready.reverse()
-    order = []
-    while ready:
-        i = ready.pop()
-        order.append(i)
-        for u in reversed(users.get(i, [])):
-            waiting[u] -= 1
-            if waiting[u] == 0:
-                ready.append(u)
-    placed = set(order)
-    order += [i for i in range(len(nodes)) if i not in placed]
-    return [nodes[i] for i in order]
-
-
-def _fresh(taken: set[str], base: str) -> str:
-    name, i = base, 0
-    while name in taken:
-        i += 1
-        name = f"{base}_{i}"
-    taken.add(name)
-    return name
-
-
-def _loadable(tensor: gs.Constant) -> bool:
-    """Whether a constant's data can be read as an array we can feed and store (without loading it)."""
-    values = tensor._values
-    if isinstance(values, SparseValues):
-        return False
-    if isinstance(values, LazyValues):
-        proto = values.tensor
-        return (proto.data_type not in _PACKED and proto.data_type != onnx.TensorProto.UNDEFINED
-                and proto.data_location != onnx.TensorProto.EXTERNAL)
-    return _onnx_type(np.asarray(values)) is not None
-
-
 def _dropout_trains(node: gs.Node, values: dict[int, Any], opset: int) -> bool:
     """Dropout in training mode draws a random mask."""
     if opset and opset < 7:
@@ -658,56 +436,4 @@ def _dropout_trains(node: gs.Node, values: dict[int, Any], opset: int) -> bool:
         mode = values.get(id(node.inputs[2]))
         return mode is None or bool(np.any(mode))
     return False
-
-
-def _infer_shapes(graph: gs.Graph, domains: dict[str, int], ctx: PassContext) -> dict[str, list]:
-    """Name -> dims (int, or None when unknown) from onnx shape inference with data propagation.
-
-    Declared shapes of graph outputs and value_info are dropped first: exporters get
-    them wrong. Large initializers become graph inputs (their shapes are all that
-    inference needs) so the model stays small.
-    """
-    template = onnx.helper.make_model(onnx.helper.make_graph([], "t", [], []),
-                                      opset_imports=[onnx.helper.make_opsetid(d, v) for d, v in domains.items()])
-    try:
-        model = G.export_model(graph, template)
-        for g in iter_graph_protos(model.graph):
-            del g.value_info[:]
-            for out in g.output:
-                if out.type.HasField("tensor_type"):
-                    out.type.tensor_type.ClearField("shape")
-            for n in g.node:  # loop-carried values change shape: trust no declared body input shape
-                if n.op_type in _LOOP_OPS and (n.domain or "") in _DEFAULT_DOMAINS:
-                    for attr in n.attribute:
-                        for vi in (attr.g.input if attr.HasField("g") else []):
-                            if vi.type.HasField("tensor_type"):
-                                vi.type.tensor_type.ClearField("shape")
-        top = model.graph
-        kept = []
-        for init in top.initializer:
-            if init.data_type == onnx.TensorProto.INT64 and _elements(init) <= 4096:
-                kept.append(init)
-            else:
-                top.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
-        del top.initializer[:]
-        top.initializer.extend(kept)
-        inferred = onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False, data_prop=True)
-    except Exception as exc:  # noqa: BLE001 - no static shapes then
-        ctx.log.debug("fold: shape inference failed: %s", exc)
-        return {}
-    shapes: dict[str, list] = {}
-    for g in iter_graph_protos(inferred.graph):
-        for vi in [*g.input, *g.value_info, *g.output]:
-            t = vi.type.tensor_type if vi.type.HasField("tensor_type") else None
-            if t is None or not t.HasField("shape"):
-                continue
-            shapes[vi.name] = [d.dim_value if d.HasField("dim_value") and d.dim_value >= 0 else None
-                               for d in t.shape.dim]
-    return shapes
-
-
-def _elements(init: onnx.TensorProto) -> int:
-    return math.prod(init.dims)
-
-
 
