@@ -123,7 +123,9 @@ class Pass:
 
     ``exact`` passes keep outputs equal within float rounding; lossy passes set
     ``exact = False`` and a looser ``tolerance``. ``leaves_dangling`` asks the
-    manager to run ``dce`` after the pass when it changed the graph.
+    manager to run ``dce`` after the pass when it changed the graph. A pass whose
+    option ``auto`` resolves at run time (from the data it was given) sets
+    ``self.resolved`` to the options it used, so ``canonical()`` reproduces the run.
     """
 
     name: ClassVar[str] = ""
@@ -131,6 +133,7 @@ class Pass:
     exact: ClassVar[bool] = True
     tolerance: ClassVar[Tolerance] = EXACT
     leaves_dangling: ClassVar[bool] = False
+    resolved: Any = None  # the options as the last run used them, auto values resolved
 
     def __init__(self, options: Any = None, **values: Any) -> None:
         if options is None:
@@ -144,7 +147,7 @@ class Pass:
 
     def canonical(self) -> str:
         """The text that reproduces this pass, every option spelled out."""
-        items = option_items(self.options)
+        items = option_items(self.resolved if self.resolved is not None else self.options)
         if not items:
             return self.name
         return f"{self.name}(" + ",".join(f"{k}={format_value(v)}" for k, v in items) + ")"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fnmatch
 import heapq
 import math
@@ -10,7 +11,7 @@ import statistics
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Literal, Optional, Union
 
 import numpy as np
 import onnx
@@ -34,7 +35,7 @@ class SvdOptions:
     energy: Optional[float] = None      # keep the fewest singular values holding this fraction of sum(s^2); 0.99 when no mode is set
     tolerance: Optional[float] = None   # per layer: the smallest rank whose relative output error |X(W-W')|^2/|XW|^2 stays under this (calibration)
     param_ratio: Optional[float] = None  # whole model: per-layer ranks that minimise summed -log(1 - output error) at this ratio of the factorable layers' parameters (calibration)
-    aware: bool = False                 # whiten by the Cholesky factor of X^T X before truncating (SVD-LLM style; calibration)
+    aware: Union[bool, Literal["auto"]] = "auto"  # whiten by the Cholesky factor of X^T X before truncating (SVD-LLM style; calibration); auto: when calibration data is given
     round_to: int = 8                   # ranks rounded up to a multiple of this
     latency_gate: bool = True           # time each factorized layer against the original in ORT; keep it only when faster
     latency_margin: float = 0.05        # ... by at least this fraction
@@ -69,7 +70,7 @@ class SvdOptions:
 
     @property
     def needs_calibration(self) -> bool:
-        return self.aware or self.mode in ("tolerance", "param_ratio")
+        return self.aware is True or self.mode in ("tolerance", "param_ratio")
 
 
 @register_pass
@@ -92,7 +93,9 @@ class LowRankSvd(Pass):
 
     ``aware=true`` whitens W by the Cholesky factor L of the calibration XᵀX (diagonal
     damped): it truncates the SVD of LᵀW and folds L⁻ᵀ back into A, so the truncation
-    minimises the output error rather than the weight error (SVD-LLM).
+    minimises the output error rather than the weight error (SVD-LLM). The default,
+    ``auto``, is aware when calibration data is given and plain otherwise; the pass's
+    canonical string records which one ran (``aware=true`` or ``aware=false``).
 
     ``latency_gate`` (on by default) times each factorized layer against the original in
     ORT on a representative input (shape from calibration data, else the graph's shape
@@ -118,6 +121,9 @@ class LowRankSvd(Pass):
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         opts: SvdOptions = self.options
+        if opts.aware == "auto":
+            opts = dataclasses.replace(opts, aware=ctx.calibration is not None)
+        self.resolved = opts
         skips: Counter = Counter()
         layers = _collect(graph, opts, skips, ctx.opset or 17)
         if opts.needs_calibration and layers:
