@@ -21,7 +21,7 @@ import onnx_graphsurgeon as gs
 
 from . import graph as G
 from .errors import InputError, OnnxoptError, PassError
-from .options import build_options, describe, format_value, option_items, option_types
+from .options import build_options, describe, format_value, option_help, option_items, option_types
 
 log = logging.getLogger("onnxopt")
 
@@ -347,10 +347,12 @@ def _parse_item(item: str) -> tuple[str, dict[str, str]]:
     return name, values
 
 
-def describe_pass(cls: type[Pass]) -> list[tuple[str, str, str]]:
-    """(option, type, default) rows for ``onnxopt passes``."""
+def describe_pass(cls: type[Pass]) -> list[tuple[str, str, str, str]]:
+    """(option, type, default, description) rows for ``onnxopt passes``; the description is the
+    option's ``help`` (declared with ``onnxopt.options.option``), '' when it has none."""
     defaults = cls.Options()
-    return [(name, describe(kind), format_value(getattr(defaults, name)))
+    helps = option_help(cls.Options)
+    return [(name, describe(kind), format_value(getattr(defaults, name)), helps.get(name, ""))
             for name, kind in option_types(cls.Options).items()]
 
 

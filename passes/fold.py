@@ -15,6 +15,7 @@ from onnx_graphsurgeon.ir.tensor import LazyValues, SparseValues
 
 from onnxopt import graph as G
 from onnxopt.io import iter_graph_protos
+from onnxopt.options import option
 from onnxopt.pipeline import Pass, PassContext, PassResult, register_pass
 
 try:  # onnx depends on ml_dtypes; ORT hands these types back as raw bytes
@@ -46,9 +47,9 @@ _MAX_ROUNDS = 8
 
 @dataclass
 class FoldOptions:
-    max_growth_bytes: int = 1 << 20  # skip a node whose folding would grow the model by more
-    fold_shapes: bool = True  # fold Shape/Size of values whose shape is statically known
-    fold_dequantize: bool = False  # also fold DequantizeLinear of constants (undoes weight quantization)
+    max_growth_bytes: int = option(1 << 20, help="skip a node whose folding would grow the model by more")
+    fold_shapes: bool = option(True, help="fold Shape/Size of values whose shape is statically known")
+    fold_dequantize: bool = option(False, help="also fold DequantizeLinear of constants (undoes weight quantization)")
 
 
 @register_pass

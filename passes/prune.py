@@ -13,6 +13,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnxopt import graph as G
+from onnxopt.options import option
 from onnxopt.pipeline import Pass, PassContext, PassResult, Tolerance, register_pass
 
 from . import _prune_budget as budget
@@ -34,25 +35,25 @@ _BINARY = ("Add", "Mul", "Sub", "Div")
 
 @dataclass
 class PruneOptions:
-    sparsity: Union[float, Literal["auto"]] = 0.5  # fraction of all prunable weights set to zero (structured: removed), layers kept dense included; auto: per-layer ratios from sensitivity
-    pattern: Literal["unstructured", "2:4", "4:8", "structured"] = "unstructured"  # n:m keeps n of every m along the reduction axis
-    scope: Literal["auto", "layer", "row", "global"] = "auto"  # one ratio per layer, the same ratio in every output row, or one threshold over layer-normalised (LAMP) scores; auto: row for wanda (its paper's group), layer otherwise (obs: SparseGPT shares one threshold across rows)
-    global_norm: Literal["lamp", "none"] = "lamp"  # scope=global ranks LAMP-normalised scores, or raw ones (none: Han et al. 2015's global magnitude)
-    score: Literal["magnitude", "wanda", "obs"] = "magnitude"  # wanda: |W| times the input column norm on calibration data; obs: the OBS/SparseGPT saliency w²/[(XᵀX+λI)⁻¹]_jj
-    norm: Literal["l1", "l2"] = "l2"  # channel norm for structured pruning
-    reconstruct: Union[bool, Literal["auto"]] = "auto"  # least-squares update of surviving weights; auto: when calibration data is given
-    bias_correction: bool = False  # shift biases by the mean output change on calibration data
-    target: float = 0.5  # overall sparsity sparsity=auto reaches (over all prunable weights)
-    max_layer_sparsity: float = 0.95  # the most of one layer's weights (structured: channels) the budget may take; never below sparsity
-    tolerance: Optional[float] = None  # sparsity=auto: largest estimated relative output error a layer may take
-    exclude: list[str] = field(default_factory=list)  # node or weight names (globs) left dense
-    keep_first_last: bool = True  # leave the first and last weighted layers dense
-    ops: list[str] = field(default_factory=lambda: list(_TARGETS))  # op types whose weights are pruned
-    damp: float = 0.01  # ridge damping of XᵀX, relative to its mean diagonal
-    samples: int = 512  # calibration samples read at most (the stat calibration_samples says how many were)
-    sequential: bool = True  # refit each layer on the inputs the pruned layers before it make, aiming at the dense output
-    fold_removed: bool = True  # structured, no calibration data: fold the removed channels' constant output (bias through the chain) into the consumer's bias
-    storage: Literal["auto", "dense"] = "auto"  # auto: a Constant with a COO sparse_value where that is smaller
+    sparsity: Union[float, Literal["auto"]] = option(0.5, help="fraction of all prunable weights set to zero (structured: removed), layers kept dense included; auto: per-layer ratios from sensitivity")
+    pattern: Literal["unstructured", "2:4", "4:8", "structured"] = option("unstructured", help="unstructured zeroes single weights; 2:4/4:8 keep n of every m along the reduction axis; structured removes whole output channels")
+    scope: Literal["auto", "layer", "row", "global"] = option("auto", help="one ratio per layer, the same ratio in every output row, or one threshold over layer-normalised (LAMP) scores; auto: row for wanda (its paper's group), layer otherwise (obs: SparseGPT shares one threshold across rows)")
+    global_norm: Literal["lamp", "none"] = option("lamp", help="scope=global ranks LAMP-normalised scores, or raw ones (none: Han et al. 2015's global magnitude)")
+    score: Literal["magnitude", "wanda", "obs"] = option("magnitude", help="wanda: |W| times the input column norm on calibration data; obs: the OBS/SparseGPT saliency w²/[(XᵀX+λI)⁻¹]_jj")
+    norm: Literal["l1", "l2"] = option("l2", help="channel norm for structured pruning")
+    reconstruct: Union[bool, Literal["auto"]] = option("auto", help="least-squares update of surviving weights; auto: when calibration data is given")
+    bias_correction: bool = option(False, help="shift biases by the mean output change on calibration data")
+    target: float = option(0.5, help="overall sparsity sparsity=auto reaches (over all prunable weights)")
+    max_layer_sparsity: float = option(0.95, help="the most of one layer's weights (structured: channels) the budget may take; never below sparsity")
+    tolerance: Optional[float] = option(None, help="sparsity=auto: largest estimated relative output error a layer may take")
+    exclude: list[str] = option(factory=list, help="node or weight names (globs) left dense")
+    keep_first_last: bool = option(True, help="leave the first and last weighted layers dense")
+    ops: list[str] = option(factory=lambda: list(_TARGETS), help="op types whose weights are pruned")
+    damp: float = option(0.01, help="ridge damping of XᵀX, relative to its mean diagonal")
+    samples: int = option(512, help="calibration samples read at most (the stat calibration_samples says how many were)")
+    sequential: bool = option(True, help="refit each layer on the inputs the pruned layers before it make, aiming at the dense output")
+    fold_removed: bool = option(True, help="structured, no calibration data: fold the removed channels' constant output (bias through the chain) into the consumer's bias")
+    storage: Literal["auto", "dense"] = option("auto", help="how pruned tensors are written; auto: a Constant with a COO sparse_value where that is smaller, else dense")
 
     def validate(self) -> None:
         if self.sparsity != "auto" and not 0.0 <= float(self.sparsity) < 1.0:

@@ -10,7 +10,7 @@ import math
 import statistics
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterator, Literal, Optional, Union
 
 import numpy as np
@@ -19,6 +19,7 @@ import onnx_graphsurgeon as gs
 
 from onnxopt import graph as G
 from onnxopt.calibrate import GramStats, calibration_set, matmul_rows, stream_tensors
+from onnxopt.options import option
 from onnxopt.pipeline import Pass, PassContext, PassResult, Tolerance, register_pass
 
 _FLOATS = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
@@ -30,18 +31,18 @@ _SKIPS = ("excluded", "no_constant_weight", "constant_input", "weight_not_2d", "
 
 @dataclass
 class SvdOptions:
-    rank: Optional[int] = None          # keep this many singular values in every layer
-    rank_ratio: Optional[float] = None  # keep ceil(rank_ratio * min(K, N)) singular values
-    energy: Optional[float] = None      # keep the fewest singular values holding this fraction of sum(s^2); 0.99 when no mode is set
-    tolerance: Optional[float] = None   # per layer: the smallest rank whose relative output error |X(W-W')|^2/|XW|^2 stays under this (calibration)
-    param_ratio: Optional[float] = None  # whole model: per-layer ranks that minimise summed -log(1 - output error) at this ratio of the factorable layers' parameters (calibration)
-    aware: Union[bool, Literal["auto"]] = "auto"  # whiten by the Cholesky factor of X^T X before truncating (SVD-LLM style; calibration); auto: when calibration data is given
-    round_to: int = 8                   # ranks rounded up to a multiple of this
-    latency_gate: bool = True           # time each factorized layer against the original in ORT; keep it only when faster
-    latency_margin: float = 0.05        # ... by at least this fraction
-    damp: float = 0.01                  # added to the diagonal of X^T X, times its mean, before the Cholesky factorization
-    samples: int = 512                  # calibration samples read
-    exclude: list[str] = field(default_factory=list)  # node-name globs left alone
+    rank: Optional[int] = option(None, help="keep this many singular values in every layer")
+    rank_ratio: Optional[float] = option(None, help="keep ceil(rank_ratio * min(K, N)) singular values")
+    energy: Optional[float] = option(None, help="keep the fewest singular values holding this fraction of sum(s^2); 0.99 when no mode is set")
+    tolerance: Optional[float] = option(None, help="per layer: the smallest rank whose relative output error |X(W-W')|^2/|XW|^2 stays under this (calibration)")
+    param_ratio: Optional[float] = option(None, help="whole model: per-layer ranks that minimise summed -log(1 - output error) at this ratio of the factorable layers' parameters (calibration)")
+    aware: Union[bool, Literal["auto"]] = option("auto", help="whiten by the Cholesky factor of X^T X before truncating (SVD-LLM style; calibration); auto: when calibration data is given")
+    round_to: int = option(8, help="ranks rounded up to a multiple of this")
+    latency_gate: bool = option(True, help="time each factorized layer against the original in ORT; keep it only when faster")
+    latency_margin: float = option(0.05, help="latency_gate keeps a layer only when faster by at least this fraction")
+    damp: float = option(0.01, help="added to the diagonal of X^T X, times its mean, before the Cholesky factorization")
+    samples: int = option(512, help="calibration samples read at most")
+    exclude: list[str] = option(factory=list, help="node names (globs) left alone")
 
     def validate(self) -> None:
         chosen = [m for m in _MODES if getattr(self, m) is not None]

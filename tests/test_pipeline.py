@@ -242,3 +242,16 @@ def test_shipped_pass_modules_are_named_after_their_pass():
     registered = onnxopt.registered_passes()
     assert modules <= set(registered)
     assert {"dce", "fold", "fold_bn", "noop", "dedup", "qdq", "prune", "svd"} <= modules
+
+
+def test_every_shipped_option_has_a_one_line_description():
+    """Declared with onnxopt.options.option(default, help=...); `onnxopt passes` prints it."""
+    from onnxopt.pipeline import describe_pass
+
+    shipped = {n: c for n, c in onnxopt.registered_passes().items() if c.__module__.startswith("onnxopt.passes.")}
+    assert {"dce", "fold", "prune", "svd"} <= set(shipped)
+    missing = [f"{name}.{option}" for name, cls in shipped.items()
+               for option, _, _, text in describe_pass(cls) if not text.strip() or "\n" in text]
+    assert missing == []
+    rows = {option: (kind, default, text) for option, kind, default, text in describe_pass(shipped["prune"])}
+    assert rows["sparsity"][:2] == ("float | auto", "0.5") and "all prunable weights" in rows["sparsity"][2]
