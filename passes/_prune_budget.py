@@ -127,27 +127,41 @@ def removed_weights(plans: list[ChannelPlan], sizes: dict, drops: list[int]) -> 
     return sum(removed_by_tensor(plans, sizes, drops).values())
 
 
-def channel_ratio(plans: list[ChannelPlan], sizes: dict, total: int) -> tuple[float, bool]:
-    """The one channel ratio (each plan within its cap) whose removed weights come closest to
-    ``total``; and whether the caps let it get there (within one channel's weights)."""
-    if not plans:
-        return 0.0, total <= 0
-    at = lambda r: removed_weights(plans, sizes, [p.drop_at(r) for p in plans])  # noqa: E731
-    top = max(p.cap / p.channels for p in plans) + 1.0 / min(p.channels for p in plans)
-    if at(top) < total:
-        step = max(max(sizes.get(k, 0) // p.channels for k in (*p.outputs, *p.inputs)) for p in plans)
-        return top, at(top) >= total - 2 * step
-    lo, hi = 0.0, top  # at(lo) < total <= at(hi)
-    if at(lo) >= total:
-        return 0.0, True
-    for _ in range(60):
+def channel_drops(plans: list[ChannelPlan], sizes: dict, total: int) -> list[int]:
+    """Channels each plan loses so that the weights removed come closest to ``total``: one ratio for
+    all (the highest that stays at or under it; each plan within its cap), then one more channel at a
+    time for the plan furthest behind that ratio while that comes closer (plans sharing a channel
+    count move together under one ratio, too coarse a step on its own)."""
+    if not plans or total <= 0:
+        return [0] * len(plans)
+    removed = lambda drops: removed_weights(plans, sizes, drops)  # noqa: E731
+    at = lambda r: [p.drop_at(r) for p in plans]  # noqa: E731
+    if removed(at(1.0)) <= total:
+        return at(1.0)
+    lo, hi = 0.0, 1.0  # removed(at(lo)) <= total < removed(at(hi))
+    for _ in range(50):
         mid = (lo + hi) / 2
-        if at(mid) >= total:
-            hi = mid
-        else:
+        if removed(at(mid)) <= total:
             lo = mid
-    best = hi if at(hi) - total <= total - at(lo) else lo
-    return best, True
+        else:
+            hi = mid
+    drops = at(lo)
+    current = removed(drops)
+    while True:
+        behind = [i for i, p in enumerate(plans) if drops[i] < p.cap]
+        if not behind:
+            return drops
+        i = min(behind, key=lambda i: ((drops[i] + 1) / plans[i].channels, i))
+        trial = drops[:i] + [drops[i] + 1] + drops[i + 1:]
+        after = removed(trial)
+        if after > total:
+            return trial if after - total < total - current else drops
+        drops, current = trial, after
+
+
+def channel_step(plans: list[ChannelPlan], sizes: dict) -> int:
+    """The most weights one more channel of any plan removes: how far the request may be missed."""
+    return max((sum(sizes.get(k, 0) // p.channels for k in (*p.outputs, *p.inputs)) for p in plans), default=0)
 
 
 def achieved(zeroed: int, prunable: int) -> float:

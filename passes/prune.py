@@ -103,14 +103,14 @@ class Prune(Pass):
     threshold over layer-normalised scores (LAMP: s² over the sum of s² of the
     layer's weights at least as large; ``global_norm=none``: over the raw scores,
     the classic global magnitude pruning); ``2:4``/``4:8``
-    keep the n largest of every m consecutive weights along the reduction axis, a
-    fixed half of every pruned layer (``sparsity`` does not apply; the overall figure
-    is lower when layers stay dense)
+    keep the n largest of every m consecutive weights along the reduction axis
     (MatMul/Gemm: K; Conv: input channels at each kernel position, else the
-    flattened channel x kernel axis); ``structured`` removes whole output channels
-    (Conv) or output columns (MatMul/Gemm) chosen by L1/L2 norm, one channel ratio
-    for every layer it can follow, the one whose removed weights (the producers'
-    rows and the consumers' columns) come closest to ``sparsity``, and physically
+    flattened channel x kernel axis), a fixed half of every pruned layer (``sparsity``
+    does not apply; the overall figure is lower when layers stay dense);
+    ``structured`` removes whole output channels
+    (Conv) or output columns (MatMul/Gemm) chosen by L1/L2 norm, about one channel
+    ratio for every layer it can follow, the removed weights (the producers' rows and
+    the consumers' columns) closest to ``sparsity``, and physically
     shrinks the graph: the producer's weight and bias, BatchNormalization,
     per-channel Add/Mul/Sub/Div constants, depthwise Convs, activations and pooling in between, and
     the consumer's input channels (through Flatten after a global pool). With
@@ -314,9 +314,11 @@ class _Pruner:
             why = f"pattern={self.o.pattern} zeroes half of each pruned layer"
         elif self.o.sparsity == "auto" and self.o.tolerance is not None:
             why = f"tolerance={self.o.tolerance:g} stops the layers first"
+        elif self.o.pattern == "structured":
+            followed = sum(1 for u in self.candidates if id(u) not in self.dense)
+            why = f"{followed} layer(s) could be followed, each losing at most {self.cap():g} of its channels"
         else:
-            why = f"{len(self.pruned)} pruned layer(s) take at most {self.cap():g} of their " + \
-                  ("channels" if self.o.pattern == "structured" else "weights") + " each"
+            why = f"{len(self.pruned)} pruned layer(s) take at most {self.cap():g} of their weights each"
         return [budget.unreached_note(requested, stats["sparsity_achieved"],
                                       why + (f"; layers kept dense: {dense}" if dense else ""))]
 
@@ -840,18 +842,16 @@ class _Pruner:
         return modified
 
     def channel_budget(self, plans: list) -> list:
-        """One channel ratio for every followed layer, whose removed weights come closest to the request."""
+        """Channels each followed layer loses: about one ratio for all, the removed weights closest to the request."""
         sizes = {id(u.tensor): self.sizes[id(u)] for u in self.candidates}
         out = []
         for u, plan in plans:
             o = u.shape[0] if u.kind == "conv" else u.matrix(np.empty(u.shape, np.int8)).shape[0]
             rows = [id(u.tensor)] + [id(n.inputs[1]) for n in plan["chain"] if n.op == "Conv"]
             out.append(budget.ChannelPlan(o, min(_floor(self.cap() * o), o - 1), rows, [id(plan["consumer"].inputs[1])]))
-        ratio, _ = budget.channel_ratio(out, sizes, self.want())
-        for cp in out:
-            cp.drop = cp.drop_at(ratio)
-        steps = [sizes.get(k, 0) // cp.channels for cp in out for k in (*cp.outputs, *cp.inputs)]
-        self.slack = 2 * max(steps, default=0)  # one channel more or less, in the widest producer and consumer
+        for cp, drop in zip(out, budget.channel_drops(out, sizes, self.want())):
+            cp.drop = drop
+        self.slack = budget.channel_step(out, sizes)  # whole channels: the request is met to within one
         return out
 
     def follow(self, u: _Unit) -> Optional[dict]:

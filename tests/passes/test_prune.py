@@ -832,3 +832,17 @@ def test_spread_fills_layers_up_to_their_caps_and_rounds_by_largest_remainder():
     assert spread([100, 100, 10], [95, 95, 9], 195) == [93, 93, 9]  # the small layer full, the others share the rest
     assert spread([100, 100, 10], [95, 95, 9], 500) == [95, 95, 9]  # more than the caps hold: the caps
     assert spread([100, 0], [95, 0], 10) == [10, 0]
+
+
+def test_channel_drops_meet_the_request_to_within_one_channel():
+    from onnxopt.passes._prune_budget import ChannelPlan, channel_drops, removed_weights
+
+    # four layers of 10 channels x 10 weights: one ratio moves all four at once (120 or 160 for 150)
+    plans = [ChannelPlan(10, 9, [f"w{i}"]) for i in range(4)]
+    sizes = {f"w{i}": 100 for i in range(4)}
+    drops = channel_drops(plans, sizes, 150)
+    assert sorted(drops) == [3, 4, 4, 4] and removed_weights(plans, sizes, drops) == 150
+    assert channel_drops(plans, sizes, 10_000) == [9, 9, 9, 9]  # the caps
+    # a consumer loses its input columns with the producer's channels: 10 + 5 weights a channel
+    plans = [ChannelPlan(10, 9, ["a"], ["b"])]
+    assert channel_drops(plans, {"a": 100, "b": 50}, 44) == [3]  # 45, nearer than 30
