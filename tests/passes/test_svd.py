@@ -360,6 +360,22 @@ def test_aware_is_the_default_with_calibration_and_the_canonical_string_says_whi
     np.testing.assert_array_equal(run_model(again.model, test)["y"], got[("svd(rank=32,latency_gate=false)", True)])
 
 
+def test_aware_auto_stays_plain_when_calibration_has_fewer_rows_than_input_channels():
+    k, n = 200, 128
+    w = (np.random.default_rng(18).standard_normal((k, n)) / np.sqrt(k)).astype(np.float32)
+    model = two_d_model(w)
+    calib = {"x": correlated(64, k, seed=19)}  # 64 rows for 200 input channels: XᵀX is singular
+    auto = onnxopt.optimize(model, "svd(rank=32,latency_gate=false)", inputs=[calib], calibration=calib,
+                            tolerance="min_cosine=0")
+    plain = onnxopt.optimize(model, "svd(rank=32,aware=false,latency_gate=false)", inputs=[calib], calibration=calib,
+                             tolerance="min_cosine=0")
+    assert "aware=false" in auto.records[0].canonical
+    assert auto.records[0].notes == ["aware=auto -> false: calibration gave fewer activation rows than input channels "
+                                     "in 1 layer(s) (e.g. fc: 64 < 200); whitening would fit those rows only"]
+    assert auto.records[0].stats == plain.records[0].stats
+    np.testing.assert_array_equal(run_model(auto.model, calib)["y"], run_model(plain.model, calib)["y"])
+
+
 def test_param_ratio_budget_spends_parameters_where_error_falls_most():
     # an easy layer (fast-decaying spectrum) and a hard one (slow): the budget goes to the hard one
     # (plain SVD: the spectra are the weights'; whitening by the correlated inputs would reshape them)
