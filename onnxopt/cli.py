@@ -171,8 +171,8 @@ def cmd_passes(args: argparse.Namespace) -> int:
     for name, cls in registered_passes().items():
         kind = "exact" if cls.exact else "lossy"
         print(f"{name} ({kind}): {cls.summary()}")
-        for option, kind_text, default in describe_pass(cls):
-            print(f"    {option} = {default}    ({kind_text})")
+        for option, kind_text, default, text in describe_pass(cls):
+            print(f"    {option} = {default}    ({kind_text})" + (f": {text}" if text else ""))
     for name, (pipeline, fixed) in presets().items():
         print(f"{name} (preset): {pipeline}" + (" (to a fixed point)" if fixed else ""))
     return 0

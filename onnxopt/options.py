@@ -16,6 +16,24 @@ from typing import Any, Literal, Union, get_args, get_origin
 from .errors import InputError
 
 
+def option(default: Any = dataclasses.MISSING, *, help: str, factory: Any = dataclasses.MISSING) -> Any:
+    """Declare a pass option: its default (``factory`` makes a mutable one, as dataclasses'
+    default_factory) and a one-line description, which ``onnxopt passes`` prints. Every shipped
+    pass declares its options this way::
+
+        @dataclass
+        class MyOptions:
+            limit: int = option(64, help="largest tensor touched, in elements")
+            names: list[str] = option(factory=list, help="node names (globs) left alone")
+    """
+    return dataclasses.field(default=default, default_factory=factory, metadata={"help": help})
+
+
+def option_help(options_cls: type) -> dict[str, str]:
+    """Field name -> its one-line description ('' when it has none)."""
+    return {f.name: str(f.metadata.get("help", "")) for f in dataclasses.fields(options_cls)}
+
+
 def option_types(options_cls: type) -> dict[str, Any]:
     """Field name -> annotated type for an options dataclass."""
     return typing.get_type_hints(options_cls)

@@ -22,7 +22,7 @@ import onnx_graphsurgeon as gs
 
 from . import graph as G
 from .errors import InputError, OnnxoptError, PassError
-from .options import build_options, describe, format_value, option_items, option_types
+from .options import build_options, describe, format_value, option_help, option_items, option_types
 
 log = logging.getLogger("onnxopt")
 
@@ -129,7 +129,9 @@ class Pass:
 
     ``exact`` passes keep outputs equal within float rounding; lossy passes set
     ``exact = False`` and a looser ``tolerance``. ``leaves_dangling`` asks the
-    manager to run ``dce`` after the pass when it changed the graph.
+    manager to run ``dce`` after the pass when it changed the graph. A pass whose
+    option ``auto`` resolves at run time (from the data it was given) sets
+    ``self.resolved`` to the options it used, so ``canonical()`` reproduces the run.
     """
 
     name: ClassVar[str] = ""
@@ -137,6 +139,7 @@ class Pass:
     exact: ClassVar[bool] = True
     tolerance: ClassVar[Tolerance] = EXACT
     leaves_dangling: ClassVar[bool] = False
+    resolved: Any = None  # the options as the last run used them, auto values resolved
 
     def __init__(self, options: Any = None, **values: Any) -> None:
         if options is None:
@@ -150,7 +153,7 @@ class Pass:
 
     def canonical(self) -> str:
         """The text that reproduces this pass, every option spelled out."""
-        items = option_items(self.options)
+        items = option_items(self.resolved if self.resolved is not None else self.options)
         if not items:
             return self.name
         return f"{self.name}(" + ",".join(f"{k}={format_value(v)}" for k, v in items) + ")"
@@ -350,10 +353,12 @@ def _parse_item(item: str) -> tuple[str, dict[str, str]]:
     return name, values
 
 
-def describe_pass(cls: type[Pass]) -> list[tuple[str, str, str]]:
-    """(option, type, default) rows for ``onnxopt passes``."""
+def describe_pass(cls: type[Pass]) -> list[tuple[str, str, str, str]]:
+    """(option, type, default, description) rows for ``onnxopt passes``; the description is the
+    option's ``help`` (declared with ``onnxopt.options.option``), '' when it has none."""
     defaults = cls.Options()
-    return [(name, describe(kind), format_value(getattr(defaults, name)))
+    helps = option_help(cls.Options)
+    return [(name, describe(kind), format_value(getattr(defaults, name)), helps.get(name, ""))
             for name, kind in option_types(cls.Options).items()]
 
 

@@ -7,12 +7,13 @@ from dataclasses import dataclass
 import onnx_graphsurgeon as gs
 
 from onnxopt import graph as G
+from onnxopt.options import option
 from onnxopt.pipeline import Pass, PassContext, PassResult, register_pass
 
 
 @dataclass
 class DceOptions:
-    identities: bool = True  # also remove Identity nodes, reconnecting their consumers
+    identities: bool = option(True, help="also remove Identity nodes, reconnecting their consumers")
 
 
 @register_pass

@@ -7,7 +7,7 @@ from collections import Counter
 import hashlib
 import heapq
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import numpy as np
@@ -23,16 +23,15 @@ except ImportError:  # onnx-graphsurgeon before sparse initializers
         pass
 
 from onnxopt import graph as G
+from onnxopt.options import option
 from onnxopt.pipeline import Pass, PassContext, PassResult, register_pass
 
 
 @dataclass
 class DedupOptions:
-    constants: bool = True  # merge byte-identical initializers and Constant-node values
-    nodes: bool = True  # merge nodes computing the same thing (common-subexpression elimination)
-    # Op domains besides the ONNX ones ('', ai.onnx, ai.onnx.ml) whose nodes may be merged; nodes of
-    # other domains are merged only when they call a model-local function made of mergeable ops.
-    domains: list[str] = field(default_factory=lambda: ["com.microsoft"])
+    constants: bool = option(True, help="merge byte-identical initializers and Constant-node values")
+    nodes: bool = option(True, help="merge nodes computing the same thing (common-subexpression elimination)")
+    domains: list[str] = option(factory=lambda: ["com.microsoft"], help="op domains besides the ONNX ones whose nodes may be merged (others merge only when they call a model-local function made of mergeable ops)")
 
 
 _DEFAULT_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml"})

@@ -12,6 +12,7 @@ import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import SparseValues
 
 from onnxopt import graph as G
+from onnxopt.options import option
 from onnxopt.pipeline import Pass, PassContext, PassResult, growth_limit, register_pass
 
 _FLOATS = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
@@ -24,9 +25,9 @@ _SKIPS = ("training_mode", "unsupported_bn", "non_constant_params", "invalid_con
 
 @dataclass
 class FoldBnOptions:
-    batchnorm: bool = True    # fold inference-mode BatchNormalization
-    elementwise: bool = True  # fold Mul/Add/Sub/Div by per-channel or scalar constants
-    copy_shared: bool = True  # fold into weights other nodes also read, by giving this layer its own copy
+    batchnorm: bool = option(True, help="fold inference-mode BatchNormalization")
+    elementwise: bool = option(True, help="fold Mul/Add/Sub/Div by per-channel or scalar constants")
+    copy_shared: bool = option(True, help="fold into weights other nodes also read, by giving this layer its own copy")
 
 
 @register_pass

@@ -12,6 +12,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnxopt import graph as G
+from onnxopt.options import option
 from onnxopt.pipeline import Pass, PassContext, PassResult, register_pass
 
 Shape = Optional[tuple]  # a tuple of ints (static dims) and None (unknown dims); None: rank unknown
@@ -32,7 +33,7 @@ STAT_KEYS = (
 
 @dataclass
 class NoopOptions:
-    infer_shapes: bool = True  # learn static shapes/dtypes by ONNX shape inference on an exported copy
+    infer_shapes: bool = option(True, help="learn static shapes/dtypes by ONNX shape inference on an exported copy")
 
 
 @register_pass

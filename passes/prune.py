@@ -13,7 +13,10 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnxopt import graph as G
+from onnxopt.options import option
 from onnxopt.pipeline import Pass, PassContext, PassResult, Tolerance, register_pass
+
+from . import _prune_budget as budget
 
 _FLOATS = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 _TARGETS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
@@ -32,24 +35,25 @@ _BINARY = ("Add", "Mul", "Sub", "Div")
 
 @dataclass
 class PruneOptions:
-    sparsity: Union[float, Literal["auto"]] = 0.5  # fraction of weights (structured: output channels) set to zero; auto: per-layer ratios from sensitivity
-    pattern: Literal["unstructured", "2:4", "4:8", "structured"] = "unstructured"  # n:m keeps n of every m along the reduction axis
-    scope: Literal["auto", "layer", "row", "global"] = "auto"  # one ratio per layer, the same ratio in every output row, or one threshold over layer-normalised (LAMP) scores; auto: row for wanda (its paper's group), layer otherwise (obs: SparseGPT shares one threshold across rows)
-    global_norm: Literal["lamp", "none"] = "lamp"  # scope=global ranks LAMP-normalised scores, or raw ones (none: Han et al. 2015's global magnitude)
-    score: Literal["magnitude", "wanda", "obs"] = "magnitude"  # wanda: |W| times the input column norm on calibration data; obs: the OBS/SparseGPT saliency w²/[(XᵀX+λI)⁻¹]_jj
-    norm: Literal["l1", "l2"] = "l2"  # channel norm for structured pruning
-    reconstruct: Union[bool, Literal["auto"]] = "auto"  # least-squares update of surviving weights; auto: when calibration data is given
-    bias_correction: bool = False  # shift biases by the mean output change on calibration data
-    target: float = 0.5  # overall sparsity sparsity=auto reaches
-    tolerance: Optional[float] = None  # sparsity=auto: largest estimated relative output error a layer may take
-    exclude: list[str] = field(default_factory=list)  # node or weight names (globs) left dense
-    keep_first_last: bool = True  # leave the first and last weighted layers dense
-    ops: list[str] = field(default_factory=lambda: list(_TARGETS))  # op types whose weights are pruned
-    damp: float = 0.01  # ridge damping of XᵀX, relative to its mean diagonal
-    samples: int = 512  # calibration samples read at most (the stat calibration_samples says how many were)
-    sequential: bool = True  # refit each layer on the inputs the pruned layers before it make, aiming at the dense output
-    fold_removed: bool = True  # structured, no calibration data: fold the removed channels' constant output (bias through the chain) into the consumer's bias
-    storage: Literal["auto", "dense"] = "auto"  # auto: a Constant with a COO sparse_value where that is smaller
+    sparsity: Union[float, Literal["auto"]] = option(0.5, help="fraction of all prunable weights set to zero (structured: removed), layers kept dense included; auto: per-layer ratios from sensitivity")
+    pattern: Literal["unstructured", "2:4", "4:8", "structured"] = option("unstructured", help="unstructured zeroes single weights; 2:4/4:8 keep n of every m along the reduction axis; structured removes whole output channels")
+    scope: Literal["auto", "layer", "row", "global"] = option("auto", help="one ratio per layer, the same ratio in every output row, or one threshold over layer-normalised (LAMP) scores; auto: row for wanda (its paper's group), layer otherwise (obs: SparseGPT shares one threshold across rows)")
+    global_norm: Literal["lamp", "none"] = option("lamp", help="scope=global ranks LAMP-normalised scores, or raw ones (none: Han et al. 2015's global magnitude)")
+    score: Literal["magnitude", "wanda", "obs"] = option("magnitude", help="wanda: |W| times the input column norm on calibration data; obs: the OBS/SparseGPT saliency w²/[(XᵀX+λI)⁻¹]_jj")
+    norm: Literal["l1", "l2"] = option("l2", help="channel norm for structured pruning")
+    reconstruct: Union[bool, Literal["auto"]] = option("auto", help="least-squares update of surviving weights; auto: when calibration data is given")
+    bias_correction: bool = option(False, help="shift biases by the mean output change on calibration data")
+    target: float = option(0.5, help="overall sparsity sparsity=auto reaches (over all prunable weights)")
+    max_layer_sparsity: float = option(0.95, help="the most of one layer's weights (structured: channels) the budget may take; never below sparsity")
+    tolerance: Optional[float] = option(None, help="sparsity=auto: largest estimated relative output error a layer may take")
+    exclude: list[str] = option(factory=list, help="node or weight names (globs) left dense")
+    keep_first_last: bool = option(True, help="leave the first and last weighted layers dense")
+    ops: list[str] = option(factory=lambda: list(_TARGETS), help="op types whose weights are pruned")
+    damp: float = option(0.01, help="ridge damping of XᵀX, relative to its mean diagonal")
+    samples: int = option(512, help="calibration samples read at most (the stat calibration_samples says how many were)")
+    sequential: bool = option(True, help="refit each layer on the inputs the pruned layers before it make, aiming at the dense output")
+    fold_removed: bool = option(True, help="structured, no calibration data: fold the removed channels' constant output (bias through the chain) into the consumer's bias")
+    storage: Literal["auto", "dense"] = option("auto", help="how pruned tensors are written; auto: a Constant with a COO sparse_value where that is smaller, else dense")
 
     def validate(self) -> None:
         if self.sparsity != "auto" and not 0.0 <= float(self.sparsity) < 1.0:
@@ -62,6 +66,11 @@ class PruneOptions:
             raise ValueError("tolerance applies to sparsity=auto only")
         if self.tolerance is not None and self.tolerance <= 0:
             raise ValueError(f"tolerance must be positive, got {self.tolerance}")
+        if not 0.0 < self.max_layer_sparsity < 1.0:
+            raise ValueError(f"max_layer_sparsity must be in (0, 1), got {self.max_layer_sparsity}")
+        if self.pattern in ("2:4", "4:8") and self.sparsity != "auto" and float(self.sparsity) != 0.5:
+            raise ValueError(f"pattern={self.pattern} fixes the sparsity of every pruned layer at 0.5; "
+                             f"sparsity={self.sparsity} does not apply (leave it out)")
         if self.pattern in ("2:4", "4:8") and self.scope not in ("auto", "layer"):
             raise ValueError(f"pattern={self.pattern} fixes the sparsity of every group; scope={self.scope} does not apply")
         if self.global_norm != "lamp" and self.scope != "global":
@@ -79,15 +88,29 @@ class PruneOptions:
 class Prune(Pass):
     """Zero (or, structured, remove) the least important weights of Conv, ConvTranspose, MatMul and Gemm. Lossy.
 
-    Patterns: ``unstructured`` zeroes exactly round(sparsity x size) weights per
-    layer, or (``scope=global``) that share of all targeted weights under one
+    ``sparsity`` counts over every weight the pass could prune, the layers it keeps
+    dense included (first and last, ``exclude``, layers a pattern cannot take): their
+    share goes to the layers it prunes, each up to ``max_layer_sparsity`` of its
+    weights (never below ``sparsity``; passes/_prune_budget.py). Stats:
+    ``sparsity_requested``, ``sparsity_achieved`` (weights zeroed or removed over all
+    prunable weights), ``target_reached``, and ``layers`` (per layer: weights, pruned,
+    sparsity, why kept dense); a note says when the caps cannot hold the request.
+
+    Patterns: ``unstructured`` zeroes exactly round(sparsity x prunable) weights:
+    one ratio for every pruned layer (rounded by largest remainders), the same
+    share of every output row (``scope=row``, rows differ by one at most), or
+    (``scope=global``) under one
     threshold over layer-normalised scores (LAMP: s² over the sum of s² of the
     layer's weights at least as large; ``global_norm=none``: over the raw scores,
     the classic global magnitude pruning); ``2:4``/``4:8``
     keep the n largest of every m consecutive weights along the reduction axis
     (MatMul/Gemm: K; Conv: input channels at each kernel position, else the
-    flattened channel x kernel axis); ``structured`` removes whole output channels
-    (Conv) or output columns (MatMul/Gemm) chosen by L1/L2 norm and physically
+    flattened channel x kernel axis), a fixed half of every pruned layer (``sparsity``
+    does not apply; the overall figure is lower when layers stay dense);
+    ``structured`` removes whole output channels
+    (Conv) or output columns (MatMul/Gemm) chosen by L1/L2 norm, about one channel
+    ratio for every layer it can follow, the removed weights (the producers' rows and
+    the consumers' columns) closest to ``sparsity``, and physically
     shrinks the graph: the producer's weight and bias, BatchNormalization,
     per-channel Add/Mul/Sub/Div constants, depthwise Convs, activations and pooling in between, and
     the consumer's input channels (through Flatten after a global pool). With
@@ -231,6 +254,11 @@ class _Pruner:
         self.reconstruct = (ctx.calibration is not None) if options.reconstruct == "auto" else bool(options.reconstruct)
         self.samples_read = 0  # calibration samples the statistics came from (the most any one run read)
         self.scope = options.scope if options.scope != "auto" else ("row" if options.score == "wanda" else "layer")
+        self.slack = 0  # weights the allocation may miss the request by (rounding it cannot avoid)
+        self.candidates: list[_Unit] = []  # every prunable weight, the ones kept dense included
+        self.sizes: dict[int, int] = {}  # unit id -> its weights when found
+        self.dense: dict[int, str] = {}  # unit id -> why it stays dense
+        self.pruned: dict[int, int] = {}  # unit id -> weights zeroed or removed
 
     def fresh(self, base: str) -> str:
         return self.names.fresh(base)
@@ -240,6 +268,7 @@ class _Pruner:
     def run(self) -> PassResult:
         units = self.find_units()
         stats: dict[str, Any] = {"layers_pruned": 0, "weights_total": 0, "weights_zeroed": 0,
+                                 "sparsity_requested": 0.0, "sparsity_achieved": 0.0, "target_reached": 0,
                                  "channels_removed": 0, "layers_reconstructed": 0, "biases_corrected": 0,
                                  "dense_bytes": 0, "written_bytes": 0, "gzip_bytes_dense": 0, "gzip_bytes": 0,
                                  "sparse_tensors": 0, "calibration_samples": 0}
@@ -249,11 +278,59 @@ class _Pruner:
             if units and (self.data_driven or self.reconstruct):
                 self.collect(units)
             modified = self.zero(units, stats)
+        notes = self.summarize(stats)
         stats["calibration_samples"] = self.samples_read
-        stats["sparsity_permille"] = (int(round(1000 * stats["weights_zeroed"] / stats["weights_total"]))
-                                      if stats["weights_total"] else 0)
         stats.update({f"skipped_{k}": self.skips[k] for k in _SKIPS})
-        return PassResult(modified, stats)
+        stats["layers"] = self.layer_rows()
+        return PassResult(modified, stats, notes)
+
+    def requested(self) -> float:
+        if self.o.pattern in ("2:4", "4:8"):
+            return 0.5
+        return float(self.o.target if self.o.sparsity == "auto" else self.o.sparsity)
+
+    def cap(self) -> float:
+        return budget.layer_cap(self.o.max_layer_sparsity, self.requested())
+
+    def want(self) -> int:
+        """Weights to zero (structured: remove): the requested share of every prunable weight."""
+        return int(round(self.requested() * sum(self.sizes.values())))
+
+    def summarize(self, stats: dict) -> list[str]:
+        """Overall figures over every prunable weight, and a note when the request was not met."""
+        prunable = sum(self.sizes.values())
+        zeroed = sum(self.pruned.values())
+        requested = self.requested()
+        stats["weights_total"], stats["weights_zeroed"] = prunable, zeroed
+        stats["sparsity_requested"] = requested
+        stats["sparsity_achieved"] = budget.achieved(zeroed, prunable)
+        reached = zeroed >= self.want() - self.slack
+        stats["target_reached"] = int(reached)
+        if reached:
+            return []
+        kept = Counter(self.dense.values())
+        dense = ", ".join(f"{why} {n}" for why, n in sorted(kept.items()))
+        if self.o.pattern in ("2:4", "4:8"):
+            why = f"pattern={self.o.pattern} zeroes half of each pruned layer"
+        elif self.o.sparsity == "auto" and self.o.tolerance is not None:
+            why = f"tolerance={self.o.tolerance:g} stops the layers first"
+        elif self.o.pattern == "structured":
+            followed = sum(1 for u in self.candidates if id(u) not in self.dense)
+            why = f"{followed} layer(s) could be followed, each losing at most {self.cap():g} of its channels"
+        else:
+            why = f"{len(self.pruned)} pruned layer(s) take at most {self.cap():g} of their weights each"
+        return [budget.unreached_note(requested, stats["sparsity_achieved"],
+                                      why + (f"; layers kept dense: {dense}" if dense else ""))]
+
+    def layer_rows(self) -> list[dict]:
+        rows = []
+        for u in self.candidates:
+            n, size = self.pruned.get(id(u), 0), self.sizes[id(u)]
+            row = {"layer": u.name, "weights": size, "pruned": n, "sparsity": budget.achieved(n, size)}
+            if id(u) in self.dense:
+                row["dense"] = self.dense[id(u)]
+            rows.append(row)
+        return rows
 
     # -------------------------------------------------------------- finding layers
 
@@ -293,6 +370,8 @@ class _Pruner:
                 unit.order = min(top_nodes.get(id(u.node), 10**9) for u in unit.uses)
                 units[id(w)] = unit
         found = sorted(units.values(), key=lambda u: u.order)
+        self.candidates = found
+        self.sizes = {id(u): u.size for u in found}
         kept = []
         top = [u for u in found if u.order < 10**9]
         edge = {id(top[0]), id(top[-1])} if self.o.keep_first_last and top else set()
@@ -300,8 +379,10 @@ class _Pruner:
             names = [u.const.name, u.tensor.name, *(x.node.name for x in u.uses)]
             if any(fnmatch.fnmatchcase(nm or "", pat) for pat in self.o.exclude for nm in names):
                 self.skips["excluded"] += 1
+                self.dense[id(u)] = "excluded"
             elif id(u) in edge:
                 self.skips["first_last"] += 1
+                self.dense[id(u)] = "first_last"
             else:
                 kept.append(u)
         return kept
@@ -483,31 +564,29 @@ class _Pruner:
                 keep = self.nm_mask(u, scores[id(u)])
                 if keep is None:
                     self.skips["nm_indivisible"] += 1
+                    self.dense[id(u)] = "nm_indivisible"
                     continue
                 masks[id(u)] = keep
         elif self.o.sparsity == "auto":
             ratios = self.allocate(units, weights, scores, stats)
+            self.slack = len(units)  # each layer's count is its ratio rounded
             for u in units:
                 masks[id(u)] = _keep_lowest_out(scores[id(u)], int(round(ratios[id(u)] * u.size)))
         elif self.scope == "global":
-            total = sum(u.size for u in units)
-            drop = int(round(float(self.o.sparsity) * total))
             norm = _lamp if self.o.global_norm == "lamp" else (lambda x: x)
-            flat = np.concatenate([norm(scores[id(u)]).reshape(-1) for u in units]) if units else np.zeros(0)
-            order = np.argsort(flat, kind="stable")
-            pruned = np.zeros(flat.size, bool)
-            pruned[order[:drop]] = True
-            start = 0
-            for u in units:
-                masks[id(u)] = ~pruned[start:start + u.size].reshape(scores[id(u)].shape)
-                start += u.size
+            caps = [_floor(self.cap() * u.size) for u in units]
+            pruned = budget.global_pruned([norm(scores[id(u)]).reshape(-1) for u in units], self.want(), caps)
+            for u, gone in zip(units, pruned):
+                masks[id(u)] = ~gone.reshape(scores[id(u)].shape)
         elif self.scope == "row":
-            for u in units:
-                per_row = int(round(float(self.o.sparsity) * scores[id(u)].shape[1]))
-                masks[id(u)] = _keep_lowest_per_row(scores[id(u)], per_row)
+            caps = [scores[id(u)].shape[0] * _floor(self.cap() * scores[id(u)].shape[1]) for u in units]
+            counts = budget.spread([u.size for u in units], caps, self.want())
+            for u, count in zip(units, counts):
+                masks[id(u)] = _keep_lowest_per_row(scores[id(u)], budget.row_drops(scores[id(u)], count))
         else:
-            for u in units:
-                masks[id(u)] = _keep_lowest_out(scores[id(u)], int(round(float(self.o.sparsity) * u.size)))
+            counts = budget.spread([u.size for u in units], [_floor(self.cap() * u.size) for u in units], self.want())
+            for u, count in zip(units, counts):
+                masks[id(u)] = _keep_lowest_out(scores[id(u)], count)
         modified = False
         dense = self.ctx.export(self.graph) if self.o.sequential and (self.reconstruct or self.o.bias_correction) else None
         for u in units:
@@ -518,8 +597,7 @@ class _Pruner:
             new = np.where(keep, w, 0.0)
             zeros = int(np.count_nonzero(~keep))
             if zeros == 0 and not (modified and self.o.sequential and self.reconstruct):
-                stats["weights_total"] += u.size  # nothing pruned, nothing upstream to compensate
-                continue
+                continue  # nothing pruned, nothing upstream to compensate
             if modified and self.o.sequential and (self.reconstruct or self.o.bias_correction) and u.grams:
                 self.collect_cross(u, dense)  # inputs as the layers pruned so far now make them
             if self.reconstruct:
@@ -533,8 +611,7 @@ class _Pruner:
                     stats["biases_corrected"] += 1
                 else:
                     self.skips["bias_correction"] += 1
-            stats["weights_total"] += u.size
-            stats["weights_zeroed"] += zeros
+            self.pruned[id(u)] = zeros
             if zeros == 0 and not np.any(new != w):
                 continue
             stats["layers_pruned"] += 1
@@ -546,7 +623,8 @@ class _Pruner:
 
     def allocate(self, units, weights, scores, stats) -> dict[int, float]:
         """Per-layer ratios reaching ``target`` overall with the least summed estimated output error."""
-        grid = np.round(np.arange(0, 0.951, 0.05), 2)
+        top = self.cap()
+        grid = np.unique(np.round(np.append(np.arange(0, top, 0.05), top), 4))
         curves = {}
         for u in units:
             w, s = weights[id(u)], scores[id(u)]
@@ -561,7 +639,7 @@ class _Pruner:
             curves[id(u)] = np.array([cum[int(round(r * u.size))] / total for r in grid])
         step = {id(u): 0 for u in units}
         sizes = {id(u): u.size for u in units}
-        need = self.o.target * sum(sizes.values())
+        need = float(self.want())  # the target over every prunable weight, dense layers included
         pruned = 0.0
         limit = self.o.tolerance
         while pruned < need - 1e-9:
@@ -592,7 +670,6 @@ class _Pruner:
         for u in units:
             i = step[id(u)]
             ratios[id(u)] = u.ratio if i < 0 else float(grid[i])
-        stats["target_reached"] = int(pruned >= need - 1e-9)
         self.ctx.log.info("prune: sparsity=auto ratios: %s",
                           ", ".join(f"{u.name}={ratios[id(u)]:.3f}" for u in units))
         stats["auto_ratios"] = ";".join(f"{u.name}={ratios[id(u)]:.3f}" for u in units)
@@ -743,15 +820,39 @@ class _Pruner:
                 plan["cunit"] = _Unit(cons.inputs[1], None, cons.inputs[1], [_Use(cons, g, g is self.graph)],
                                       plan["ckind"], tuple(cons.inputs[1].shape), name=cons.name)
             self.collect([plan["cunit"] for _, plan in plans], count=False)
+        for u in units:
+            if all(u is not p for p, _ in plans):
+                self.dense[id(u)] = "not_followed"
+        channel_plans = self.channel_budget(plans)
+        originals = {id(u.tensor): u for u in self.candidates}  # before consumers' shrinking replaces them
         modified = False
-        for u, plan in plans:
+        done = []
+        for (u, plan), cp in zip(plans, channel_plans):
             current = u.uses[0].node.inputs[1]
             if isinstance(current, gs.Constant) and current is not u.tensor:  # shrunk as a consumer already
                 u.const = u.tensor = current
                 u.shape = tuple(current.shape)
-            if self.shrink(u, plan, stats):
+            if self.shrink(u, plan, stats, cp.drop):
                 modified = True
+                done.append(cp)
+        # what went, by the original tensors: the producers' rows, the consumers' (and depthwise) columns
+        sizes = {k: self.sizes[id(u)] for k, u in originals.items()}
+        gone = budget.removed_by_tensor(done, sizes, [cp.drop for cp in done])
+        self.pruned = {id(originals[k]): n for k, n in gone.items() if n}
         return modified
+
+    def channel_budget(self, plans: list) -> list:
+        """Channels each followed layer loses: about one ratio for all, the removed weights closest to the request."""
+        sizes = {id(u.tensor): self.sizes[id(u)] for u in self.candidates}
+        out = []
+        for u, plan in plans:
+            o = u.shape[0] if u.kind == "conv" else u.matrix(np.empty(u.shape, np.int8)).shape[0]
+            rows = [id(u.tensor)] + [id(n.inputs[1]) for n in plan["chain"] if n.op == "Conv"]
+            out.append(budget.ChannelPlan(o, min(_floor(self.cap() * o), o - 1), rows, [id(plan["consumer"].inputs[1])]))
+        for cp, drop in zip(out, budget.channel_drops(out, sizes, self.want())):
+            cp.drop = drop
+        self.slack = budget.channel_step(out, sizes)  # whole channels: the request is met to within one
+        return out
 
     def follow(self, u: _Unit) -> Optional[dict]:
         """The per-channel region between a layer's output and the next weighted layer, or None (counted).
@@ -864,11 +965,10 @@ class _Pruner:
             return fail("no_consumer")
         return {"chain": region, "consumer": consumer, "ckind": plan_kind, "state": state, "start": start}
 
-    def shrink(self, u: _Unit, plan: dict, stats: dict) -> bool:
+    def shrink(self, u: _Unit, plan: dict, stats: dict, drop: int) -> bool:
         node = u.uses[0].node
         w = u.matrix(u.const.values.astype(np.float64))
         o = w.shape[0]
-        drop = int(round(float(self.o.sparsity) * o))
         if drop == 0 or drop >= o:
             self.skips["structured_too_small"] += 1 if drop >= o else 0
             return False
@@ -970,8 +1070,6 @@ class _Pruner:
                 self.matmul_bias(cons, contrib)
         stats["layers_pruned"] += 1
         stats["channels_removed"] += len(removed)
-        stats["weights_total"] += u.size
-        stats["weights_zeroed"] += u.size - int(kept_w.size)
         return True
 
     def refit(self, cu: _Unit, cw: np.ndarray, keep: np.ndarray, ckind: str) -> tuple[np.ndarray, np.ndarray]:
@@ -1065,12 +1163,17 @@ def _obs_scores(w: np.ndarray, gram: np.ndarray, damp: float) -> np.ndarray:
     return s
 
 
-def _keep_lowest_per_row(scores: np.ndarray, drop: int) -> np.ndarray:
-    """Mask keeping all but the ``drop`` lowest scores of every output row (ties by position)."""
-    keep = np.ones(scores.shape, bool)
-    if drop > 0:
-        np.put_along_axis(keep, np.argsort(scores, axis=1, kind="stable")[:, :drop], False, axis=1)
-    return keep
+def _keep_lowest_per_row(scores: np.ndarray, drops) -> np.ndarray:
+    """Mask keeping all but the ``drops`` lowest scores of every output row (one count, or one per
+    row; ties by position)."""
+    rank = np.empty(scores.shape, np.int64)
+    np.put_along_axis(rank, np.argsort(scores, axis=1, kind="stable"), np.arange(scores.shape[1])[None, :], axis=1)
+    return rank >= np.reshape(np.asarray(drops, np.int64), (-1, 1))
+
+
+def _floor(x: float) -> int:
+    """floor, forgiving the float error of products like 0.95 * 100."""
+    return int(np.floor(x + 1e-9))
 
 
 def _keep_lowest_out(scores: np.ndarray, drop: int) -> np.ndarray:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import fnmatch
 import platform
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal, Optional
 
 import numpy as np
@@ -15,6 +15,7 @@ import onnx_graphsurgeon as gs
 from onnxopt import graph as G
 from onnxopt.calibrate import TensorRanges, calibration_set, stream_tensors
 from onnxopt.errors import InputError
+from onnxopt.options import option
 from onnxopt.pipeline import Pass, PassContext, PassResult, Tolerance, register_pass
 
 # Ops with weights: weight input 1, (Conv/ConvTranspose/Gemm) bias input 2.
@@ -36,15 +37,15 @@ _SKIPS = ("subgraph", "excluded", "fragile", "dtype", "weight_dtype", "dynamic_w
 
 @dataclass
 class QdqOptions:
-    method: Literal["minmax", "percentile", "entropy", "mse"] = "percentile"  # how activation ranges are picked
-    percentile: float = 99.99   # for method=percentile: keep this share of values inside the range (each side)
-    per_channel: bool = True    # weights: one scale per output channel (needs opset >= 13), else per tensor
-    activation_type: Literal["uint8", "int8"] = "uint8"  # uint8 asymmetric, or int8 symmetric
-    weight_type: Literal["int8"] = "int8"  # int8 symmetric
-    reduce_range: Literal["auto", "true", "false"] = "auto"  # 7-bit weights; auto: on x86 CPUs without VNNI
-    samples: int = 512          # calibration samples read at most
-    exclude: list[str] = field(default_factory=list)  # node names or globs left in float
-    op_types: list[str] = field(default_factory=lambda: list(DEFAULT_OP_TYPES))  # op types to quantize
+    method: Literal["minmax", "percentile", "entropy", "mse"] = option("percentile", help="how activation ranges are picked")
+    percentile: float = option(99.99, help="for method=percentile: keep this share of values inside the range (each side)")
+    per_channel: bool = option(True, help="weights: one scale per output channel (needs opset >= 13), else per tensor")
+    activation_type: Literal["uint8", "int8"] = option("uint8", help="uint8 asymmetric, or int8 symmetric")
+    weight_type: Literal["int8"] = option("int8", help="weight integer type: int8 symmetric (the only one)")
+    reduce_range: Literal["auto", "true", "false"] = option("auto", help="7-bit weights; auto: on x86 CPUs without VNNI")
+    samples: int = option(512, help="calibration samples read at most")
+    exclude: list[str] = option(factory=list, help="node names or globs left in float")
+    op_types: list[str] = option(factory=lambda: list(DEFAULT_OP_TYPES), help="op types to quantize")
 
     def validate(self) -> None:
         if not 50.0 < self.percentile <= 100.0:

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fnmatch
 import heapq
 import math
 import statistics
 import time
 from collections import Counter
-from dataclasses import dataclass, field
-from typing import Any, Iterator, Optional
+from dataclasses import dataclass
+from typing import Any, Iterator, Literal, Optional, Union
 
 import numpy as np
 import onnx
@@ -18,6 +19,7 @@ import onnx_graphsurgeon as gs
 
 from onnxopt import graph as G
 from onnxopt.calibrate import GramStats, calibration_set, matmul_rows, stream_tensors
+from onnxopt.options import option
 from onnxopt.pipeline import Pass, PassContext, PassResult, Tolerance, register_pass
 
 _FLOATS = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
@@ -29,18 +31,18 @@ _SKIPS = ("excluded", "no_constant_weight", "constant_input", "weight_not_2d", "
 
 @dataclass
 class SvdOptions:
-    rank: Optional[int] = None          # keep this many singular values in every layer
-    rank_ratio: Optional[float] = None  # keep ceil(rank_ratio * min(K, N)) singular values
-    energy: Optional[float] = None      # keep the fewest singular values holding this fraction of sum(s^2); 0.99 when no mode is set
-    tolerance: Optional[float] = None   # per layer: the smallest rank whose relative output error |X(W-W')|^2/|XW|^2 stays under this (calibration)
-    param_ratio: Optional[float] = None  # whole model: per-layer ranks that minimise summed -log(1 - output error) at this ratio of the factorable layers' parameters (calibration)
-    aware: bool = False                 # whiten by the Cholesky factor of X^T X before truncating (SVD-LLM style; calibration)
-    round_to: int = 8                   # ranks rounded up to a multiple of this
-    latency_gate: bool = True           # time each factorized layer against the original in ORT; keep it only when faster
-    latency_margin: float = 0.05        # ... by at least this fraction
-    damp: float = 0.01                  # added to the diagonal of X^T X, times its mean, before the Cholesky factorization
-    samples: int = 512                  # calibration samples read
-    exclude: list[str] = field(default_factory=list)  # node-name globs left alone
+    rank: Optional[int] = option(None, help="keep this many singular values in every layer")
+    rank_ratio: Optional[float] = option(None, help="keep ceil(rank_ratio * min(K, N)) singular values")
+    energy: Optional[float] = option(None, help="keep the fewest singular values holding this fraction of sum(s^2); 0.99 when no mode is set")
+    tolerance: Optional[float] = option(None, help="per layer: the smallest rank whose relative output error |X(W-W')|^2/|XW|^2 stays under this (calibration)")
+    param_ratio: Optional[float] = option(None, help="whole model: per-layer ranks that minimise summed -log(1 - output error) at this ratio of the factorable layers' parameters (calibration)")
+    aware: Union[bool, Literal["auto"]] = option("auto", help="whiten by the Cholesky factor of X^T X before truncating (SVD-LLM style; calibration); auto: when calibration data gives every layer at least as many rows as input channels")
+    round_to: int = option(8, help="ranks rounded up to a multiple of this")
+    latency_gate: bool = option(True, help="time each factorized layer against the original in ORT; keep it only when faster")
+    latency_margin: float = option(0.05, help="latency_gate keeps a layer only when faster by at least this fraction")
+    damp: float = option(0.01, help="added to the diagonal of X^T X, times its mean, before the Cholesky factorization")
+    samples: int = option(512, help="calibration samples read at most")
+    exclude: list[str] = option(factory=list, help="node names (globs) left alone")
 
     def validate(self) -> None:
         chosen = [m for m in _MODES if getattr(self, m) is not None]
@@ -69,7 +71,7 @@ class SvdOptions:
 
     @property
     def needs_calibration(self) -> bool:
-        return self.aware or self.mode in ("tolerance", "param_ratio")
+        return self.aware is True or self.mode in ("tolerance", "param_ratio")
 
 
 @register_pass
@@ -92,7 +94,11 @@ class LowRankSvd(Pass):
 
     ``aware=true`` whitens W by the Cholesky factor L of the calibration XᵀX (diagonal
     damped): it truncates the SVD of LᵀW and folds L⁻ᵀ back into A, so the truncation
-    minimises the output error rather than the weight error (SVD-LLM).
+    minimises the output error rather than the weight error (SVD-LLM). The default,
+    ``auto``, is aware when calibration data is given, with at least as many activation
+    rows as input channels in every layer it reads (fewer leave XᵀX singular: the
+    whitening would fit those rows only; a note says so), and plain otherwise; the
+    pass's canonical string records which one ran (``aware=true`` or ``aware=false``).
 
     ``latency_gate`` (on by default) times each factorized layer against the original in
     ORT on a representative input (shape from calibration data, else the graph's shape
@@ -119,14 +125,18 @@ class LowRankSvd(Pass):
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         opts: SvdOptions = self.options
         skips: Counter = Counter()
+        notes: list[str] = []
         layers = _collect(graph, opts, skips, ctx.opset or 17)
+        if opts.aware == "auto":
+            opts = _resolve_aware(graph, ctx, opts, layers, notes)
+        self.resolved = opts
         if opts.needs_calibration and layers:
             calibrated = [l for l in layers if l.top]
             for l in layers:
                 if not l.top:
                     skips["uncalibrated"] += 1
             layers = calibrated
-            if layers:
+            if layers and any(l.gram is None for l in layers):
                 _calibrate(graph, layers, ctx, opts)
         for l in layers:
             with _blas_threads(1 if l.k * l.n <= 1 << 22 else None):
@@ -177,7 +187,27 @@ class LowRankSvd(Pass):
             stats["param_ratio_planned"] = _round(achieved)
             stats["param_ratio_achieved"] = _round((stats["params_after"] + kept) / total if total else 1.0)
         stats["layers"] = [l.describe() for l in layers]
-        return PassResult(bool(factored), stats)
+        return PassResult(bool(factored), stats, notes)
+
+
+def _resolve_aware(graph: gs.Graph, ctx: PassContext, opts: SvdOptions, layers: list, notes: list) -> SvdOptions:
+    """aware=auto: whitened when calibration data gives every layer it can read at least as many
+    activation rows as input channels; plain otherwise (with fewer rows XᵀX is singular, and the
+    whitened truncation would fit those rows only)."""
+    top = [l for l in layers if l.top]
+    if ctx.calibration is None or not top:
+        return dataclasses.replace(opts, aware=False)
+    _calibrate(graph, top, ctx, opts, warn=False)
+    thin = [l for l in top if l.rows < l.k]
+    if not thin:
+        return dataclasses.replace(opts, aware=True)
+    plain = dataclasses.replace(opts, aware=False)
+    if not plain.needs_calibration:  # as a plain run would: no statistics, timing shapes from the graph
+        for l in top:
+            l.gram = l.x_shape = None
+    notes.append(f"aware=auto -> false: calibration gave fewer activation rows than input channels in {len(thin)} "
+                 f"layer(s) (e.g. {thin[0].node.name}: {thin[0].rows} < {thin[0].k}); whitening would fit those rows only")
+    return plain
 
 
 @contextlib.contextmanager
@@ -215,6 +245,7 @@ class _Layer:
     alpha: float = 1.0
     gram: Optional[np.ndarray] = None     # XᵀX / rows (undamped), float64 [K, K]
     x_shape: Optional[tuple] = None       # a calibration batch's shape of X
+    rows: int = 0                         # activation rows the calibration gave
     # from _decompose: W = Σ σ_i p_i v_iᵀ with v orthonormal
     sigma: Optional[np.ndarray] = None
     p: Optional[np.ndarray] = None        # [K, m]
@@ -346,7 +377,7 @@ def _collect(graph: gs.Graph, opts: SvdOptions, skips: Counter, opset: int) -> l
 
 # ----------------------------------------------------------------- calibration
 
-def _calibrate(graph: gs.Graph, layers: list[_Layer], ctx: PassContext, opts: SvdOptions) -> None:
+def _calibrate(graph: gs.Graph, layers: list[_Layer], ctx: PassContext, opts: SvdOptions, warn: bool = True) -> None:
     """One streaming run: XᵀX per distinct layer input (transposed for Gemm transA)."""
     model = ctx.export(graph)
     data = calibration_set(ctx, model, samples=opts.samples)
@@ -374,13 +405,14 @@ def _calibrate(graph: gs.Graph, layers: list[_Layer], ctx: PassContext, opts: Sv
     stream_tensors(model, names, feeds(), reduce)
     thin = [f"{l.node.name or l.x.name} ({grams[(l.x.name, l.trans_a)].rows} < {l.k})" for l in layers
             if grams[(l.x.name, l.trans_a)].rows < l.k]
-    if thin:
+    if thin and warn:
         ctx.log.warning("svd: calibration gave fewer activation rows than input channels for %d layer(s), e.g. %s: "
                         "their output-error estimates and whitening fit those rows only; give more calibration data",
                         len(thin), ", ".join(thin[:3]))
     for l in layers:
         g = grams[(l.x.name, l.trans_a)]
         l.gram = g.covariance()
+        l.rows = g.rows
         l.x_shape = shapes.get(l.x.name)
         if l.x_shape is not None and l.trans_a:
             l.x_shape = tuple(reversed(l.x_shape))

@@ -149,7 +149,8 @@ def test_inspect_and_passes_and_compare(cnn, capsys):
     code, out, _ = run(["inspect", cnn, "--json"], capsys)
     assert json.loads(out)["ops"]["Conv"] == 3
     code, out, _ = run(["passes"], capsys)
-    assert code == 0 and "dce (exact):" in out and "identities = true" in out
+    assert code == 0 and "dce (exact):" in out
+    assert "    identities = true    (true|false): also remove Identity nodes, reconnecting their consumers\n" in out
     other = cnn.parent / "mlp.onnx"
     shutil.copy(ROOT / "models" / "digits_mlp.onnx", other)
     code, out, _ = run(["compare", cnn, other, "--inputs", cnn.parent / "digits_test.npz", "--latency-runs", "0"], capsys)

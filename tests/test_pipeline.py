@@ -248,12 +248,13 @@ def test_entry_point_plugins_load(monkeypatch):
 
 
 def test_shipped_pass_modules_are_named_after_their_pass():
-    """get_pass imports onnxopt.passes.<name> on demand, so the names must match."""
+    """get_pass imports onnxopt.passes.<name> on demand, so the names must match (a module named _* is a
+    helper of a pass, not a pass)."""
     import pkgutil
 
     import onnxopt.passes as shipped
 
-    modules = {m.name for m in pkgutil.iter_modules(shipped.__path__)}
+    modules = {m.name for m in pkgutil.iter_modules(shipped.__path__) if not m.name.startswith("_")}
     registered = onnxopt.registered_passes()
     assert modules <= set(registered)
     assert {"dce", "fold", "fold_bn", "noop", "dedup", "qdq", "prune", "svd"} <= modules
@@ -286,3 +287,16 @@ def test_a_pass_that_grows_the_model_past_the_limit_is_named():
     result = onnxopt.optimize(mlp(batch=2), "add_zeros", recipe={"passes": "add_zeros", "max_growth": "none"},
                               validate=False)
     assert result.model.ByteSize() > 100 << 10
+
+
+def test_every_shipped_option_has_a_one_line_description():
+    """Declared with onnxopt.options.option(default, help=...); `onnxopt passes` prints it."""
+    from onnxopt.pipeline import describe_pass
+
+    shipped = {n: c for n, c in onnxopt.registered_passes().items() if c.__module__.startswith("onnxopt.passes.")}
+    assert {"dce", "fold", "prune", "svd"} <= set(shipped)
+    missing = [f"{name}.{option}" for name, cls in shipped.items()
+               for option, _, _, text in describe_pass(cls) if not text.strip() or "\n" in text]
+    assert missing == []
+    rows = {option: (kind, default, text) for option, kind, default, text in describe_pass(shipped["prune"])}
+    assert rows["sparsity"][:2] == ("float | auto", "0.5") and "all prunable weights" in rows["sparsity"][2]

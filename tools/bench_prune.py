@@ -18,6 +18,9 @@ calibration data and the same sparsities, post-training with no retraining:
 onnxsim functions used: apply_magnitude_pruning (layer/global, n:m),
 apply_wanda_pruning, apply_sparsegpt_pruning and apply_structured_pruning, each
 with the calibration batches where it takes them (``num_samples`` = all of them).
+onnxsim's structured ``sparsity`` is a share of channels per layer, onnxopt's a share
+of all weights: onnxsim runs at the channel share (bisection) that removes the same
+share of weights.
 onnxopt gets the same samples, all of them (``samples=N`` is added to every
 calibrated spec: prune reads at most ``samples``). Each onnxsim method is
 compared with the onnxopt row of the same method and comparison group
@@ -128,8 +131,7 @@ def methods(calib_batches, kind: str):
                 ("structured L2 + refit", "onnxopt", oo(st + ",keep_first_last=false)", True)),
                 ("structured L2, first/last layers dense (default)", "onnxopt", oo(st + ",reconstruct=false)")),
                 ("structured L2 + refit, first/last layers dense (default)", "onnxopt", oo(st + ")", True))]
-        sims = [("structured L2", "onnxsim",
-                 lambda m, s: onnxsim_fn("apply_structured_pruning")(m, sparsity=s, importance_norm="l2"))]
+        sims = [("structured L2", "onnxsim", lambda m, s: onnxsim_structured_at(m, s, importance_norm="l2"))]
     return rows + sims
 
 
@@ -189,8 +191,8 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-30))
 
 
-def zero_fraction(model: onnx.ModelProto) -> float:
-    """Zeros among the weights of Conv/Gemm/MatMul (dense or sparse_value), as written."""
+def layer_weights(model: onnx.ModelProto) -> list[np.ndarray]:
+    """The weights of Conv/Gemm/MatMul (initializers, dense or sparse_value Constants), as written."""
     from onnx import numpy_helper
     consts = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
     for n in model.graph.node:
@@ -198,13 +200,38 @@ def zero_fraction(model: onnx.ModelProto) -> float:
             consts[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
         elif n.op_type == "Constant" and n.attribute and n.attribute[0].name == "sparse_value":
             consts[n.output[0]] = _dense(n.attribute[0].sparse_tensor)
-    total = zeros = 0
-    for n in model.graph.node:
-        if n.op_type in ("Conv", "Gemm", "MatMul") and len(n.input) > 1 and n.input[1] in consts:
-            w = consts[n.input[1]]
-            total += w.size
-            zeros += int(np.count_nonzero(w == 0))
-    return zeros / max(total, 1)
+    return [consts[n.input[1]] for n in model.graph.node
+            if n.op_type in ("Conv", "Gemm", "MatMul") and len(n.input) > 1 and n.input[1] in consts]
+
+
+def zero_fraction(model: onnx.ModelProto) -> float:
+    """Zeros among the weights of Conv/Gemm/MatMul, as written."""
+    weights = layer_weights(model)
+    return sum(int(np.count_nonzero(w == 0)) for w in weights) / max(sum(w.size for w in weights), 1)
+
+
+def removed_fraction(original: onnx.ModelProto, pruned: onnx.ModelProto) -> float:
+    """The share of the original's Conv/Gemm/MatMul weights that are gone (removed or zero) in ``pruned``."""
+    total = sum(w.size for w in layer_weights(original))
+    return 1.0 - sum(int(np.count_nonzero(w)) for w in layer_weights(pruned)) / max(total, 1)
+
+
+def onnxsim_structured_at(model: onnx.ModelProto, s: float, **options) -> onnx.ModelProto:
+    """onnxsim's structured pruning at the same share of weights removed as onnxopt's ``sparsity=s``:
+    its ``sparsity`` is a share of channels per layer, so it is searched (bisection) for the channel
+    share that removes the nearest to ``s`` of the weights."""
+    fn = onnxsim_fn("apply_structured_pruning")
+    if s <= 0:
+        return fn(model, sparsity=s, **options)
+    lo, hi, best = 0.0, 0.99, None
+    for _ in range(10):
+        mid = (lo + hi) / 2
+        out = fn(model, sparsity=mid, **options)
+        got = removed_fraction(model, out)
+        if best is None or abs(got - s) < abs(best[1] - s):
+            best = (out, got)
+        lo, hi = (mid, hi) if got < s else (lo, mid)
+    return best[0]
 
 
 def _dense(sp) -> np.ndarray:
@@ -380,7 +407,7 @@ def bench_structured(log, runs: int) -> list:
                            lambda m: onnxopt.optimize(m, with_samples(f"prune(pattern=structured,sparsity={s}),dce", cal),
                                                       calibration=cal, validate=False)),
                           ("onnxsim apply_structured_pruning",
-                           lambda m: onnxsim_fn("apply_structured_pruning")(m, sparsity=s))):
+                           lambda m: onnxsim_structured_at(m, s))):
             res, sec, err = attempt(fn, model)
             if res is None:
                 out_rows.append({"model": name, "method": label, "error": err})
@@ -563,10 +590,13 @@ def render(results: dict, argv: list[str], seconds: float) -> str:
             cells = [fmt(row["acc"].get(s)) + (" (unchanged)" if s and s in row.get("unchanged", []) else "") for s in sp]
             lines.append(f"| {row['tool']} | {row['method']} | " + " | ".join(cells)
                          + " | " + ("—" if row["best"] is None else f"{int(row['best'] * 100)}%") + " |")
-        lines += ["", "Structured rows: the sparsity is the fraction of output channels removed per prunable layer. "
-                  "*(unchanged)*: the tool returned the weights as they were (it declined to prune); such points "
-                  "do not count for *highest within 1 pt*. The *first/last layers dense* rows are onnxopt's default "
-                  "(its sparsity is over the layers it prunes; for structured pruning the first layer's channels stay); "
+        lines += ["", "Sparsity is the share of all Conv/Gemm/MatMul weights zeroed or, structured, removed (the "
+                  "producers' rows and the consumers' columns). onnxsim's structured `sparsity` is a share of "
+                  "channels per layer: its row is run at the channel share (searched) that removes the nearest "
+                  "share of weights. *(unchanged)*: the tool returned the weights as they were (it declined to "
+                  "prune); such points do not count for *highest within 1 pt*. The *first/last layers dense* rows "
+                  "are onnxopt's default (those layers' share goes to the others, each up to "
+                  "`max_layer_sparsity=0.95`; where that cannot hold the request it prunes what it can); "
                   "the other onnxopt rows prune every layer, as onnxsim does. Every calibrated onnxopt row reads all "
                   "the calibration images (`samples=` their number), the same data as onnxsim's `num_samples`.",
                   "", "2:4 (50%): " + "; ".join(f"{r['tool']} {r['method']} {fmt(r['acc'])}" +

@@ -12,6 +12,7 @@ import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from onnxopt import graph as G
+from onnxopt.options import option
 from onnxopt.pipeline import Pass, PassContext, PassResult, growth_limit, register_pass
 from onnxopt.report import human_bytes
 
@@ -29,9 +30,9 @@ _MAX_ROUNDS = 8
 
 @dataclass
 class FoldOptions:
-    max_growth_bytes: Optional[int] = None  # the most one run may add (it only tightens the pipeline's max_growth)
-    fold_shapes: bool = True  # fold Shape/Size of values whose shape is statically known
-    fold_dequantize: bool = False  # also fold DequantizeLinear of constants (undoes weight quantization)
+    max_growth_bytes: Optional[int] = option(None, help="the most one run may add (it only tightens the pipeline's max_growth)")
+    fold_shapes: bool = option(True, help="fold Shape/Size of values whose shape is statically known")
+    fold_dequantize: bool = option(False, help="also fold DequantizeLinear of constants (undoes weight quantization)")
 
 
 @register_pass

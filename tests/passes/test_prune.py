@@ -84,26 +84,34 @@ def test_layer_sparsity_is_exact(sparsity):
     for name, w in (("fc1", weights(model)["W1"]), ("fc2", weights(model)["W2"]), ("fc3", weights(model)["W3"])):
         new = weight_of(out, name)
         assert new.shape == w.shape
-        assert count_zeros(new) == round(sparsity * w.size), name
+        assert abs(count_zeros(new) - sparsity * w.size) < 1, name  # one ratio, rounded by largest remainders
         kept = new != 0
         np.testing.assert_array_equal(new[kept], w[kept])  # magnitude without reconstruction: survivors unchanged
         assert np.abs(w[~kept]).max() <= np.abs(w[kept]).min()  # the smallest were removed
     total = 16 * 32 + 8 * 32 + 64
     assert st["layers_pruned"] == 3 and st["weights_total"] == total
-    assert st["weights_zeroed"] == sum(round(sparsity * s) for s in (512, 256, 64))
+    assert st["weights_zeroed"] == round(sparsity * total) == sum(count_zeros(weight_of(out, n)) for n in ("fc1", "fc2", "fc3"))
+    assert st["sparsity_requested"] == sparsity and st["sparsity_achieved"] == round(round(sparsity * total) / total, 4)
     assert st["skipped_first_last"] == 0
 
 
 def test_first_and_last_layers_stay_dense_by_default_and_exclude_globs():
-    model = mlp()
-    out, st, _ = prune(model, "prune(sparsity=0.5,reconstruct=false)")
+    model = mlp()  # fc1 512 weights, fc2 256, fc3 64: 832 prunable
+    out, st, result = prune(model, "prune(sparsity=0.5,reconstruct=false)")
     assert count_zeros(weight_of(out, "fc1")) == 0 and count_zeros(weight_of(out, "fc3")) == 0
-    assert count_zeros(weight_of(out, "fc2")) == 128
+    # 416 asked of fc2 alone: it stops at its cap, 0.95 of 256, and the run says so
+    assert count_zeros(weight_of(out, "fc2")) == 243
     assert st["skipped_first_last"] == 2 and st["layers_pruned"] == 1
+    assert st["target_reached"] == 0 and st["sparsity_achieved"] == round(243 / 832, 4)
+    assert result.records[0].notes == ["sparsity 0.5 requested over all prunable weights, 0.2921 reached: 1 pruned "
+                                       "layer(s) take at most 0.95 of their weights each; layers kept dense: first_last 2"]
+    assert "note (prune): sparsity 0.5 requested" in result.summary()
+    assert [(r["layer"], r["pruned"], r.get("dense")) for r in st["layers"]] == \
+        [("fc1", 0, "first_last"), ("fc2", 243, None), ("fc3", 0, "first_last")]
     out, st, _ = prune(model, "prune(sparsity=0.5,reconstruct=false,keep_first_last=false,exclude=fc2;W3)")
-    assert count_zeros(weight_of(out, "fc1")) == 256
+    assert count_zeros(weight_of(out, "fc1")) == 416  # half of all 832, from the one layer pruned
     assert count_zeros(weight_of(out, "fc2")) == 0 and count_zeros(weight_of(out, "fc3")) == 0
-    assert st["skipped_excluded"] == 2
+    assert st["skipped_excluded"] == 2 and st["target_reached"] == 1 and st["sparsity_achieved"] == 0.5
 
 
 def test_global_scope_reaches_the_total_exactly():
@@ -241,9 +249,10 @@ def test_conv_reconstruction_and_bias_correction():
     ref = run_model(model, test)["y"]
     errs = {}
     for spec in ("reconstruct=false", "reconstruct=true", "reconstruct=true,bias_correction=true"):
-        out, st, _ = prune(model, f"prune(sparsity=0.5,keep_first_last=false,exclude=convb,{spec})", feeds=[test],
-                           calibration=calib)
-        assert st["weights_zeroed"] == 288
+        # conva alone prunes; max_layer_sparsity=0.5 keeps it at half (convb's share does not fit)
+        out, st, _ = prune(model, f"prune(sparsity=0.5,max_layer_sparsity=0.5,keep_first_last=false,exclude=convb,"
+                                  f"{spec})", feeds=[test], calibration=calib)
+        assert st["weights_zeroed"] == count_zeros(weight_of(out, "conva")) == 288 and st["target_reached"] == 0
         errs[spec] = float(np.linalg.norm(run_model(out, test)["y"] - ref))
     assert errs["reconstruct=true"] < 0.5 * errs["reconstruct=false"]
     assert st["biases_corrected"] == 1
@@ -262,9 +271,9 @@ def test_auto_allocates_ratios_that_reach_the_target():
 
 def test_storage_is_sparse_only_when_smaller():
     model = mlp(k=64, h=64)
-    dense, st, _ = prune(model, "prune(sparsity=0.5,reconstruct=false)")
+    dense, st, _ = prune(model, "prune(sparsity=0.5,reconstruct=false,ops=Gemm,keep_first_last=false)")  # fc2 alone
     assert st["sparse_tensors"] == 0 and st["written_bytes"] == st["dense_bytes"] == 64 * 8 * 4
-    out, st, _ = prune(model, "prune(sparsity=0.9,reconstruct=false)")
+    out, st, _ = prune(model, "prune(sparsity=0.9,reconstruct=false,ops=Gemm,keep_first_last=false)")
     assert st["sparse_tensors"] == 1 and st["written_bytes"] < 0.4 * st["dense_bytes"]
     assert st["gzip_bytes"] < st["gzip_bytes_dense"]
     const = [n for n in out.graph.node if n.op_type == "Constant"]
@@ -272,7 +281,7 @@ def test_storage_is_sparse_only_when_smaller():
     assert const[0].attribute[0].sparse_tensor.indices.data_type == TensorProto.INT64
     assert count_zeros(weight_of(out, "fc2")) == round(0.9 * 512)
     assert len(out.SerializeToString()) < len(dense.SerializeToString())
-    out, st, _ = prune(model, "prune(sparsity=0.9,reconstruct=false,storage=dense)")
+    out, st, _ = prune(model, "prune(sparsity=0.9,reconstruct=false,ops=Gemm,keep_first_last=false,storage=dense)")
     assert st["sparse_tensors"] == 0
 
 
@@ -313,12 +322,17 @@ def test_structured_shrinks_conv_bn_pool_conv_and_flatten_gemm():
     out, st, _ = prune(model, "prune(pattern=structured,sparsity=0.5)")
     w = weights(out)
     conv1, conv2, fc = (next(n for n in out.graph.node if n.name == nm) for nm in ("conv1", "conv2", "fc"))
-    assert w[conv1.input[1]].shape == (4, 8, 3, 3) and w[conv1.input[2]].shape == (4,)
+    # 786 prunable weights (conv0 144, conv1 576, conv2 48, fc 18), 393 asked: one channel ratio for conv1 (8)
+    # and conv2 (6); 5 and 3 channels remove 5*72 + (48 - 3*3) + 3*3 = 408, the nearest to 393 (4 and 3: 333)
+    assert w[conv1.input[1]].shape == (3, 8, 3, 3) and w[conv1.input[2]].shape == (3,)
     bn = next(n for n in out.graph.node if n.op_type == "BatchNormalization")
-    assert all(w[i].shape == (4,) for i in bn.input[1:])
-    assert w[conv2.input[1]].shape == (3, 4, 1, 1)
+    assert all(w[i].shape == (3,) for i in bn.input[1:])
+    assert w[conv2.input[1]].shape == (3, 3, 1, 1)
     assert w[fc.input[1]].shape == (3, 3)
-    assert st["layers_pruned"] == 2 and st["channels_removed"] == 7
+    assert st["layers_pruned"] == 2 and st["channels_removed"] == 8
+    left = sum(w[n.input[1]].size for n in out.graph.node if n.op_type in ("Conv", "Gemm"))
+    assert st["weights_total"] == 786 and st["weights_zeroed"] == 786 - left == 408
+    assert st["sparsity_achieved"] == round(408 / 786, 4) and st["target_reached"] == 1
     onnx.checker.check_model(onnx.shape_inference.infer_shapes(out, strict_mode=True), full_check=True)
     feed = random_feed(model, seed=3, dims={"batch": 5})
     assert run_model(out, feed)["y"].shape == (5, 3)
@@ -332,15 +346,15 @@ def test_structured_removed_channels_fold_exactly_into_the_consumer():
     bn_scale = numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == "bn_scale"))
     bn_var = numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == "bn_var"))
     norms = np.sqrt((w1.reshape(8, -1).astype(np.float64) ** 2).sum(1)) * np.abs(bn_scale / np.sqrt(bn_var + 1e-5))
-    removed = np.argsort(norms, kind="stable")[:4]
+    removed = np.argsort(norms, kind="stable")[:5]  # 393 of 786 asked; a channel is 72 + 6 weights: 5 remove 390
     reference = zero_channels(model, "W1", "__none__", removed)
     feed = random_feed(model, seed=1, dims={"batch": 3})
     np.testing.assert_allclose(run_model(out, feed)["y"], run_model(reference, feed)["y"], rtol=1e-4, atol=1e-4)
-    assert st["channels_removed"] == 4
+    assert st["channels_removed"] == 5 and st["weights_zeroed"] == 390
     # fold_removed=false: the same channels go and conv2 (no bias) gets none; folded, it gets their constant
     plain, st2, _ = prune(model, "prune(pattern=structured,sparsity=0.5,exclude=conv2,fold_removed=false)")
     plain_conv2, folded_conv2 = (next(n for n in m.graph.node if n.name == "conv2") for m in (plain, out))
-    assert st2["channels_removed"] == 4
+    assert st2["channels_removed"] == 5
     assert len(plain_conv2.input) == 2 and len(folded_conv2.input) == 3
     assert np.array_equal(weight_of(plain, "conv2"), weight_of(out, "conv2"))
     assert not np.allclose(run_model(plain, feed)["y"], run_model(out, feed)["y"], rtol=1e-4, atol=1e-4)
@@ -349,14 +363,15 @@ def test_structured_removed_channels_fold_exactly_into_the_consumer():
 def test_structured_matmul_chain_with_bias_add():
     model = mlp()
     out, st, _ = prune(model, "prune(pattern=structured,sparsity=0.25,keep_first_last=false,exclude=fc2;fc3)")
-    assert weight_of(out, "fc1").shape == (16, 24)
-    assert weights(out)[next(n for n in out.graph.node if n.name == "bias1").input[1]].shape == (24,)
-    assert weight_of(out, "fc2").shape == (8, 24)
-    removed = np.argsort(np.sqrt((weights(model)["W1"].astype(np.float64) ** 2).sum(0)), kind="stable")[:8]
+    # 208 of 832 weights asked; a channel of fc1 is 16 weights there and 8 in fc2: 9 channels remove 216
+    assert weight_of(out, "fc1").shape == (16, 23)
+    assert weights(out)[next(n for n in out.graph.node if n.name == "bias1").input[1]].shape == (23,)
+    assert weight_of(out, "fc2").shape == (8, 23)
+    removed = np.argsort(np.sqrt((weights(model)["W1"].astype(np.float64) ** 2).sum(0)), kind="stable")[:9]
     reference = zero_channels(model, "W1", "__none__", removed, axis=1)
     feed = random_feed(model, seed=2, dims={"batch": 4})
     np.testing.assert_allclose(run_model(out, feed)["y"], run_model(reference, feed)["y"], rtol=1e-4, atol=1e-4)
-    assert st["channels_removed"] == 8
+    assert st["channels_removed"] == 9 and st["weights_zeroed"] == 216
 
 
 def test_structured_skips_paths_it_cannot_follow():
@@ -410,7 +425,7 @@ def test_digits_mlp_half_magnitude_costs_at_most_one_point():
     x, labels = data["input"], data["labels"]
     out, st, _ = prune(model, "prune(sparsity=0.5,keep_first_last=false,reconstruct=false)", feeds=[{"input": x[:32]}])
     acc = lambda m: float((run_model(m, {"input": x})["logits"].argmax(1) == labels).mean() * 100)
-    assert st["sparsity_permille"] == 500
+    assert st["sparsity_achieved"] == 0.5
     assert acc(out) >= acc(model) - 1.0
 
 
@@ -433,7 +448,7 @@ def test_structured_with_calibration_refits_the_consumer():
     plain, st0, _ = prune(model, "prune(pattern=structured,sparsity=0.5,reconstruct=false)", feeds=[feed])
     refit, st1, _ = prune(model, "prune(pattern=structured,sparsity=0.5)", feeds=[feed], calibration=calib)
     assert st0["layers_reconstructed"] == 0 and st1["layers_reconstructed"] == 2
-    assert st1["channels_removed"] == st0["channels_removed"] == 7
+    assert st1["channels_removed"] == st0["channels_removed"] == 8
     assert [weights(refit)[n.input[1]].shape for n in refit.graph.node if n.op_type in ("Conv", "Gemm")] == \
         [weights(plain)[n.input[1]].shape for n in plain.graph.node if n.op_type in ("Conv", "Gemm")]
     err = lambda m: float(np.linalg.norm(run_model(m, feed)["y"] - ref))
@@ -720,3 +735,114 @@ def test_refit_ridge_pulls_towards_the_dense_weights():
     assert untouched[:4].all() and not untouched.all()
     np.testing.assert_allclose(got[:, untouched], w[:, untouched], rtol=1e-5, atol=1e-6)
     assert not np.allclose(got[:, ~untouched], np.where(got[:, ~untouched] == 0, 0, w[:, ~untouched]), atol=1e-4)
+
+
+# ----------------------------------------------------------------- sparsity over all prunable weights
+
+def masked_like(model: onnx.ModelProto, pruned: onnx.ModelProto) -> onnx.ModelProto:
+    """The original with every weight zeroed where the pruned model's is: the model its masks describe."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    for n in model.graph.node:
+        if n.op_type in ("Conv", "MatMul", "Gemm"):
+            zero = weight_of(pruned, n.name) == 0
+            for i in copy.graph.initializer:
+                if i.name == n.input[1]:
+                    i.CopyFrom(numpy_helper.from_array(np.where(zero, 0, numpy_helper.to_array(i)), i.name))
+    return copy
+
+
+def layer_weights(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    return {n.name: weight_of(model, n.name) for n in model.graph.node if n.op_type in ("Conv", "MatMul", "Gemm")}
+
+
+DIGITS_PRUNABLE = 64 * 300 + 300 * 100 + 100 * 10  # 50,200: the first layer holds 38%, the last 2%
+
+
+@pytest.mark.parametrize("spec", ["sparsity=0.5", "sparsity=0.5,scope=row", "sparsity=0.5,scope=global",
+                                  "sparsity=0.3,scope=global,global_norm=none", "sparsity=auto,target=0.5"])
+def test_sparsity_holds_over_all_prunable_weights_of_the_digits_mlp(spec):
+    model = onnx.load("models/digits_mlp.onnx")
+    data = np.load("models/digits_test.npz")
+    feed = {"input": data["input"][:64]}
+    calib = {"input": np.load("models/digits_calib.npz")["input"][:128]} if "auto" in spec else None
+    out, st, _ = prune(model, f"prune({spec},reconstruct=false)", feeds=[feed], calibration=calib)
+    requested = 0.5 if "auto" in spec else float(spec.split(",")[0].split("=")[1])
+    zeros = sum(count_zeros(w) for w in layer_weights(out).values())
+    slack = 3 if "auto" in spec else 0  # auto rounds each layer's ratio
+    assert abs(zeros - round(requested * DIGITS_PRUNABLE)) <= slack
+    assert count_zeros(weight_of(out, "/1/Gemm")) == 0 and count_zeros(weight_of(out, "/5/Gemm")) == 0
+    assert st["weights_total"] == DIGITS_PRUNABLE and st["weights_zeroed"] == zeros
+    assert st["sparsity_requested"] == requested and st["sparsity_achieved"] == round(zeros / DIGITS_PRUNABLE, 4)
+    assert st["target_reached"] == 1
+    assert {r["layer"]: r["pruned"] for r in st["layers"]} == {"/1/Gemm": 0, "/3/Gemm": zeros, "/5/Gemm": 0}
+    # the rewritten model computes what its masks say (no reconstruction: survivors unchanged)
+    np.testing.assert_allclose(run_model(out, feed)["logits"], run_model(masked_like(model, out), feed)["logits"],
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_row_scope_spreads_the_budget_evenly_over_rows():
+    model = mlp()  # fc2 alone prunes (Gemm transB: 8 output rows of 32); 0.2 * 832 = 166 of its 256
+    out, st, _ = prune(model, "prune(sparsity=0.2,scope=row,reconstruct=false)")
+    per_row = (weight_of(out, "fc2") == 0).sum(axis=1)
+    assert sorted(per_row.tolist()) == [20, 20] + [21] * 6
+    assert st["target_reached"] == 1
+
+
+def test_global_scope_stops_a_layer_at_its_cap_and_moves_on():
+    # raw magnitudes: fc3's weights are 100x smaller, so one threshold would take all of them first
+    model = mlp()
+    for i in model.graph.initializer:
+        if i.name == "W3":
+            i.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(i) * 0.01, "W3"))
+    out, st, _ = prune(model, "prune(sparsity=0.5,scope=global,global_norm=none,keep_first_last=false,reconstruct=false)")
+    zeros = {n: count_zeros(w) for n, w in layer_weights(out).items()}
+    assert zeros["fc3"] == 60  # 0.95 of 64
+    assert sum(zeros.values()) == 416 and st["target_reached"] == 1
+    with pytest.raises(onnxopt.InputError, match="max_layer_sparsity must be in"):
+        onnxopt.optimize(model, "prune(max_layer_sparsity=1)")
+
+
+def test_nm_fixes_the_ratio_and_reports_the_overall_figure():
+    model = mlp()
+    out, st, result = prune(model, "prune(pattern=2:4,reconstruct=false)")
+    assert count_zeros(weight_of(out, "fc2")) == 128 and st["sparsity_requested"] == 0.5
+    assert st["sparsity_achieved"] == round(128 / 832, 4) and st["target_reached"] == 0
+    assert "pattern=2:4 zeroes half of each pruned layer" in result.records[0].notes[0]
+    with pytest.raises(onnxopt.InputError, match="fixes the sparsity of every pruned layer at 0.5"):
+        onnxopt.optimize(model, "prune(pattern=2:4,sparsity=0.7)")
+
+
+def test_structured_sparsity_counts_the_weights_the_graph_loses():
+    model = onnx.load("models/digits_mlp.onnx")
+    feed = {"input": np.load("models/digits_test.npz")["input"][:32]}
+    out, st, _ = prune(model, "prune(pattern=structured,sparsity=0.5)", feeds=[feed])
+    left = sum(w.size for w in layer_weights(out).values())
+    # /3/Gemm's outputs go (300 weights each) and /5/Gemm's inputs with them (10 each)
+    assert st["weights_zeroed"] == DIGITS_PRUNABLE - left
+    assert abs(st["weights_zeroed"] - 0.5 * DIGITS_PRUNABLE) <= 310
+    assert st["channels_removed"] == round(0.5 * DIGITS_PRUNABLE / 310)
+    assert weight_of(out, "/3/Gemm").shape[0] == 100 - st["channels_removed"]
+
+
+def test_spread_fills_layers_up_to_their_caps_and_rounds_by_largest_remainder():
+    from onnxopt.passes._prune_budget import spread
+
+    assert spread([100, 100, 10], [95, 95, 9], 150) == [72, 71, 7]  # 71.4, 71.4, 7.1: the first tie takes the one
+    assert spread([100, 100, 10], [95, 95, 9], 195) == [93, 93, 9]  # the small layer full, the others share the rest
+    assert spread([100, 100, 10], [95, 95, 9], 500) == [95, 95, 9]  # more than the caps hold: the caps
+    assert spread([100, 0], [95, 0], 10) == [10, 0]
+
+
+def test_channel_drops_meet_the_request_to_within_one_channel():
+    from onnxopt.passes._prune_budget import ChannelPlan, channel_drops, removed_weights
+
+    # four layers of 10 channels x 10 weights: one ratio moves all four at once (120 or 160 for 150)
+    plans = [ChannelPlan(10, 9, [f"w{i}"]) for i in range(4)]
+    sizes = {f"w{i}": 100 for i in range(4)}
+    drops = channel_drops(plans, sizes, 150)
+    assert sorted(drops) == [3, 4, 4, 4] and removed_weights(plans, sizes, drops) == 150
+    assert channel_drops(plans, sizes, 10_000) == [9, 9, 9, 9]  # the caps
+    # a consumer loses its input columns with the producer's channels: 10 + 5 weights a channel
+    plans = [ChannelPlan(10, 9, ["a"], ["b"])]
+    assert channel_drops(plans, {"a": 100, "b": 50}, 44) == [3]  # 45, nearer than 30

@@ -329,13 +329,61 @@ def test_aware_beats_plain_with_outlier_input_channels():
         assert errors["true"] <= 0.7 * errors["false"], (rank, errors)
 
 
+def test_aware_is_the_default_with_calibration_and_the_canonical_string_says_which_ran():
+    k, n = 200, 128
+    w = (np.random.default_rng(16).standard_normal((k, n)) / np.sqrt(k)).astype(np.float32)
+    model = two_d_model(w)
+    calib = correlated(512, k, seed=17, outliers=3)
+    test = {"x": calib[:64]}
+    results = {}
+    for spec, calibration in (("svd(rank=32,latency_gate=false)", {"x": calib}),
+                              ("svd(rank=32,aware=true,latency_gate=false)", {"x": calib}),
+                              ("svd(rank=32,latency_gate=false)", None),
+                              ("svd(rank=32,aware=false,latency_gate=false)", {"x": calib})):
+        result = onnxopt.optimize(model, spec, inputs=[test], calibration=calibration, tolerance="min_cosine=0")
+        results[(spec, calibration is not None)] = result
+    with_data = results[("svd(rank=32,latency_gate=false)", True)]
+    without = results[("svd(rank=32,latency_gate=false)", False)]
+    assert "aware=true" in with_data.to_dict()["pipeline"] and "aware=true" in with_data.records[0].canonical
+    assert "aware=false" in without.to_dict()["pipeline"] and "aware=false" in without.records[0].canonical
+    ref = run_model(model, test)["y"]
+    got = {key: run_model(r.model, test)["y"] for key, r in results.items()}
+    np.testing.assert_array_equal(got[("svd(rank=32,latency_gate=false)", True)],
+                                  got[("svd(rank=32,aware=true,latency_gate=false)", True)])
+    np.testing.assert_array_equal(got[("svd(rank=32,latency_gate=false)", False)],
+                                  got[("svd(rank=32,aware=false,latency_gate=false)", True)])
+    assert rel_error(ref, got[("svd(rank=32,latency_gate=false)", True)]) < \
+        0.7 * rel_error(ref, got[("svd(rank=32,latency_gate=false)", False)])
+    # the recorded string reproduces the run
+    again = onnxopt.optimize(model, with_data.records[0].canonical, inputs=[test], calibration={"x": calib},
+                             tolerance="min_cosine=0")
+    np.testing.assert_array_equal(run_model(again.model, test)["y"], got[("svd(rank=32,latency_gate=false)", True)])
+
+
+def test_aware_auto_stays_plain_when_calibration_has_fewer_rows_than_input_channels():
+    k, n = 200, 128
+    w = (np.random.default_rng(18).standard_normal((k, n)) / np.sqrt(k)).astype(np.float32)
+    model = two_d_model(w)
+    calib = {"x": correlated(64, k, seed=19)}  # 64 rows for 200 input channels: XᵀX is singular
+    auto = onnxopt.optimize(model, "svd(rank=32,latency_gate=false)", inputs=[calib], calibration=calib,
+                            tolerance="min_cosine=0")
+    plain = onnxopt.optimize(model, "svd(rank=32,aware=false,latency_gate=false)", inputs=[calib], calibration=calib,
+                             tolerance="min_cosine=0")
+    assert "aware=false" in auto.records[0].canonical
+    assert auto.records[0].notes == ["aware=auto -> false: calibration gave fewer activation rows than input channels "
+                                     "in 1 layer(s) (e.g. fc: 64 < 200); whitening would fit those rows only"]
+    assert auto.records[0].stats == plain.records[0].stats
+    np.testing.assert_array_equal(run_model(auto.model, calib)["y"], run_model(plain.model, calib)["y"])
+
+
 def test_param_ratio_budget_spends_parameters_where_error_falls_most():
     # an easy layer (fast-decaying spectrum) and a hard one (slow): the budget goes to the hard one
+    # (plain SVD: the spectra are the weights'; whitening by the correlated inputs would reshape them)
     easy, hard = decaying(64, 64, seed=14, rate=0.7), decaying(64, 64, seed=15, rate=0.97)
     model = make_model([node("MatMul", ["x", "We"], ["h"], name="easy"), node("MatMul", ["h", "Wh"], ["y"], name="hard")],
                        [vi("x", ["batch", 64])], [vi("y", ["batch", 64])], [init("We", easy), init("Wh", hard)])
     x = correlated(256, 64, seed=16)
-    out, stats = svd(model, "svd(param_ratio=0.5,latency_gate=false)", feeds=[{"x": x[:32]}], calibration={"x": x},
+    out, stats = svd(model, "svd(param_ratio=0.5,aware=false,latency_gate=false)", feeds=[{"x": x[:32]}], calibration={"x": x},
                      tolerance="min_cosine=0.5")
     ranks = {l["node"]: l["rank"] for l in stats["layers"]}
     assert ranks["easy"] < ranks["hard"]
