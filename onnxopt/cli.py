@@ -138,7 +138,8 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         write_text_atomic(Path(args.report), result.to_json() + "\n")
     print(result.summary())
     if result.not_run:
-        print(f"onnxopt: warning: validation not run ({result.not_run}); {output} is unchecked", file=sys.stderr)
+        print(f"onnxopt: warning: validation not run; {output} is written unchecked (see 'validation:' above)",
+              file=sys.stderr)
     if not result.passed:
         print(f"onnxopt: error: validation failed: {result.validation.headline()}"
               + ("" if written else "; nothing written (use --keep-on-fail to write anyway)"), file=sys.stderr)
