@@ -10,7 +10,7 @@ from onnx import TensorProto, helper
 from helpers import FLOAT, INT64, init, make_model, node, session, vi
 from onnxopt.data import input_specs, synthetic_dataset
 from onnxopt.synthetic import find_inputs, ort_message
-from onnxopt.synthetic_graph import read_graph
+from onnxopt.synthetic.graph import read_graph
 
 
 def _conv(x: str, out: str, cin: int, cout: int, k: int, s: int, p: int, seed: int) -> tuple[list, list]:
@@ -123,8 +123,7 @@ def test_detector_gets_a_multiple_of_its_stride():
 
 def test_conv_stack_gets_its_channels_and_minimum_size():
     facts = read_graph(conv_stack(), input_specs(conv_stack()))
-    assert facts.min_size == 91  # 91 -> 43 -> 19 -> 7 -> 1
-    assert facts.stride == 16
+    assert facts.spatial["x[2]"] == facts.spatial["x[3]"] == (91, 16)  # 91 -> 43 -> 19 -> 7 -> 1
     feed = find_inputs(conv_stack()).feed
     assert feed["x"].shape[:2] == (1, 3) and feed["x"].shape[2] == feed["x"].shape[3] >= 91
 

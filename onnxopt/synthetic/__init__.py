@@ -11,7 +11,7 @@ scalar inputs are compared with), builds a short ladder of candidate bindings,
 cheapest first, and runs the original in ONNX Runtime on one sample of each
 until one runs. Everything is seeded: the same model gives the same inputs.
 
-The graph reading lives in :mod:`onnxopt.synthetic_graph`; this module turns
+The graph reading lives in :mod:`onnxopt.synthetic.graph`; this module turns
 its facts into candidate feeds and tries them.
 """
 
@@ -26,9 +26,9 @@ from typing import Optional
 import numpy as np
 import onnx
 
-from .data import Dataset, InputSpec, input_specs
-from .errors import InputError
-from .synthetic_graph import GraphFacts, InputFacts, dim_key, read_graph
+from ..data import Dataset, InputSpec, input_specs
+from ..errors import InputError
+from .graph import GraphFacts, InputFacts, dim_key, read_graph
 
 # Ladders of values per dimension role, cheapest first. Spatial and length
 # ladders are rounded up to the model's total stride and its minimum size.
@@ -120,7 +120,7 @@ def role_rank(role: str) -> int:
     return _ROLE_ORDER.index(role)
 
 
-def candidates(syms: dict[str, Symbol], facts: GraphFacts) -> list[Candidate]:
+def candidates(syms: dict[str, Symbol], facts: GraphFacts, specs: dict[str, InputSpec]) -> list[Candidate]:
     """Levels of the ladders, cheapest first, each with every choice of the compared scalars;
     then every dimension at 1 (what a model exported with dummy size 1 inputs runs on)."""
     levels = max([len(s.ladder) for s in syms.values()] + [1])
@@ -133,7 +133,14 @@ def candidates(syms: dict[str, Symbol], facts: GraphFacts) -> list[Candidate]:
             _add(out, seen, Candidate(dims, choices))
     ones = {k: (s.ladder[0] if len(s.ladder) == 1 else 1) for k, s in syms.items()}
     _add(out, seen, Candidate(ones, {n: v[0] for n, v in facts.choices.items()}))
-    return out[:MAX_ATTEMPTS]
+    # Bindings the conv geometry refuses go last: the geometry is a hint, ONNX Runtime decides.
+    fits = [c for c in out if facts.accepts(lambda name, axis: _size(c, name, axis, specs))]
+    return (fits + [c for c in out if c not in fits])[:MAX_ATTEMPTS]
+
+
+def _size(cand: Candidate, name: str, axis: int, specs: dict[str, InputSpec]) -> int:
+    dim = specs[name].shape[axis]
+    return dim if isinstance(dim, int) and dim > 0 else cand.dims[dim_key(name, axis, dim)[0]]
 
 
 def _add(out: list, seen: set, cand: Candidate) -> None:
@@ -204,13 +211,13 @@ def find_inputs(model: onnx.ModelProto, *, dims: Optional[dict[str, int]] = None
     A session that cannot even be made raises InputError (the model itself is
     the problem); a binding that fails to run is recorded and the next one tried.
     """
-    from .validate import make_session
+    from ..validate import make_session
 
     start = time.perf_counter()
     specs = input_specs(model)
     facts = read_graph(model, specs)
     syms = symbols(specs, facts, dict(dims or {}))
-    cands = candidates(syms, facts)
+    cands = candidates(syms, facts, {s.name: s for s in specs})
     try:
         session = make_session(model, opt_level)
     except InputError:

@@ -25,26 +25,15 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .data import InputSpec
-from .io import iter_graph_protos
+from ..data import InputSpec
+from ..io import iter_graph_protos
+from .geometry import Geometry, read_geometry
 
 # Ops that keep the values of an integer tensor (possibly re-laid out): an index stays an index.
 KEEP_VALUES = {"Cast", "CastLike", "Identity", "Unsqueeze", "Squeeze", "Reshape", "Flatten", "Expand", "Tile",
                "Slice", "Transpose", "Concat", "Split", "Gather", "GatherElements", "Max", "Min", "Abs"}
 COMPARE = {"Equal", "Less", "Greater", "LessOrEqual", "GreaterOrEqual"}
-CONV_LIKE = {"Conv", "ConvInteger", "QLinearConv", "FusedConv", "NhwcConv", "MaxPool", "AveragePool", "LpPool"}
-# Ops a spatial size passes through unchanged (elementwise, normalization, layout).
-KEEP_SIZE = {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean", "Where", "Relu", "LeakyRelu", "PRelu",
-             "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Clip", "Elu", "Selu", "Celu", "Softplus", "Softsign",
-             "Mish", "Gelu", "Erf", "Exp", "Log", "Sqrt", "Neg", "Abs", "Reciprocal", "BatchNormalization",
-             "InstanceNormalization", "LayerNormalization", "GroupNormalization", "LpNormalization", "LRN", "Cast",
-             "Identity", "Dropout", "Concat", "Transpose", "Unsqueeze", "Pad", "Softmax", "QuantizeLinear",
-             "DequantizeLinear", "Split", "Floor", "Ceil", "Round", "Sign", "Not", "And", "Or", "Equal",
-             "Greater", "Less", "ThresholdedRelu", "Shrink", "QLinearAdd", "QLinearMul", "QLinearSigmoid"}
-BROADCAST = {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean", "Where", "Concat", "And", "Or",
-             "Equal", "Greater", "Less"}
 RNN_OPS = {"LSTM", "GRU", "RNN"}
-MAX_SIZE = 8192
 
 
 @dataclass
@@ -69,24 +58,29 @@ class GraphFacts:
     axis_roles: dict[tuple[str, int], str] = field(default_factory=dict)
     hints: dict[str, list[int]] = field(default_factory=dict)    # dim key -> exact values a Reshape wants
     floors: dict[str, int] = field(default_factory=dict)         # dim key -> smallest size a Slice reads
-    stride: int = 1
-    min_size: int = 1
-    size_ok: Optional[object] = None  # callable: size -> whether the conv stack runs on it
+    geometry: Optional[Geometry] = None
+    spatial: dict[str, tuple[int, int]] = field(default_factory=dict)  # dim key -> (minimum size, stride)
 
     def role_of(self, spec: InputSpec, axis: int, dim) -> str:
         role = name_role(dim) if isinstance(dim, str) else None
         return role or self.axis_roles.get((spec.name, axis)) or position_role(spec, axis)
 
     def ladder(self, key: str, role: str, base: list[int]) -> list[int]:
+        """Role values, cheapest first; on a conv axis rounded to its stride and kept above its
+        minimum, with that minimum itself second (some models accept only a narrow band)."""
         values = list(base)
-        if role in ("spatial", "length", "audio"):
-            step = self.stride
-            values = [max(_round_up(v, step), _round_up(self.min_size, step)) for v in values]
-            if self.size_ok is not None:
-                values = [v for v in values if self.size_ok(v)] or values
+        if key in self.spatial and role in ("spatial", "length", "audio", "generic"):
+            low, step = self.spatial[key]
+            least = _round_up(low, step)
+            values = [max(_round_up(v, step), least) for v in values if v > 1 or role != "generic"]
+            values = values[:1] + [least] + values[1:]
         floor = self.floors.get(key, 1)
         values = [max(v, floor) for v in values]
         return list(dict.fromkeys(self.hints.get(key, []) + values))
+
+    def accepts(self, size_of) -> bool:
+        """Whether the conv geometry allows a binding (``size_of(input, axis)``); True when unknown."""
+        return self.geometry is None or self.geometry.accepts(size_of)
 
 
 def _round_up(value: int, step: int) -> int:
@@ -234,7 +228,13 @@ def read_graph(model: onnx.ModelProto, specs: list[InputSpec]) -> GraphFacts:
     for spec in specs:
         facts.inputs[spec.name] = _input_facts(spec, index, facts)
         _shape_hints(spec, index, facts)
-    _geometry(model, specs, index, facts)
+    facts.geometry = read_geometry(model, specs, index.shapes, index.values, _attr)
+    if facts.geometry is not None:
+        by_name = {spec.name: spec for spec in specs}
+        for name, axes in facts.geometry.sources.items():
+            for p, axis in enumerate(axes):
+                key = dim_key(name, axis, by_name[name].shape[axis])[0]
+                facts.spatial.setdefault(key, (facts.geometry.mins[p], facts.geometry.strides[p]))
     return facts
 
 
@@ -365,93 +365,3 @@ def _slice_needs(node: onnx.NodeProto, index: _Index, rank: int) -> list[tuple[i
         if -rank <= axis < rank and need > 1:
             out.append((axis % rank, int(need)))
     return out
-
-
-# ----------------------------------------------------------------- conv geometry
-
-def _geometry(model: onnx.ModelProto, specs: list[InputSpec], index: _Index, facts: GraphFacts) -> None:
-    sources = [s.name for s in specs if s.dtype.kind == "f" and len(s.shape) >= 2
-               and any(not (isinstance(d, int) and d > 0) for d in s.shape[1:])]
-    nodes = list(model.graph.node)
-    if not sources or not any(n.op_type in CONV_LIKE for n in nodes):
-        return
-
-    fits, stride = _simulate(nodes, sources, MAX_SIZE, index, check_joins=False)
-    if not fits:
-        return
-    low, high = 1, MAX_SIZE  # smallest size every Conv/Pool gives an output on (monotone: bisect)
-    while low < high:
-        mid = (low + high) // 2
-        low, high = (low, mid) if _simulate(nodes, sources, mid, index, check_joins=False)[0] else (mid + 1, high)
-    facts.min_size = low
-    facts.stride = max(1, min(64, int(round(stride))))
-    # Joins are checked only where the simulation is trusted: it must accept a large multiple of the stride.
-    if _simulate(nodes, sources, 64 * facts.stride, index)[0]:
-        facts.size_ok = lambda size: _simulate(nodes, sources, size, index)[0]
-
-
-def _simulate(nodes: list[onnx.NodeProto], sources: list[str], size: int, index: _Index,
-              check_joins: bool = True) -> tuple[bool, float]:
-    """Push one spatial size through the graph: (every Conv/Pool gives >= 1 and joins agree, total stride)."""
-    sizes: dict[str, int] = {s: size for s in sources}
-    factor: dict[str, float] = {s: 1.0 for s in sources}
-    stride = 1.0
-    for node in nodes:
-        known = [(sizes[n], factor[n]) for n in node.input if n in sizes]
-        if not known:
-            continue
-        if node.op_type in CONV_LIKE and node.input[0] in sizes:
-            out, step = _conv_out(node, sizes[node.input[0]], index)
-            if out < 1:
-                return False, stride
-            result = (out, factor[node.input[0]] * step)
-        elif node.op_type in ("Resize", "Upsample"):
-            scale = _scale(node, index)
-            if scale is None or node.input[0] not in sizes:
-                continue
-            result = (int(sizes[node.input[0]] * scale), factor[node.input[0]] / scale)
-        elif node.op_type in KEEP_SIZE:
-            spread = {s for s, _ in known if s != 1}
-            if check_joins and node.op_type in BROADCAST and len(spread) > 1:
-                return False, stride
-            result = max(known)
-        else:
-            continue
-        stride = max(stride, result[1])
-        for out_name in node.output:
-            sizes[out_name], factor[out_name] = result
-    return True, stride
-
-
-def _conv_out(node: onnx.NodeProto, size: int, index: _Index) -> tuple[int, float]:
-    """Output size (smallest over the spatial axes) and stride of a Conv or Pool on a square input."""
-    kernel = _attr(node, "kernel_shape")
-    if kernel is None:
-        w = index.shapes.get(node.input[3 if node.op_type == "QLinearConv" else 1]) if len(node.input) > 1 else None
-        kernel = list(w[2:]) if w is not None and len(w) > 2 else [1]
-    n = len(kernel)
-    strides = _attr(node, "strides") or [1] * n
-    dilations = _attr(node, "dilations") or [1] * n
-    pads = _attr(node, "pads") or [0] * (2 * n)
-    auto = _attr(node, "auto_pad", b"NOTSET")
-    auto = auto.decode() if isinstance(auto, bytes) else auto
-    outs = []
-    for a in range(n):
-        if auto in ("SAME_UPPER", "SAME_LOWER"):
-            outs.append(-(-size // strides[a]))
-            continue
-        pad = 0 if auto == "VALID" else pads[a] + pads[a + n]
-        effective = (kernel[a] - 1) * dilations[a] + 1
-        outs.append((size + pad - effective) // strides[a] + 1)
-    return min(outs), float(max(strides))
-
-
-def _scale(node: onnx.NodeProto, index: _Index) -> Optional[float]:
-    position = 1 if node.op_type == "Upsample" else 2
-    scales = index.values.get(node.input[position]) if len(node.input) > position else None
-    if scales is None:
-        scales = _attr(node, "scales")
-    if scales is None or np.asarray(scales).size == 0:
-        return None
-    value = float(np.asarray(scales).ravel()[-1])
-    return value if value > 0 else None
