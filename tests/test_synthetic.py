@@ -179,3 +179,16 @@ def test_ort_message_keeps_the_words():
                        "dimensions must match: Axis 2 has mismatched dimensions of 3 and 2\nmore")
     assert ort_message(exc) == ("node 'cat' (Concat): Non concat axis dimensions must match: "
                                 "Axis 2 has mismatched dimensions of 3 and 2")
+
+
+def test_state_dims_follow_the_batch_and_a_sample_rate_marks_waveforms():
+    model = make_model([node("Equal", ["sr", "rate"], ["ok"]), node("ReduceSum", ["input"], ["s"]),
+                        node("ReduceSum", ["state"], ["t"])],
+                       [vi("input", [None, None]), vi("state", [2, None, 4]), vi("sr", [], INT64)],
+                       [vi("ok", [], TensorProto.BOOL), vi("s", [1, 1]), vi("t", [1, 1, 1])],
+                       [init("rate", 8000, np.int64)])
+    specs = {s.name: s for s in input_specs(model)}
+    facts = read_graph(model, list(specs.values()))
+    assert facts.role_of(specs["state"], 1, None) == "batch" and facts.role_of(specs["input"], 1, None) == "audio"
+    feed = find_inputs(model).feed
+    assert feed["input"].shape == (1, 512) and feed["state"].shape == (2, 1, 4) and int(feed["sr"]) == 8000

@@ -34,6 +34,7 @@ KEEP_VALUES = {"Cast", "CastLike", "Identity", "Unsqueeze", "Squeeze", "Reshape"
                "Slice", "Transpose", "Concat", "Split", "Gather", "GatherElements", "Max", "Min", "Abs"}
 COMPARE = {"Equal", "Less", "Greater", "LessOrEqual", "GreaterOrEqual"}
 RNN_OPS = {"LSTM", "GRU", "RNN"}
+SAMPLE_RATES = {8000, 11025, 16000, 22050, 24000, 32000, 44100, 48000}
 
 
 @dataclass
@@ -62,8 +63,20 @@ class GraphFacts:
     spatial: dict[str, tuple[int, int]] = field(default_factory=dict)  # dim key -> (minimum size, stride)
 
     def role_of(self, spec: InputSpec, axis: int, dim) -> str:
-        role = name_role(dim) if isinstance(dim, str) else None
-        return role or self.axis_roles.get((spec.name, axis)) or position_role(spec, axis)
+        role = (name_role(dim) if isinstance(dim, str) else None) or self.axis_roles.get((spec.name, axis))
+        if role:
+            return role
+        info = self.inputs.get(spec.name)
+        if info is not None and info.state_like:
+            return "batch"  # [layers, batch, hidden]: the sizes a state may vary in are the batch
+        if self.audio and spec.dtype.kind == "f" and len(spec.shape) <= 2 and axis == len(spec.shape) - 1:
+            return "audio"  # a waveform beside a sample-rate input
+        return position_role(spec, axis)
+
+    @property
+    def audio(self) -> bool:
+        """A scalar input is compared with sample rates: the float inputs are waveforms."""
+        return any(set(values) & SAMPLE_RATES for values in self.choices.values())
 
     def ladder(self, key: str, role: str, base: list[int]) -> list[int]:
         """Role values, cheapest first; on a conv axis rounded to its stride and kept above its
