@@ -192,3 +192,26 @@ def test_state_dims_follow_the_batch_and_a_sample_rate_marks_waveforms():
     assert facts.role_of(specs["state"], 1, None) == "batch" and facts.role_of(specs["input"], 1, None) == "audio"
     feed = find_inputs(model).feed
     assert feed["input"].shape == (1, 512) and feed["state"].shape == (2, 1, 4) and int(feed["sr"]) == 8000
+
+
+def decoder(total: str) -> onnx.ModelProto:
+    """A decoder step: new keys appended to cached ones, masked by a mask over past + new steps."""
+    rng = np.random.default_rng(0)
+    nodes = [node("Gather", ["table", "input_ids"], ["e"]), node("Reshape", ["e", "split"], ["e4"]),
+             node("Transpose", ["e4"], ["k"], perm=[0, 2, 1, 3]), node("Concat", ["past", "k"], ["present"], axis=2),
+             node("ReduceSum", ["present", "axes"], ["s"], keepdims=0), node("Cast", ["mask"], ["m"], to=FLOAT),
+             node("Mul", ["s", "m"], ["y"])]
+    inits = [init("table", rng.standard_normal((50, 8))), init("split", [0, 0, 2, 4], np.int64),
+             init("axes", [1, 3], np.int64)]
+    inputs = [vi("input_ids", ["batch", "sequence_length"], INT64),
+              vi("past", ["batch", 2, "past_sequence_length", 4]), vi("mask", ["batch", total], INT64)]
+    return make_model(nodes, inputs, [vi("y", ["batch", total]), vi("present", ["batch", 2, total, 4])], inits)
+
+
+@pytest.mark.parametrize("total", ["past_sequence_length + sequence_length", "total_sequence_length"])
+def test_decoder_masks_cover_past_and_new_steps(total):
+    model = decoder(total)
+    probe = find_inputs(model)
+    assert probe.found, probe.error
+    past, steps = probe.feed["past"].shape[2], probe.feed["input_ids"].shape[1]
+    assert probe.feed["mask"].shape[1] == past + steps and probe.feed["input_ids"].max() < 50

@@ -39,6 +39,8 @@ LADDERS = {
     "sequence": [16, 32, 64, 128, 256, 512],
     "audio": [512, 16000, 1024, 8000, 4000, 32000, 256],
     "generic": [1, 16, 64, 128, 224, 512, 1024],
+    "past": [1, 16, 0],  # cached steps of a decoder; none last (empty tensors trip some kernels)
+    "total": [16],  # past + sequence, derived when both are there
 }
 MAX_ATTEMPTS = 24
 ATTEMPT_SECONDS = 20.0  # one run of the original; past it the run is stopped
@@ -53,6 +55,7 @@ class Symbol:
     named: bool
     role: str
     ladder: list[int]
+    formula: Optional[str] = None  # 'past_sequence_length + 1': computed from the other dims
 
     def value(self, level: int) -> int:
         return self.ladder[min(level, len(self.ladder) - 1)]
@@ -110,10 +113,56 @@ def symbols(specs: list[InputSpec], facts: GraphFacts, fixed: dict[str, int]) ->
     for sym in out.values():
         if not sym.ladder:
             sym.ladder = facts.ladder(sym.key, sym.role, LADDERS[sym.role])
+            sym.formula = _formula(sym, out)
     return out
 
 
-_ROLE_ORDER = ["generic", "batch", "sequence", "length", "audio", "spatial"]
+def _formula(sym: Symbol, syms: dict[str, Symbol]) -> Optional[str]:
+    """A dim named by arithmetic over other dims' names, or a total of past and new steps."""
+    others = {k for k, s in syms.items() if s.named and k != sym.key}
+    if sym.named and re.search(r"[-+*/]", sym.key):
+        names = set(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", sym.key)) - {"floor", "ceil", "min", "max"}
+        if names and names <= others:
+            return sym.key
+    if sym.role == "total":
+        past = [k for k in others if syms[k].role == "past"]
+        steps = [k for k in others if syms[k].role == "sequence"]
+        if past and steps:
+            return f"{past[0]} + {steps[0]}"
+    return None
+
+
+def evaluate(formula: str, values: dict[str, int]) -> Optional[int]:
+    """Integer arithmetic (+ - * / // % floor ceil min max) over named values; None if it is anything else."""
+    import ast
+    import math
+
+    funcs = {"floor": math.floor, "ceil": math.ceil, "min": min, "max": max}
+    ops = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b, ast.Mult: lambda a, b: a * b,
+           ast.Div: lambda a, b: a / b, ast.FloorDiv: lambda a, b: a // b, ast.Mod: lambda a, b: a % b}
+
+    def walk(n):
+        if isinstance(n, ast.Expression):
+            return walk(n.body)
+        if isinstance(n, ast.Constant) and isinstance(n.value, (int, float)):
+            return n.value
+        if isinstance(n, ast.Name):
+            return values[n.id]
+        if isinstance(n, ast.BinOp) and type(n.op) in ops:
+            return ops[type(n.op)](walk(n.left), walk(n.right))
+        if isinstance(n, ast.UnaryOp) and isinstance(n.op, ast.USub):
+            return -walk(n.operand)
+        if isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id in funcs:
+            return funcs[n.func.id](*[walk(a) for a in n.args])
+        raise ValueError(formula)
+
+    try:
+        return max(0, int(walk(ast.parse(formula, mode="eval"))))
+    except Exception:
+        return None
+
+
+_ROLE_ORDER = ["generic", "batch", "past", "total", "sequence", "length", "audio", "spatial"]
 
 
 def role_rank(role: str) -> int:
@@ -128,10 +177,10 @@ def candidates(syms: dict[str, Symbol], facts: GraphFacts, specs: dict[str, Inpu
     out, seen = [], set()
     for level in range(levels):
         for pick in range(width):
-            dims = {k: s.value(level) for k, s in syms.items()}
+            dims = _derive({k: s.value(level) for k, s in syms.items()}, syms)
             choices = {name: values[min(pick, len(values) - 1)] for name, values in facts.choices.items()}
             _add(out, seen, Candidate(dims, choices))
-    ones = {k: (s.ladder[0] if len(s.ladder) == 1 else 1) for k, s in syms.items()}
+    ones = _derive({k: (s.ladder[0] if len(s.ladder) == 1 else 1) for k, s in syms.items()}, syms)
     _add(out, seen, Candidate(ones, {n: v[0] for n, v in facts.choices.items()}))
     # Bindings the conv geometry refuses go last: the geometry is a hint, ONNX Runtime decides.
     fits = [c for c in out if facts.accepts(lambda name, axis: _size(c, name, axis, specs))]
@@ -141,6 +190,15 @@ def candidates(syms: dict[str, Symbol], facts: GraphFacts, specs: dict[str, Inpu
 def _size(cand: Candidate, name: str, axis: int, specs: dict[str, InputSpec]) -> int:
     dim = specs[name].shape[axis]
     return dim if isinstance(dim, int) and dim > 0 else cand.dims[dim_key(name, axis, dim)[0]]
+
+
+def _derive(dims: dict[str, int], syms: dict[str, Symbol]) -> dict[str, int]:
+    for key, sym in syms.items():
+        if sym.formula:  # never set on a dim the user fixed
+            value = evaluate(sym.formula, dims)
+            if value is not None:
+                dims[key] = value
+    return dims
 
 
 def _add(out: list, seen: set, cand: Candidate) -> None:

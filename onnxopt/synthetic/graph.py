@@ -87,8 +87,8 @@ class GraphFacts:
             least = _round_up(low, step)
             values = [max(_round_up(v, step), least) for v in values if v > 1 or role != "generic"]
             values = values[:1] + [least] + values[1:]
-        floor = self.floors.get(key, 1)
-        values = [max(v, floor) for v in values]
+        if key in self.floors:
+            values = [max(v, self.floors[key]) for v in values]
         return list(dict.fromkeys(self.hints.get(key, []) + values))
 
     def accepts(self, size_of) -> bool:
@@ -116,7 +116,12 @@ def tokens(name: str) -> list[str]:
 
 def name_role(name: str) -> Optional[str]:
     """batch/N -> batch; height/width/h/w -> spatial; audio/samples -> audio; seq/len/tokens -> sequence."""
-    for t in tokens(name):
+    words = tokens(name)
+    if any(t.startswith("past") for t in words):
+        return "past"
+    if "total" in words:
+        return "total"
+    for t in words:
         if t in ("n", "b", "bs", "nbatch") or t.startswith("batch"):
             return "batch"
         if t in ("h", "w", "height", "width", "ih", "iw") or t.startswith(("height", "width", "img", "image")):
@@ -124,7 +129,7 @@ def name_role(name: str) -> Optional[str]:
         if t.startswith(("audio", "sample", "wav", "pcm", "signal", "speech")):
             return "audio"
         if t in ("t", "l") or t.startswith(("seq", "sequence", "token", "len", "time", "frame", "step", "word",
-                                             "char", "past", "text")):
+                                             "char", "text")):
             return "sequence"
     return None
 
