@@ -215,3 +215,11 @@ def test_decoder_masks_cover_past_and_new_steps(total):
     assert probe.found, probe.error
     past, steps = probe.feed["past"].shape[2], probe.feed["input_ids"].shape[1]
     assert probe.feed["mask"].shape[1] == past + steps and probe.feed["input_ids"].max() < 50
+
+
+def test_uint8_pictures_get_image_sizes_and_full_range_pixels():
+    n, w = _conv("f", "y", 3, 4, 7, 2, 0, 0)
+    model = make_model([node("Cast", ["image"], ["f"], to=FLOAT)] + n,
+                       [vi("image", ["?", 3, "?", "?"], TensorProto.UINT8)], [vi("y", ["b", 4, "h", "w"])], w)
+    feed = find_inputs(model).feed
+    assert feed["image"].shape == (1, 3, 64, 64) and feed["image"].max() > 200

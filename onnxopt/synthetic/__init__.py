@@ -248,8 +248,9 @@ def _integers(spec: InputSpec, info: InputFacts, shape: list[int], cand: Candida
     if info.length_like:
         longest = max([v for k, v in cand.dims.items() if v > 1] + [1])
         return np.full(shape, longest, dtype)
-    low = max(info.low, 0 if np.issubdtype(dtype, np.unsignedinteger) else info.low)
-    high = info.high if info.high is not None else low + 8
+    low = info.low
+    picture = info.high is None and dtype.itemsize == 1 and len(shape) >= 3
+    high = info.high if info.high is not None else (int(np.iinfo(dtype).max) + 1 if picture else low + 8)
     if high <= low:
         high = low + 1
     if info.position_like and shape:

@@ -149,7 +149,8 @@ def _agree(tuples: list[Sizes]) -> bool:
 
 def read_geometry(model: onnx.ModelProto, specs: list[InputSpec], shapes: dict, values: dict,
                   attr: Callable) -> Optional[Geometry]:
-    sources = {s.name: spatial_axes(s) for s in specs if s.dtype.kind == "f" and spatial_axes(s)
+    sources = {s.name: spatial_axes(s) for s in specs
+               if (s.dtype.kind == "f" or (s.dtype.itemsize == 1 and len(s.shape) >= 4)) and spatial_axes(s)
                and any(not (isinstance(s.shape[a], int) and s.shape[a] > 0) for a in spatial_axes(s))}
     nodes = list(model.graph.node)
     if not sources or not any(n.op_type in CONV_LIKE for n in nodes):

@@ -27,7 +27,7 @@ from onnx import numpy_helper
 
 from ..data import InputSpec
 from ..io import iter_graph_protos
-from .geometry import Geometry, read_geometry
+from .geometry import Geometry, read_geometry, spatial_axes
 
 # Ops that keep the values of an integer tensor (possibly re-laid out): an index stays an index.
 KEEP_VALUES = {"Cast", "CastLike", "Identity", "Unsqueeze", "Squeeze", "Reshape", "Flatten", "Expand", "Tile",
@@ -136,21 +136,21 @@ def name_role(name: str) -> Optional[str]:
 
 def position_role(spec: InputSpec, axis: int) -> str:
     """The role of an uninformatively named dim from its place in the input's shape."""
-    rank, shape, is_float = len(spec.shape), spec.shape, spec.dtype.kind == "f"
+    rank, is_float = len(spec.shape), spec.dtype.kind == "f"
     if rank >= 2 and axis == 0:
         return "batch"
-    if is_float and rank == 4:
-        last_is_channel = isinstance(shape[3], int) and 0 < shape[3] <= 4
-        second_is_channel = isinstance(shape[1], int) and 0 < shape[1] <= 4
-        spatial = (1, 2) if last_is_channel and not second_is_channel else (2, 3)
-        return "spatial" if axis in spatial else "generic"
-    if is_float and rank == 5:
-        return "spatial" if axis >= 2 else "generic"
+    if image_like(spec):
+        return "spatial" if axis in spatial_axes(spec) else "generic"
     if is_float and rank == 3:
         return "length"
     if not is_float and rank in (1, 2):
         return "sequence"
     return "generic"
+
+
+def image_like(spec: InputSpec) -> bool:
+    """4-D or 5-D float or 8-bit data (uint8 pictures included)."""
+    return len(spec.shape) in (4, 5) and (spec.dtype.kind == "f" or spec.dtype.itemsize == 1)
 
 
 # ----------------------------------------------------------------- the graph's tables
