@@ -135,7 +135,7 @@ def optimize(
         if data is None:
             _refuse_unvalidated(used["not_run"], pipeline, strict)
         elif data.synthetic:
-            dims = {**used["dims"], **dims}  # calibrating passes read the same binding
+            dims = {**used.pop("binding"), **dims}  # calibrating passes read the same binding
     ctx = PassContext(calibration=calibration, seed=seed, dims=dims, log=log)
     verify = None
     if data is not None and (verify_each if verify_each is not None else rec.verify_each):
@@ -188,7 +188,7 @@ def _validation_data(model: onnx.ModelProto, inputs: Any, calibration: Any, pipe
     data = probe.dataset(seed)
     return data, {"kind": "synthetic", "source": data.source, "samples": data.samples, "dims": probe.dims,
                   "shapes": {k: [str(v.dtype), list(v.shape)] for k, v in probe.feed.items()},
-                  "attempts": probe.attempts, "text": f"synthetic ({probe.description})"}
+                  "attempts": probe.attempts, "text": f"synthetic ({probe.description})", "binding": probe.binding}
 
 
 def _refuse_unvalidated(reason: str, pipeline: Pipeline, strict: bool) -> None:

@@ -223,3 +223,11 @@ def test_uint8_pictures_get_image_sizes_and_full_range_pixels():
                        [vi("image", ["?", 3, "?", "?"], TensorProto.UINT8)], [vi("y", ["b", 4, "h", "w"])], w)
     feed = find_inputs(model).feed
     assert feed["image"].shape == (1, 3, 64, 64) and feed["image"].max() > 200
+
+
+def test_calibration_without_data_reads_the_found_binding():
+    import onnxopt
+    result = onnxopt.optimize(conv_stack(), "qdq")  # calibrates and validates on synthetic inputs
+    assert result.passed and result.inputs["kind"] == "synthetic"
+    assert result.inputs["shapes"]["x"] == ["float32", [1, 3, 96, 96]]
+    assert result.records[0].stats["calibration_synthetic"] == 1

@@ -74,11 +74,12 @@ class Probe:
     """What ``find_inputs`` found: a feed the original runs on, or why none did."""
 
     feed: Optional[dict[str, np.ndarray]]
-    dims: dict[str, int]
+    dims: dict[str, int]  # named symbolic dims and their values (what a user would pass as --dim)
     attempts: int
     error: Optional[str] = None
     seconds: float = 0.0
     description: str = ""
+    binding: dict[str, int] = field(default_factory=dict)  # every symbolic dim, unnamed ones as 'input[axis]'
 
     @property
     def found(self) -> bool:
@@ -290,7 +291,7 @@ def find_inputs(model: onnx.ModelProto, *, dims: Optional[dict[str, int]] = None
         if error is None:
             used = {k: v for k, v in cand.dims.items() if syms[k].named}
             return Probe(feed, used, i + 1, None, time.perf_counter() - start,
-                         describe(feed, used, cand.choices))
+                         describe(feed, used, cand.choices), dict(cand.dims))
         first_error = first_error or f"{error} (at {shapes_text(feed)})"
         if time.perf_counter() - start > budget_seconds:
             break
