@@ -231,3 +231,15 @@ def test_calibration_without_data_reads_the_found_binding():
     assert result.passed and result.inputs["kind"] == "synthetic"
     assert result.inputs["shapes"]["x"] == ["float32", [1, 3, 96, 96]]
     assert result.records[0].stats["calibration_synthetic"] == 1
+
+
+def test_reshape_targets_and_slice_bounds_are_read():
+    model = make_model([node("Reshape", ["x", "target"], ["a"]),
+                        node("Slice", ["t", "starts", "ends", "axes"], ["s"]), node("Reshape", ["s", "rows"], ["b"])],
+                       [vi("x", ["n", "k"]), vi("t", ["m", "unk__7"])], [vi("a", [2, 12]), vi("b", [None, 300])],
+                       [init("target", [2, 12], np.int64), init("starts", [0], np.int64),
+                        init("ends", [300], np.int64), init("axes", [1], np.int64), init("rows", [-1, 300], np.int64)])
+    facts = read_graph(model, input_specs(model))
+    assert facts.hints == {"n": [2], "k": [12]} and facts.floors == {"unk__7": 300}
+    probe = find_inputs(model)
+    assert probe.feed["x"].shape == (2, 12) and probe.feed["t"].shape[1] >= 300
