@@ -243,3 +243,13 @@ def test_reshape_targets_and_slice_bounds_are_read():
     assert facts.hints == {"n": [2], "k": [12]} and facts.floors == {"unk__7": 300}
     probe = find_inputs(model)
     assert probe.feed["x"].shape == (2, 12) and probe.feed["t"].shape[1] >= 300
+
+
+def test_huge_candidates_are_not_tried():
+    from onnxopt.synthetic import MAX_VALUES, candidates, symbols
+    model = make_model([node("Relu", ["v"], ["y"])], [vi("v", ["n", 2, "d", "h", "w"])], [vi("y", ["n", 2, "d", "h", "w"])])
+    specs = input_specs(model)
+    facts = read_graph(model, specs)
+    sizes = [2 * c.dims["d"] * c.dims["h"] * c.dims["w"] for c in candidates(symbols(specs, facts, {}), facts,
+                                                                             {s.name: s for s in specs})]
+    assert sizes and max(sizes) <= MAX_VALUES

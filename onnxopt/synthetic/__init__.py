@@ -44,7 +44,8 @@ LADDERS = {
 }
 MAX_ATTEMPTS = 24
 ATTEMPT_SECONDS = 20.0  # one run of the original; past it the run is stopped
-BUDGET_SECONDS = 90.0   # all attempts together
+BUDGET_SECONDS = 60.0   # all attempts together
+MAX_VALUES = 1 << 26    # a candidate feed of more values (256 MB of float32) is not tried
 
 
 @dataclass
@@ -184,8 +185,14 @@ def candidates(syms: dict[str, Symbol], facts: GraphFacts, specs: dict[str, Inpu
     ones = _derive({k: (s.ladder[0] if len(s.ladder) == 1 else 1) for k, s in syms.items()}, syms)
     _add(out, seen, Candidate(ones, {n: v[0] for n, v in facts.choices.items()}))
     # Bindings the conv geometry refuses go last: the geometry is a hint, ONNX Runtime decides.
+    out = [c for c in out if _values(c, specs) <= MAX_VALUES] or out[:1]
     fits = [c for c in out if facts.accepts(lambda name, axis: _size(c, name, axis, specs))]
     return (fits + [c for c in out if c not in fits])[:MAX_ATTEMPTS]
+
+
+def _values(cand: Candidate, specs: dict[str, InputSpec]) -> int:
+    return sum(int(np.prod([_size(cand, name, a, specs) for a in range(len(spec.shape))], dtype=np.int64))
+               for name, spec in specs.items())
 
 
 def _size(cand: Candidate, name: str, axis: int, specs: dict[str, InputSpec]) -> int:
