@@ -118,7 +118,7 @@ def _session(model: onnx.ModelProto) -> "ort.InferenceSession":
 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # errors come back as exceptions, worded by onnxopt; no raw ORT lines
     try:
         return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     except Exception as exc:

@@ -13,10 +13,11 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from . import api, io
-from .data import load_dataset, synthetic_dataset
+from .data import Dataset, load_dataset
 from .errors import InputError, OnnxoptError
 from .pipeline import EXACT, Tolerance, VerifyFailed, describe_pass, presets, registered_passes
 from .report import format_comparison, format_inspect, inspect_model, write_text_atomic
+from .synthetic import find_inputs
 from .validate import compare
 
 log = logging.getLogger("onnxopt")
@@ -65,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verify-each", action="store_true", help="validate after every pass; stop at the first that breaks tolerance")
     p.add_argument("--repro-dir", help="where --verify-each saves a reproducer (default: <output>.repro)")
     p.add_argument("--no-validate", action="store_true", help="skip validation (not recommended)")
+    p.add_argument("--strict", action="store_true",
+                   help="exit 1 and write nothing when validation cannot run (no synthetic input runs the model)")
     p.add_argument("--keep-on-fail", action="store_true", help="write the model even when validation fails")
     p.add_argument("--in-place", action="store_true", help="allow the output path to be the input model")
     p.add_argument("--external-data", action="store_true", help="store weights in a .data file beside the model")
@@ -124,7 +127,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
             tolerance=args.tolerance, validate=not args.no_validate, verify_each=args.verify_each or None,
             dims=_dims(args.dim), seed=args.seed, ort_opt_level=args.ort_opt_level,
             latency_runs=args.latency_runs, repro_dir=args.repro_dir or f"{output}.repro",
-            max_growth=args.max_growth)
+            max_growth=args.max_growth, strict=args.strict)
     except VerifyFailed as failure:
         print(f"onnxopt: error: {failure}", file=sys.stderr)
         print("\n".join(format_comparison(failure.comparison)), file=sys.stderr)
@@ -137,6 +140,9 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     if args.report:
         write_text_atomic(Path(args.report), result.to_json() + "\n")
     print(result.summary())
+    if result.not_run:
+        print(f"onnxopt: warning: validation not run; {output} is written unchecked (see 'validation:' above)",
+              file=sys.stderr)
     if not result.passed:
         print(f"onnxopt: error: validation failed: {result.validation.headline()}"
               + ("" if written else "; nothing written (use --keep-on-fail to write anyway)"), file=sys.stderr)
@@ -154,8 +160,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     reference, candidate = io.load(args.reference), io.load(args.candidate)
     dims = _dims(args.dim)
     seed = args.seed or 0
-    data = (load_dataset(args.inputs, reference, what="inputs") if args.inputs
-            else synthetic_dataset(reference, dims=dims, seed=seed))
+    data = load_dataset(args.inputs, reference, what="inputs") if args.inputs else _synthetic(reference, dims, seed)
     tol = Tolerance.parse(args.tolerance) or EXACT
     result = compare(reference, candidate, data, tol, ort_opt_level=args.ort_opt_level or "all",
                      latency_runs=args.latency_runs)
@@ -165,6 +170,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if args.report:
         write_text_atomic(Path(args.report), json.dumps(result.to_dict(), indent=2) + "\n")
     return 0 if result.passed else 1
+
+
+def _synthetic(model, dims: dict[str, int], seed: int) -> Dataset:
+    """Synthetic inputs the reference runs on, or one clear error."""
+    probe = find_inputs(model, dims=dims, seed=seed)
+    if not probe.found:
+        raise InputError(f"{probe.error}; give --inputs")
+    return probe.dataset(seed, (f"synthetic inputs: {probe.description} (set dims with --dim NAME=VALUE)",))
 
 
 def cmd_passes(args: argparse.Namespace) -> int:

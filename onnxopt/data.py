@@ -523,38 +523,30 @@ def _batches(arrays: dict[str, np.ndarray], specs: list[InputSpec], n: int, batc
 
 def synthetic_dataset(model: onnx.ModelProto, *, dims: Optional[dict[str, int]] = None, seed: int = 0,
                       batches: int = 1) -> Dataset:
-    """Seeded random feeds from the inputs' shapes and dtypes; symbolic dims from ``dims`` or 1."""
+    """Seeded feeds from the inputs' shapes and dtypes; symbolic dims from ``dims`` or 1.
+
+    Values follow what the graph says each input is (see onnxopt.synthetic):
+    indices stay below the rows of the tables they index, masks are ones, RNN
+    states zeros. To find dims the model runs on, use ``synthetic.find_inputs``.
+    """
+    from .synthetic import Candidate, dim_key, make_feed, read_graph
+
     rng = np.random.default_rng(seed)
     dims = dict(dims or {})
-    unbound: set[str] = set()
-    feeds = []
-    for _ in range(batches):
-        feed = {}
-        for spec in input_specs(model):
-            shape = []
-            for d in spec.shape:
-                if isinstance(d, int) and d > 0:
-                    shape.append(d)
-                else:
-                    key = d if isinstance(d, str) else "?"
-                    if key not in dims:
-                        unbound.add(key)
-                    shape.append(int(dims.get(key, 1)))
-            feed[spec.name] = random_array(rng, spec.dtype, shape)
-        feeds.append(feed)
+    specs = input_specs(model)
+    facts = read_graph(model, specs)
+    binding, unbound = {}, set()
+    for spec in specs:
+        for axis, d in enumerate(spec.shape):
+            if not (isinstance(d, int) and d > 0):
+                name = d if isinstance(d, str) else "?"
+                key, named = dim_key(spec.name, axis, d)
+                value = dims.get(name, dims.get(key, dims.get("?")))
+                if value is None:
+                    unbound.add(name)
+                binding[key] = int(value or 1)
+    cand = Candidate(binding, {name: values[0] for name, values in facts.choices.items()})
+    feeds = [make_feed(specs, facts, cand, rng) for _ in range(batches)]
     notes = [f"symbolic dimensions bound to 1: {', '.join(sorted(unbound))} (set with --dim NAME=VALUE)"] if unbound else []
-    samples = sum(_count(feed, input_specs(model)) for feed in feeds)
+    samples = sum(_count(feed, specs) for feed in feeds)
     return Dataset(feeds, None, source=f"synthetic (seed {seed})", synthetic=True, samples=samples, notes=notes)
-
-
-def random_array(rng: np.random.Generator, dtype: np.dtype, shape: list[int]) -> np.ndarray:
-    """Standard normal floats, small non-negative integers (safe as indices), random booleans."""
-    if dtype == np.bool_:
-        return np.asarray(rng.random(shape) < 0.5)
-    if np.issubdtype(dtype, np.integer):
-        return rng.integers(0, 8, size=shape).astype(dtype)
-    if np.issubdtype(dtype, np.floating):
-        return rng.standard_normal(shape).astype(dtype)
-    if dtype.kind in "US" or dtype == np.object_:
-        return np.array(rng.choice(["a", "b", "c"], size=shape), dtype=object)
-    raise InputError(f"cannot make synthetic data of type {dtype}; give data with --inputs")

@@ -35,6 +35,8 @@ class OptimizeResult:
     seconds: float = 0.0
     warnings: list[str] = field(default_factory=list)
     output: Optional[str] = None
+    inputs: Optional[dict[str, Any]] = None  # what validation ran on (kind, source, shapes, dims)
+    not_run: Optional[str] = None  # why validation could not run, when it could not
 
     @property
     def passed(self) -> bool:
@@ -70,6 +72,8 @@ class OptimizeResult:
             "after": after,
             "passes": [asdict(r) for r in self.records],
             "validation": self.validation.to_dict() if self.validation else None,
+            "validation_inputs": self.inputs,
+            "validation_not_run": self.not_run,
             "warnings": list(self.warnings),
         }
 
@@ -183,8 +187,12 @@ def format_summary(result: OptimizeResult) -> str:
     lines.append(f"size: {human_bytes(b['file_bytes'])} -> {human_bytes(a['file_bytes'])}"
                  f"{_change(b['file_bytes'], a['file_bytes'])}   nodes: {b['nodes']} -> {a['nodes']}"
                  f"   parameters: {b['parameters']:,} -> {a['parameters']:,}")
+    if result.inputs and result.inputs.get("text"):
+        lines.append(f"validation inputs: {result.inputs['text']}")
     if result.validation:
         lines.extend(format_comparison(result.validation))
+    elif result.not_run:
+        lines.append(f"validation: not run ({result.not_run})")
     else:
         lines.append("validation: skipped")
     lines.extend(f"warning: {w}" for w in result.warnings)

@@ -41,10 +41,11 @@ def make_session(model: onnx.ModelProto, opt_level: str = "all", threads: int = 
         raise InputError(f"unknown ORT optimization level '{opt_level}'; choose one of {', '.join(OPT_LEVELS)}")
     import onnxruntime as ort
 
+    ort.set_default_logger_severity(3)  # ORT's own warnings never reach the terminal
     options = ort.SessionOptions()
     options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, OPT_LEVELS[opt_level])
     options.intra_op_num_threads = threads
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # errors come back as exceptions, worded by onnxopt; no raw ORT lines
     if fits_in_proto(model):
         return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     with tempfile.TemporaryDirectory() as tmp:

@@ -713,7 +713,7 @@ class _Guard:
         so = ort.SessionOptions()
         so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
                                        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
-        so.log_severity_level = 3
+        so.log_severity_level = 4  # errors come back as exceptions; no raw ORT lines
         return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
     def _run(self, model, feed, optimize, names=None, session=None):

@@ -587,7 +587,7 @@ def _time_pair(l: _Layer, ctx: PassContext, rows: int, xdtype: np.dtype, ort: An
         m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
         m.ir_version = 8
         so = ort.SessionOptions()
-        so.log_severity_level = 3
+        so.log_severity_level = 4  # errors come back as exceptions; no raw ORT lines
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         return ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
 

@@ -157,3 +157,52 @@ def test_inspect_and_passes_and_compare(cnn, capsys):
     assert code == 1 and "FAILED" in out  # two different models
     code, out, _ = run(["compare", cnn, cnn, "--latency-runs", "0", "--dim", "batch=4"], capsys)
     assert code == 0 and "identical" in out and "4 sample(s) from synthetic inputs" in out
+
+
+# ----------------------------------------------------------------- no data given
+
+def test_no_data_finds_inputs_the_model_runs_on(tmp_path, capfd):
+    from test_synthetic import detector
+    model, report = save(detector(), tmp_path / "det.onnx"), tmp_path / "report.json"
+    code = main(["optimize", str(model), "-o", str(tmp_path / "out.onnx"), "--latency-runs", "0",
+                 "--report", str(report)])
+    out, err = capfd.readouterr()
+    assert code == 0 and (tmp_path / "out.onnx").is_file()
+    assert "validation inputs: synthetic (image: float32[1,3,64,64]; dims batch=1, height=64, width=64)" in out
+    used = json.loads(report.read_text())["validation_inputs"]
+    assert used["kind"] == "synthetic" and used["dims"] == {"batch": 1, "height": 64, "width": 64}
+    assert "onnxruntime" not in err
+
+
+def test_no_runnable_input_writes_an_exact_result_with_a_warning(tmp_path, capfd):
+    from test_synthetic import never_runs
+    model, out_path = save(never_runs(), tmp_path / "m.onnx"), tmp_path / "out.onnx"
+    code = main(["optimize", str(model), "-o", str(out_path), "--latency-runs", "0"])
+    out, err = capfd.readouterr()
+    assert code == 0 and out_path.is_file()
+    assert "validation: not run (ONNX Runtime cannot run the original model on synthetic inputs" in out
+    assert "node 'n_y' (Reshape)" in out and "; give --inputs)" in out
+    assert err.count("\n") == 1 and err.startswith("onnxopt: warning: validation not run")
+    assert "onnxruntime" not in err and "[E:" not in err  # ORT's own log lines stay silent
+    out_path.unlink()
+    assert main(["optimize", str(model), "-o", str(out_path), "--strict"]) == 1
+    _, err = capfd.readouterr()
+    assert not out_path.exists() and "--strict refuses" in err
+    assert main(["optimize", str(model), "-o", str(out_path), "--passes", "prune(sparsity=0.5)"]) == 1
+    _, err = capfd.readouterr()
+    assert not out_path.exists() and "a lossy pipeline is not written unvalidated" in err
+
+
+@pytest.mark.parametrize("samples, held_out", [(64, True), (512, False)])
+def test_lossy_pipeline_validates_on_calibration_samples_it_did_not_read(cnn, capsys, samples, held_out):
+    report = cnn.parent / "r.json"
+    code, out, err = run(["optimize", cnn, "--passes", f"cleanup,qdq(samples={samples})", "--calib",
+                          cnn.parent / "digits_calib.npz", "--latency-runs", "0", "--report", report], capsys)
+    assert code == 0, err
+    used = json.loads(report.read_text())["validation_inputs"]
+    if held_out:
+        assert used["kind"] == "calibration held out" and used["samples"] == 256
+        assert "256 held-out calibration samples (64-319 of" in out
+    else:
+        assert used["kind"] == "calibration tail" and used["samples"] == 90
+        assert "the last 90 of 360 calibration samples" in out and "calibration read them too" in out
