@@ -16,7 +16,8 @@ from .data import Dataset, load_dataset, synthetic_dataset
 from .errors import InputError
 from .pipeline import (EXACT, Pass, PassContext, PassManager, Pipeline, Tolerance, VerifyFailed)
 from .report import OptimizeResult, write_text_atomic
-from .validate import compare
+from .runtime import RuntimeModel, release_memory
+from .validate import LATENCY_BUDGET_S, Reference
 
 log = logging.getLogger("onnxopt")
 
@@ -96,7 +97,8 @@ def optimize(
     dims: Optional[dict[str, int]] = None,
     seed: Optional[int] = None,
     ort_opt_level: Optional[str] = None,
-    latency_runs: int = 0,
+    latency_runs: Optional[int] = 0,
+    latency_budget: float = LATENCY_BUDGET_S,
     repro_dir: Union[str, os.PathLike, None] = None,
 ) -> OptimizeResult:
     """Rewrite a model with a pipeline and validate it against the original in ONNX Runtime.
@@ -106,6 +108,10 @@ def optimize(
     the recipe. Validation data comes from ``inputs``, else the calibration
     data, else seeded synthetic inputs. The result is returned even when
     validation fails (``result.passed`` is False; ``result.save`` refuses it).
+    ``latency_runs``: 0 skips timing, N times N runs of each model, None as
+    many as fit in ``latency_budget`` seconds. A large model read from a file
+    is validated after ``result.original`` is released (None; its statistics
+    are kept), so that the original and the rewrite are not both in memory.
     """
     start = time.perf_counter()
     rec = recipe if isinstance(recipe, Recipe) else (Recipe.load(recipe) if recipe is not None else Recipe())
@@ -120,15 +126,45 @@ def optimize(
     ctx = PassContext(calibration=calibration, seed=seed, dims=dims, log=log)
 
     data: Optional[Dataset] = None
-    if validate or verify_each or rec.verify_each:
+    reference: Optional[Reference] = None
+    verify = verify_each if verify_each is not None else rec.verify_each
+    if validate or verify:
         data = _validation_data(original, inputs if inputs is not None else rec.inputs, calibration, dims, seed)
+    opts = dict(ort_opt_level=level, latency_runs=latency_runs if validate else 0, latency_budget=latency_budget)
+    try:
+        if verify:  # the original's outputs are kept for every comparison that follows
+            reference = Reference(original, data, **opts)
+        result = _run_pipeline(original, pipeline, ctx, reference, tolerance, rec, verify_each, repro_dir, source)
+        if data is not None and data.synthetic:
+            result.warnings.append("validated on synthetic inputs: give real data with --inputs or --calib")
+        if validate:
+            if reference is None:
+                runnable = RuntimeModel(original)
+                if source is not None and runnable.on_disk:
+                    # A large model read from a file: ORT reads the original from its own copy
+                    # on disk, so the original and the rewrite are never both in memory with a session.
+                    del original
+                    result.release_original()
+                    release_memory()
+                reference = Reference(runnable, data, **opts)
+            result.validation = reference.compare(result.model, tol)
+    finally:
+        if reference is not None:
+            reference.close()
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _run_pipeline(original: onnx.ModelProto, pipeline: Pipeline, ctx: PassContext, reference: Optional[Reference],
+                  tolerance: Any, rec: Recipe, verify_each: Optional[bool], repro_dir: Any,
+                  source: Optional[str]) -> OptimizeResult:
     verify = None
     if verify_each if verify_each is not None else rec.verify_each:
         user_tol = Tolerance.parse(tolerance) or Tolerance.parse(rec.tolerance)
 
         def verify(candidate: onnx.ModelProto, ran: list[Pass]):
             step_tol = user_tol or default_tolerance(Pipeline(ran))
-            return compare(original, candidate, data, step_tol, ort_opt_level=level)
+            return reference.compare(candidate, step_tol, latency=False)
 
     manager = PassManager(pipeline, ctx, verify)
     try:
@@ -137,13 +173,8 @@ def optimize(
         if repro_dir is not None:
             failure.repro_dir = str(save_reproducer(failure, repro_dir))
         raise
-    result = OptimizeResult(optimized, original, pipeline.canonical(), manager.records, source=source)
-    if data is not None and data.synthetic:
-        result.warnings.append("validated on synthetic inputs: give real data with --inputs or --calib")
-    if validate:
-        result.validation = compare(original, optimized, data, tol, ort_opt_level=level, latency_runs=latency_runs)
-    result.seconds = time.perf_counter() - start
-    return result
+    ctx.template = None  # the manager (and its graph) go with this frame; nothing else keeps the original
+    return OptimizeResult(optimized, original, pipeline.canonical(), manager.records, source=source)
 
 
 def _validation_data(model: onnx.ModelProto, inputs: Any, calibration: Any, dims: dict, seed: int) -> Dataset:
