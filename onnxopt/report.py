@@ -202,6 +202,10 @@ def format_comparison(c: Comparison) -> list[str]:
     source = "synthetic inputs" if c.synthetic else c.data
     lines = [f"validation: ONNX Runtime (optimization level '{c.ort_opt_level}'), {c.samples} sample(s) from {source}"]
     for o in c.outputs:
+        if o.elements and not o.compared and o.nonfinite_reference:
+            lines.append(f"  {o.name}: FAIL: no finite value to compare")
+            lines.extend(f"    {f}" for f in o.failures)
+            continue
         figures = f"max abs {o.max_abs:.3g}"
         if o.floor_max_abs is not None:
             figures += f" (runtime noise {o.floor_max_abs:.3g})"

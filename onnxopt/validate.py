@@ -44,7 +44,7 @@ LATENCY_BUDGET_S = 2.0  # for both models together, when the run count is not gi
 class OutputMetrics:
     """Differences on one output over every sample.
 
-    Error figures cover the positions where both models are finite.
+    Error figures cover the ``compared`` positions, where both models are finite.
     ``floor_max_abs`` is ONNX Runtime's own difference on this output between
     two optimization levels of the original (None when not measured).
     """
@@ -64,6 +64,7 @@ class OutputMetrics:
     accuracy_candidate: Optional[float] = None
     floor_max_abs: Optional[float] = None
     allowed_abs: Optional[float] = None
+    compared: int = 0
     nonfinite_reference: int = 0
     nonfinite_candidate: int = 0
     passed: bool = True
@@ -174,7 +175,7 @@ class _Accumulator:
         m.max_abs, m.max_rel, m.mismatches = self.max_abs, self.max_rel, self.mismatch
         m.mean_abs = self.sum_abs / self.compared if self.compared else 0.0
         m.identical = self.mismatch == 0
-        m.nonfinite_reference, m.nonfinite_candidate = self.ref_nonfinite, self.cand_nonfinite
+        m.compared, m.nonfinite_reference, m.nonfinite_candidate = self.compared, self.ref_nonfinite, self.cand_nonfinite
         m.floor_max_abs, m.allowed_abs = self.floor, self.allowed_abs()
         if self.cand_nonfinite:
             m.max_abs = math.inf
