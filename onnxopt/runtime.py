@@ -68,6 +68,7 @@ class RuntimeModel:
         except BaseException:
             self.close()
             raise
+        release_memory()  # the tensors' transient copies
 
     @property
     def on_disk(self) -> bool:
@@ -221,7 +222,8 @@ class OutputStore:
                 kept.append(self._spill(array, len(self.items), j))
             else:
                 self.held += array.nbytes if array is not None else 0
-                kept.append(out)
+                # ORT's arrays are views of its own buffers: a copy lets the session's memory go
+                kept.append(array.copy() if array is not None and not array.flags.owndata else out)
         self.items.append(kept)
 
     def _spill(self, array: np.ndarray, i: int, j: int) -> Path:

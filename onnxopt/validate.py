@@ -339,8 +339,7 @@ class Reference:
         try:
             with open_session(model, self.floor_level, which="original") as sess:
                 for i, feed in enumerate(self.data.feeds):
-                    for fl, ref, other in zip(floors, self.store[i], run(sess, feed, "original")):
-                        fl.add(ref, other)
+                    _add_all(floors, self.store[i], run(sess, feed, "original"))
         except Exception as exc:  # the floor is a help, not a requirement: say why it is missing
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             self.notes.append(f"runtime noise floor not measured (the original does not run at "
@@ -368,13 +367,7 @@ class Reference:
                 raise ValidationFailed(f"outputs differ: original has {self.names}, optimized has {cand_names}")
             offset = 0
             for i, feed in enumerate(data.feeds):
-                ref_out, cand_out = self.store[i], run(sess, feed, "optimized")
-                rows = _rows(ref_out)
-                labels = data.labels[offset:offset + rows] if data.labels is not None else None
-                offset += rows
-                for acc, r, c in zip(accs, ref_out, cand_out):
-                    acc.add(r, c, labels)
-                del ref_out, cand_out
+                offset = _add_all(accs, self.store[i], run(sess, feed, "optimized"), data.labels, offset)
             if latency and self.latency is not None:
                 cand_latency = _latency(sess, data.feeds[0], self.latency_runs, self.latency_budget / 2)
         result = Comparison([a.finish(data.labels is not None) for a in accs], tolerance, data.samples,
@@ -396,6 +389,20 @@ class Reference:
 
     def close(self) -> None:
         self.store.close()
+
+
+def _add_all(accs: list, ref_out: list, other_out: list, labels: Optional[np.ndarray] = None,
+             offset: int = 0) -> int:
+    """Add one feed's outputs to the accumulators; returns the next label offset. (A function
+    of its own so that no output, a view of the session's memory, outlives the session.)"""
+    rows = _rows(ref_out)
+    batch_labels = labels[offset:offset + rows] if labels is not None else None
+    for acc, ref, other in zip(accs, ref_out, other_out):
+        if isinstance(acc, _Floor):
+            acc.add(ref, other)
+        else:
+            acc.add(ref, other, batch_labels)
+    return offset + rows
 
 
 def _latency(sess, feed: dict, runs: Optional[int], budget_s: float) -> Optional[tuple[float, int]]:
