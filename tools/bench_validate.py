@@ -27,7 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
+import statistics
 import subprocess
 import sys
 import time
@@ -170,15 +170,18 @@ def section(rows: dict[str, dict], model_mib: float, args: argparse.Namespace) -
              f"A BERT-like encoder built by `tools/bench_validate.py` ({args.layers} layers, hidden 768, random "
              f"weights, {model_mib:.0f} MiB file), validated on {args.samples} samples of {args.seq} tokens: "
              "`onnxopt optimize model.onnx --inputs inputs.npz -o out.onnx` with every other setting at its "
-             "default (pipeline `cleanup`). Peak RSS is the child's VmHWM; wall time is the whole process.",
+             "default (pipeline `cleanup`). Peak RSS is the child's VmHWM; wall time is the whole process; "
+             "load avg is the machine's 1-minute load average after the runs (the machine is shared: wall "
+             "times are only comparable at similar load).",
              "", f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory']}; Python {m['python']}.", "",
-             "| onnxopt | exit | wall s | peak RSS MiB | RSS / file | latency runs |",
-             "|---|---:|---:|---:|---:|---|"]
+             "| onnxopt | exit | wall s (median) | peak RSS MiB (max) | RSS / file | latency runs | load avg |",
+             "|---|---:|---:|---:|---:|---|---:|"]
     for label, r in rows.items():
         rss = r.get("peak_rss_mib")
+        runs = " / ".join(map(str, r["latency_runs"])) if r.get("latency_runs") else "20 / 20 (fixed)"
         lines.append(f"| {label} | {r['exit']} | {r['wall_s']:.1f} | {rss:.0f} | {rss / model_mib:.2f}x | "
-                     f"{r.get('latency_runs') or '-'} |" if rss else
-                     f"| {label} | {r['exit']} | {r['wall_s']:.1f} | - | - | - |")
+                     f"{runs} | {r.get('load', 0):.1f} |" if rss else
+                     f"| {label} | {r['exit']} | {r['wall_s']:.1f} | - | - | - | - |")
     lines += ["", "Reproduce: `git archive <old commit> | tar -x -C /tmp/before`, then "
               f"`python tools/bench_validate.py --layers {args.layers} --samples {args.samples} --seq {args.seq} "
               "--checkout /tmp/before --label before`, and the same with `--checkout . --label after`.", ""]
@@ -190,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layers", type=int, default=6)
     parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--repeat", type=int, default=1, help="runs; the median wall time and the largest peak RSS")
     parser.add_argument("--checkout", type=Path, default=REPO, help="onnxopt source tree to run")
     parser.add_argument("--label", default="after", help="row label in the table")
     parser.add_argument("--python", default=sys.executable)
@@ -200,7 +204,9 @@ def main(argv: list[str] | None = None) -> int:
 
     model, inputs = prepare(args.work, args.layers, args.samples, args.seq)
     model_mib = model.stat().st_size / 2**20
-    row = run_once(args.python, args.checkout.resolve(), model, inputs, args.work)
+    runs = [run_once(args.python, args.checkout.resolve(), model, inputs, args.work) for _ in range(args.repeat)]
+    row = dict(runs[-1], wall_s=statistics.median(r["wall_s"] for r in runs), walls=[r["wall_s"] for r in runs],
+               peak_rss_mib=max((r["peak_rss_mib"] or 0) for r in runs) or None, load=os.getloadavg()[0])
     row["model_mib"] = model_mib
     print(json.dumps({args.label: row}, indent=2))
     rows_path = args.json or args.work / f"rows_l{args.layers}_s{args.samples}x{args.seq}.json"
