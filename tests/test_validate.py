@@ -268,3 +268,18 @@ def test_output_store_spills_past_its_budget_and_cleans_up():
     folder = store.folder
     store.close()
     assert not folder.exists()
+
+
+def test_an_unstable_runtime_is_reported():
+    from onnxopt.validate import Reference
+
+    data = _data(labels=False)
+    ref = Reference(_affine(1, 0), data)
+    assert ref.floors == [0.0]  # an Add and a Mul: ORT computes them alike at every level
+    quiet = ref.compare(_affine(1, 0), EXACT)
+    ref.floors = [0.5]  # as if the runtime's levels differed by 0.5 on values of a few units
+    noisy = ref.compare(_affine(1, 0), EXACT)
+    ref.close()
+    assert not any("unstable" in n for n in quiet.notes)
+    assert any("ONNX Runtime itself is unstable on output 'y': its optimization levels differ by 0.5" in n
+               for n in noisy.notes)
