@@ -127,6 +127,7 @@ def optimize(
 
     data: Optional[Dataset] = None
     reference: Optional[Reference] = None
+    runnable: Optional[RuntimeModel] = None
     verify = verify_each if verify_each is not None else rec.verify_each
     if validate or verify:
         data = _validation_data(original, inputs if inputs is not None else rec.inputs, calibration, dims, seed)
@@ -134,23 +135,36 @@ def optimize(
     try:
         if verify:  # the original's outputs are kept for every comparison that follows
             reference = Reference(original, data, **opts)
+        elif validate:  # written for ORT now, while the original is the only model in memory
+            runnable = RuntimeModel(original)
         result = _run_pipeline(original, pipeline, ctx, reference, tolerance, rec, verify_each, repro_dir, source)
         if data is not None and data.synthetic:
             result.warnings.append("validated on synthetic inputs: give real data with --inputs or --calib")
         if validate:
-            if reference is None:
-                runnable = RuntimeModel(original)
-                if source is not None and runnable.on_disk:
-                    # A large model read from a file: ORT reads the original from its own copy
-                    # on disk, so the original and the rewrite are never both in memory with a session.
-                    del original
-                    result.release_original()
-                    release_memory()
-                reference = Reference(runnable, data, **opts)
-            result.validation = reference.compare(result.model, tol)
+            if source is not None and runnable is not None and runnable.on_disk:
+                del original  # a large model read from a file: ORT reads it from its own copy on disk
+                result.release_original()
+                release_memory()
+            # the rewrite too waits on disk while the sessions run, and is read back afterwards
+            candidate = RuntimeModel(result.model)
+            set_aside = source is not None and candidate.on_disk
+            if set_aside:
+                _ = result.totals  # counted while the model is in memory
+                result.model = None
+                release_memory()
+            try:
+                if reference is None:
+                    reference = Reference(runnable, data, **opts)
+                result.validation = reference.compare(candidate, tol)
+            finally:
+                if set_aside:
+                    result.model = candidate.load()  # the same model, byte for byte
+                candidate.close()
     finally:
         if reference is not None:
             reference.close()
+        elif runnable is not None:  # failed before the Reference took it over
+            runnable.close()
     result.seconds = time.perf_counter() - start
     return result
 

@@ -22,7 +22,7 @@ from typing import Any, Iterator, Optional, Union
 import numpy as np
 import onnx
 
-from .serialize import serialized_size, tensor_bytes, write_mapped
+from .serialize import read_mapped, serialized_size, tensor_bytes, write_mapped
 from .errors import InputError, ValidationFailed
 
 OPT_LEVELS = {
@@ -79,6 +79,10 @@ class RuntimeModel:
 
         source = self.model.SerializeToString() if self.model is not None else str(self.path)
         return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+
+    def load(self) -> onnx.ModelProto:
+        """The model back as a ModelProto (read from its files when on disk)."""
+        return self.model if self.model is not None else read_mapped(self.path)
 
     def close(self) -> None:
         self.model = None

@@ -33,6 +33,11 @@ def tensor_bytes(model: onnx.ModelProto) -> int:
     return sum(io._typed_bytes(tensor) for tensor in io.iter_tensors(model.graph))
 
 
+def data_bytes(model: onnx.ModelProto) -> int:
+    """``io.tensor_bytes`` (raw data where present, else typed values) without reading the data."""
+    return sum(_raw_length(t) if t.HasField("raw_data") else io._typed_bytes(t) for t in io.iter_tensors(model.graph))
+
+
 def serialized_size(model: onnx.ModelProto) -> int:
     """``model.ByteSize()``, counted piece by piece for a large model."""
     if tensor_bytes(model) <= STREAM_BYTES:
@@ -71,11 +76,19 @@ class _Tensor:
     def __init__(self, tensor: onnx.TensorProto) -> None:
         if tensor.HasField("raw_data"):
             self.head, self.tail = _split(tensor, _RAW)
-            self.raw: int | None = len(tensor.raw_data)
+            self.raw: int | None = _raw_length(tensor)
             self.size = len(self.head) + _field_len(_RAW, self.raw) + self.raw + len(self.tail)
         else:
             self.head, self.tail, self.raw = tensor.SerializeToString(), b"", None
             self.size = len(self.head)
+
+
+def _raw_length(tensor: onnx.TensorProto) -> int:
+    """Bytes of raw data, from the shape for plain numeric types (reading the field copies it);
+    loaded models have had that checked (io.tensor_data_problem), rewrites write it whole."""
+    if tensor.data_type in io.PACKED_TYPES or tensor.data_type == onnx.TensorProto.STRING:
+        return len(tensor.raw_data)
+    return io._typed_bytes(tensor)
 
 
 def _layout(model: onnx.ModelProto) -> tuple:
@@ -89,10 +102,20 @@ def _layout(model: onnx.ModelProto) -> tuple:
 def _split(message, number: int) -> tuple[bytes, bytes]:
     """Encodings of the fields numbered below and above ``number``."""
     head, tail = type(message)(), type(message)()
-    for fd, value in message.ListFields():
-        if fd.number != number:
-            _copy_field(fd, value, head if fd.number < number else tail)
+    for fd, value in _fields_but(message, number):
+        _copy_field(fd, value, head if fd.number < number else tail)
     return head.SerializeToString(), tail.SerializeToString()
+
+
+def _fields_but(message, number: int):
+    """(field, value) of the set fields except field ``number``, whose value is never read
+    (ListFields would hand out a copy of a tensor's raw data)."""
+    for fd in message.DESCRIPTOR.fields:
+        if fd.number == number:
+            continue
+        repeated = fd.is_repeated if hasattr(fd, "is_repeated") else fd.label == fd.LABEL_REPEATED
+        if (len(getattr(message, fd.name)) if repeated else message.HasField(fd.name)):
+            yield fd, getattr(message, fd.name)
 
 
 def _copy_field(fd, value, dst) -> None:
@@ -127,12 +150,10 @@ def write_mapped(model: onnx.ModelProto, folder: Path) -> Path:
     EXTERNAL_TENSOR_BYTES in the data file at an offset ORT can map (a multiple of the page
     size) instead of reading it; tensors are copied out one at a time."""
     light = onnx.ModelProto()
-    for fd, value in model.ListFields():
-        if fd.number != _GRAPH:
-            _copy_field(fd, value, light)
-    for fd, value in model.graph.ListFields():
-        if fd.number != _INITIALIZER:
-            _copy_field(fd, value, light.graph)
+    for fd, value in _fields_but(model, _GRAPH):
+        _copy_field(fd, value, light)
+    for fd, value in _fields_but(model.graph, _INITIALIZER):
+        _copy_field(fd, value, light.graph)
     with open(folder / "model.data", "wb") as data:
         for tensor in model.graph.initializer:
             _add_initializer(light.graph, tensor, data)
@@ -151,7 +172,25 @@ def _add_initializer(graph: onnx.GraphProto, tensor: onnx.TensorProto, data: Bin
     offset = -(-data.tell() // align) * align
     data.seek(offset)
     data.write(raw)
-    stub = graph.initializer.add(name=tensor.name, data_type=tensor.data_type, data_location=onnx.TensorProto.EXTERNAL)
-    stub.dims.extend(tensor.dims)
+    stub = graph.initializer.add()
+    for fd, value in _fields_but(tensor, _RAW):  # every field but the data, so read_mapped restores it
+        _copy_field(fd, value, stub)
+    stub.data_location = onnx.TensorProto.EXTERNAL
     for key, value in (("location", "model.data"), ("offset", str(offset)), ("length", str(len(raw)))):
         stub.external_data.add(key=key, value=value)
+
+
+def read_mapped(path: Path) -> onnx.ModelProto:
+    """The model :func:`write_mapped` wrote, data back in place, one tensor read at a time."""
+    model = onnx.ModelProto()
+    model.ParseFromString(Path(path).read_bytes())
+    with open(Path(path).parent / "model.data", "rb") as data:
+        for tensor in model.graph.initializer:
+            if tensor.data_location != onnx.TensorProto.EXTERNAL:
+                continue
+            info = {e.key: e.value for e in tensor.external_data}
+            data.seek(int(info["offset"]))
+            tensor.raw_data = data.read(int(info["length"]))
+            tensor.ClearField("external_data")
+            tensor.ClearField("data_location")
+    return model

@@ -356,8 +356,11 @@ class Reference:
             return None
         return [fl.max_abs if fl.measured else None for fl in floors]
 
-    def compare(self, candidate: onnx.ModelProto, tolerance: Tolerance, *, latency: bool = True) -> Comparison:
+    def compare(self, candidate: Union[onnx.ModelProto, RuntimeModel], tolerance: Tolerance, *,
+                latency: bool = True) -> Comparison:
         """Run ``candidate`` on the same feeds and judge its outputs against the stored ones."""
+        if isinstance(candidate, RuntimeModel):
+            return self._compare(candidate, tolerance, latency)
         cand = RuntimeModel(candidate)
         try:
             return self._compare(cand, tolerance, latency)

@@ -53,3 +53,11 @@ def test_mapped_copy_runs_like_the_model(tmp_path, monkeypatch):
     got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feed)
     want = make_session(model).run(None, feed)
     np.testing.assert_array_equal(got[0], want[0])
+
+
+@pytest.mark.parametrize("build", [mlp, _with_extras])
+def test_mapped_copy_reads_back_to_the_same_model(tmp_path, monkeypatch, build):
+    model = build()
+    monkeypatch.setattr(serialize, "EXTERNAL_TENSOR_BYTES", 0)
+    back = serialize.read_mapped(serialize.write_mapped(model, tmp_path))
+    assert back.SerializeToString() == model.SerializeToString()
