@@ -20,8 +20,9 @@ from .errors import InputError, ValidationFailed
 from .pipeline import (EXACT, MAX_GROWTH, Pass, PassContext, PassManager, Pipeline, Tolerance, VerifyFailed,
                        parse_max_growth)
 from .report import OptimizeResult, write_text_atomic
+from .runtime import RuntimeModel, release_memory
 from .synthetic import find_inputs
-from .validate import compare
+from .validate import LATENCY_BUDGET_S, Reference
 
 log = logging.getLogger("onnxopt")
 
@@ -104,7 +105,8 @@ def optimize(
     dims: Optional[dict[str, int]] = None,
     seed: Optional[int] = None,
     ort_opt_level: Optional[str] = None,
-    latency_runs: int = 0,
+    latency_runs: Optional[int] = 0,
+    latency_budget: float = LATENCY_BUDGET_S,
     repro_dir: Union[str, os.PathLike, None] = None,
     max_growth: Union[float, str, None] = None,
     strict: bool = False,
@@ -123,6 +125,10 @@ def optimize(
     ``max_growth`` bounds how much larger than the input the result may be: a
     fraction (``0.05``) or percentage (``"5%"``) of the input's size, at least
     64 KiB; ``"none"`` for no limit; unset, the recipe's, else 1%.
+    ``latency_runs``: 0 skips timing, N times N runs of each model, None as
+    many as fit in ``latency_budget`` seconds. A large model read from a file
+    is validated after ``result.original`` is released (None; its statistics
+    are kept), so that the original and the rewrite are not both in memory.
     """
     start = time.perf_counter()
     rec = recipe if isinstance(recipe, Recipe) else (Recipe.load(recipe) if recipe is not None else Recipe())
@@ -147,13 +153,64 @@ def optimize(
         elif data.synthetic:
             dims = {**used.pop("binding"), **dims}  # calibrating passes read the same binding
     ctx = PassContext(calibration=calibration, seed=seed, dims=dims, log=log)
+    reference: Optional[Reference] = None
+    runnable: Optional[RuntimeModel] = None
+    verify = verify_each if verify_each is not None else rec.verify_each
+    if data is None:
+        verify = False  # nothing to validate on: an exact pipeline is written unvalidated (refused above otherwise)
+    opts = dict(ort_opt_level=level, latency_runs=latency_runs if validate else 0, latency_budget=latency_budget)
+    try:
+        if verify:  # the original's outputs are kept for every comparison that follows
+            reference = Reference(original, data, **opts)
+        elif validate:  # written for ORT now, while the original is the only model in memory
+            runnable = RuntimeModel(original)
+        result = _run_pipeline(original, pipeline, ctx, reference, tolerance, rec, verify, repro_dir, source,
+                               growth, used)
+        if data is not None and data.synthetic:
+            result.warnings.append("validated on synthetic inputs: give real data with --inputs or --calib")
+        if data is None and used:
+            result.not_run = f"{used['not_run']}; give --inputs"
+            result.warnings.append("validation not run: the model is written unchecked (give --inputs; "
+                                   "--strict makes this an error)")
+        elif validate:
+            if source is not None and runnable is not None and runnable.on_disk:
+                del original  # a large model read from a file: ORT reads it from its own copy on disk
+                result.release_original()
+                release_memory()
+            # the rewrite too waits on disk while the sessions run, and is read back afterwards
+            candidate = RuntimeModel(result.model)
+            set_aside = source is not None and candidate.on_disk
+            if set_aside:
+                _ = result.totals  # counted while the model is in memory
+                result.model = None
+                release_memory()
+            try:
+                if reference is None:
+                    reference = Reference(runnable, data, **opts)
+                result.validation = reference.compare(candidate, tol)
+            finally:
+                if set_aside:
+                    result.model = candidate.load()  # the same model, byte for byte
+                candidate.close()
+    finally:
+        if reference is not None:
+            reference.close()
+        elif runnable is not None:  # failed before the Reference took it over
+            runnable.close()
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _run_pipeline(original: onnx.ModelProto, pipeline: Pipeline, ctx: PassContext, reference: Optional[Reference],
+                  tolerance: Any, rec: Recipe, verify_each: bool, repro_dir: Any,
+                  source: Optional[str], growth: Optional[float], used: dict[str, Any]) -> OptimizeResult:
     verify = None
-    if data is not None and (verify_each if verify_each is not None else rec.verify_each):
+    if verify_each:
         user_tol = Tolerance.parse(tolerance) or Tolerance.parse(rec.tolerance)
 
         def verify(candidate: onnx.ModelProto, ran: list[Pass]):
             step_tol = user_tol or default_tolerance(Pipeline(ran))
-            return compare(original, candidate, data, step_tol, ort_opt_level=level)
+            return reference.compare(candidate, step_tol, latency=False)
 
     manager = PassManager(pipeline, ctx, verify, max_growth=growth)
     try:
@@ -162,18 +219,9 @@ def optimize(
         if repro_dir is not None:
             failure.repro_dir = str(save_reproducer(failure, repro_dir))
         raise
-    result = OptimizeResult(optimized, original, pipeline.canonical(), manager.records, source=source,
-                            inputs=used or None)
-    if data is not None and data.synthetic:
-        result.warnings.append("validated on synthetic inputs: give real data with --inputs or --calib")
-    if data is None and used:
-        result.not_run = f"{used['not_run']}; give --inputs"
-        result.warnings.append("validation not run: the model is written unchecked (give --inputs; "
-                               "--strict makes this an error)")
-    elif validate:
-        result.validation = compare(original, optimized, data, tol, ort_opt_level=level, latency_runs=latency_runs)
-    result.seconds = time.perf_counter() - start
-    return result
+    ctx.template = None  # the manager (and its graph) go with this frame; nothing else keeps the original
+    return OptimizeResult(optimized, original, pipeline.canonical(), manager.records, source=source,
+                          inputs=used or None)
 
 
 def _validation_data(model: onnx.ModelProto, inputs: Any, calibration: Any, pipeline: Pipeline,

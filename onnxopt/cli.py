@@ -46,7 +46,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tolerance", metavar="SPEC", help="e.g. 'atol=1e-4,rtol=1e-3' or 'min_cosine=0.999,max_top1_drop=0.5'")
     p.add_argument("--ort-opt-level", choices=["disable", "basic", "extended", "all"], default=None,
                    help="ONNX Runtime graph optimization level for validation (default: all, as deployed)")
-    p.add_argument("--latency-runs", type=int, default=20, metavar="N", help="runs for median latency (0: skip)")
+    p.add_argument("--latency-runs", type=int, default=None, metavar="N",
+                   help="runs for median latency (0: skip; default: as many as fit in about 2 s for both models)")
     p.add_argument("--seed", type=int, default=None, help="seed for synthetic inputs (default 0)")
     p.add_argument("--report", metavar="FILE", help="write the JSON report here")
     p.add_argument("--debug", action="store_true", help="show tracebacks")

@@ -300,7 +300,9 @@ def _write(model: onnx.ModelProto, path: Path, data_name: str | None) -> None:
     if data_name is None:
         if not fits_in_proto(model):
             raise InputError("model is larger than 2 GB; save it with external data")
-        path.write_bytes(model.SerializeToString())
+        from .serialize import write_model  # one tensor at a time: no second copy of a large model
+
+        write_model(model, path)
         return
     copy = onnx.ModelProto()
     copy.CopyFrom(model)

@@ -35,7 +35,10 @@ class Tolerance:
     on each output as a whole; for float16/bfloat16 outputs atol and rtol are
     widened 10x/100x, as those types round that much coarser than float32.
     ``max_top1_drop`` is in accuracy points when labels are given, else in
-    points of top-1 agreement lost.
+    points of top-1 agreement lost. ``floor_multiple`` raises atol, per output,
+    to that multiple of ONNX Runtime's own noise on it (the difference between
+    the original run with all optimizations and with none): a rewrite is not
+    held to more precision than the runtime has. It widens nothing else.
     """
 
     atol: Optional[float] = None
@@ -43,6 +46,7 @@ class Tolerance:
     min_cosine: Optional[float] = None
     min_snr_db: Optional[float] = None
     max_top1_drop: Optional[float] = None
+    floor_multiple: Optional[float] = None
 
     @classmethod
     def parse(cls, spec: Union[str, dict, "Tolerance", None]) -> Optional["Tolerance"]:
@@ -80,7 +84,13 @@ class Tolerance:
                         if getattr(self, f.name) is not None) or "none"
 
 
-EXACT = Tolerance(atol=1e-5, rtol=1e-4)
+# Exact passes: float32 rounding, or within 8x the runtime's own noise. Their error and the
+# floor are both differences between two roundings of the same computation (fused or not,
+# weights folded or not); 8x (3 bits) leaves room for a floor measured where ORT fuses
+# little while a rewrite reorders more, and stays far below what a wrong rewrite does (a
+# changed constant or axis moves outputs by their own scale, ~1e3x the floor or more).
+FLOOR_MULTIPLE = 8.0
+EXACT = Tolerance(atol=1e-5, rtol=1e-4, floor_multiple=FLOOR_MULTIPLE)
 
 
 @dataclass

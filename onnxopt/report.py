@@ -17,6 +17,7 @@ import onnx
 from . import io
 from .errors import ValidationFailed
 from .pipeline import PassRecord
+from .serialize import data_bytes, serialized_size
 from .validate import Comparison
 
 SCHEMA = "onnxopt.report/1"
@@ -27,7 +28,7 @@ class OptimizeResult:
     """What ``optimize`` returns: the rewritten model, what each pass did, and the validation."""
 
     model: onnx.ModelProto
-    original: onnx.ModelProto = field(repr=False)
+    original: Optional[onnx.ModelProto] = field(repr=False)
     pipeline: str
     records: list[PassRecord]
     validation: Optional[Comparison] = None
@@ -52,6 +53,12 @@ class OptimizeResult:
                           in_place=in_place)
         self.output = str(written)
         return written
+
+    def release_original(self) -> None:
+        """Drop the original model, keeping its statistics: ``original`` is None afterwards
+        (reload it from ``source``). Frees memory while a large rewrite is validated."""
+        _ = self.totals
+        self.original = None
 
     @functools.cached_property
     def totals(self) -> tuple[dict[str, int], dict[str, int]]:
@@ -101,7 +108,7 @@ def write_text_atomic(path: Path, text: str) -> None:
 def _totals(model: onnx.ModelProto) -> dict[str, int]:
     counts = op_histogram(model)
     return {"nodes": sum(counts.values()), "parameters": parameter_count(model),
-            "tensor_bytes": io.tensor_bytes(model), "file_bytes": model.ByteSize()}
+            "tensor_bytes": data_bytes(model), "file_bytes": serialized_size(model)}
 
 
 def op_histogram(model: onnx.ModelProto) -> collections.Counter:
@@ -203,23 +210,45 @@ def format_comparison(c: Comparison) -> list[str]:
     source = "synthetic inputs" if c.synthetic else c.data
     lines = [f"validation: ONNX Runtime (optimization level '{c.ort_opt_level}'), {c.samples} sample(s) from {source}"]
     for o in c.outputs:
-        figures = (f"max abs {o.max_abs:.3g}, mean abs {o.mean_abs:.3g}, max rel {o.max_rel:.3g}, "
-                   f"cosine {o.cosine:.6f}, SNR {o.snr_db:.1f} dB")
+        if o.elements and not o.compared and o.nonfinite_reference:
+            lines.append(f"  {o.name}: FAIL: no finite value to compare")
+            lines.extend(f"    {f}" for f in o.failures)
+            continue
+        figures = f"max abs {o.max_abs:.3g}"
+        if o.floor_max_abs is not None:
+            figures += f" (runtime noise {o.floor_max_abs:.3g})"
+        figures += (f", mean abs {o.mean_abs:.3g}, max rel {o.max_rel:.3g}, "
+                    f"cosine {o.cosine:.6f}, SNR {o.snr_db:.1f} dB")
         if o.top1_agreement is not None:
             figures += f", top-1 agreement {100 * o.top1_agreement:.2f}%"
         if o.accuracy_reference is not None:
             figures += f", accuracy {100 * o.accuracy_reference:.2f}% -> {100 * o.accuracy_candidate:.2f}%"
-        state = "identical" if o.identical else ("ok" if o.passed else "FAIL")
+        state = "FAIL" if not o.passed else ("identical" if o.identical else "ok")
         lines.append(f"  {o.name}: {state}: {figures}")
         lines.extend(f"    {f}" for f in o.failures)
     verdict = "PASSED" if c.passed else "FAILED"
     lines.append(f"  {verdict} (tolerance {c.tolerance})")
+    if c.floor_level:
+        lines.append(f"  runtime noise: the original's own max abs difference between optimization levels "
+                     f"'{c.ort_opt_level}' and '{c.floor_level}'")
+        lines.extend(_tighter_than_runtime(c))
     if c.latency_reference_ms is not None:
         ratio = c.latency_reference_ms / c.latency_candidate_ms if c.latency_candidate_ms else math.nan
+        runs = f"; {c.latency_runs[0]} / {c.latency_runs[1]} runs" if c.latency_runs else ""
         lines.append(f"latency (median): {c.latency_reference_ms:.3f} ms -> {c.latency_candidate_ms:.3f} ms"
-                     f" ({ratio:.2f}x speed-up)")
+                     f" ({ratio:.2f}x speed-up{runs})")
     lines.extend(f"note: {n}" for n in c.notes)
     return lines
+
+
+def _tighter_than_runtime(c: Comparison) -> list[str]:
+    """A line per output whose atol, given without floor_multiple, asks for more than ORT has."""
+    tol = c.tolerance
+    if tol.atol is None or tol.floor_multiple is not None:
+        return []
+    return [f"  note: atol={tol.atol:g} is tighter than ONNX Runtime's own noise on '{o.name}' "
+            f"({o.floor_max_abs:.3g}); add floor_multiple=N to the tolerance to allow N times that"
+            for o in c.outputs if o.floor_max_abs is not None and o.floor_max_abs > tol.atol]
 
 
 # ----------------------------------------------------------------- inspect

@@ -2,68 +2,60 @@
 
 Sessions use ORT's full graph optimizations by default, as models are
 deployed: fused kernels can differ numerically from the unfused graph, and
-that difference is what users will see. Metrics are accumulated batch by
-batch, so memory does not grow with the number of samples.
+that difference is what users will see. It is also measured: the original
+runs a second time with ORT's optimizations off, and the largest difference
+between the two runs of each output is the runtime's own noise on it (the
+*floor*). An exact rewrite cannot be held to more precision than the runtime
+has, so a tolerance with ``floor_multiple`` lets each output's error reach
+that multiple of its floor; the floor is printed next to every error.
+
+Only the original is run twice: an exact rewrite computes the same thing
+rounded differently, so its own floor would be of the same size, and the
+multiple leaves room for that; running it twice would double the cost of the
+larger half of validation. A floor that is a large share of an output's
+values (an unstable computation) is reported, as a check against it proves
+little.
+
+The models run one after the other, never two sessions at once; the
+original's outputs are stored (spilled to disk past a budget) until the
+rewrite has run, and metrics are accumulated batch by batch. NaN and inf are
+counted, never compared: positions where the original is not finite are left
+out of the metrics (and reported), a rewrite that turns a finite value into
+NaN/inf fails, and an output with no finite value to compare fails as not
+computable.
 """
 
 from __future__ import annotations
 
 import math
-import os
-import statistics
-import tempfile
-import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import numpy as np
 import onnx
 
 from .data import Dataset
-from .errors import InputError, ValidationFailed
-from .io import fits_in_proto
 from .pipeline import Tolerance
+from .runtime import (OPT_LEVELS, OutputStore, RuntimeModel, latency_ms, latency_within, make_session,
+                      open_session, run)
 
-# onnxruntime is imported where a session is made: importing it costs ~30 MB of
-# memory that runs which never validate should not pay.
-OPT_LEVELS = {
-    "disable": "ORT_DISABLE_ALL",
-    "basic": "ORT_ENABLE_BASIC",
-    "extended": "ORT_ENABLE_EXTENDED",
-    "all": "ORT_ENABLE_ALL",
-}
-
-
-def make_session(model: onnx.ModelProto, opt_level: str = "all", threads: int = 0) -> ort.InferenceSession:
-    """A CPU session for an in-memory model (through a temporary file past 2 GB)."""
-    if opt_level not in OPT_LEVELS:
-        raise InputError(f"unknown ORT optimization level '{opt_level}'; choose one of {', '.join(OPT_LEVELS)}")
-    import onnxruntime as ort
-
-    ort.set_default_logger_severity(3)  # ORT's own warnings never reach the terminal
-    options = ort.SessionOptions()
-    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, OPT_LEVELS[opt_level])
-    options.intra_op_num_threads = threads
-    options.log_severity_level = 4  # errors come back as exceptions, worded by onnxopt; no raw ORT lines
-    if fits_in_proto(model):
-        return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "model.onnx"
-        copy = onnx.ModelProto()
-        copy.CopyFrom(model)
-        onnx.save_model(copy, str(path), save_as_external_data=True, location="model.onnx.data")
-        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
+__all__ = ["OPT_LEVELS", "OutputMetrics", "Comparison", "Reference", "compare", "make_session", "latency_ms"]
 
 # Half-precision outputs round about 10x (float16) or 100x (bfloat16) coarser than
 # float32; atol/rtol, chosen for float32, are widened by that factor for them.
 HALF_SCALE = {"float16": 10.0, "bfloat16": 100.0}
+LATENCY_BUDGET_S = 2.0  # for both models together, when the run count is not given
+UNSTABLE_FLOOR = 1e-2  # a floor past this share of an output's largest value is reported
 
 
 @dataclass
 class OutputMetrics:
-    """Differences on one output over every sample."""
+    """Differences on one output over every sample.
+
+    Error figures cover the ``compared`` positions, where both models are finite.
+    ``floor_max_abs`` is ONNX Runtime's own difference on this output between
+    two optimization levels of the original (None when not measured).
+    """
 
     name: str
     dtype: str
@@ -78,24 +70,59 @@ class OutputMetrics:
     top1_agreement: Optional[float] = None
     accuracy_reference: Optional[float] = None
     accuracy_candidate: Optional[float] = None
+    floor_max_abs: Optional[float] = None
+    allowed_abs: Optional[float] = None
+    compared: int = 0
+    nonfinite_reference: int = 0
+    nonfinite_candidate: int = 0
     passed: bool = True
     failures: list[str] = field(default_factory=list)
+
+
+class _Floor:
+    """Running max/mean of |a - b| over the positions where both are finite."""
+
+    def __init__(self) -> None:
+        self.max_abs = 0.0
+        self.measured = False
+
+    def add(self, a: Any, b: Any) -> None:
+        a, b = np.asarray(a), np.asarray(b)
+        if a.shape != b.shape or a.dtype.kind != "f":
+            return
+        self.measured = True
+        a, b = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
+        both = np.isfinite(a) & np.isfinite(b)
+        if both.any():
+            self.max_abs = max(self.max_abs, float(np.abs(a[both] - b[both]).max()))
 
 
 class _Accumulator:
     """Running sums for one output; reduced each batch, nothing kept."""
 
-    def __init__(self, name: str, tol: Tolerance) -> None:
-        self.name, self.tol = name, tol
+    def __init__(self, name: str, tol: Tolerance, floor: Optional[float]) -> None:
+        self.name, self.tol, self.floor = name, tol, floor
         self.dtype = ""
-        self.n = self.mismatch = 0
-        self.sum_abs = self.max_abs = self.max_rel = self.worst_excess = 0.0
+        self.n = self.mismatch = self.compared = 0
+        self.ref_nonfinite = self.cand_nonfinite = 0
+        self.sum_abs = self.max_abs = self.max_rel = self.worst_excess = self.ref_max = 0.0
         self.dot = self.ref_sq = self.cand_sq = self.err_sq = 0.0
         self.rows = self.agree = 0
         self.ref_correct = self.cand_correct = 0
         self.classes = False
 
-    def add(self, ref: np.ndarray, cand: np.ndarray, labels: Optional[np.ndarray]) -> None:
+    def allowed_abs(self) -> Optional[float]:
+        """atol for this output: the tolerance's, raised to ``floor_multiple`` times the floor."""
+        tol = self.tol
+        if tol.atol is None and tol.rtol is None:
+            return None
+        base = HALF_SCALE.get(self.dtype, 1.0) * (tol.atol or 0.0)
+        if tol.floor_multiple is not None and self.floor:
+            return max(base, tol.floor_multiple * self.floor)
+        return base
+
+    def add(self, ref: Any, cand: Any, labels: Optional[np.ndarray]) -> None:
+        ref, cand = np.asarray(ref), np.asarray(cand)
         self.dtype = str(ref.dtype)
         if ref.shape != cand.shape:
             self.mismatch += max(ref.size, cand.size)
@@ -108,48 +135,59 @@ class _Accumulator:
             self.n += ref.size
             return
         a, b = ref.astype(np.float64).ravel(), cand.astype(np.float64).ravel()
+        fin_a, fin_b = np.isfinite(a), np.isfinite(b)
         same = (a == b) | (np.isnan(a) & np.isnan(b))
-        diff = np.where(same, 0.0, np.abs(a - b))
-        diff = np.where(np.isnan(diff), np.inf, diff)
         self.n += a.size
-        self.mismatch += int(np.count_nonzero(diff))
-        with np.errstate(invalid="ignore", over="ignore"):
-            self._add_errors(a, diff)
-        self._add_sums(a, b, same)
+        self.mismatch += int(np.count_nonzero(~same))
+        self.ref_nonfinite += int(np.count_nonzero(~fin_a))
+        self.cand_nonfinite += int(np.count_nonzero(fin_a & ~fin_b))
+        both = fin_a & fin_b
+        self.compared += int(np.count_nonzero(both))
+        a, b = a[both], b[both]
+        if a.size:
+            self._add_errors(a, np.abs(a - b))
+            self._add_sums(a, b)
         if ref.ndim == 2 and ref.shape[1] > 1 and ref.dtype.kind == "f":
             self._add_classes(ref, cand, labels)
 
     def _add_errors(self, a: np.ndarray, diff: np.ndarray) -> None:
-        scale = HALF_SCALE.get(self.dtype, 1.0)
-        if a.size:
-            self.max_abs = max(self.max_abs, float(diff.max()))
-            self.sum_abs += float(diff.sum())
-            self.max_rel = max(self.max_rel, float((diff / np.maximum(np.abs(a), 1e-6)).max()))
-            allowed = scale * ((self.tol.atol or 0.0) + (self.tol.rtol or 0.0) * np.abs(np.where(np.isfinite(a), a, 0)))
-            self.worst_excess = max(self.worst_excess, float(np.nan_to_num((diff - allowed), nan=np.inf).max()))
+        self.ref_max = max(self.ref_max, float(np.abs(a).max()))
+        self.max_abs = max(self.max_abs, float(diff.max()))
+        self.sum_abs += float(diff.sum())
+        self.max_rel = max(self.max_rel, float((diff / np.maximum(np.abs(a), 1e-6)).max()))
+        allowed = self.allowed_abs()
+        if allowed is not None:
+            rtol = HALF_SCALE.get(self.dtype, 1.0) * (self.tol.rtol or 0.0)
+            self.worst_excess = max(self.worst_excess, float((diff - allowed - rtol * np.abs(a)).max()))
 
-    def _add_sums(self, a: np.ndarray, b: np.ndarray, same: np.ndarray) -> None:
-        fa, fb = np.where(np.isfinite(a), a, 0.0), np.where(np.isfinite(b), b, 0.0)
-        self.dot += float(fa @ fb)
-        self.ref_sq += float(fa @ fa)
-        self.cand_sq += float(fb @ fb)
-        fd = np.where(same, 0.0, fa - fb)
-        self.err_sq += float(fd @ fd)
+    def _add_sums(self, a: np.ndarray, b: np.ndarray) -> None:
+        self.dot += float(a @ b)
+        self.ref_sq += float(a @ a)
+        self.cand_sq += float(b @ b)
+        d = a - b
+        self.err_sq += float(d @ d)
 
     def _add_classes(self, ref: np.ndarray, cand: np.ndarray, labels: Optional[np.ndarray]) -> None:
+        keep = np.isfinite(ref).all(axis=1)  # rows the original scores with NaN/inf say nothing
+        if not keep.any():
+            return
         self.classes = True
-        top_ref, top_cand = ref.argmax(axis=1), cand.argmax(axis=1)
+        top_ref, top_cand = ref[keep].argmax(axis=1), cand[keep].argmax(axis=1)
         self.rows += len(top_ref)
         self.agree += int(np.sum(top_ref == top_cand))
-        if labels is not None and len(labels) == len(top_ref):
-            self.ref_correct += int(np.sum(top_ref == labels))
-            self.cand_correct += int(np.sum(top_cand == labels))
+        if labels is not None and len(labels) == len(keep):
+            self.ref_correct += int(np.sum(top_ref == labels[keep]))
+            self.cand_correct += int(np.sum(top_cand == labels[keep]))
 
     def finish(self, with_labels: bool) -> OutputMetrics:
         m = OutputMetrics(self.name, self.dtype, self.n)
         m.max_abs, m.max_rel, m.mismatches = self.max_abs, self.max_rel, self.mismatch
-        m.mean_abs = self.sum_abs / self.n if self.n else 0.0
+        m.mean_abs = self.sum_abs / self.compared if self.compared else 0.0
         m.identical = self.mismatch == 0
+        m.compared, m.nonfinite_reference, m.nonfinite_candidate = self.compared, self.ref_nonfinite, self.cand_nonfinite
+        m.floor_max_abs, m.allowed_abs = self.floor, self.allowed_abs()
+        if self.cand_nonfinite:
+            m.max_abs = math.inf
         if self.ref_sq > 0 and self.cand_sq > 0:
             m.cosine = self.dot / math.sqrt(self.ref_sq * self.cand_sq)
         elif self.ref_sq != self.cand_sq:
@@ -166,16 +204,23 @@ class _Accumulator:
 
     def _judge(self, m: OutputMetrics) -> None:
         tol, fails = self.tol, m.failures
-        if m.dtype and np.dtype(m.dtype).kind not in "f" and m.mismatches:
+        floating = bool(m.dtype) and np.dtype(m.dtype).kind == "f"
+        if m.dtype and not floating and m.mismatches:
             share = 100.0 * m.mismatches / max(m.elements, 1)
             if tol.max_top1_drop is None or share > tol.max_top1_drop:
                 fails.append(f"{m.mismatches} of {m.elements} values differ in non-float output")
-        if m.max_abs == math.inf:
-            fails.append("shapes differ or a value became NaN/inf")
-        if (tol.atol is not None or tol.rtol is not None) and self.worst_excess > 0:
-            scale = HALF_SCALE.get(m.dtype, 1.0)
-            fails.append(f"max abs error {m.max_abs:.3g} exceeds atol={scale * (tol.atol or 0):g} + "
-                         f"rtol={scale * (tol.rtol or 0):g}*|ref|" + (f" (widened {scale:g}x for {m.dtype})" if scale > 1 else ""))
+        if floating and m.elements and not self.compared and m.nonfinite_reference == m.elements:
+            fails.append(f"not computable: all {m.elements} values of the original's output are NaN/inf, "
+                         "so nothing can be compared")
+            m.passed = False
+            return
+        if m.nonfinite_candidate:
+            fails.append(f"{m.nonfinite_candidate} value(s) are NaN/inf in the optimized model where the "
+                         "original is finite")
+        elif m.max_abs == math.inf:
+            fails.append("shapes differ")
+        if m.allowed_abs is not None and self.worst_excess > 0:
+            fails.append(self._excess_message(m))
         if tol.min_cosine is not None and m.cosine < tol.min_cosine:
             fails.append(f"cosine {m.cosine:.6f} below {tol.min_cosine:g}")
         if tol.min_snr_db is not None and m.snr_db < tol.min_snr_db:
@@ -189,6 +234,16 @@ class _Accumulator:
             if drop > tol.max_top1_drop:
                 fails.append(f"{what} dropped {drop:.2f} points (limit {tol.max_top1_drop:g})")
         m.passed = not fails
+
+    def _excess_message(self, m: OutputMetrics) -> str:
+        tol, scale = self.tol, HALF_SCALE.get(m.dtype, 1.0)
+        text = (f"max abs error {m.max_abs:.3g} exceeds atol={scale * (tol.atol or 0):g} + "
+                f"rtol={scale * (tol.rtol or 0):g}*|ref|" + (f" (widened {scale:g}x for {m.dtype})" if scale > 1 else ""))
+        if m.floor_max_abs is None:
+            return text
+        if tol.floor_multiple is not None:
+            return text + f" and {tol.floor_multiple:g}x the runtime's own noise ({m.floor_max_abs:.3g})"
+        return text + f" (the runtime's own noise on this output: {m.floor_max_abs:.3g})"
 
 
 @dataclass
@@ -206,6 +261,9 @@ class Comparison:
     size_candidate: int = 0
     latency_reference_ms: Optional[float] = None
     latency_candidate_ms: Optional[float] = None
+    latency_runs: Optional[list[int]] = None
+    floor_level: Optional[str] = None
+    inputs_nonfinite: dict[str, dict[str, int]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -220,12 +278,18 @@ class Comparison:
         """One line: the first failure, or the worst figures when all passed."""
         for o in self.outputs:
             if o.failures:
-                return f"output '{o.name}': {o.failures[0]} (tolerance {self.tolerance})"
+                return f"output '{o.name}': {o.failures[0]} (tolerance {self.tolerance})" + self._input_hint()
         if self.identical:
             return "outputs identical"
         worst = max(self.outputs, key=lambda o: o.max_abs)
         return (f"max abs error {worst.max_abs:.3g}, cosine {min(o.cosine for o in self.outputs):.6f}, "
                 f"within tolerance {self.tolerance}")
+
+    def _input_hint(self) -> str:
+        if not self.inputs_nonfinite:
+            return ""
+        return "; the inputs hold NaN/inf: " + ", ".join(
+            f"'{k}' {v['nan'] + v['inf']} of {v['values']}" for k, v in self.inputs_nonfinite.items())
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -244,32 +308,154 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-def compare(reference: onnx.ModelProto, candidate: onnx.ModelProto, data: Dataset,
-            tolerance: Tolerance, *, ort_opt_level: str = "all", latency_runs: int = 0) -> Comparison:
-    """Run both models on every feed and judge the differences against ``tolerance``."""
-    ref_sess = _session(reference, ort_opt_level, "original")
-    cand_sess = _session(candidate, ort_opt_level, "optimized")
-    names = [o.name for o in ref_sess.get_outputs()]
-    cand_names = [o.name for o in cand_sess.get_outputs()]
-    if names != cand_names:
-        raise ValidationFailed(f"outputs differ: original has {names}, optimized has {cand_names}")
-    accs = [_Accumulator(n, tolerance) for n in names]
-    offset = 0
+class Reference:
+    """The original model's side of a validation, run once and kept for any number of candidates.
+
+    Runs the original on every feed at ``ort_opt_level`` and stores its outputs;
+    runs it again at the other end of ORT's optimization levels to measure the
+    floor; times it when asked (``latency_runs``: 0 none, N exactly N runs,
+    None as many as fit in half of ``latency_budget``). Only one session is
+    alive at a time and none is kept: a candidate's session can reuse the memory.
+    """
+
+    def __init__(self, model: Union[onnx.ModelProto, RuntimeModel], data: Dataset, *, ort_opt_level: str = "all",
+                 latency_runs: Optional[int] = 0, latency_budget: float = LATENCY_BUDGET_S,
+                 floor: bool = True) -> None:
+        self.data, self.level = data, ort_opt_level
+        self.latency_runs, self.latency_budget = latency_runs, latency_budget
+        self.inputs_nonfinite = _count_nonfinite_inputs(data)
+        self.store = OutputStore()
+        self.latency: Optional[tuple[float, int]] = None
+        self.notes: list[str] = []
+        model = model if isinstance(model, RuntimeModel) else RuntimeModel(model)
+        self.size = model.size
+        try:
+            with open_session(model, ort_opt_level, which="original") as sess:
+                self.names = [o.name for o in sess.get_outputs()]
+                for feed in data.feeds:
+                    self.store.add(run(sess, feed, "original"))
+                self.latency = _latency(sess, data.feeds[0], latency_runs, latency_budget / 2)
+            self.floor_level = "disable" if ort_opt_level != "disable" else "all"
+            self.floors: Optional[list[Optional[float]]] = self._measure_floor(model) if floor else None
+        except BaseException:
+            self.close()
+            raise
+        finally:
+            model.close()  # the stored outputs are all that is needed from here on
+
+    def _measure_floor(self, model: RuntimeModel) -> Optional[list[Optional[float]]]:
+        floors = [_Floor() for _ in self.names]
+        try:
+            with open_session(model, self.floor_level, which="original") as sess:
+                for i, feed in enumerate(self.data.feeds):
+                    _add_all(floors, self.store[i], run(sess, feed, "original"))
+        except Exception as exc:  # the floor is a help, not a requirement: say why it is missing
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            self.notes.append(f"runtime noise floor not measured (the original does not run at "
+                              f"'{self.floor_level}': {first})")
+            return None
+        return [fl.max_abs if fl.measured else None for fl in floors]
+
+    def compare(self, candidate: Union[onnx.ModelProto, RuntimeModel], tolerance: Tolerance, *,
+                latency: bool = True) -> Comparison:
+        """Run ``candidate`` on the same feeds and judge its outputs against the stored ones."""
+        if isinstance(candidate, RuntimeModel):
+            return self._compare(candidate, tolerance, latency)
+        cand = RuntimeModel(candidate)
+        try:
+            return self._compare(cand, tolerance, latency)
+        finally:
+            cand.close()
+
+    def _compare(self, candidate: RuntimeModel, tolerance: Tolerance, latency: bool) -> Comparison:
+        data = self.data
+        floors = self.floors or [None] * len(self.names)
+        accs = [_Accumulator(n, tolerance, f) for n, f in zip(self.names, floors)]
+        cand_latency = None
+        with open_session(candidate, self.level, which="optimized") as sess:
+            cand_names = [o.name for o in sess.get_outputs()]
+            if cand_names != self.names:
+                from .errors import ValidationFailed
+                raise ValidationFailed(f"outputs differ: original has {self.names}, optimized has {cand_names}")
+            offset = 0
+            for i, feed in enumerate(data.feeds):
+                offset = _add_all(accs, self.store[i], run(sess, feed, "optimized"), data.labels, offset)
+            if latency and self.latency is not None:
+                cand_latency = _latency(sess, data.feeds[0], self.latency_runs, self.latency_budget / 2)
+        result = Comparison([a.finish(data.labels is not None) for a in accs], tolerance, data.samples,
+                            len(data.feeds), data.source, data.synthetic, self.level, self.size,
+                            candidate.size, floor_level=self.floor_level if self.floors else None,
+                            inputs_nonfinite=dict(self.inputs_nonfinite),
+                            notes=list(data.notes) + self.notes + self._nonfinite_notes(accs))
+        if cand_latency is not None:
+            result.latency_reference_ms, result.latency_candidate_ms = self.latency[0], cand_latency[0]
+            result.latency_runs = [self.latency[1], cand_latency[1]]
+        return result
+
+    def _nonfinite_notes(self, accs: list[_Accumulator]) -> list[str]:
+        notes = [f"ONNX Runtime itself is unstable on output '{a.name}': its optimization levels differ by "
+                 f"{a.floor:.3g} on values up to {a.ref_max:.3g}, so a check against that noise proves little"
+                 for a in accs if a.floor and a.ref_max and a.floor > UNSTABLE_FLOOR * a.ref_max]
+        notes += [f"input '{k}' holds {v['nan']} NaN and {v['inf']} inf of {v['values']} values"
+                 for k, v in self.inputs_nonfinite.items()]
+        notes += [f"output '{a.name}' of the original is NaN/inf at {a.ref_nonfinite} of {a.n} positions; "
+                  "those are not compared" for a in accs if a.ref_nonfinite]
+        return notes
+
+    def close(self) -> None:
+        self.store.close()
+
+
+def _add_all(accs: list, ref_out: list, other_out: list, labels: Optional[np.ndarray] = None,
+             offset: int = 0) -> int:
+    """Add one feed's outputs to the accumulators; returns the next label offset. (A function
+    of its own so that no output, a view of the session's memory, outlives the session.)"""
+    rows = _rows(ref_out)
+    batch_labels = labels[offset:offset + rows] if labels is not None else None
+    for acc, ref, other in zip(accs, ref_out, other_out):
+        if isinstance(acc, _Floor):
+            acc.add(ref, other)
+        else:
+            acc.add(ref, other, batch_labels)
+    return offset + rows
+
+
+def _latency(sess, feed: dict, runs: Optional[int], budget_s: float) -> Optional[tuple[float, int]]:
+    if runs is None:
+        return latency_within(sess, feed, budget_s)
+    if runs > 0:
+        return latency_ms(sess, feed, runs), runs
+    return None
+
+
+def _count_nonfinite_inputs(data: Dataset) -> dict[str, dict[str, int]]:
+    counts: dict[str, dict[str, int]] = {}
     for feed in data.feeds:
-        ref_out = _run(ref_sess, feed, "original")
-        cand_out = _run(cand_sess, feed, "optimized")
-        rows = _rows(ref_out)
-        labels = data.labels[offset:offset + rows] if data.labels is not None else None
-        offset += rows
-        for acc, r, c in zip(accs, ref_out, cand_out):
-            acc.add(np.asarray(r), np.asarray(c), labels)
-    result = Comparison([a.finish(data.labels is not None) for a in accs], tolerance, data.samples,
-                        len(data.feeds), data.source, data.synthetic, ort_opt_level,
-                        reference.ByteSize(), candidate.ByteSize(), notes=list(data.notes))
-    if latency_runs > 0:
-        result.latency_reference_ms = latency_ms(ref_sess, data.feeds[0], latency_runs)
-        result.latency_candidate_ms = latency_ms(cand_sess, data.feeds[0], latency_runs)
-    return result
+        for name, value in feed.items():
+            value = np.asarray(value)
+            if value.dtype.kind != "f":
+                continue
+            row = counts.setdefault(name, {"nan": 0, "inf": 0, "values": 0})
+            row["nan"] += int(np.count_nonzero(np.isnan(value)))
+            row["inf"] += int(np.count_nonzero(np.isinf(value)))
+            row["values"] += value.size
+    return {k: v for k, v in counts.items() if v["nan"] or v["inf"]}
+
+
+def compare(reference: onnx.ModelProto, candidate: onnx.ModelProto, data: Dataset,
+            tolerance: Tolerance, *, ort_opt_level: str = "all", latency_runs: Optional[int] = 0,
+            latency_budget: float = LATENCY_BUDGET_S) -> Comparison:
+    """Run both models on every feed and judge the differences against ``tolerance``.
+
+    ``latency_runs``: 0 skips timing, N times exactly N runs of each model,
+    None as many as fit in ``latency_budget`` seconds for both together.
+    """
+    ref = Reference(reference, data, ort_opt_level=ort_opt_level, latency_runs=latency_runs,
+                    latency_budget=latency_budget)
+    try:
+        return ref.compare(candidate, tolerance)
+    finally:
+        ref.close()
 
 
 def _rows(outputs: list) -> int:
@@ -278,37 +464,3 @@ def _rows(outputs: list) -> int:
         if out.ndim == 2:
             return out.shape[0]
     return 1
-
-
-def _session(model: onnx.ModelProto, level: str, which: str) -> ort.InferenceSession:
-    try:
-        return make_session(model, level)
-    except InputError:
-        raise
-    except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        if which == "original":
-            raise InputError(f"ONNX Runtime cannot load the original model: {first}") from None
-        raise ValidationFailed(f"ONNX Runtime cannot load the optimized model: {first}") from None
-
-
-def _run(sess: ort.InferenceSession, feed: dict, which: str) -> list:
-    try:
-        return sess.run(None, feed)
-    except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        if which == "original":
-            raise InputError(f"ONNX Runtime cannot run the original model on these inputs: {first}") from None
-        raise ValidationFailed(f"ONNX Runtime cannot run the optimized model: {first}") from None
-
-
-def latency_ms(sess: ort.InferenceSession, feed: dict, runs: int, warmup: int = 2) -> float:
-    """Median wall time of one run, in milliseconds."""
-    for _ in range(warmup):
-        sess.run(None, feed)
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        sess.run(None, feed)
-        times.append((time.perf_counter() - start) * 1000.0)
-    return statistics.median(times)

@@ -109,6 +109,9 @@ class Dedup(Pass):
         for func in getattr(graph, "functions", []):
             self._walk(func, _Scope(None, func))
         modified = bool(self.stats["constants_merged"] or self.stats["nodes_merged"] or self.renamed)
+        # The per-run tables reference the graph's tensors: a pipeline keeps its pass objects,
+        # and must not keep the graph (and the model it came from) alive with them.
+        self.digests = self.out_slots = self.functions = self.lonely = None
         return PassResult(modified, dict(self.stats))
 
     # ------------------------------------------------------------- constants

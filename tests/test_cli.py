@@ -57,6 +57,46 @@ def test_validation_failure_exits_1_and_writes_nothing(cnn, capsys):
     assert code == 1 and (cnn.parent / "out.onnx").exists()
 
 
+def test_nan_only_inputs_fail_validation_with_one_line(cnn, capsys):
+    x = np.load(cnn.parent / "digits_test.npz")["input"][:8]
+    np.savez(cnn.parent / "nan.npz", input=np.full_like(x, np.nan))
+    report = cnn.parent / "r.json"
+    code, out, err = run(["optimize", cnn, "-o", cnn.parent / "out.onnx", "--inputs", cnn.parent / "nan.npz",
+                          "--report", report], capsys)
+    assert code == 1 and "PASSED" not in out and not (cnn.parent / "out.onnx").exists()
+    assert len(err.strip().splitlines()) == 1 and "not computable" in err and "'input' 512 of 512" in err
+    validation = json.loads(report.read_text())["validation"]
+    assert validation["outputs"][0]["compared"] == 0 and validation["inputs_nonfinite"]["input"]["nan"] == 512
+
+
+def test_default_run_prints_the_floor_and_adapts_latency_runs(cnn, capsys):
+    report = cnn.parent / "r.json"
+    code, out, err = run(["optimize", cnn, "-o", cnn.parent / "out.onnx", "--inputs", cnn.parent / "digits_test.npz",
+                          "--report", report], capsys)
+    assert code == 0, err
+    validation = json.loads(report.read_text())["validation"]
+    floor = validation["outputs"][0]["floor_max_abs"]
+    assert floor > 0 and f"(runtime noise {floor:.3g})" in out and "floor_multiple=8" in out
+    runs = validation["latency_runs"]
+    assert len(runs) == 2 and all(1 <= r <= 100 for r in runs) and f"{runs[0]} / {runs[1]} runs" in out
+
+
+def test_large_model_is_validated_from_mapped_files_and_saved_the_same(cnn, capsys, monkeypatch):
+    from onnxopt import api, runtime, serialize
+
+    small = api.optimize(cnn, inputs=cnn.parent / "digits_test.npz")
+    monkeypatch.setattr(runtime, "FILE_SESSION_BYTES", -1)
+    monkeypatch.setattr(serialize, "STREAM_BYTES", -1)
+    large = api.optimize(cnn, inputs=cnn.parent / "digits_test.npz")
+    assert large.original is None and small.original is not None  # released: read from the file again if needed
+    size_line = [line for line in small.summary().splitlines() if line.startswith("size:")]
+    assert large.totals == small.totals and size_line and size_line[0] in large.summary()
+    assert large.validation.outputs[0].max_abs == small.validation.outputs[0].max_abs
+    large.save(cnn.parent / "large.onnx")
+    small.save(cnn.parent / "small.onnx")
+    assert (cnn.parent / "large.onnx").read_bytes() == (cnn.parent / "small.onnx").read_bytes()
+
+
 @pytest.mark.parametrize("case", ["truncated", "random", "missing_external", "same_path", "unknown_pass",
                                   "bad_option", "bad_inputs_dtype", "bad_inputs_name", "bad_inputs_shape",
                                   "empty_dir", "bad_max_growth"])

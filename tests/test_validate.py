@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -10,8 +11,10 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import onnxopt
+from onnxopt import runtime, serialize
 from onnxopt.data import Dataset
-from onnxopt.pipeline import Tolerance
+from onnxopt.pipeline import EXACT, FLOOR_MULTIPLE, Tolerance
+from onnxopt.report import format_comparison
 from onnxopt.validate import compare, make_session
 
 
@@ -75,3 +78,208 @@ def test_opt_level_is_applied():
     assert sess.get_session_options().graph_optimization_level.name == "ORT_DISABLE_ALL"
     with pytest.raises(onnxopt.InputError, match="unknown ORT optimization level"):
         make_session(_affine(1, 0), "max")
+
+
+# ----------------------------------------------------------------- the runtime's own noise (floor)
+
+def _conv_bn(shift: float = 0.0, c: int = 16) -> onnx.ModelProto:
+    """Conv 1x1 + BatchNormalization (+ shift): ORT folds the BN at 'all', not at 'disable', so the
+    original itself differs between the two levels by float rounding of large activations."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((c, c, 1, 1)).astype(np.float32), "w"),
+             numpy_helper.from_array(rng.uniform(0.5, 2, c).astype(np.float32), "g"),
+             numpy_helper.from_array(rng.standard_normal(c).astype(np.float32), "b"),
+             numpy_helper.from_array(rng.standard_normal(c).astype(np.float32), "m"),
+             numpy_helper.from_array(rng.uniform(0.5, 2, c).astype(np.float32), "v"),
+             numpy_helper.from_array(np.array(shift, np.float32), "shift")]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["t"]),
+             helper.make_node("BatchNormalization", ["t", "g", "b", "m", "v"], ["u"]),
+             helper.make_node("Add", ["u", "shift"], ["y"])]
+    graph = helper.make_graph(nodes, "cbn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", c, 4, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", c, 4, 4])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _large_inputs() -> Dataset:
+    x = (np.random.default_rng(1).standard_normal((8, 16, 4, 4)) * 100).astype(np.float32)
+    return Dataset([{"x": x}], source="t", samples=8)
+
+
+def _floor(model: onnx.ModelProto, data: Dataset) -> float:
+    feed = data.feeds[0]
+    a = make_session(model, "all").run(None, feed)[0]
+    b = make_session(model, "disable").run(None, feed)[0]
+    return float(np.abs(a - b).max())
+
+
+def test_floor_is_measured_reported_and_printed():
+    data = _large_inputs()
+    floor = _floor(_conv_bn(), data)
+    assert floor > 1e-5  # the runtime differs by more than the fixed atol here
+    result = compare(_conv_bn(), _conv_bn(), data, EXACT)
+    out = result.outputs[0]
+    assert out.floor_max_abs == pytest.approx(floor) and result.floor_level == "disable"
+    assert out.allowed_abs == pytest.approx(FLOOR_MULTIPLE * floor)
+    assert result.to_dict()["outputs"][0]["floor_max_abs"] == pytest.approx(floor)
+    text = "\n".join(format_comparison(result))
+    assert f"runtime noise {floor:.3g}" in text
+
+
+def test_error_within_the_floor_passes_the_default_and_well_above_it_fails():
+    data = _large_inputs()
+    floor = _floor(_conv_bn(), data)
+    within = compare(_conv_bn(), _conv_bn(shift=2 * floor), data, EXACT)
+    assert within.passed and within.outputs[0].max_abs > 1e-4  # fails atol/rtol alone:
+    assert not compare(_conv_bn(), _conv_bn(shift=2 * floor), data, Tolerance(atol=1e-5, rtol=1e-4)).passed
+    above = compare(_conv_bn(), _conv_bn(shift=50 * floor), data, EXACT)
+    assert not above.passed
+    assert f"and {FLOOR_MULTIPLE:g}x the runtime's own noise ({floor:.3g})" in above.headline()
+
+
+def test_explicit_tolerance_binds_and_says_it_is_tighter_than_the_runtime():
+    data = _large_inputs()
+    result = compare(_conv_bn(), _conv_bn(shift=2 * _floor(_conv_bn(), data)), data, Tolerance(atol=1e-5, rtol=1e-4))
+    assert not result.passed and "the runtime's own noise on this output" in result.headline()
+    assert "atol=1e-05 is tighter than ONNX Runtime's own noise on 'y'" in "\n".join(format_comparison(result))
+
+
+def test_floor_multiple_never_loosens_lossy_checks():
+    data = _large_inputs()
+    tol = Tolerance(min_cosine=0.999999, floor_multiple=1e6)
+    result = compare(_conv_bn(), _conv_bn(shift=1e3), data, tol)
+    assert result.outputs[0].allowed_abs is None  # no atol/rtol: nothing to widen
+    assert not result.passed and "cosine" in result.headline()
+
+
+def test_default_tolerances_carry_the_floor_only_for_exact_pipelines():
+    from onnxopt.api import default_tolerance
+    from onnxopt.pipeline import Pipeline
+
+    assert default_tolerance(Pipeline.parse("cleanup")).floor_multiple == FLOOR_MULTIPLE
+    assert default_tolerance(Pipeline.parse("cleanup,qdq")).atol is None
+    assert Tolerance.parse("atol=1e-4,floor_multiple=4").floor_multiple == 4
+
+
+# ----------------------------------------------------------------- NaN and inf
+
+def test_all_nan_inputs_fail_as_not_computable():
+    data = Dataset([{"x": np.full((4, 5), np.nan, np.float32)}], source="t", samples=4)
+    result = compare(_affine(1, 0), _affine(1, 0), data, EXACT)
+    out = result.outputs[0]
+    assert not result.passed and out.compared == 0 and out.nonfinite_reference == 20
+    assert "not computable" in result.headline() and "'x' 20 of 20" in result.headline()
+    assert result.to_dict()["inputs_nonfinite"] == {"x": {"nan": 20, "inf": 0, "values": 20}}
+    assert "PASSED" not in "\n".join(format_comparison(result))
+
+
+def test_partly_nan_inputs_compare_the_finite_positions_and_say_how_many_were_not():
+    x = np.random.default_rng(0).standard_normal((4, 5)).astype(np.float32)
+    x[0, :2] = np.nan
+    x[1, 0] = np.inf
+    data = Dataset([{"x": x}], source="t", samples=4)
+    result = compare(_affine(1, 0), _affine(1, 1e-3), data, Tolerance(atol=2e-3))
+    out = result.outputs[0]
+    assert result.passed and out.nonfinite_reference == 3 and out.compared == 17
+    assert out.max_abs == pytest.approx(1e-3, rel=1e-3) and math.isfinite(out.snr_db)
+    notes = "\n".join(result.notes)
+    assert "input 'x' holds 2 NaN and 1 inf of 20 values" in notes
+    assert "NaN/inf at 3 of 20 positions; those are not compared" in notes
+
+
+def test_candidate_nan_where_the_original_is_finite_fails():
+    data = Dataset([{"x": np.array([[np.inf, 1.0, 2.0, 3.0, 4.0]], np.float32)}], source="t", samples=1)
+    # the original keeps the inf in place and is finite elsewhere; the candidate divides by zero
+    nodes = [helper.make_node("Div", ["x", "z"], ["y"])]
+    graph = helper.make_graph(nodes, "div", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 5])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 5])],
+                              [numpy_helper.from_array(np.zeros(5, np.float32), "z")])
+    broken = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    result = compare(_affine(1, 0), broken, data, EXACT)
+    assert not result.passed
+    assert "4 value(s) are NaN/inf in the optimized model where the original is finite" in result.headline()
+
+
+# ----------------------------------------------------------------- latency within a budget
+
+class _FakeClockSession:
+    """A session whose every run takes ``cost`` seconds of a fake clock."""
+
+    def __init__(self, clock: list, cost: float) -> None:
+        self.clock, self.cost, self.runs = clock, cost, 0
+
+    def run(self, names, feed):
+        self.clock[0] += self.cost
+        self.runs += 1
+
+
+def test_latency_run_count_adapts_to_the_budget(monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr(runtime.time, "perf_counter", lambda: clock[0])
+    slow, fast = _FakeClockSession(clock, 0.25), _FakeClockSession(clock, 0.001)
+    assert runtime.latency_within(slow, {}, budget_s=1.0) == (250.0, 4)
+    assert runtime.latency_within(slow, {}, budget_s=0.0)[1] == 1  # one run even past the budget
+    assert runtime.latency_within(fast, {}, budget_s=1.0)[1] == runtime.MAX_LATENCY_RUNS
+
+
+def test_compare_times_within_the_budget_unless_runs_are_given():
+    data = _data(labels=False)
+    adaptive = compare(_affine(1, 0), _affine(1, 0), data, EXACT, latency_runs=None, latency_budget=0.0)
+    assert adaptive.latency_runs == [1, 1] and adaptive.latency_candidate_ms > 0
+    fixed = compare(_affine(1, 0), _affine(1, 0), data, EXACT, latency_runs=3)
+    assert fixed.latency_runs == [3, 3]
+    assert compare(_affine(1, 0), _affine(1, 0), data, EXACT).latency_runs is None
+
+
+# ----------------------------------------------------------------- one session at a time, large models
+
+def test_large_model_path_maps_files_and_spills_outputs(monkeypatch):
+    data = _data(labels=False)
+    small = compare(_affine(1, 0), _affine(1.001, 0), data, Tolerance(min_cosine=0.9))
+    monkeypatch.setattr(runtime, "FILE_SESSION_BYTES", -1)  # every model goes through mapped files
+    monkeypatch.setattr(serialize, "EXTERNAL_TENSOR_BYTES", 0)
+    monkeypatch.setattr(runtime.OutputStore, "__init__", lambda self, budget=0: _store_init(self))
+    made = []
+    real = runtime.RuntimeModel.__init__
+
+    def spy(self, model):
+        real(self, model)
+        made.append(self.folder)
+
+    monkeypatch.setattr(runtime.RuntimeModel, "__init__", spy)
+    large = compare(_affine(1, 0), _affine(1.001, 0), data, Tolerance(min_cosine=0.9))
+    assert len(made) == 2 and all(folder is not None and not folder.exists() for folder in made)
+    a, b = small.outputs[0], large.outputs[0]
+    assert (a.max_abs, a.mean_abs, a.cosine, a.snr_db) == (b.max_abs, b.mean_abs, b.cosine, b.snr_db)
+    assert large.size_reference == _affine(1, 0).ByteSize()
+
+
+def _store_init(store) -> None:
+    store.budget, store.held, store.items, store.folder = 0, 0, [], None
+
+
+def test_output_store_spills_past_its_budget_and_cleans_up():
+    store = runtime.OutputStore(budget=100)
+    small, big = np.arange(10, dtype=np.float32), np.arange(1000, dtype=np.float32)
+    store.add([small, big])
+    assert store.folder is not None and isinstance(store.items[0][1], Path)
+    got = store[0]
+    np.testing.assert_array_equal(got[0], small)
+    np.testing.assert_array_equal(got[1], big)
+    folder = store.folder
+    store.close()
+    assert not folder.exists()
+
+
+def test_an_unstable_runtime_is_reported():
+    from onnxopt.validate import Reference
+
+    data = _data(labels=False)
+    ref = Reference(_affine(1, 0), data)
+    assert ref.floors == [0.0]  # an Add and a Mul: ORT computes them alike at every level
+    quiet = ref.compare(_affine(1, 0), EXACT)
+    ref.floors = [0.5]  # as if the runtime's levels differed by 0.5 on values of a few units
+    noisy = ref.compare(_affine(1, 0), EXACT)
+    ref.close()
+    assert not any("unstable" in n for n in quiet.notes)
+    assert any("ONNX Runtime itself is unstable on output 'y': its optimization levels differ by 0.5" in n
+               for n in noisy.notes)

@@ -548,3 +548,20 @@ def test_random_dags_merge_exactly_the_repeats(model):
     assert len(out.graph.node) == len(model.graph.node) - merged
     again, second = run_pass_direct(out, "dedup")
     assert second.stats["nodes_merged"] == 0 and second.stats["constants_merged"] == 0
+
+
+def test_pass_object_keeps_nothing_of_the_graph_after_running():
+    """A pipeline holds its pass objects; they must not keep a graph (and its model) alive."""
+    import gc
+    import weakref
+
+    model = make_model([node("Add", ["x", "a"], ["y"]), node("Add", ["y", "b"], ["z"])],
+                       [vi("x", [2])], [vi("z", [2])],
+                       [init("a", np.ones(2, np.float32)), init("b", np.ones(2, np.float32))])
+    graph = G.import_graph(model)
+    dedup = get_pass("dedup")()
+    assert dedup.run(graph, PassContext()).modified
+    ref = weakref.ref(graph)
+    del graph
+    gc.collect()
+    assert ref() is None
