@@ -259,18 +259,24 @@ def main(argv: Optional[list[str]] = None) -> int:
         row = {"name": entry["name"], "task": entry["task"], "nodes": count_nodes(model), "size": model.stat().st_size,
                "nodata": nodata, "real": real, "peers": peers}
         rows.append(row)
+        if args.out:  # written after every model, so a long run shows its findings as it goes
+            Path(args.out).write_text(_markdown(rows, tools, args.python))
         print(f"{entry['name']}: no-data {nodata['rc']} real {real['rc']} nodes {row['nodes']} -> "
               f"{real.get('nodes')} peers {[peers.get(t, {}).get('nodes') for t in tools]}", file=sys.stderr, flush=True)
-    md = (f"## Corpus findings ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})\n\n{summary(rows)}\n\n"
-          f"{table(rows, tools)}\n\nnodes: every graph incl. If/Loop bodies; onnxopt column = the real-input run "
-          f"(no-data run when that wrote nothing); ▲ = more nodes than the best of onnxsim/onnxslim. "
-          f"Command: `PYTHONPATH=. {Path(args.python).name} tools/corpus_report.py`\n")
+    md = _markdown(rows, tools, args.python)
     print(md)
     if args.out:
         Path(args.out).write_text(md)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
     return 0
+
+
+def _markdown(rows: list[dict], tools: list[str], python: str) -> str:
+    return (f"## Corpus findings ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})\n\n{summary(rows)}\n\n"
+          f"{table(rows, tools)}\n\nnodes: every graph incl. If/Loop bodies; onnxopt column = the real-input run "
+          f"(no-data run when that wrote nothing); ▲ = more nodes than the best of onnxsim/onnxslim. "
+          f"Command: `PYTHONPATH=. {Path(python).name} tools/corpus_report.py`\n")
 
 
 if __name__ == "__main__":
