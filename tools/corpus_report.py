@@ -23,6 +23,7 @@ import argparse
 import fnmatch
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -92,8 +93,15 @@ def _first_error(text: str) -> str:
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     for ln in lines:
         if ln.lower().startswith(("error", "onnxopt: error", "validation failed", "fail")) or "error" in ln.lower():
-            return ln[:160]
-    return (lines[-1] if lines else "")[:160]
+            return ln[:400]
+    return (lines[-1] if lines else "")[:400]
+
+
+def _short(error: str, width: int = 200) -> str:
+    """An error for a table cell: ORT's '[ONNXRuntimeError] : 2 : INVALID_ARGUMENT :' prefix shortened."""
+    error = re.sub(r"\[ONNXRuntimeError\] : \d+ : (\w+) :", r"ORT \1:", error)
+    error = error.replace("onnxopt: error: ", "").replace("|", "/")
+    return error[:width]
 
 
 def _max_abs(report: Any) -> Optional[float]:
@@ -194,7 +202,7 @@ def table(rows: list[dict], tools: list[str]) -> str:
         peer_cells = []
         for t in tools:
             p = r["peers"].get(t, {})
-            peer_cells.append(str(p["nodes"]) if "nodes" in p else "fail: " + p.get("error", "?")[:60].replace("|", "/"))
+            peer_cells.append(str(p["nodes"]) if "nodes" in p else "fail: " + _short(p.get("error", "?"), 70))
         nodes_opt = real.get("nodes", nodata.get("nodes"))
         size_after = real.get("size", nodata.get("size"))
         best = min([p["nodes"] for t, p in r["peers"].items() if t in ("onnxsim", "onnxslim") and "nodes" in p]
@@ -203,7 +211,7 @@ def table(rows: list[dict], tools: list[str]) -> str:
         growth = "-" if size_after is None else f"{size_after / 2**20:.2f} MiB ({(size_after / r['size'] - 1) * 100:+.1f}%)"
         cells = [r["name"], r["task"], str(r["nodes"]), ("-" if nodes_opt is None else str(nodes_opt)) + mark,
                  *peer_cells, f"{r['size'] / 2**20:.2f} MiB", growth, str(nodata["rc"]),
-                 nodata.get("error", "").replace("|", "/")[:120], str(real["rc"]), _fmt_err(real.get("max_abs")),
+                 _short(nodata.get("error", "")), str(real["rc"]), _fmt_err(real.get("max_abs")),
                  _fmt_err(real.get("floor"))]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -233,7 +241,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--tools", default=",".join(PEERS))
     ap.add_argument("--python", default=sys.executable)
     ap.add_argument("--refresh-peers", action="store_true")
+    ap.add_argument("--from-json", help="only re-render the table of a previous --json file")
     args = ap.parse_args(argv)
+    if args.from_json:
+        md = _markdown(json.loads(Path(args.from_json).read_text()), args.tools.split(","), args.python)
+        print(md)
+        if args.out:
+            Path(args.out).write_text(md)
+        return 0
     cache = cache_dir(args.cache)
     manifest = cache / "manifest.json"
     if not manifest.exists():
