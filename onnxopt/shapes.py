@@ -1,0 +1,134 @@
+"""Symbolic shapes: the shape of every value and the contents of small shape tensors, with
+batch/sequence dims kept as sympy symbols.
+
+Built on ONNX Runtime's symbolic shape inference (``onnxruntime.tools.symbolic_shape_infer``):
+it propagates sympy expressions through Shape, Gather, Slice, Concat, Unsqueeze, Squeeze,
+arithmetic, Reshape, Range, ConstantOfShape, Expand and the common compute ops, and records
+the *values* of shape tensors (``sympy_data_``), which onnx's own ``infer_shapes(data_prop=True)``
+does only for a few ops and never with symbols. We read its results; we never take the model it
+writes (it may guess ranks and merge symbols).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+import onnx
+
+Dim = Union[int, Any]  # an int or a sympy expression
+
+
+@dataclass
+class SymbolicShapes:
+    """What inference knew: ``shapes[name]`` (a list of dims, None when unknown) and ``values[name]``
+    (an int/expression for a scalar shape value, a list of them for a 1-D one)."""
+
+    shapes: dict[str, list[Optional[Dim]]] = field(default_factory=dict)
+    values: dict[str, Any] = field(default_factory=dict)
+
+    def shape(self, name: str) -> Optional[list[Optional[Dim]]]:
+        return self.shapes.get(name)
+
+    def value(self, name: str) -> Any:
+        return self.values.get(name)
+
+
+def as_int(dim: Any) -> Optional[int]:
+    """The integer a dim or value element is, or None when it is symbolic."""
+    if isinstance(dim, bool):
+        return None
+    if isinstance(dim, int):
+        return dim
+    try:
+        if getattr(dim, "is_Integer", False):
+            return int(dim)
+    except TypeError:
+        return None
+    return None
+
+
+def same(a: Any, b: Any) -> bool:
+    """Whether two dims are provably equal (equal ints, or expressions whose difference is 0)."""
+    if a is None or b is None:
+        return False
+    ia, ib = as_int(a), as_int(b)
+    if ia is not None or ib is not None:
+        return ia is not None and ia == ib
+    try:
+        import sympy
+
+        return sympy.simplify(a - b) == 0
+    except Exception:  # noqa: BLE001 - not comparable
+        return False
+
+
+def infer(model: onnx.ModelProto, merge_symbols: bool = False) -> Optional[SymbolicShapes]:
+    """Symbolic shapes of the main graph's values, or None when inference fails.
+
+    ``merge_symbols`` lets inference equate two symbols where broadcasting or a
+    Concat needs them equal (ORT's ``auto_merge``); off, such a model is not inferred.
+    """
+    from onnxruntime.tools import symbolic_shape_infer as ssi
+
+    quiet = logging.getLogger(ssi.__name__)
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)
+    try:
+        engine = _engine_class(ssi)(2**31 - 1, merge_symbols, False, 0)
+        engine._preprocess(model)
+        while engine.run_:
+            engine._infer_impl()
+    except Exception:  # noqa: BLE001 - unsupported ops, conflicting symbols: no knowledge
+        return None
+    finally:
+        quiet.setLevel(level)
+    return _collect(engine)
+
+
+def _engine_class(ssi: Any) -> type:
+    class Engine(ssi.SymbolicShapeInference):
+        def _infer_Concat(self, node: onnx.NodeProto) -> None:  # noqa: N802
+            # ORT asserts that a Concat of shape values is along axis 0; a 1-D Concat along -1
+            # is the same, and one of higher rank carries no shape values.
+            axis = ssi.get_attribute(node, "axis")
+            rank = len(self._get_shape(node, 0) or [])
+            if axis == 0 or rank == 0:
+                return super()._infer_Concat(node)
+            if rank == 1:
+                for attr in node.attribute:
+                    if attr.name == "axis":
+                        attr.i = 0  # the node is inference's own copy
+                return super()._infer_Concat(node)
+            hidden = {n: self.sympy_data_.pop(n) for n in node.input if n in self.sympy_data_}
+            held = {n: self.initializers_.pop(n) for n in node.input if n in self.initializers_}
+            try:
+                return super()._infer_Concat(node)
+            finally:
+                self.sympy_data_.update(hidden)
+                self.initializers_.update(held)
+
+    return Engine
+
+
+def _collect(engine: Any) -> SymbolicShapes:
+    out = SymbolicShapes()
+    for name, info in engine.known_vi_.items():
+        if not info.type.HasField("tensor_type") or not info.type.tensor_type.HasField("shape"):
+            continue
+        out.shapes[name] = [_dim(engine, d) for d in info.type.tensor_type.shape.dim]
+    for name, value in engine.sympy_data_.items():
+        out.values[name] = list(value) if isinstance(value, (list, tuple)) else value
+    return out
+
+
+def _dim(engine: Any, dim: onnx.TensorShapeProto.Dimension) -> Optional[Dim]:
+    if dim.HasField("dim_value"):
+        return int(dim.dim_value)
+    if dim.HasField("dim_param"):
+        merged = engine.suggested_merge_.get(dim.dim_param, dim.dim_param)
+        if not isinstance(merged, str):
+            return int(merged)
+        return engine.symbolic_dims_.get(merged)
+    return None
