@@ -23,10 +23,12 @@ Dim = Union[int, Any]  # an int or a sympy expression
 @dataclass
 class SymbolicShapes:
     """What inference knew: ``shapes[name]`` (a list of dims, None when unknown) and ``values[name]``
-    (an int/expression for a scalar shape value, a list of them for a 1-D one)."""
+    (an int/expression for a scalar shape value, a list of them for a 1-D one), and ``types[name]``
+    (the ONNX element type)."""
 
     shapes: dict[str, list[Optional[Dim]]] = field(default_factory=dict)
     values: dict[str, Any] = field(default_factory=dict)
+    types: dict[str, int] = field(default_factory=dict)  # ONNX element types
 
     def shape(self, name: str) -> Optional[list[Optional[Dim]]]:
         return self.shapes.get(name)
@@ -118,6 +120,7 @@ def _collect(engine: Any) -> SymbolicShapes:
         if not info.type.HasField("tensor_type") or not info.type.tensor_type.HasField("shape"):
             continue
         out.shapes[name] = [_dim(engine, d) for d in info.type.tensor_type.shape.dim]
+        out.types[name] = info.type.tensor_type.elem_type
     for name, value in engine.sympy_data_.items():
         out.values[name] = list(value) if isinstance(value, (list, tuple)) else value
     return out

@@ -17,7 +17,7 @@ _FLOATS = (np.dtype(np.float32), np.dtype(np.float16), np.dtype(np.float64))
 
 @dataclass
 class MergeOptions:
-    siblings: bool = True  # MatMul/Gemm nodes reading one input with constant weights -> one node + Split
+    siblings: bool = False  # MatMul/Gemm nodes reading one input with constant weights -> one node + Split
     min_siblings: int = 2  # merge only groups of at least this many
     gemm: bool = True  # 2-D MatMul followed by a constant bias Add -> Gemm
     slices: bool = True  # Slice of a Slice along other axes -> one Slice
@@ -31,9 +31,11 @@ class Merge(Pass):
       input, each with its own constant 2-D weight read by nothing else, become one
       MatMul/Gemm over the concatenated weights followed by a Split into the original
       outputs (attention Q/K/V). A constant bias Add after each MatMul is merged too.
-      ONNX Runtime on CPU runs the merged form at least as fast as the separate nodes
-      (see BENCHMARKS.md); ``siblings=false`` keeps them apart. (``sibling_groups``,
-      ``sibling_nodes``; groups mixing weight dtypes or shapes: ``skipped_siblings``.)
+      Off by default: ONNX Runtime on CPU runs the merged form no faster, and up to ~20-40%
+      slower once activations are large (the Split copies the whole product;
+      ``tools/bench_merge.py`` measures it); ``siblings=true`` trades that for fewer nodes.
+      (``sibling_groups``, ``sibling_nodes``; groups mixing weight dtypes or contraction
+      sizes: ``skipped_siblings``.)
     - ``gemm``: MatMul of a 2-D input and a 2-D constant weight whose only reader is an
       Add of a constant bias broadcastable to the output's rows becomes Gemm (``gemms_made``).
     - ``slices``: a Slice whose input is another Slice's output along different axes, with

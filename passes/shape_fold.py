@@ -7,6 +7,7 @@ from typing import Any, Optional
 
 import numpy as np
 import onnx_graphsurgeon as gs
+from onnx import helper
 
 from onnxopt import graph as G
 from onnxopt import shapes as S
@@ -113,7 +114,7 @@ def _resolve_reshapes(graph: gs.Graph, info: S.SymbolicShapes, names: G.Names, s
         if resolved is None:
             stats["reshapes_unresolved"] += 1
             continue
-        dtype = target.dtype if target.dtype in _INT_TYPES else np.dtype(np.int64)
+        dtype = _dtype(target, info) if _dtype(target, info) in _INT_TYPES else np.dtype(np.int64)
         node.inputs[1] = _const(graph, names, f"{target.name}_resolved", resolved, dtype)
         stats["reshapes_resolved"] += 1
 
@@ -183,7 +184,10 @@ def _fold_known_values(graph: gs.Graph, info: S.SymbolicShapes, names: G.Names, 
 
 def _known_array(tensor: gs.Tensor, info: S.SymbolicShapes) -> Optional[np.ndarray]:
     """The tensor's value when it is an int64/int32 shape value that inference fully knows."""
-    if not isinstance(tensor, gs.Variable) or tensor.dtype not in _INT_TYPES:
+    if not isinstance(tensor, gs.Variable):
+        return None
+    dtype = _dtype(tensor, info)
+    if dtype not in _INT_TYPES:
         return None
     value, shape = info.value(tensor.name), info.shape(tensor.name)
     if value is None or shape is None:
@@ -193,10 +197,21 @@ def _known_array(tensor: gs.Tensor, info: S.SymbolicShapes) -> Optional[np.ndarr
     if any(v is None for v in ints):
         return None
     if not isinstance(value, list) and shape == []:
-        return np.asarray(ints[0], dtype=tensor.dtype)
+        return np.asarray(ints[0], dtype=dtype)
     if isinstance(value, list) and len(shape) == 1 and S.as_int(shape[0]) == len(ints):
-        return np.asarray(ints, dtype=tensor.dtype)
+        return np.asarray(ints, dtype=dtype)
     return None
+
+
+def _dtype(tensor: gs.Tensor, info: S.SymbolicShapes) -> Optional[np.dtype]:
+    """The tensor's element type: declared, else inferred."""
+    if tensor.dtype is not None:
+        return np.dtype(tensor.dtype) if isinstance(tensor.dtype, (type, np.dtype)) else None
+    elem = info.types.get(tensor.name)
+    try:
+        return np.dtype(helper.tensor_dtype_to_np_dtype(elem)) if elem else None
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 # ----------------------------------------------------------------- RNN states
