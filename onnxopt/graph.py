@@ -80,7 +80,7 @@ def export_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
 
 # Tensors at least this big are exported through a stub (see export_onnx).
 _STUB_BYTES = 1024
-_STUB_MARK = "\x00onnxopt-stub:"
+_STUB_MARK = STUB_MARK = "\x00onnxopt-stub:"  # doc_string of a stub
 
 
 class _Stub(LazyValues):

@@ -91,6 +91,30 @@ def infer(model: onnx.ModelProto, merge_symbols: bool = False) -> Optional[Symbo
 
 def _engine_class(ssi: Any) -> type:
     class Engine(ssi.SymbolicShapeInference):
+        def __init__(self, *args: Any) -> None:
+            super().__init__(*args)
+            # onnx has no schema for ORT's quantized LSTM; its shapes are LSTM's
+            self.dispatcher_.setdefault("DynamicQuantizeLSTM", self._infer_lstm_like)
+            # ConvInteger's output dims follow Conv's rule (input 0 and weight input 1, same attributes)
+            self.dispatcher_.setdefault("ConvInteger", self._infer_Conv)
+
+        def _infer_lstm_like(self, node: onnx.NodeProto) -> None:
+            x = self._get_sympy_shape(node, 0)
+            hidden = ssi.get_attribute(node, "hidden_size")
+            direction = ssi.get_attribute(node, "direction")
+            if isinstance(direction, bytes):
+                direction = direction.decode()
+            dirs = 2 if direction == "bidirectional" else 1
+            if len(x) != 3 or not hidden:
+                raise ValueError("LSTM input of unknown rank")
+            seq, batch = (x[1], x[0]) if ssi.get_attribute(node, "layout", 0) else (x[0], x[1])
+            shapes = [[seq, dirs, batch, hidden], [dirs, batch, hidden], [dirs, batch, hidden]]
+            elem = self.known_vi_[node.input[0]].type.tensor_type.elem_type
+            for name, shape in zip(node.output, shapes):
+                if name:
+                    self.known_vi_[name].CopyFrom(onnx.helper.make_tensor_value_info(
+                        name, elem, ssi.get_shape_from_sympy_shape(shape)))
+
         def _infer_Concat(self, node: onnx.NodeProto) -> None:  # noqa: N802
             # ORT asserts that a Concat of shape values is along axis 0; a 1-D Concat along -1
             # is the same, and one of higher rank carries no shape values.

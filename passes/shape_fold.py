@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 from onnx import helper
 
@@ -17,6 +18,7 @@ _DEFAULT_DOMAINS = ("", "ai.onnx")
 _INT_TYPES = (np.dtype(np.int64), np.dtype(np.int32))
 # Recurrent ops and the input slots of their initial states (zero when absent).
 _STATE_SLOTS = {"LSTM": (5, 6), "GRU": (5,), "RNN": (5,)}
+_CONTRIB_STATE_SLOTS = {"DynamicQuantizeLSTM": (5, 6)}  # com.microsoft
 
 
 @dataclass
@@ -42,7 +44,7 @@ class ShapeFold(Pass):
       element left to infer (``-1``) (``reshapes_resolved``);
     - a Transpose that moves only size-1 dims becomes a Reshape (``transposes_to_reshape``),
       which ``noop`` then merges with neighbouring Reshapes;
-    - all-zero initial states of LSTM/GRU/RNN (ConstantOfShape(0) or zero constants, built
+    - all-zero initial states of LSTM/GRU/RNN and ORT's DynamicQuantizeLSTM (ConstantOfShape(0) or zero constants, built
       by tf2onnx and torch exporters from the batch size) are dropped: the default is zero
       (``rnn_states_dropped``).
 
@@ -90,7 +92,32 @@ def _infer(graph: gs.Graph, merge_symbols: bool) -> Optional[S.SymbolicShapes]:
     except Exception:  # noqa: BLE001 - a graph gs cannot export: no knowledge
         return None
     model.ir_version = min(model.ir_version or 10, 10)
+    _stubs_as_inputs(model.graph, set(vars(graph).get("initializer_inputs") or ()))
     return S.infer(model, merge_symbols)
+
+
+def _stubs_as_inputs(graph: onnx.GraphProto, overridable: set[str]) -> None:
+    """Large constants were exported with dims but no data: declare them as graph inputs, so
+    inference knows their shapes and never tries to read their values. Initializers a caller
+    may override are inputs too: their values are not fixed."""
+    def stub(t: onnx.TensorProto) -> bool:
+        return t.doc_string.startswith(G.STUB_MARK) or t.name in overridable
+
+    kept = [t for t in graph.initializer if not stub(t)]
+    listed = {i.name for i in graph.input}
+    graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+                       for t in graph.initializer if stub(t) and t.name not in listed)
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    nodes = []
+    for node in graph.node:
+        value = next((a.t for a in node.attribute if a.name == "value" and a.HasField("t")), None)
+        if node.op_type == "Constant" and value is not None and stub(value):
+            graph.input.append(helper.make_tensor_value_info(node.output[0], value.data_type, list(value.dims)))
+        else:
+            nodes.append(node)
+    del graph.node[:]
+    graph.node.extend(nodes)
 
 
 def _const(graph: gs.Graph, names: G.Names, base: str, values: Any, dtype: np.dtype) -> gs.Tensor:
@@ -218,7 +245,8 @@ def _dtype(tensor: gs.Tensor, info: S.SymbolicShapes) -> Optional[np.dtype]:
 
 def _drop_zero_states(graph: gs.Graph, stats: dict) -> None:
     for node in graph.nodes:
-        slots = _STATE_SLOTS.get(node.op) if _default(node) else None
+        slots = (_STATE_SLOTS.get(node.op) if _default(node)
+                 else _CONTRIB_STATE_SLOTS.get(node.op) if node.domain == "com.microsoft" else None)
         for slot in slots or ():
             if slot < len(node.inputs) and node.inputs[slot].name and _all_zero(node.inputs[slot]):
                 node.inputs[slot] = gs.Variable.empty()
