@@ -11,7 +11,7 @@ import numpy as np
 from onnx import TensorProto, helper, numpy_helper
 
 import onnxopt
-from helpers import assert_same_outputs, init, interface, make_model, node, ops, random_feed, run_pass_direct, vi
+from helpers import INT64, assert_same_outputs, init, interface, make_model, node, ops, random_feed, run_pass_direct, vi
 from onnxopt import graph as G
 from onnxopt.pipeline import PassContext, get_pass
 
@@ -187,3 +187,26 @@ def test_unknown_op_means_no_inference_and_no_change():
     result = get_pass("shape_fold")().run(graph, PassContext())
     assert not result.modified
     assert [n.op for n in graph.nodes] == graph_ops
+
+
+def test_large_weights_before_the_chain_are_read_as_shapes_only():
+    # The Mul's weight (1.2 kB) is exported to inference without its data.
+    nodes = [node("Mul", ["x", "w"], ["m"]), *_dim_chain("m", 0, "b"),
+             node("Concat", ["b_u", "c30", "c10"], ["target"], axis=0),
+             node("Reshape", ["m", "target"], ["y"])]
+    inits = [init("w", np.linspace(-1, 1, 300)), init("b_i", 0, np.int64), init("axes0", [0], np.int64),
+             init("c30", [30], np.int64), init("c10", [10], np.int64)]
+    model = make_model(nodes, [vi("x", ["batch", 300])], [vi("y", ["batch", 30, 10])], inits)
+    out, result = run_pass_direct(model, "shape_fold")
+    assert result.stats["reshapes_resolved"] == 1 and result.stats["skipped_no_inference"] == 0
+    assert_same_outputs(model, out, feeds(model, SIZES))
+
+
+def test_overridable_initializer_is_not_taken_as_fixed():
+    # k is an initializer also listed as a graph input: a caller may feed another value.
+    nodes = [node("Concat", ["k", "two"], ["target"], axis=0), node("Expand", ["c", "target"], ["y"])]
+    inits = [init("k", [3], np.int64), init("two", [2], np.int64), init("c", [1.0])]
+    model = make_model(nodes, [vi("k", [1], INT64)], [vi("y", [None, None])], inits)
+    out, result = run_pass_direct(model, "shape_fold")
+    assert result.stats["values_folded"] == 0
+    assert_same_outputs(model, out, [{"k": np.array([4], np.int64)}])
