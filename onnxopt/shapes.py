@@ -55,6 +55,8 @@ def same(a: Any, b: Any) -> bool:
     """Whether two dims are provably equal (equal ints, or expressions whose difference is 0)."""
     if a is None or b is None:
         return False
+    if a is b or (isinstance(a, str) and a == b):
+        return True
     ia, ib = as_int(a), as_int(b)
     if ia is not None or ib is not None:
         return ia is not None and ia == ib
@@ -97,6 +99,22 @@ def _engine_class(ssi: Any) -> type:
             self.dispatcher_.setdefault("DynamicQuantizeLSTM", self._infer_lstm_like)
             # ConvInteger's output dims follow Conv's rule (input 0 and weight input 1, same attributes)
             self.dispatcher_.setdefault("ConvInteger", self._infer_Conv)
+
+        def _infer_Resize(self, node: onnx.NodeProto) -> None:  # noqa: N802
+            # ORT simplifies floor(dim * scale) with sympy, seconds per node on symbolic dims;
+            # integer scales need no simplification.
+            shape = self._get_sympy_shape(node, 0)
+            scales = self._try_get_value(node, 1 if ssi.get_opset(self.out_mp_) <= 10 else 2)
+            sizes = None if ssi.get_opset(self.out_mp_) <= 10 else self._try_get_value(node, 3)
+            cropped = ssi.get_attribute(node, "coordinate_transformation_mode") == b"tf_crop_and_resize"
+            if (sizes is not None and len(sizes)) or scales is None or not len(scales) or cropped \
+                    or len(scales) != len(shape) or not all(float(v).is_integer() for v in scales):
+                return super()._infer_Resize(node)
+            new_shape = [d * int(float(v)) for d, v in zip(shape, scales)]
+            self._update_computed_dims(new_shape)
+            self.known_vi_[node.output[0]].CopyFrom(onnx.helper.make_tensor_value_info(
+                node.output[0], self.known_vi_[node.input[0]].type.tensor_type.elem_type,
+                ssi.get_shape_from_sympy_shape(new_shape)))
 
         def _infer_lstm_like(self, node: onnx.NodeProto) -> None:
             x = self._get_sympy_shape(node, 0)

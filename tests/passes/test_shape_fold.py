@@ -210,3 +210,19 @@ def test_overridable_initializer_is_not_taken_as_fixed():
     out, result = run_pass_direct(model, "shape_fold")
     assert result.stats["values_folded"] == 0
     assert_same_outputs(model, out, [{"k": np.array([4], np.int64)}])
+
+
+def test_dims_carry_through_resize_by_integer_scales():
+    # The batch read from x must be known to equal the batch of Resize's output.
+    nodes = [node("Resize", ["x", "", "scales"], ["r"], mode="nearest"), *_dim_chain("x", 0, "b"),
+             node("Concat", ["b_u", "three", "rest"], ["target"], axis=0),
+             node("Reshape", ["r", "target"], ["y"])]
+    inits = [init("scales", [1, 1, 2, 2]), init("b_i", 0, np.int64), init("axes0", [0], np.int64),
+             init("three", [3], np.int64), init("rest", [-1], np.int64)]
+    model = make_model(nodes, [vi("x", ["batch", 3, "h", "w"])], [vi("y", ["batch", 3, None])], inits)
+    out, result = run_pass_direct(model, "shape_fold")
+    assert result.stats["reshapes_resolved"] == 1
+    reshape = next(n for n in out.graph.node if n.op_type == "Reshape")
+    target = next(t for t in out.graph.initializer if t.name == reshape.input[1])
+    assert numpy_helper.to_array(target).tolist() == [0, 3, -1]
+    assert_same_outputs(model, out, feeds(model, [{"batch": 1, "h": 2, "w": 3}, {"batch": 2, "h": 4, "w": 1}]))
