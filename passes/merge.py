@@ -187,7 +187,7 @@ def _merge_group(graph: gs.Graph, nodes: list[gs.Node], weights: list[np.ndarray
 
 def _matmul_add_to_gemm(graph: gs.Graph, names: G.Names, stats: dict) -> None:
     for node in list(graph.nodes):
-        if node.op != "MatMul" or not _default(node) or not node.outputs or _rank(node.inputs[0]) != 2:
+        if node.op != "MatMul" or not _default(node) or not node.outputs or _rank(node.inputs[0], graph) != 2:
             continue
         weight = _weight(node.inputs[1], graph)
         if weight is None:
@@ -206,9 +206,10 @@ def _matmul_add_to_gemm(graph: gs.Graph, names: G.Names, stats: dict) -> None:
         stats["gemms_made"] += 1
 
 
-def _rank(tensor: gs.Tensor) -> Optional[int]:
-    """The rank of a value: declared, or read off its Reshape/Flatten/Gemm producer."""
-    if tensor.shape is not None:
+def _rank(tensor: gs.Tensor, graph: gs.Graph) -> Optional[int]:
+    """The rank of a value: a graph input's (ORT enforces it), or read off its Reshape/Flatten/Gemm
+    producer. Declared ranks of other values are not trusted: exporters get them wrong."""
+    if G.positions(graph.inputs, tensor) and tensor.shape is not None:
         return len(tensor.shape)
     maker = G.producer(tensor)
     if maker is None or not _default(maker):

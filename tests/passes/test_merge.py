@@ -138,3 +138,16 @@ def test_slices_along_the_same_axis_stay():
     model = make_model(nodes, [vi("x", [6])], [vi("y", [4])], inits)
     out, result = run_pass_direct(model, "merge")
     assert result.stats["slices_merged"] == 0 and ops(out) == ["Slice", "Slice"]
+
+
+def test_matmul_of_a_2d_graph_input_becomes_gemm_but_declared_intermediate_ranks_are_not_trusted():
+    rng = np.random.default_rng(3)
+    nodes = [node("MatMul", ["x", "w"], ["m"]), node("Add", ["m", "bias"], ["h"]),
+             node("Relu", ["h"], ["r"]), node("MatMul", ["r", "w2"], ["m2"]), node("Add", ["m2", "bias2"], ["y"])]
+    inits = [init("w", rng.standard_normal((6, 5))), init("bias", rng.standard_normal(5)),
+             init("w2", rng.standard_normal((5, 4))), init("bias2", rng.standard_normal(4))]
+    model = make_model(nodes, [vi("x", ["batch", 6])], [vi("y", ["batch", 4])], inits)
+    model.graph.value_info.append(vi("r", ["batch", 5]))  # a declared rank: not proof
+    out, result = run_pass_direct(model, "merge")
+    assert result.stats["gemms_made"] == 1 and ops(out) == ["Gemm", "Relu", "MatMul", "Add"]
+    assert_close(model, out, [{"batch": 1}, {"batch": 3}])
