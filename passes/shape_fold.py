@@ -44,7 +44,7 @@ class ShapeFold(Pass):
       element left to infer (``-1``) (``reshapes_resolved``);
     - a Transpose that moves only size-1 dims becomes a Reshape (``transposes_to_reshape``),
       which ``noop`` then merges with neighbouring Reshapes;
-    - all-zero initial states of LSTM/GRU/RNN and ORT's DynamicQuantizeLSTM (ConstantOfShape(0) or zero constants, built
+    - all-zero initial states of LSTM/GRU/RNN and ORT's DynamicQuantizeLSTM (ConstantOfShape(0), Expand/Tile of zeros or zero constants, built
       by tf2onnx and torch exporters from the batch size) are dropped: the default is zero
       (``rnn_states_dropped``).
 
@@ -263,5 +263,7 @@ def _all_zero(tensor: gs.Tensor) -> bool:
             return True
         fill = G.const_value(fill) if isinstance(fill, gs.Constant) else np.asarray(fill)
         return fill is not None and not np.any(fill)
-    value = G.const_value(tensor)
+    if maker is not None and maker.op in ("Expand", "Tile") and _default(maker) and maker.inputs:
+        return _all_zero(maker.inputs[0])  # zeros broadcast to the state's shape
+    value = G.const_value(tensor, max_elems=1 << 16)
     return value is not None and value.size > 0 and not np.any(value)

@@ -226,3 +226,13 @@ def test_dims_carry_through_resize_by_integer_scales():
     target = next(t for t in out.graph.initializer if t.name == reshape.input[1])
     assert numpy_helper.to_array(target).tolist() == [0, 3, -1]
     assert_same_outputs(model, out, feeds(model, [{"batch": 1, "h": 2, "w": 3}, {"batch": 2, "h": 4, "w": 1}]))
+
+
+def test_zeros_expanded_to_the_state_shape_are_dropped():
+    model = tf2onnx_lstm()
+    fill = next(n for n in model.graph.node if n.op_type == "ConstantOfShape")
+    fill.CopyFrom(node("Expand", ["zero", "state_shape"], ["zeros"]))
+    model.graph.initializer.append(init("zero", [0.0]))
+    out, result = run_pass_direct(model, "shape_fold")
+    assert result.stats["rnn_states_dropped"] == 2
+    assert_same_outputs(model, out, feeds(model, SIZES))
