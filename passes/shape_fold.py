@@ -49,7 +49,8 @@ class ShapeFold(Pass):
       (``rnn_states_dropped``).
 
     The shape chains left without readers are removed by ``dce``. Only the main graph is
-    rewritten; bodies of If/Loop/Scan are left alone. When inference fails on the model
+    rewritten; bodies of If/Loop/Scan are left alone. Dims with the same name are equal (as
+    ONNX says), except '?' and 'None', which exporters write for any unknown dim. When inference fails on the model
     (an op it does not know, conflicting symbols) nothing changes (``skipped_no_inference``);
     Reshape targets with two or more unknown elements stay (``reshapes_unresolved``).
     """
@@ -93,7 +94,18 @@ def _infer(graph: gs.Graph, merge_symbols: bool) -> Optional[S.SymbolicShapes]:
         return None
     model.ir_version = min(model.ir_version or 10, 10)
     _stubs_as_inputs(model.graph, set(vars(graph).get("initializer_inputs") or ()))
+    _unknown_dims_apart(model.graph)
     return S.infer(model, merge_symbols)
+
+
+def _unknown_dims_apart(graph: onnx.GraphProto) -> None:
+    """Dims named '?' (or 'None') mean "unknown", not "equal to every other '?'": name each apart."""
+    count = 0
+    for value in graph.input:
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.HasField("dim_param") and dim.dim_param.strip() in ("?", "None", ""):
+                count += 1
+                dim.dim_param = f"onnxopt_unknown_{count}"
 
 
 def _stubs_as_inputs(graph: onnx.GraphProto, overridable: set[str]) -> None:

@@ -11,7 +11,8 @@ import numpy as np
 from onnx import TensorProto, helper, numpy_helper
 
 import onnxopt
-from helpers import INT64, assert_same_outputs, init, interface, make_model, node, ops, random_feed, run_pass_direct, vi
+from helpers import INT64, assert_same_outputs, init, interface, make_model, node, ops, random_feed, run_model, \
+    run_pass_direct, vi
 from onnxopt import graph as G
 from onnxopt.pipeline import PassContext, get_pass
 
@@ -236,3 +237,16 @@ def test_zeros_expanded_to_the_state_shape_are_dropped():
     out, result = run_pass_direct(model, "shape_fold")
     assert result.stats["rnn_states_dropped"] == 2
     assert_same_outputs(model, out, feeds(model, SIZES))
+
+
+def test_dims_named_question_mark_are_not_taken_as_equal():
+    # a [?, 4] and b [?, 6]: Reshape(b, [a's dim 0, -1]) must not become [0, -1] (b's own dim 0).
+    nodes = [*_dim_chain("a", 0, "n"), node("Concat", ["n_u", "rest"], ["target"], axis=0),
+             node("Reshape", ["b", "target"], ["y"])]
+    inits = [init("n_i", 0, np.int64), init("axes0", [0], np.int64), init("rest", [-1], np.int64)]
+    model = make_model(nodes, [vi("a", ["?", 4]), vi("b", ["?", 6])], [vi("y", [None, None])], inits)
+    out, result = run_pass_direct(model, "shape_fold")
+    assert result.stats["reshapes_unresolved"] == 1 and result.stats["reshapes_resolved"] == 0
+    feed = {"a": np.zeros((3, 4), np.float32), "b": np.arange(24, dtype=np.float32).reshape(4, 6)}
+    assert run_model(out, feed)["y"].shape == (3, 8)
+    assert_same_outputs(model, out, [feed])
