@@ -44,7 +44,7 @@ class ShapeFold(Pass):
       element left to infer (``-1``) (``reshapes_resolved``);
     - a Transpose that moves only size-1 dims becomes a Reshape (``transposes_to_reshape``),
       which ``noop`` then merges with neighbouring Reshapes;
-    - all-zero initial states of LSTM/GRU/RNN and ORT's DynamicQuantizeLSTM (ConstantOfShape(0), Expand/Tile of zeros or zero constants, built
+    - all-zero initial states of LSTM/GRU/RNN and ORT's DynamicQuantizeLSTM (ConstantOfShape(0), zero constants, and zeros expanded, reshaped or concatenated, built
       by tf2onnx and torch exporters from the batch size) are dropped: the default is zero
       (``rnn_states_dropped``).
 
@@ -267,15 +267,24 @@ def _drop_zero_states(graph: gs.Graph, stats: dict) -> None:
             node.inputs.pop()  # trailing empty inputs may go
 
 
-def _all_zero(tensor: gs.Tensor) -> bool:
+# Ops whose output is all zero when their data input(s) are: moves, copies, broadcasts.
+_ZERO_KEEPING = {"Expand", "Tile", "Unsqueeze", "Squeeze", "Reshape", "Flatten", "Identity", "Cast", "Transpose"}
+
+
+def _all_zero(tensor: gs.Tensor, depth: int = 0) -> bool:
+    """Whether a value is all zeros whatever the inputs: ConstantOfShape(0), a zero constant,
+    or zeros moved, broadcast or concatenated (tf2onnx builds states as Concat(Unsqueeze(Expand(0))))."""
     maker = G.producer(tensor)
-    if maker is not None and maker.op == "ConstantOfShape" and _default(maker):
-        fill = maker.attrs.get("value")
-        if fill is None:
-            return True
-        fill = G.const_value(fill) if isinstance(fill, gs.Constant) else np.asarray(fill)
-        return fill is not None and not np.any(fill)
-    if maker is not None and maker.op in ("Expand", "Tile") and _default(maker) and maker.inputs:
-        return _all_zero(maker.inputs[0])  # zeros broadcast to the state's shape
+    if maker is not None and _default(maker) and depth < 16:
+        if maker.op == "ConstantOfShape":
+            fill = maker.attrs.get("value")
+            if fill is None:
+                return True
+            fill = G.const_value(fill) if isinstance(fill, gs.Constant) else np.asarray(fill)
+            return fill is not None and not np.any(fill)
+        if maker.op in _ZERO_KEEPING and maker.inputs:
+            return _all_zero(maker.inputs[0], depth + 1)
+        if maker.op == "Concat" and maker.inputs:
+            return all(_all_zero(t, depth + 1) for t in maker.inputs)
     value = G.const_value(tensor, max_elems=1 << 16)
     return value is not None and value.size > 0 and not np.any(value)

@@ -250,3 +250,17 @@ def test_dims_named_question_mark_are_not_taken_as_equal():
     feed = {"a": np.zeros((3, 4), np.float32), "b": np.arange(24, dtype=np.float32).reshape(4, 6)}
     assert run_model(out, feed)["y"].shape == (3, 8)
     assert_same_outputs(model, out, [feed])
+
+
+def test_zeros_unsqueezed_and_concatenated_per_direction_are_dropped():
+    # tf2onnx's bidirectional state: Concat(Unsqueeze(Expand(0, [batch, hidden])) twice).
+    model = tf2onnx_lstm()
+    lstm = next(n for n in model.graph.node if n.op_type == "LSTM")
+    fill = next(n for n in model.graph.node if n.op_type == "ConstantOfShape")
+    fill.CopyFrom(node("Expand", ["zero", "state_shape"], ["zeros3"]))
+    model.graph.node.insert(list(model.graph.node).index(lstm),
+                            node("Concat", ["zeros3"], ["zeros"], axis=0))
+    model.graph.initializer.append(init("zero", [0.0]))
+    out, result = run_pass_direct(model, "shape_fold")
+    assert result.stats["rnn_states_dropped"] == 2
+    assert_same_outputs(model, out, feeds(model, SIZES))
