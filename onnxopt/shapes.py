@@ -100,6 +100,17 @@ def _engine_class(ssi: Any) -> type:
             # ConvInteger's output dims follow Conv's rule (input 0 and weight input 1, same attributes)
             self.dispatcher_.setdefault("ConvInteger", self._infer_Conv)
 
+        def _infer_symbolic_compute_ops(self, node: onnx.NodeProto) -> None:
+            # ORT computes Equal with sympy's ==, which is structural: two different symbols
+            # compare False though they may be equal at run time (and a Where on that picks a
+            # side). Only Equal of known integers is computed.
+            if node.op_type == "Equal":
+                values = [self._try_get_value(node, i) for i in range(len(node.input))]
+                items = [v for value in values for v in (value if isinstance(value, (list, tuple)) else [value])]
+                if not all(ssi.is_literal(v) for v in items):
+                    return None
+            return super()._infer_symbolic_compute_ops(node)
+
         def _infer_Resize(self, node: onnx.NodeProto) -> None:  # noqa: N802
             # ORT simplifies floor(dim * scale) with sympy, seconds per node on symbolic dims;
             # integer scales need no simplification.

@@ -264,3 +264,15 @@ def test_zeros_unsqueezed_and_concatenated_per_direction_are_dropped():
     out, result = run_pass_direct(model, "shape_fold")
     assert result.stats["rnn_states_dropped"] == 2
     assert_same_outputs(model, out, feeds(model, SIZES))
+
+
+def test_equal_of_two_symbols_is_not_taken_as_false():
+    # Where(Equal(batch, seq), [7], [9]) depends on the run; it must not fold to [9].
+    nodes = [*_dim_chain("x", 0, "b"), *_dim_chain("x", 1, "s"), node("Equal", ["b_u", "s_u"], ["eq"]),
+             node("Where", ["eq", "seven", "nine"], ["n"]), node("Expand", ["c", "n"], ["y"])]
+    inits = [init("b_i", 0, np.int64), init("s_i", 1, np.int64), init("axes0", [0], np.int64),
+             init("seven", [7], np.int64), init("nine", [9], np.int64), init("c", [1.0])]
+    model = make_model(nodes, [vi("x", ["batch", "seq"])], [vi("y", [None])], inits)
+    out, result = run_pass_direct(model, "shape_fold")
+    assert result.stats["values_folded"] == 0
+    assert_same_outputs(model, out, feeds(model, [{"batch": 2, "seq": 2}, {"batch": 2, "seq": 3}]))
