@@ -15,6 +15,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
+import numpy as np
 import onnx
 
 Dim = Union[int, Any]  # an int or a sympy expression
@@ -48,6 +49,15 @@ def as_int(dim: Any) -> Optional[int]:
             return int(dim)
     except TypeError:
         return None
+    return None
+
+
+def as_bool(value: Any) -> Optional[bool]:
+    """The truth a computed value is (Python or sympy True/False), or None when it is symbolic."""
+    if isinstance(value, bool) or type(value).__name__ in ("BooleanTrue", "BooleanFalse"):
+        return bool(value)
+    if isinstance(value, (int, np.integer)) or getattr(value, "is_Integer", False):
+        return bool(int(value))
     return None
 
 
@@ -106,7 +116,7 @@ def _engine_class(ssi: Any) -> type:
             # side). Only Equal of known integers is computed.
             if node.op_type == "Equal":
                 values = [self._try_get_value(node, i) for i in range(len(node.input))]
-                items = [v for value in values for v in (value if isinstance(value, (list, tuple)) else [value])]
+                items = [v for value in values for v in _flat(value)]
                 if not all(ssi.is_literal(v) for v in items):
                     return None
             return super()._infer_symbolic_compute_ops(node)
@@ -165,6 +175,12 @@ def _engine_class(ssi: Any) -> type:
                 self.initializers_.update(held)
 
     return Engine
+
+
+def _flat(value: Any) -> list:
+    if isinstance(value, np.ndarray):
+        return value.reshape(-1).tolist()
+    return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
 def _collect(engine: Any) -> SymbolicShapes:

@@ -27,6 +27,7 @@ class ShapeFoldOptions:
     reshape_targets: bool = True  # computed Reshape targets -> constants with 0 (copy) and -1 (infer)
     transposes: bool = True  # Transposes that move only size-1 dims -> Reshape
     rnn_states: bool = True  # all-zero initial states of LSTM/GRU/RNN -> omitted (the default is zero)
+    if_branches: bool = True  # If whose condition is now known -> the nodes of the branch taken
 
 
 @register_pass
@@ -42,6 +43,9 @@ class ShapeFold(Pass):
     - a Reshape target computed from shapes becomes a constant when every element is known,
       copies the input dim at its position (``0``; not with ``allowzero=1``), or is the one
       element left to infer (``-1``) (``reshapes_resolved``);
+    - an If whose condition is thereby known (a rank or a known dim compared with a constant)
+      is replaced by the nodes of the branch it takes, its outputs by Identity nodes of the
+      branch's outputs (``ifs_inlined``; ``dce`` then removes the Identities it can);
     - a Transpose that moves only size-1 dims becomes a Reshape (``transposes_to_reshape``),
       which ``noop`` then merges with neighbouring Reshapes;
     - all-zero initial states of LSTM/GRU/RNN and ORT's DynamicQuantizeLSTM (ConstantOfShape(0), zero constants, and zeros expanded, reshaped or concatenated, built
@@ -60,7 +64,7 @@ class ShapeFold(Pass):
     leaves_dangling = True
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
-        stats = {"values_folded": 0, "reshapes_resolved": 0, "reshapes_unresolved": 0,
+        stats = {"values_folded": 0, "ifs_inlined": 0, "reshapes_resolved": 0, "reshapes_unresolved": 0,
                  "transposes_to_reshape": 0, "rnn_states_dropped": 0, "skipped_no_inference": 0}
         if self.options.rnn_states:
             _drop_zero_states(graph, stats)
@@ -76,6 +80,8 @@ class ShapeFold(Pass):
         if self.options.transposes:
             _transposes_to_reshape(graph, info, names, stats)
         _fold_known_values(graph, info, names, stats)
+        if self.options.if_branches:
+            _inline_known_ifs(graph, names, stats)
         modified = any(v for k, v in stats.items() if k not in ("reshapes_unresolved", "skipped_no_inference"))
         return PassResult(modified, stats)
 
@@ -226,13 +232,13 @@ def _known_array(tensor: gs.Tensor, info: S.SymbolicShapes) -> Optional[np.ndarr
     if not isinstance(tensor, gs.Variable):
         return None
     dtype = _dtype(tensor, info)
-    if dtype not in _INT_TYPES:
+    if dtype not in _INT_TYPES and dtype != np.dtype(np.bool_):
         return None
     value, shape = info.value(tensor.name), info.shape(tensor.name)
     if value is None or shape is None:
         return None
     items = value if isinstance(value, list) else [value]
-    ints = [S.as_int(v) for v in items]
+    ints = [S.as_bool(v) if dtype == np.dtype(np.bool_) else S.as_int(v) for v in items]
     if any(v is None for v in ints):
         return None
     if not isinstance(value, list) and shape == []:
@@ -288,3 +294,24 @@ def _all_zero(tensor: gs.Tensor, depth: int = 0) -> bool:
             return all(_all_zero(t, depth + 1) for t in maker.inputs)
     value = G.const_value(tensor, max_elems=1 << 16)
     return value is not None and value.size > 0 and not np.any(value)
+
+
+# ----------------------------------------------------------------- If with a known condition
+
+def _inline_known_ifs(graph: gs.Graph, names: G.Names, stats: dict) -> None:
+    for node in list(graph.nodes):
+        if node.op != "If" or not _default(node) or not node.inputs:
+            continue
+        cond = G.const_value(node.inputs[0], vars(graph).get("initializer_inputs") or ())
+        if cond is None or cond.size != 1:
+            continue
+        branch = node.attrs.get("then_branch" if bool(cond.reshape(-1)[0]) else "else_branch")
+        if not isinstance(branch, gs.Graph) or branch.inputs or len(branch.outputs) != len(node.outputs):
+            continue
+        at = G.positions(graph.nodes, node)[0]
+        results, made = list(node.outputs), list(branch.nodes)
+        G.remove_node(graph, node)  # detaches the If's outputs
+        for result, inner in zip(results, branch.outputs):
+            made.append(gs.Node("Identity", names.fresh(f"{result.name}_branch"), {}, [inner], [result]))
+        graph.nodes[at:at] = made
+        stats["ifs_inlined"] += 1

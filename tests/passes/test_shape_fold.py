@@ -276,3 +276,21 @@ def test_equal_of_two_symbols_is_not_taken_as_false():
     out, result = run_pass_direct(model, "shape_fold")
     assert result.stats["values_folded"] == 0
     assert_same_outputs(model, out, feeds(model, [{"batch": 2, "seq": 2}, {"batch": 2, "seq": 3}]))
+
+
+def test_if_on_a_known_dim_becomes_the_branch_it_takes():
+    # torch exports rank and size checks as If(Equal(Gather(Shape(x), 1), 3)).
+    then_g = helper.make_graph([node("Relu", ["x"], ["a"])], "then", [], [vi("a", None)])
+    else_g = helper.make_graph([node("Neg", ["x"], ["b"])], "else", [], [vi("b", None)])
+    nodes = [node("Shape", ["x"], ["sh"]), node("Gather", ["sh", "one"], ["width"], axis=0),
+             node("Equal", ["width", "three"], ["cond"]),
+             node("If", ["cond"], ["y"], then_branch=then_g, else_branch=else_g)]
+    inits = [init("one", 1, np.int64), init("three", 3, np.int64)]
+    model = make_model(nodes, [vi("x", ["batch", 3])], [vi("y", ["batch", 3])], inits)
+    out, result = run_pass_direct(model, "shape_fold")
+    assert result.stats["ifs_inlined"] == 1
+    assert "If" not in ops(out) and "Relu" in ops(out)
+    result = onnxopt.optimize(model, "cleanup", inputs=feeds(model, SIZES[1:])[0])
+    assert result.passed and ops(result.model) == ["Relu"]
+    assert interface(result.model) == interface(model)
+    assert_same_outputs(model, result.model, feeds(model, [{"batch": 1}, {"batch": 4}]))
