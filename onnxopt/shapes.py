@@ -121,6 +121,15 @@ def _engine_class(ssi: Any) -> type:
                     return None
             return super()._infer_symbolic_compute_ops(node)
 
+        def _fuse_tensor_type(self, node: onnx.NodeProto, out_idx: int, dst_type: Any, src_type: Any) -> None:
+            # If branches whose outputs declare no type (ORT asserts on them): take the other's
+            kinds = ("tensor_type", "sequence_type")
+            if dst_type.WhichOneof("value") not in kinds or src_type.WhichOneof("value") not in kinds:
+                if dst_type.WhichOneof("value") is None and src_type.WhichOneof("value") in kinds:
+                    dst_type.CopyFrom(src_type)
+                return None
+            return super()._fuse_tensor_type(node, out_idx, dst_type, src_type)
+
         def _infer_Resize(self, node: onnx.NodeProto) -> None:  # noqa: N802
             # ORT simplifies floor(dim * scale) with sympy, seconds per node on symbolic dims;
             # integer scales need no simplification.
