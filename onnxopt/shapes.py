@@ -128,7 +128,10 @@ def _engine_class(ssi: Any) -> type:
                 if dst_type.WhichOneof("value") is None and src_type.WhichOneof("value") in kinds:
                     dst_type.CopyFrom(src_type)
                 return None
-            return super()._fuse_tensor_type(node, out_idx, dst_type, src_type)
+            try:
+                return super()._fuse_tensor_type(node, out_idx, dst_type, src_type)
+            except AssertionError:  # a sequence of untyped elements: keep what is known
+                return None
 
         def _infer_Resize(self, node: onnx.NodeProto) -> None:  # noqa: N802
             # ORT simplifies floor(dim * scale) with sympy, seconds per node on symbolic dims;
