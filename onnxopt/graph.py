@@ -27,6 +27,7 @@ __all__ = [
     "rewire_input", "insert_after", "can_bypass", "bypass", "remove_node", "remove_nodes", "outer_reads", "positions",
     "constants", "node_count", "Names", "param_count", "param_bytes", "producer",
     "constant_node_value", "constant_source", "const_value", "const_array", "sizes", "export_onnx", "fill_stubs",
+    "new_constant",
 ]
 
 
@@ -111,7 +112,7 @@ def export_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
 
 # Tensors at least this big are exported through a stub (see export_onnx).
 _STUB_BYTES = 1024
-_STUB_MARK = "\x00onnxopt-stub:"
+_STUB_MARK = STUB_MARK = "\x00onnxopt-stub:"  # doc_string of a stub
 
 
 class _Stub(LazyValues):
@@ -707,3 +708,15 @@ def tensors_named(graph: gs.Graph, names: Iterable[str]) -> list[gs.Tensor]:
     """Look tensors up by name in the top-level graph."""
     table = graph.tensors()
     return [table[n] for n in names]
+
+
+def new_constant(graph: gs.Graph, names: Names, base: str, values: np.ndarray) -> gs.Tensor:
+    """A new constant value for a node input: an initializer, or before IR 4 (where every
+    initializer must be a graph input) the output of a ``Constant`` node added to ``graph``."""
+    array = np.asarray(values)
+    if not (getattr(graph, "ir_version", None) and graph.ir_version < 4):
+        return gs.Constant(names.fresh(base), array)
+    out = gs.Variable(names.fresh(base), dtype=array.dtype, shape=list(array.shape))
+    value = gs.Constant(names.fresh(f"{base}_value"), array)
+    graph.nodes.append(gs.Node("Constant", names.fresh(f"{base}_node"), {"value": value}, [], [out]))
+    return out

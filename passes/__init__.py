@@ -20,4 +20,4 @@ def load_all() -> None:
 # The graph cleanup onnxsim/onnxslim users expect, run until nothing changes:
 # fold constants first (it exposes BatchNorm parameters and no-ops), then fold
 # BatchNorm into its producer, drop no-ops, merge duplicates, remove the dead.
-register_preset("cleanup", "fold,fold_bn,noop,dedup,dce")
+register_preset("cleanup", "fold,shape_fold,fold_bn,noop,merge,dedup,dce")

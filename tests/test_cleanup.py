@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_cleanup_is_the_default_and_a_fixed_point_group():
     step = Pipeline.parse("cleanup").steps[0]
     assert isinstance(step, Group) and step.fixed_point
-    assert [p.name for p in step.steps] == ["fold", "fold_bn", "noop", "dedup", "dce"]
+    assert [p.name for p in step.steps] == ["fold", "shape_fold", "fold_bn", "noop", "merge", "dedup", "dce"]
     result = onnxopt.optimize(ROOT / "models" / "digits_cnn.onnx", inputs=ROOT / "models" / "digits_test.npz")
     assert result.pipeline == "cleanup"
     assert result.to_dict()["before"]["nodes"] == 13 and result.to_dict()["after"]["nodes"] == 10

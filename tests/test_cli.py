@@ -39,7 +39,7 @@ def test_optimize_writes_default_output_and_report(cnn, capsys):
     data = json.loads(report.read_text())
     assert data["passed"] and data["pipeline"] == "cleanup"
     assert data["validation"]["outputs"][0]["accuracy_candidate"] == pytest.approx(358 / 360)
-    assert [p["name"] for p in data["passes"]][:2] == ["fold", "fold_bn"]
+    assert [p["name"] for p in data["passes"]][:3] == ["fold", "shape_fold", "fold_bn"]
 
 
 def test_validation_failure_exits_1_and_writes_nothing(cnn, capsys):

@@ -56,13 +56,10 @@ PIPELINES = {"dce": True, "cleanup": False}
 
 # Originals that break the spec in a way ORT tolerates only until a rewrite exposes it.
 # Each entry must still fail exactly so; when one stops failing, the test says to drop it.
-SPEC_BREAKING_ORIGINALS = {
-    ("cleanup", "test_affine_grid_2d_expanded"):
-        "Range gets 1-element tensors where the spec wants scalars; once fold makes the If "
-        "condition constant, ORT inlines the branch and rejects the Range",
-    ("cleanup", "test_affine_grid_2d_align_corners_expanded"):
-        "same as test_affine_grid_2d_expanded",
-}
+# (pipeline, case) -> why the original breaks the spec in a way only an optimized form exposes.
+# The affine_grid cases once were here (a Range fed 1-element tensors inside an If that ORT
+# inlined once fold made its condition constant); cleanup now resolves those shapes itself.
+SPEC_BREAKING_ORIGINALS: dict[tuple[str, str], str] = {}
 
 MIN_CASES_RUN = 1400  # of ~2,020 cases, ~1,860 run in ORT (onnx 1.23, onnxruntime 1.32)
 SHIPPED_KINDS = ("simple", "pytorch-converted", "pytorch-operator")
