@@ -10,6 +10,7 @@ with a timeout:
   real inputs  `python -m onnxopt optimize MODEL -o OUT --inputs inputs.npz --latency-runs 0 --report R`
   peers        onnxsim.simplify, onnxslim.slim, onnxoptimizer.optimize with their defaults; each
                result is run on the first feed of the real inputs against the original (ORT, CPU)
+  floor        the original on that feed under ORT optimization level all against disable
 
 and prints one markdown table: nodes before / onnxopt / each peer (every graph, If/Loop bodies
 included), file size before and after onnxopt, exit code and first error line of the no-data run,
@@ -44,6 +45,18 @@ warnings.filterwarnings("ignore")
 import numpy as np, onnx, onnxruntime as ort
 tool, src, dst, inputs = sys.argv[1:5]
 model = onnx.load(src)
+if tool == "ort_floor":  # the runtime's own noise: the original under ORT 'all' against 'disable'
+    sys.path.insert(0, sys.argv[5])
+    from corpus_report import first_feed
+    feed = first_feed(src, inputs)
+    runs = []
+    for level in (ort.GraphOptimizationLevel.ORT_ENABLE_ALL, ort.GraphOptimizationLevel.ORT_DISABLE_ALL):
+        opts = ort.SessionOptions(); opts.log_severity_level = 3; opts.graph_optimization_level = level
+        runs.append(ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"]).run(None, feed))
+    err = max(float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64)))) if np.size(x) else 0.0
+              for x, y in zip(*runs) if np.asarray(x).dtype.kind in "fiu")
+    print("RESULT " + json.dumps({"max_abs": err}))
+    sys.exit(0)
 if tool == "onnxsim":
     import onnxsim
     out, ok = onnxsim.simplify(model)
@@ -173,11 +186,12 @@ def run_peer(python: str, tool: str, model: Path, inputs: Path, tmp: Path, timeo
 
 
 def peers_for(python: str, entry: dict, cache: Path, tools: list[str], timeout: int, refresh: bool) -> dict:
+    """Peer results (and the ORT noise floor, as 'ort_floor') for one model, cached in peers.json."""
     path = cache / entry["name"] / "peers.json"
     old = json.loads(path.read_text()) if path.exists() else {}
     if old.get("sha256") != entry["sha256"]:
         old = {}
-    todo = [t for t in tools if refresh or t not in old]
+    todo = [t for t in tools + ["ort_floor"] if refresh or t not in old]
     if todo:
         with tempfile.TemporaryDirectory() as tmp:
             for tool in todo:
@@ -212,7 +226,8 @@ def table(rows: list[dict], tools: list[str]) -> str:
         cells = [r["name"], r["task"], str(r["nodes"]), ("-" if nodes_opt is None else str(nodes_opt)) + mark,
                  *peer_cells, f"{r['size'] / 2**20:.2f} MiB", growth, str(nodata["rc"]),
                  _short(nodata.get("error", "")), str(real["rc"]), _fmt_err(real.get("max_abs")),
-                 _fmt_err(real.get("floor"))]
+                 _fmt_err(real.get("floor") if real.get("floor") is not None
+                          else r["peers"].get("ort_floor", {}).get("max_abs"))]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -241,10 +256,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--tools", default=",".join(PEERS))
     ap.add_argument("--python", default=sys.executable)
     ap.add_argument("--refresh-peers", action="store_true")
-    ap.add_argument("--from-json", help="only re-render the table of a previous --json file")
+    ap.add_argument("--from-json", help="re-render the table of a previous --json file (no onnxopt runs)")
     args = ap.parse_args(argv)
-    if args.from_json:
-        md = _markdown(json.loads(Path(args.from_json).read_text()), args.tools.split(","), args.python)
+    if args.from_json:  # peers (and floors) missing from the cache are computed now
+        rows = json.loads(Path(args.from_json).read_text())
+        entries = {e["name"]: e for e in json.loads((cache_dir(args.cache) / "manifest.json").read_text())}
+        for row in rows:
+            if row["name"] in entries:
+                row["peers"] = peers_for(args.python, entries[row["name"]], cache_dir(args.cache),
+                                         args.tools.split(","), args.timeout, False)
+        md = _markdown(rows, args.tools.split(","), args.python)
         print(md)
         if args.out:
             Path(args.out).write_text(md)
@@ -290,7 +311,9 @@ def main(argv: Optional[list[str]] = None) -> int:
 def _markdown(rows: list[dict], tools: list[str], python: str) -> str:
     return (f"## Corpus findings ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})\n\n{summary(rows)}\n\n"
           f"{table(rows, tools)}\n\nnodes: every graph incl. If/Loop bodies; onnxopt column = the real-input run "
-          f"(no-data run when that wrote nothing); ▲ = more nodes than the best of onnxsim/onnxslim. "
+          f"(no-data run when that wrote nothing); ▲ = more nodes than the best of onnxsim/onnxslim; "
+          f"floor = the noise floor onnxopt reports, else the original's max abs difference between ORT "
+          f"optimization levels all and disable on the first real feed. "
           f"Command: `PYTHONPATH=. {Path(python).name} tools/corpus_report.py`\n")
 
 
