@@ -17,6 +17,7 @@ from onnxopt.calibrate import TensorRanges, calibration_set, stream_tensors
 from onnxopt.errors import InputError
 from onnxopt.options import option
 from onnxopt.pipeline import Pass, PassContext, PassResult, Tolerance, register_pass
+from ._qdq_opset import PER_CHANNEL_OPSET, raise_opset
 
 # Ops with weights: weight input 1, (Conv/ConvTranspose/Gemm) bias input 2.
 _WEIGHTED = ("Conv", "ConvTranspose", "MatMul", "Gemm")
@@ -39,7 +40,7 @@ _SKIPS = ("subgraph", "excluded", "fragile", "dtype", "weight_dtype", "dynamic_w
 class QdqOptions:
     method: Literal["minmax", "percentile", "entropy", "mse"] = option("percentile", help="how activation ranges are picked")
     percentile: float = option(99.99, help="for method=percentile: keep this share of values inside the range (each side)")
-    per_channel: bool = option(True, help="weights: one scale per output channel (needs opset >= 13), else per tensor")
+    per_channel: bool = option(True, help="weights: one scale per output channel (raises opset 10-12 to 13), else per tensor")
     activation_type: Literal["uint8", "int8"] = option("uint8", help="uint8 asymmetric, or int8 symmetric")
     weight_type: Literal["int8"] = option("int8", help="weight integer type: int8 symmetric (the only one)")
     reduce_range: Literal["auto", "true", "false"] = option("auto", help="7-bit weights; auto: on x86 CPUs without VNNI")
@@ -99,8 +100,11 @@ class Qdq(Pass):
 
     Only the top-level graph is quantized; ops in If/Loop/Scan bodies stay
     float (``skipped_subgraph``). Models that already hold quantized ops are
-    left alone. Per-channel weights need opset >= 13; below it weights are
-    per tensor (``per_tensor_low_opset``); below opset 10 nothing is done.
+    left alone. Per-channel weights need opset >= 13: a model at opset 10-12
+    is converted to opset 13 by onnx's version converter (``opset_raised_to_13``;
+    one scale per tensor leaves the small channels of a BatchNorm-folded Conv a
+    level or two, see passes/_qdq_opset.py); where that fails, weights are per
+    tensor (``per_tensor_low_opset``); below opset 10 nothing is done.
     """
 
     name = "qdq"
@@ -123,9 +127,6 @@ class Qdq(Pass):
             stats["skipped_already_quantized"] = 1
             return PassResult(False, stats)
         per_channel = o.per_channel
-        if per_channel and opset and opset < 13:
-            per_channel = False
-            stats["per_tensor_low_opset"] = 1
         notes: list[str] = []
         reduce_range, vnni = _reduce_range(o.reduce_range)
         stats["reduce_range"] = int(reduce_range)
@@ -143,6 +144,19 @@ class Qdq(Pass):
         if not plan.nodes:
             stats.update({f"skipped_{k}": skips[k] for k in _SKIPS})
             return PassResult(False, stats, notes)
+        if per_channel and opset and opset < PER_CHANNEL_OPSET and plan.weights:
+            # one scale per weight tensor can leave whole channels without levels: raise the opset instead
+            why = raise_opset(graph, ctx.export(graph))
+            if why is None:
+                stats["opset_raised_to_13"] = 1
+                notes.append(f"opset {opset} raised to {PER_CHANNEL_OPSET} for per-channel weight scales")
+                skips = Counter()
+                plan = _Plan(graph, o, skips)
+            else:
+                per_channel = False
+                stats["per_tensor_low_opset"] = 1
+                notes.append(f"opset {opset}: weights quantized per tensor (per-channel needs opset "
+                             f"{PER_CHANNEL_OPSET}, and the opset could not be raised: {why})")
 
         # ---- calibration: one streaming run over the data for every tensor that needs its own range
         model = ctx.export(graph)

@@ -342,10 +342,25 @@ def test_int8_symmetric_activations(tmp_path, method):
     assert ort_fused_ops(result.model, tmp_path)["QLinearConv"] == 2
 
 
-def test_low_opsets_fall_back_or_skip():
+def test_low_opsets_raise_to_13_for_per_channel_weights():
+    model, w1 = conv_relu_conv(opset=11)
+    result, stats = quantize(model, "qdq", feeds((2, 3, 6, 6)))
+    assert stats["opset_raised_to_13"] == 1 and "per_tensor_low_opset" not in stats
+    assert stats["quantized_Conv"] == 2
+    assert next(o.version for o in result.model.opset_import if o.domain == "") == 13
+    conv1 = next(n for n in result.model.graph.node if n.name == "conv1")
+    scale = initializer(result.model, producer_of(result.model, conv1.input[1]).input[1])
+    np.testing.assert_allclose(scale, np.abs(w1).max(axis=(1, 2, 3)) / 127, rtol=1e-6)
+
+
+def test_low_opsets_fall_back_or_skip(monkeypatch):
+    import passes.qdq as qdq_module
+
+    monkeypatch.setattr(qdq_module, "raise_opset", lambda graph, model: "no adapter")
     model, _ = conv_relu_conv(opset=11)
     result, stats = quantize(model, "qdq", feeds((2, 3, 6, 6)))
     assert stats["per_tensor_low_opset"] == 1 and stats["quantized_Conv"] == 2
+    assert next(o.version for o in result.model.opset_import if o.domain == "") == 11
     for dq in (n for n in result.model.graph.node if n.op_type == "DequantizeLinear"):
         assert not dq.attribute and initializer(result.model, dq.input[1]).ndim == 0
     model, _ = conv_relu_conv(opset=9)
@@ -461,3 +476,43 @@ def test_iterable_calibration_through_the_api():
                               inputs=str(MODELS / "digits_test.npz"))
     assert result.passed
     assert next(r for r in result.records if r.name == "qdq").stats["calibration_batches"] == 48
+
+
+def wide_channel_conv_layernorm(opset=12):
+    """Conv whose output channels span 100x in weight range (as after BatchNormalization folding),
+    then a LayerNorm over channels written out (ReduceMean, Sub, Pow, Sqrt, Div), as in
+    PP-OCR's recognizer: one weight scale for all channels leaves the small ones ~1 level."""
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((16, 8, 1, 1)).astype(np.float32) * 0.2
+    w[3, 7] = 20.0  # a wide channel reading an input channel that is near 0 (see the data below)
+    nodes = [node("Conv", ["x", "w", "b"], ["c"], name="conv"),
+             node("ReduceMean", ["c"], ["mu"], axes=[1], keepdims=1),
+             node("Sub", ["c", "mu"], ["d"]), node("Pow", ["d", "two"], ["d2"]),
+             node("ReduceMean", ["d2"], ["var"], axes=[1], keepdims=1),
+             node("Add", ["var", "eps"], ["ve"]), node("Sqrt", ["ve"], ["sd"]),
+             node("Div", ["d", "sd"], ["y"])]
+    inits = [init("w", w), init("b", rng.standard_normal(16) * 0.1), init("two", np.array(2.0)),
+             init("eps", np.array(1e-5))]
+    return make_model(nodes, [vi("x", ["N", 8, 4, 4])], [vi("y", ["N", 16, 4, 4])], inits, opsets={"": opset})
+
+
+def test_per_tensor_weights_collapse_a_normalised_output_and_per_channel_keeps_it():
+    model = wide_channel_conv_layernorm()
+    data, check = feeds((8, 8, 4, 4), seed=1), feeds((8, 8, 4, 4), seed=2)
+    for f in data + check:
+        f["x"][:, 7] *= 0.01
+    ref = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+    def cosine(m):
+        sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+        a = np.concatenate([ref.run(None, f)[0].ravel() for f in check]).astype(np.float64)
+        b = np.concatenate([sess.run(None, f)[0].ravel() for f in check]).astype(np.float64)
+        return a @ b / np.sqrt((a @ a) * (b @ b))
+
+    result, stats = quantize(model, "qdq", data)
+    assert stats["opset_raised_to_13"] == 1 and stats["quantized_Conv"] == 1 and "fallback_nodes" not in stats
+    assert cosine(result.model) > 0.99
+    # per tensor, the guard must return the Conv to float to keep the output at all
+    flat = onnxopt.optimize(model, "qdq(per_channel=false)", calibration=data, validate=False)
+    flat_stats = next(r for r in flat.records if r.name == "qdq").stats
+    assert flat_stats["fallback_nodes"] == 1 and flat_stats["quantized_nodes"] == 0
