@@ -17,6 +17,7 @@ from onnxopt.calibrate import TensorRanges, calibration_set, stream_tensors
 from onnxopt.errors import InputError
 from onnxopt.options import option
 from onnxopt.pipeline import Pass, PassContext, PassResult, Tolerance, register_pass
+from ._qdq_opset import PER_CHANNEL_OPSET, raise_opset
 
 # Ops with weights: weight input 1, (Conv/ConvTranspose/Gemm) bias input 2.
 _WEIGHTED = ("Conv", "ConvTranspose", "MatMul", "Gemm")
@@ -39,7 +40,7 @@ _SKIPS = ("subgraph", "excluded", "fragile", "dtype", "weight_dtype", "dynamic_w
 class QdqOptions:
     method: Literal["minmax", "percentile", "entropy", "mse"] = option("percentile", help="how activation ranges are picked")
     percentile: float = option(99.99, help="for method=percentile: keep this share of values inside the range (each side)")
-    per_channel: bool = option(True, help="weights: one scale per output channel (needs opset >= 13), else per tensor")
+    per_channel: bool = option(True, help="weights: one scale per output channel (raises opset 10-12 to 13), else per tensor")
     activation_type: Literal["uint8", "int8"] = option("uint8", help="uint8 asymmetric, or int8 symmetric")
     weight_type: Literal["int8"] = option("int8", help="weight integer type: int8 symmetric (the only one)")
     reduce_range: Literal["auto", "true", "false"] = option("auto", help="7-bit weights; auto: on x86 CPUs without VNNI")
@@ -90,17 +91,22 @@ class Qdq(Pass):
 
     Accuracy guard: the result is compared with the float model on up to 4
     calibration batches in ORT with graph optimizations on (where the pairs
-    become integer kernels). Below the pass's own min_cosine (0.99), each
-    quantized layer's contribution (its output's relative error less its
-    inputs', optimizations off) is measured once and the worst layers go back
-    to float one by one (at most a quarter of them, 8 at most) until the
-    cosine passes or stops improving; each is logged with its error, and
+    become integer kernels). Below the pass's own min_cosine (0.99), the 24
+    layers adding most local error (their output's relative error less their
+    inputs', optimizations off) are each left out of the fully quantized model
+    and the output cosine measured; they go back to float in order of cosine
+    recovered per byte kept float, a layer that no longer helps with the others
+    already float being skipped, until the cosine passes or no measured layer
+    helps. Each is logged with its measured gain and bytes kept float, and
     ``fallback_nodes`` and ``guard_min_cosine_ppm`` report the outcome.
 
     Only the top-level graph is quantized; ops in If/Loop/Scan bodies stay
     float (``skipped_subgraph``). Models that already hold quantized ops are
-    left alone. Per-channel weights need opset >= 13; below it weights are
-    per tensor (``per_tensor_low_opset``); below opset 10 nothing is done.
+    left alone. Per-channel weights need opset >= 13: a model at opset 10-12
+    is converted to opset 13 by onnx's version converter (``opset_raised_to_13``;
+    one scale per tensor leaves the small channels of a BatchNorm-folded Conv a
+    level or two, see passes/_qdq_opset.py); where that fails, weights are per
+    tensor (``per_tensor_low_opset``); below opset 10 nothing is done.
     """
 
     name = "qdq"
@@ -123,9 +129,6 @@ class Qdq(Pass):
             stats["skipped_already_quantized"] = 1
             return PassResult(False, stats)
         per_channel = o.per_channel
-        if per_channel and opset and opset < 13:
-            per_channel = False
-            stats["per_tensor_low_opset"] = 1
         notes: list[str] = []
         reduce_range, vnni = _reduce_range(o.reduce_range)
         stats["reduce_range"] = int(reduce_range)
@@ -143,6 +146,19 @@ class Qdq(Pass):
         if not plan.nodes:
             stats.update({f"skipped_{k}": skips[k] for k in _SKIPS})
             return PassResult(False, stats, notes)
+        if per_channel and opset and opset < PER_CHANNEL_OPSET and plan.weights:
+            # one scale per weight tensor can leave whole channels without levels: raise the opset instead
+            why = raise_opset(graph, ctx.export(graph))
+            if why is None:
+                stats["opset_raised_to_13"] = 1
+                notes.append(f"opset {opset} raised to {PER_CHANNEL_OPSET} for per-channel weight scales")
+                skips = Counter()
+                plan = _Plan(graph, o, skips)
+            else:
+                per_channel = False
+                stats["per_tensor_low_opset"] = 1
+                notes.append(f"opset {opset}: weights quantized per tensor (per-channel needs opset "
+                             f"{PER_CHANNEL_OPSET}, and the opset could not be raised: {why})")
 
         # ---- calibration: one streaming run over the data for every tensor that needs its own range
         model = ctx.export(graph)
@@ -190,25 +206,8 @@ class Qdq(Pass):
         cosine = check.cosine(ctx.export(graph))
         stats["guard_min_cosine_ppm"] = int(round(cosine * 1e6))
         if cosine < check.target:
-            fallen: list[int] = []
-            limit = max(1, min(8, len(plan.nodes) // 4))
-            # each layer's own contribution, measured once on the fully quantized model (re-imported, so
-            # node positions match the float model), then layers go back to float worst first
-            current, cur_plan, cur_writer = self._build(model, o, per_channel, reduce_range, found, not_float,
-                                                        frozenset(), dict(base))
-            ranking = check.sensitivities(current, cur_plan, cur_writer)
-            for pos, name, local_db in ranking[:limit]:
-                fallen.append(pos)
-                notes.append(f"layer '{name}' back to float (its quantization adds error at {local_db:.1f} dB SNR)")
-                current, cur_plan, cur_writer = self._build(model, o, per_channel, reduce_range, found, not_float,
-                                                            frozenset(fallen), dict(base))
-                before, cosine = cosine, check.cosine(ctx.export(current))
-                if cosine >= check.target:
-                    break
-                if len(fallen) >= 2 and cosine - before < 0.1 * (check.target - before):
-                    notes.append("the error is spread over many layers (each one back to float closes little of "
-                                 "the gap): stopping; try another method or exclude= layers")
-                    break
+            current, cur_plan, cur_writer, fallen, cosine = self._mixed_precision(
+                model, o, per_channel, reduce_range, found, not_float, base, check, ctx, cosine, notes)
             if current is not None:
                 graph.nodes, graph.inputs, graph.outputs = current.nodes, current.inputs, current.outputs
                 graph.functions = current.functions
@@ -224,6 +223,52 @@ class Qdq(Pass):
         stats["relu_clip_folded"] = plan.folded
         stats.update({f"skipped_{k}": skips[k] for k in _SKIPS})
         return PassResult(True, stats, notes)
+
+    # layers measured end to end when the guard steps in (the worst by local error first)
+    MEASURED = 24
+
+    def _mixed_precision(self, model, o, per_channel, reduce_range, found, not_float, base, check, ctx,
+                         cosine, notes):
+        """Return layers to float in order of output cosine recovered per byte kept float, until the
+        guard's target holds or no measured layer helps any more.
+
+        Each candidate (the MEASURED layers adding most local error) is left out of the fully
+        quantized model alone and the output cosine measured (ORT, optimizations on): its gain. The
+        cost of a layer is the bytes its weight takes in float over int8 (1 KiB at least, so layers
+        without weights are not free). Candidates are tried best ratio first; one that does not raise
+        the cosine with the others already float is skipped, not a reason to stop."""
+        def build(keep):
+            return self._build(model, o, per_channel, reduce_range, found, not_float, frozenset(keep), dict(base))
+
+        current, cur_plan, cur_writer = build(())
+        ranking = check.sensitivities(current, cur_plan, cur_writer)
+        by_pos = {pos: node for node in cur_plan.nodes for pos in [cur_plan.position[id(node)]]}
+        measured = []
+        for pos, name, _ in ranking[:self.MEASURED]:
+            gain = check.cosine(ctx.export(build([pos])[0])) - cosine
+            w = cur_plan.weights.get(id(by_pos[pos]))
+            cost = int(w[0].size * 3) if w is not None else 0
+            measured.append((gain / max(cost, 1024), gain, cost, pos, name))
+        measured.sort(key=lambda r: -r[0])
+        fallen: list[int] = []
+        for _, gain, cost, pos, name in measured:
+            if cosine >= check.target:
+                break
+            if gain <= 0:
+                continue
+            trial = build(fallen + [pos])
+            now = check.cosine(ctx.export(trial[0]))
+            if now <= cosine:
+                continue
+            fallen.append(pos)
+            current, cur_plan, cur_writer = trial
+            notes.append(f"layer '{name}' back to float: output cosine +{now - cosine:.4f} "
+                         f"(+{gain:.4f} alone), {cost} bytes kept float")
+            cosine = now
+        if cosine < check.target and len(fallen) < len(measured):
+            notes.append(f"no other measured layer raises the cosine ({len(measured)} measured); "
+                         "try another method or exclude= layers")
+        return current, cur_plan, cur_writer, fallen, cosine
 
     @staticmethod
     def _build(model, o, per_channel, reduce_range, found, not_float, keep_float, stats):

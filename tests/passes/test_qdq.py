@@ -342,10 +342,25 @@ def test_int8_symmetric_activations(tmp_path, method):
     assert ort_fused_ops(result.model, tmp_path)["QLinearConv"] == 2
 
 
-def test_low_opsets_fall_back_or_skip():
+def test_low_opsets_raise_to_13_for_per_channel_weights():
+    model, w1 = conv_relu_conv(opset=11)
+    result, stats = quantize(model, "qdq", feeds((2, 3, 6, 6)))
+    assert stats["opset_raised_to_13"] == 1 and "per_tensor_low_opset" not in stats
+    assert stats["quantized_Conv"] == 2
+    assert next(o.version for o in result.model.opset_import if o.domain == "") == 13
+    conv1 = next(n for n in result.model.graph.node if n.name == "conv1")
+    scale = initializer(result.model, producer_of(result.model, conv1.input[1]).input[1])
+    np.testing.assert_allclose(scale, np.abs(w1).max(axis=(1, 2, 3)) / 127, rtol=1e-6)
+
+
+def test_low_opsets_fall_back_or_skip(monkeypatch):
+    import passes.qdq as qdq_module
+
+    monkeypatch.setattr(qdq_module, "raise_opset", lambda graph, model: "no adapter")
     model, _ = conv_relu_conv(opset=11)
     result, stats = quantize(model, "qdq", feeds((2, 3, 6, 6)))
     assert stats["per_tensor_low_opset"] == 1 and stats["quantized_Conv"] == 2
+    assert next(o.version for o in result.model.opset_import if o.domain == "") == 11
     for dq in (n for n in result.model.graph.node if n.op_type == "DequantizeLinear"):
         assert not dq.attribute and initializer(result.model, dq.input[1]).ndim == 0
     model, _ = conv_relu_conv(opset=9)
@@ -461,3 +476,77 @@ def test_iterable_calibration_through_the_api():
                               inputs=str(MODELS / "digits_test.npz"))
     assert result.passed
     assert next(r for r in result.records if r.name == "qdq").stats["calibration_batches"] == 48
+
+
+def wide_channel_conv_layernorm(opset=12):
+    """Conv whose output channels span 100x in weight range (as after BatchNormalization folding),
+    then a LayerNorm over channels written out (ReduceMean, Sub, Pow, Sqrt, Div), as in
+    PP-OCR's recognizer: one weight scale for all channels leaves the small ones ~1 level."""
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((16, 8, 1, 1)).astype(np.float32) * 0.2
+    w[3, 7] = 20.0  # a wide channel reading an input channel that is near 0 (see the data below)
+    nodes = [node("Conv", ["x", "w", "b"], ["c"], name="conv"),
+             node("ReduceMean", ["c"], ["mu"], axes=[1], keepdims=1),
+             node("Sub", ["c", "mu"], ["d"]), node("Pow", ["d", "two"], ["d2"]),
+             node("ReduceMean", ["d2"], ["var"], axes=[1], keepdims=1),
+             node("Add", ["var", "eps"], ["ve"]), node("Sqrt", ["ve"], ["sd"]),
+             node("Div", ["d", "sd"], ["y"])]
+    inits = [init("w", w), init("b", rng.standard_normal(16) * 0.1), init("two", np.array(2.0)),
+             init("eps", np.array(1e-5))]
+    return make_model(nodes, [vi("x", ["N", 8, 4, 4])], [vi("y", ["N", 16, 4, 4])], inits, opsets={"": opset})
+
+
+def test_per_tensor_weights_collapse_a_normalised_output_and_per_channel_keeps_it():
+    model = wide_channel_conv_layernorm()
+    data, check = feeds((8, 8, 4, 4), seed=1), feeds((8, 8, 4, 4), seed=2)
+    for f in data + check:
+        f["x"][:, 7] *= 0.01
+    ref = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+    def cosine(m):
+        sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+        a = np.concatenate([ref.run(None, f)[0].ravel() for f in check]).astype(np.float64)
+        b = np.concatenate([sess.run(None, f)[0].ravel() for f in check]).astype(np.float64)
+        return a @ b / np.sqrt((a @ a) * (b @ b))
+
+    result, stats = quantize(model, "qdq", data)
+    assert stats["opset_raised_to_13"] == 1 and stats["quantized_Conv"] == 1 and "fallback_nodes" not in stats
+    assert cosine(result.model) > 0.99
+    # per tensor, the guard must return the Conv to float to keep the output at all
+    flat = onnxopt.optimize(model, "qdq(per_channel=false)", calibration=data, validate=False)
+    flat_stats = next(r for r in flat.records if r.name == "qdq").stats
+    assert flat_stats["fallback_nodes"] == 1 and flat_stats["quantized_nodes"] == 0
+
+
+def test_accuracy_guard_ranks_layers_by_their_effect_on_the_output():
+    """Two layers read an input with a huge outlier feature (their 8-bit input wipes out the other
+    features): mm1 feeds the output, decoy's path is scaled by 1e-4 before it joins. decoy adds the
+    most error locally, but returning it to float does not help the output: only mm1 goes back, and
+    the note gives its measured gain and the bytes it keeps float (16x16 float32 over int8)."""
+    rng = np.random.default_rng(9)
+    w1 = rng.standard_normal((16, 16)).astype(np.float32)
+    w1[0] = 0
+    wd = rng.standard_normal((16, 16)).astype(np.float32)
+    wd[0] = 0
+    model = make_model([node("MatMul", ["x", "w1"], ["h"], name="mm1"), node("Relu", ["h"], ["r"], name="relu"),
+                        node("MatMul", ["r", "w2"], ["ym"], name="mm2"),
+                        node("MatMul", ["x2", "wd"], ["hd"], name="decoy"),
+                        node("Relu", ["hd"], ["rd"], name="relu_d"),
+                        node("MatMul", ["rd", "wt"], ["yd"], name="tail"),
+                        node("Add", ["ym", "yd"], ["y"], name="join")],
+                       [vi("x", ["N", 16]), vi("x2", ["N", 16])], [vi("y", ["N", 4])],
+                       [init("w1", w1), init("w2", rng.standard_normal((16, 4))), init("wd", wd),
+                        init("wt", rng.standard_normal((16, 4)) * 1e-4)])
+    data = [{"x": f["x"], "x2": g["x"]} for f, g in zip(feeds((8, 16), n=4), feeds((8, 16), n=4, seed=3))]
+    for f in data:
+        f["x"][:, 0] = 0
+        f["x2"][:, 0] = 0
+    data[0]["x"][0, 0] = 5000.0
+    data[0]["x2"][0, 0] = 50000.0
+    result, stats = quantize(model, "qdq(method=minmax)", data)
+    assert stats["fallback_nodes"] == 1 and stats["guard_min_cosine_ppm"] >= 990000
+    notes = [n for r in result.records for n in r.notes]
+    assert any(n.startswith("layer 'mm1' back to float") and "768 bytes kept float" in n for n in notes), notes
+    assert not any("'decoy'" in n for n in notes)
+    decoy = next(n for n in result.model.graph.node if n.name == "decoy")
+    assert producer_of(result.model, decoy.input[1]).op_type == "DequantizeLinear"
