@@ -26,7 +26,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse, but usage errors are one line and exit 2 like every other bad input."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"onnxopt: error: {message} (see onnxopt {self.prog.split()[-1]} --help)\n")
+        self.exit(2, f"onnxopt: error: {message} (see {self.prog} --help)\n")
 
 
 def _dims(items: Optional[list[str]]) -> dict[str, int]:
@@ -116,6 +116,9 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     output = Path(args.output) if args.output else _default_output(args.model)
     if io.same_file(output, args.model) and not args.in_place:
         raise InputError(f"{output}: output path is the input model; pass --in-place to overwrite it")
+    io.check_output_path(output)  # before the work, not after it
+    if args.report:
+        io.check_output_path(Path(args.report), "report")
     try:
         result = api.optimize(
             args.model, args.passes, recipe=args.recipe, calibration=args.calib, inputs=args.inputs,
@@ -148,6 +151,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
+    if args.report:
+        io.check_output_path(Path(args.report), "report")
     reference, candidate = io.load(args.reference), io.load(args.candidate)
     dims = _dims(args.dim)
     seed = args.seed or 0

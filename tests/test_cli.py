@@ -153,3 +153,33 @@ def test_inspect_and_passes_and_compare(cnn, capsys):
     assert code == 1 and "FAILED" in out  # two different models
     code, out, _ = run(["compare", cnn, cnn, "--latency-runs", "0", "--dim", "batch=4"], capsys)
     assert code == 0 and "identical" in out and "4 sample(s) from synthetic inputs" in out
+
+
+@pytest.mark.parametrize("flag", ["-o", "--report"])
+def test_output_or_report_naming_a_directory_exits_2_before_work(tmp_path, capsys, flag):
+    model = save(mlp(), tmp_path / "m.onnx")
+    folder = tmp_path / "isdir.onnx"
+    folder.mkdir()
+    args = ["optimize", model, "--latency-runs", "0", flag, folder]
+    code, out, err = run(args, capsys)
+    assert code == 2 and out == ""  # refused before any pass ran
+    assert err.strip() == f"onnxopt: error: {folder}: {'output' if flag == '-o' else 'report'} path is a directory; name a file"
+    assert sorted(os.listdir(tmp_path)) == ["isdir.onnx", "m.onnx"] and os.listdir(folder) == []
+
+
+def test_corrupt_string_field_exits_2(tmp_path, capsys):
+    model = tmp_path / "m.onnx"
+    model.write_bytes(mlp().SerializeToString().replace(b"relu1", b"\xb3elu1"))
+    code, out, err = run(["optimize", model, "-o", tmp_path / "out.onnx"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "not a valid ONNX model (corrupt file: graph.node[2].name" in err and "not valid UTF-8" in err
+    assert not (tmp_path / "out.onnx").exists()
+
+
+@pytest.mark.parametrize("argv, hint", [([], "(see onnxopt --help)"), (["optimize"], "(see onnxopt optimize --help)"),
+                                        (["compare", "a.onnx"], "(see onnxopt compare --help)")])
+def test_usage_error_names_the_right_help(capsys, argv, hint):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.startswith("onnxopt: error:") and err.strip().endswith(hint)
