@@ -36,6 +36,7 @@ class Recipe:
     inputs: Optional[str] = None
     tolerance: Optional[dict] = None
     verify_each: bool = False
+    prerequisites: bool = True
     dims: dict[str, int] = field(default_factory=dict)
     ort_opt_level: Optional[str] = None
     seed: int = 0
@@ -98,6 +99,7 @@ def optimize(
     ort_opt_level: Optional[str] = None,
     latency_runs: int = 0,
     repro_dir: Union[str, os.PathLike, None] = None,
+    prerequisites: Optional[bool] = None,
 ) -> OptimizeResult:
     """Rewrite a model with a pipeline and validate it against the original in ONNX Runtime.
 
@@ -106,6 +108,8 @@ def optimize(
     the recipe. Validation data comes from ``inputs``, else the calibration
     data, else seeded synthetic inputs. The result is returned even when
     validation fails (``result.passed`` is False; ``result.save`` refuses it).
+    ``prerequisites=False`` stops passes from running the passes they need first
+    (``fold_bn`` before ``qdq``); ``result.pipeline`` lists those that ran.
     """
     start = time.perf_counter()
     rec = recipe if isinstance(recipe, Recipe) else (Recipe.load(recipe) if recipe is not None else Recipe())
@@ -130,14 +134,15 @@ def optimize(
             step_tol = user_tol or default_tolerance(Pipeline(ran))
             return compare(original, candidate, data, step_tol, ort_opt_level=level)
 
-    manager = PassManager(pipeline, ctx, verify)
+    prerequisites = rec.prerequisites if prerequisites is None else prerequisites
+    manager = PassManager(pipeline, ctx, verify, prerequisites=bool(prerequisites))
     try:
         optimized = manager.run(original)
     except VerifyFailed as failure:
         if repro_dir is not None:
             failure.repro_dir = str(save_reproducer(failure, repro_dir))
         raise
-    result = OptimizeResult(optimized, original, pipeline.canonical(), manager.records, source=source)
+    result = OptimizeResult(optimized, original, manager.canonical(), manager.records, source=source)
     if data is not None and data.synthetic:
         result.warnings.append("validated on synthetic inputs: give real data with --inputs or --calib")
     if validate:

@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib", metavar="DATA", help="calibration data: .npz, .npy or a folder of them")
     p.add_argument("--verify-each", action="store_true", help="validate after every pass; stop at the first that breaks tolerance")
     p.add_argument("--repro-dir", help="where --verify-each saves a reproducer (default: <output>.repro)")
+    p.add_argument("--no-prerequisites", action="store_true",
+                   help="do not run the passes a pass needs first (fold_bn before qdq, prune, svd)")
     p.add_argument("--no-validate", action="store_true", help="skip validation (not recommended)")
     p.add_argument("--keep-on-fail", action="store_true", help="write the model even when validation fails")
     p.add_argument("--in-place", action="store_true", help="allow the output path to be the input model")
@@ -124,7 +126,8 @@ def cmd_optimize(args: argparse.Namespace) -> int:
             args.model, args.passes, recipe=args.recipe, calibration=args.calib, inputs=args.inputs,
             tolerance=args.tolerance, validate=not args.no_validate, verify_each=args.verify_each or None,
             dims=_dims(args.dim), seed=args.seed, ort_opt_level=args.ort_opt_level,
-            latency_runs=args.latency_runs, repro_dir=args.repro_dir or f"{output}.repro")
+            latency_runs=args.latency_runs, repro_dir=args.repro_dir or f"{output}.repro",
+            prerequisites=False if args.no_prerequisites else None)
     except VerifyFailed as failure:
         print(f"onnxopt: error: {failure}", file=sys.stderr)
         print("\n".join(format_comparison(failure.comparison)), file=sys.stderr)

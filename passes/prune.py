@@ -13,7 +13,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnxopt import graph as G
-from onnxopt.pipeline import Pass, PassContext, PassResult, Tolerance, register_pass
+from onnxopt.pipeline import BN_FOLDED, Pass, PassContext, PassResult, Tolerance, register_pass
 
 _FLOATS = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 _TARGETS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
@@ -154,6 +154,7 @@ class Prune(Pass):
     exact = False
     tolerance = Tolerance(min_cosine=0.95)
     leaves_dangling = True
+    requires = (BN_FOLDED,)  # scores and removal act on the weight the layer really applies
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         return _Pruner(graph, ctx, self.options).run()

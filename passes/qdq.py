@@ -15,7 +15,8 @@ import onnx_graphsurgeon as gs
 from onnxopt import graph as G
 from onnxopt.calibrate import TensorRanges, calibration_set, stream_tensors
 from onnxopt.errors import InputError
-from onnxopt.pipeline import Pass, PassContext, PassResult, Tolerance, register_pass
+from onnxopt.pipeline import (BN_FOLDED, CONSTANTS_FOLDED, Pass, PassContext, PassResult, Tolerance,
+                               register_pass)
 
 # Ops with weights: weight input 1, (Conv/ConvTranspose/Gemm) bias input 2.
 _WEIGHTED = ("Conv", "ConvTranspose", "MatMul", "Gemm")
@@ -107,6 +108,7 @@ class Qdq(Pass):
     exact = False
     tolerance = Tolerance(min_cosine=0.99, max_top1_drop=1.0)
     leaves_dangling = True  # float weights and Constant nodes no longer read
+    requires = (BN_FOLDED, CONSTANTS_FOLDED)  # a Conv feeding BatchNormalization, or a weight still computed, stays float
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         o = self.options

@@ -183,3 +183,37 @@ def test_usage_error_names_the_right_help(capsys, argv, hint):
         main(argv)
     err = capsys.readouterr().err
     assert info.value.code == 2 and err.startswith("onnxopt: error:") and err.strip().endswith(hint)
+
+
+def test_qdq_runs_fold_bn_first_and_says_so(cnn, capsys):
+    import onnx
+
+    data = cnn.parent / "digits_calib.npz"
+    out, report = cnn.parent / "q.onnx", cnn.parent / "r.json"
+    code, text, err = run(["optimize", cnn, "--passes", "qdq", "--calib", data, "--latency-runs", "0",
+                           "-o", out, "--report", report], capsys)
+    assert code == 0, err
+    assert "fold_bn (auto)" in text and "note (fold_bn): run before 'qdq'" in text and "run 'cleanup' first" not in text
+    rep = json.loads(report.read_text())
+    assert rep["pipeline"].startswith("fold_bn(") and ",qdq(" in rep["pipeline"]
+    assert rep["passes"][0]["name"] == "fold_bn" and rep["passes"][0]["required_by"] == "qdq"
+    qdq = next(p for p in rep["passes"] if p["name"] == "qdq")
+    assert qdq["stats"]["quantized_Conv"] == 3 and qdq["stats"]["skipped_batchnorm_not_folded"] == 0
+    assert not any(n.op_type == "BatchNormalization" for n in onnx.load(str(out)).graph.node)
+    # the printed pipeline reproduces the run
+    code, _, err = run(["optimize", cnn, "--passes", rep["pipeline"], "--calib", data, "--latency-runs", "0",
+                        "-o", cnn.parent / "q2.onnx", "--no-validate"], capsys)
+    assert code == 0, err
+    assert (cnn.parent / "q2.onnx").read_bytes() == out.read_bytes()
+
+
+def test_no_prerequisites_keeps_batchnorm_layers_float(cnn, capsys):
+    report = cnn.parent / "r.json"
+    code, text, err = run(["optimize", cnn, "--passes", "qdq", "--calib", cnn.parent / "digits_calib.npz",
+                           "--latency-runs", "0", "-o", cnn.parent / "q.onnx", "--report", report,
+                           "--no-prerequisites"], capsys)
+    assert code == 0, err
+    rep = json.loads(report.read_text())
+    assert rep["pipeline"].startswith("qdq(") and rep["pipeline"].endswith(",prerequisites=false)")
+    assert [p["name"] for p in rep["passes"]] == ["qdq", "dce"]
+    assert rep["passes"][0]["stats"]["skipped_batchnorm_not_folded"] == 3 and "run 'cleanup' first" in text
