@@ -216,6 +216,9 @@ def check_model(model: onnx.ModelProto, label: str = "model") -> None:
         # protobuf keeps proto2 strings unchecked; the checker's message quotes the bad bytes
         raise InputError(f"{label}: not a valid ONNX model (corrupt file: a name or string field "
                          f"is not valid UTF-8, byte {exc.object[exc.start:exc.start + 1].hex()})") from exc
+    problem = _type_problem(model)
+    if problem:
+        raise InputError(f"{label}: {problem}")
     for tensor in iter_tensors(model.graph):
         problem = _data_size_problem(tensor)
         if problem:
@@ -225,6 +228,27 @@ def check_model(model: onnx.ModelProto, label: str = "model") -> None:
     except Exception as exc:  # inference raises several types; none is fatal
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         log.warning("%s: shape inference reports a problem (continuing): %s", label, first)
+
+
+_KNOWN_TYPES = frozenset(onnx.TensorProto.DataType.values())
+
+
+def _type_problem(model: onnx.ModelProto) -> Optional[str]:
+    """A tensor or a declared value whose element type no onnx release defines (the checker lets
+    some through, and every later step would fail on them), or a graph input without one."""
+    for tensor in iter_tensors(model.graph):
+        if tensor.data_type == onnx.TensorProto.UNDEFINED:
+            return f"tensor '{tensor.name}' has no data type"
+        if tensor.data_type not in _KNOWN_TYPES:
+            return f"tensor '{tensor.name}' has an unknown data type ({tensor.data_type})"
+    for g in iter_graph_protos(model.graph):
+        for value in [*g.input, *g.output, *g.value_info]:
+            if value.type.HasField("tensor_type") and value.type.tensor_type.elem_type not in _KNOWN_TYPES:
+                return f"value '{value.name}' has an unknown element type ({value.type.tensor_type.elem_type})"
+    for value in [*model.graph.input, *model.graph.output]:
+        if value.type.HasField("tensor_type") and value.type.tensor_type.elem_type == onnx.TensorProto.UNDEFINED:
+            return f"graph {'input' if value in model.graph.input else 'output'} '{value.name}' has no element type"
+    return None
 
 
 def _data_size_problem(tensor: onnx.TensorProto) -> Optional[str]:

@@ -217,3 +217,10 @@ def test_no_prerequisites_keeps_batchnorm_layers_float(cnn, capsys):
     assert rep["pipeline"].startswith("qdq(") and rep["pipeline"].endswith(",prerequisites=false)")
     assert [p["name"] for p in rep["passes"]] == ["qdq", "dce"]
     assert rep["passes"][0]["stats"]["skipped_batchnorm_not_folded"] == 3 and "run 'cleanup' first" in text
+
+
+def test_scalar_labels_exit_2(tmp_path, capsys):
+    model = save(mlp(), tmp_path / "m.onnx")
+    np.savez(tmp_path / "d.npz", x=np.zeros((2, 4), np.float32), labels=np.array(3))
+    code, out, err = run(["optimize", model, "-o", tmp_path / "o.onnx", "--inputs", tmp_path / "d.npz"], capsys)
+    assert code == 2 and err.strip().endswith("'labels' holds a single value; it needs one label per sample")

@@ -198,3 +198,30 @@ def test_temporaries_name_their_owner(tmp_path, monkeypatch):
     monkeypatch.setattr(io, "_write", spy)
     io.save(mlp(), tmp_path / "out.onnx")
     assert seen and io._TEMP_NAME.fullmatch(seen[0]) and seen[0].startswith(f".onnxopt-{os.getpid()}@")
+
+
+def _loop_model():
+    from test_fuzz import subgraph_model
+
+    return subgraph_model()
+
+
+@pytest.mark.parametrize("where, value, message", [
+    ("initializer", 0, "tensor 'W1' has no data type"),
+    ("initializer", 99, "tensor 'W1' has an unknown data type (99)"),
+    ("loop_initializer", 99, "tensor 'half' has an unknown data type (99)"),
+    ("input", 0, "graph input 'x' has no element type"),
+    ("output", 40, "value 'y' has an unknown element type (40)"),
+])
+def test_unknown_element_types_are_named(where, value, message):
+    # the checker lets these through; graph import and synthetic inputs would fail on them
+    model = _loop_model() if where.startswith("loop") else mlp()
+    if where == "initializer":
+        model.graph.initializer[0].data_type = value
+    elif where == "loop_initializer":
+        loop = next(n for n in model.graph.node if n.op_type == "Loop")
+        next(t for t in loop.attribute[0].g.initializer if t.name == "half").data_type = value  # in the body
+    else:
+        getattr(model.graph, where)[0].type.tensor_type.elem_type = value
+    with pytest.raises(InputError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        onnxopt.load(model)
