@@ -323,3 +323,17 @@ def test_prerequisites_option_is_checked():
     with pytest.raises(InputError, match="pass 'test_needs_no_relu' option 'prerequisites': expected true or false"):
         Pipeline.parse("test_needs_no_relu(prerequisites=maybe)")
     assert Pipeline.parse("test_drop_relu(prerequisites=false)").canonical() == "test_drop_relu"  # nothing to turn off
+
+
+def test_recipe_and_api_turn_prerequisites_off():
+    from pathlib import Path
+
+    models = Path(__file__).resolve().parent.parent / "models"
+    recipe = {"passes": "qdq(samples=16)", "prerequisites": False, "calibration": str(models / "digits_calib.npz")}
+    off = onnxopt.optimize(str(models / "digits_cnn.onnx"), recipe=recipe, validate=False)
+    assert off.records[0].name == "qdq" and off.pipeline.endswith(",prerequisites=false)")
+    on = onnxopt.optimize(str(models / "digits_cnn.onnx"), recipe={**recipe, "prerequisites": True}, validate=False)
+    assert [r.name for r in on.records][:2] == ["fold_bn", "dce"] and on.records[0].required_by == "qdq"
+    api_off = onnxopt.optimize(str(models / "digits_cnn.onnx"), recipe={**recipe, "prerequisites": True},
+                               prerequisites=False, validate=False)
+    assert api_off.records[0].name == "qdq"
