@@ -224,3 +224,23 @@ def test_scalar_labels_exit_2(tmp_path, capsys):
     np.savez(tmp_path / "d.npz", x=np.zeros((2, 4), np.float32), labels=np.array(3))
     code, out, err = run(["optimize", model, "-o", tmp_path / "o.onnx", "--inputs", tmp_path / "d.npz"], capsys)
     assert code == 2 and err.strip().endswith("'labels' holds a single value; it needs one label per sample")
+
+
+def test_empty_list_attribute_survives_export(tmp_path, capsys):
+    # gs cannot type an empty list attribute on export; it used to end in an internal error
+    import onnx
+    from onnx import TensorProto, helper
+
+    node = helper.make_node("ReduceSum", ["x"], ["y"], name="sum_all", keepdims=0)
+    node.attribute.append(onnx.AttributeProto(name="axes", type=onnx.AttributeProto.INTS))  # axes=[]: all
+    graph = helper.make_graph([helper.make_node("Identity", ["x0"], ["x"], name="id"), node], "g",
+                              [helper.make_tensor_value_info("x0", TensorProto.FLOAT, [2, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [])])
+    model = save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)]), tmp_path / "m.onnx")
+    code, out, err = run(["optimize", model, "-o", tmp_path / "o.onnx", "--passes", "noop,dce", "--latency-runs", "0"],
+                         capsys)
+    assert code == 0, err
+    written = onnx.load(str(tmp_path / "o.onnx"))
+    kept = next(n for n in written.graph.node if n.op_type == "ReduceSum")
+    axes = next(a for a in kept.attribute if a.name == "axes")
+    assert axes.type == onnx.AttributeProto.INTS and list(axes.ints) == [] and len(written.graph.node) == 1
