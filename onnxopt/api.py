@@ -42,6 +42,7 @@ class Recipe:
     inputs: Optional[str] = None
     tolerance: Optional[dict] = None
     verify_each: bool = False
+    prerequisites: bool = True
     dims: dict[str, int] = field(default_factory=dict)
     ort_opt_level: Optional[str] = None
     seed: int = 0
@@ -110,6 +111,7 @@ def optimize(
     repro_dir: Union[str, os.PathLike, None] = None,
     max_growth: Union[float, str, None] = None,
     strict: bool = False,
+    prerequisites: Optional[bool] = None,
 ) -> OptimizeResult:
     """Rewrite a model with a pipeline and validate it against the original in ONNX Runtime.
 
@@ -129,6 +131,8 @@ def optimize(
     many as fit in ``latency_budget`` seconds. A large model read from a file
     is validated after ``result.original`` is released (None; its statistics
     are kept), so that the original and the rewrite are not both in memory.
+    ``prerequisites=False`` stops passes from running the passes they need first
+    (``fold_bn`` before ``qdq``); ``result.pipeline`` lists those that ran.
     """
     start = time.perf_counter()
     rec = recipe if isinstance(recipe, Recipe) else (Recipe.load(recipe) if recipe is not None else Recipe())
@@ -165,7 +169,7 @@ def optimize(
         elif validate:  # written for ORT now, while the original is the only model in memory
             runnable = RuntimeModel(original)
         result = _run_pipeline(original, pipeline, ctx, reference, tolerance, rec, verify, repro_dir, source,
-                               growth, used)
+                               growth, used, prerequisites)
         if data is not None and data.synthetic:
             result.warnings.append("validated on synthetic inputs: give real data with --inputs or --calib")
         if data is None and used:
@@ -203,7 +207,8 @@ def optimize(
 
 def _run_pipeline(original: onnx.ModelProto, pipeline: Pipeline, ctx: PassContext, reference: Optional[Reference],
                   tolerance: Any, rec: Recipe, verify_each: bool, repro_dir: Any,
-                  source: Optional[str], growth: Optional[float], used: dict[str, Any]) -> OptimizeResult:
+                  source: Optional[str], growth: Optional[float], used: dict[str, Any],
+                  prerequisites: Optional[bool]) -> OptimizeResult:
     verify = None
     if verify_each:
         user_tol = Tolerance.parse(tolerance) or Tolerance.parse(rec.tolerance)
@@ -212,7 +217,8 @@ def _run_pipeline(original: onnx.ModelProto, pipeline: Pipeline, ctx: PassContex
             step_tol = user_tol or default_tolerance(Pipeline(ran))
             return reference.compare(candidate, step_tol, latency=False)
 
-    manager = PassManager(pipeline, ctx, verify, max_growth=growth)
+    prerequisites = rec.prerequisites if prerequisites is None else prerequisites
+    manager = PassManager(pipeline, ctx, verify, max_growth=growth, prerequisites=bool(prerequisites))
     try:
         optimized = manager.run(original)
     except VerifyFailed as failure:
@@ -220,7 +226,7 @@ def _run_pipeline(original: onnx.ModelProto, pipeline: Pipeline, ctx: PassContex
             failure.repro_dir = str(save_reproducer(failure, repro_dir))
         raise
     ctx.template = None  # the manager (and its graph) go with this frame; nothing else keeps the original
-    return OptimizeResult(optimized, original, pipeline.canonical(), manager.records, source=source,
+    return OptimizeResult(optimized, original, manager.canonical(), manager.records, source=source,
                           inputs=used or None)
 
 

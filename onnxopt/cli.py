@@ -27,7 +27,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse, but usage errors are one line and exit 2 like every other bad input."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"onnxopt: error: {message} (see onnxopt {self.prog.split()[-1]} --help)\n")
+        self.exit(2, f"onnxopt: error: {message} (see {self.prog} --help)\n")
 
 
 def _dims(items: Optional[list[str]]) -> dict[str, int]:
@@ -66,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib", metavar="DATA", help="calibration data: .npz, .npy or a folder of them")
     p.add_argument("--verify-each", action="store_true", help="validate after every pass; stop at the first that breaks tolerance")
     p.add_argument("--repro-dir", help="where --verify-each saves a reproducer (default: <output>.repro)")
+    p.add_argument("--no-prerequisites", action="store_true",
+                   help="do not run the passes a pass needs first (fold_bn before qdq, prune, svd)")
     p.add_argument("--no-validate", action="store_true", help="skip validation (not recommended)")
     p.add_argument("--strict", action="store_true",
                    help="exit 1 and write nothing when validation cannot run (no synthetic input runs the model)")
@@ -122,13 +124,17 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     output = Path(args.output) if args.output else _default_output(args.model)
     if io.same_file(output, args.model) and not args.in_place:
         raise InputError(f"{output}: output path is the input model; pass --in-place to overwrite it")
+    io.check_output_path(output)  # before the work, not after it
+    if args.report:
+        io.check_output_path(Path(args.report), "report")
     try:
         result = api.optimize(
             args.model, args.passes, recipe=args.recipe, calibration=args.calib, inputs=args.inputs,
             tolerance=args.tolerance, validate=not args.no_validate, verify_each=args.verify_each or None,
             dims=_dims(args.dim), seed=args.seed, ort_opt_level=args.ort_opt_level,
             latency_runs=args.latency_runs, repro_dir=args.repro_dir or f"{output}.repro",
-            max_growth=args.max_growth, strict=args.strict)
+            max_growth=args.max_growth, strict=args.strict,
+            prerequisites=False if args.no_prerequisites else None)
     except VerifyFailed as failure:
         print(f"onnxopt: error: {failure}", file=sys.stderr)
         print("\n".join(format_comparison(failure.comparison)), file=sys.stderr)
@@ -158,6 +164,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
+    if args.report:
+        io.check_output_path(Path(args.report), "report")
     reference, candidate = io.load(args.reference), io.load(args.candidate)
     dims = _dims(args.dim)
     seed = args.seed or 0

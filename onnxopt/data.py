@@ -450,6 +450,8 @@ def iter_feeds(source: Any, model: onnx.ModelProto, *, batch_size: int = 32, lim
             group_labels = _whole(group.pop(LABELS, None)) if LABELS not in {s.name for s in specs} else None
             arrays = _checked(group, specs, label, what)
             n = _count(arrays, specs)
+            if group_labels is not None and np.ndim(group_labels) == 0:
+                raise InputError(f"{label}: '{LABELS}' holds a single value; it needs one label per sample")
             if group_labels is not None and len(group_labels) != n:
                 raise InputError(f"{label}: {len(group_labels)} labels for {n} samples")
             start = 0

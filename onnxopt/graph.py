@@ -89,11 +89,14 @@ def export_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
     if not all(is_sorted(g) for g in iter_graphs(graph)):
         graph.toposort()
     hidden = _hide_unexportable_types(graph)
+    empty = _hide_empty_list_attrs(graph)
     try:
         model, stubs = export_onnx(graph)
     finally:
         for tensor, dtype in hidden:
             tensor.dtype = dtype
+        for node, name, value in empty:
+            node.attrs[name] = value
     _restore_value_types(model, template)
     _hoist_outer_initializers(model, template)
     _restore_initializer_inputs(model, template)
@@ -337,11 +340,28 @@ def _all_nodes(model: onnx.ModelProto) -> Iterator[onnx.NodeProto]:
         yield from func.node
 
 
+def _hide_empty_list_attrs(graph: gs.Graph) -> list[tuple[gs.Node, str, object]]:
+    """Take out empty list attributes, whose type gs cannot tell on export; they come back
+    from the template (``_restore_dropped_attributes``), typed, and on the graph after export."""
+    hidden = []
+    for g in iter_graphs(graph):
+        for node in g.nodes:
+            for name, value in list(node.attrs.items()):
+                if isinstance(value, (list, tuple)) and len(value) == 0:
+                    hidden.append((node, name, node.attrs.pop(name)))
+    return hidden
+
+
+def _empty_list(attr: onnx.AttributeProto) -> bool:
+    return attr.type in (onnx.AttributeProto.INTS, onnx.AttributeProto.FLOATS, onnx.AttributeProto.STRINGS) and \
+        not (attr.ints or attr.floats or attr.strings)
+
+
 def _restore_dropped_attributes(model: onnx.ModelProto, template: onnx.ModelProto) -> None:
     """Put back the attributes gs could not import, on the same node (op and outputs)."""
     dropped = {}
     for node in _all_nodes(template):
-        lost = [a for a in node.attribute if a.type not in _GS_ATTRS and not a.ref_attr_name]
+        lost = [a for a in node.attribute if (a.type not in _GS_ATTRS or _empty_list(a)) and not a.ref_attr_name]
         if lost:
             dropped[(node.domain, node.op_type, tuple(node.output))] = lost
     if not dropped:

@@ -12,12 +12,15 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import shutil
+import socket
 import tempfile
 from pathlib import Path
-from typing import Iterator, Optional, Union
+from typing import Any, Iterator, Optional, Union
 
 import onnx
+from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import DecodeError
 
 from .errors import InputError
@@ -55,9 +58,43 @@ def load(source: ModelSource, *, check: bool = True) -> onnx.ModelProto:
         model = _read(path)
         base_dir = path.parent
         _load_external(model, base_dir, label)
+    bad = first_invalid_string(model)
+    if bad:
+        raise InputError(f"{label}: not a valid ONNX model (corrupt file: {bad} is not valid UTF-8)")
     if check:
         check_model(model, label)
     return model
+
+
+def first_invalid_string(message: Any, where: str = "") -> Optional[str]:
+    """Where the first string field that is not valid UTF-8 sits, or None.
+
+    onnx.proto is proto2, so protobuf loads such a field unchecked and hands it out
+    as bytes; every later use of the name (checker, graph import) would fail on it.
+    """
+    for desc, value in message.ListFields():
+        if desc.type == _STRING:
+            values = value if _repeated(desc) else [value]
+            for item in values:
+                if isinstance(item, bytes):
+                    return f"{where}{desc.name} {item[:40]!r}"
+        elif desc.type == _MESSAGE:
+            values = value if _repeated(desc) else [value]
+            for i, item in enumerate(values):
+                found = first_invalid_string(item, f"{where}{desc.name}[{i}]." if _repeated(desc)
+                                             else f"{where}{desc.name}.")
+                if found:
+                    return found
+    return None
+
+
+_STRING, _MESSAGE = FieldDescriptor.TYPE_STRING, FieldDescriptor.TYPE_MESSAGE
+
+
+def _repeated(desc: FieldDescriptor) -> bool:
+    # protobuf >= 5.28 has is_repeated; older versions only label
+    flag = getattr(desc, "is_repeated", None)
+    return flag if flag is not None else desc.label == FieldDescriptor.LABEL_REPEATED
 
 
 def _read(path: Path) -> onnx.ModelProto:
@@ -175,6 +212,13 @@ def check_model(model: onnx.ModelProto, label: str = "model") -> None:
     except onnx.checker.ValidationError as exc:
         first = str(exc).strip().splitlines()[0]
         raise InputError(f"{label}: fails the ONNX checker: {first}") from exc
+    except UnicodeDecodeError as exc:
+        # protobuf keeps proto2 strings unchecked; the checker's message quotes the bad bytes
+        raise InputError(f"{label}: not a valid ONNX model (corrupt file: a name or string field "
+                         f"is not valid UTF-8, byte {exc.object[exc.start:exc.start + 1].hex()})") from exc
+    problem = _type_problem(model)
+    if problem:
+        raise InputError(f"{label}: {problem}")
     for tensor in iter_tensors(model.graph):
         problem = _data_size_problem(tensor)
         if problem:
@@ -184,6 +228,27 @@ def check_model(model: onnx.ModelProto, label: str = "model") -> None:
     except Exception as exc:  # inference raises several types; none is fatal
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         log.warning("%s: shape inference reports a problem (continuing): %s", label, first)
+
+
+_KNOWN_TYPES = frozenset(onnx.TensorProto.DataType.values())
+
+
+def _type_problem(model: onnx.ModelProto) -> Optional[str]:
+    """A tensor or a declared value whose element type no onnx release defines (the checker lets
+    some through, and every later step would fail on them), or a graph input without one."""
+    for tensor in iter_tensors(model.graph):
+        if tensor.data_type == onnx.TensorProto.UNDEFINED:
+            return f"tensor '{tensor.name}' has no data type"
+        if tensor.data_type not in _KNOWN_TYPES:
+            return f"tensor '{tensor.name}' has an unknown data type ({tensor.data_type})"
+    for g in iter_graph_protos(model.graph):
+        for value in [*g.input, *g.output, *g.value_info]:
+            if value.type.HasField("tensor_type") and value.type.tensor_type.elem_type not in _KNOWN_TYPES:
+                return f"value '{value.name}' has an unknown element type ({value.type.tensor_type.elem_type})"
+    for value in [*model.graph.input, *model.graph.output]:
+        if value.type.HasField("tensor_type") and value.type.tensor_type.elem_type == onnx.TensorProto.UNDEFINED:
+            return f"graph {'input' if value in model.graph.input else 'output'} '{value.name}' has no element type"
+    return None
 
 
 def _data_size_problem(tensor: onnx.TensorProto) -> Optional[str]:
@@ -280,11 +345,11 @@ def save(
     target = Path(path)
     if input_path is not None and same_file(target, input_path) and not in_place:
         raise InputError(f"{target}: output path is the input model; pass --in-place to overwrite it")
-    if not target.parent.exists():
-        raise InputError(f"{target.parent}: output folder does not exist")
+    check_output_path(target)
     if external_data is None:
         external_data = tensor_bytes(model) > EXTERNAL_THRESHOLD
-    tmp_dir = Path(tempfile.mkdtemp(prefix=".onnxopt-", dir=target.parent))
+    remove_stale_temporaries(target.parent)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=temp_prefix(), dir=target.parent))
     try:
         data_name = target.name + ".data"
         _write(model, tmp_dir / target.name, data_name if external_data else None)
@@ -294,6 +359,65 @@ def save(
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
     return target
+
+
+def check_output_path(target: Path, what: str = "output") -> None:
+    """InputError unless ``target`` can be written as a file: its folder exists, it is not a folder."""
+    if target.is_dir():
+        raise InputError(f"{target}: {what} path is a directory; name a file")
+    if not target.parent.is_dir():
+        raise InputError(f"{target.parent}: {what} folder does not exist")
+
+
+# Temporaries beside an output are named .onnxopt-<pid>@<host>.<random>: a run killed mid-write
+# leaves one behind, and a later run removes those whose owner, on this host, is gone.
+_TEMP_NAME = re.compile(r"\.onnxopt-(\d+)@(.*)\.[A-Za-z0-9_]{8}")
+
+
+def temp_prefix() -> str:
+    """Prefix for temporary files and folders: names this process and host as the owner."""
+    return f".onnxopt-{os.getpid()}@{socket.gethostname()}."
+
+
+def remove_stale_temporaries(folder: Path) -> list[Path]:
+    """Remove temporaries in ``folder`` left by dead onnxopt runs of this user on this host.
+
+    Only names in onnxopt's own format count; a live owner, another host or another
+    user's file keeps it. Returns what was removed.
+    """
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    host, uid = socket.gethostname(), os.getuid()
+    for entry in entries:
+        match = _TEMP_NAME.fullmatch(entry.name)
+        if not match or match.group(2) != host or _alive(int(match.group(1))):
+            continue
+        try:
+            if entry.stat(follow_symlinks=False).st_uid != uid:
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path)
+            else:
+                os.unlink(entry.path)
+        except OSError:
+            continue  # racing another cleaner, or not ours to remove
+        removed.append(Path(entry.path))
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True  # exists (another user's) or not a pid we can judge: keep
+    return True
 
 
 def _write(model: onnx.ModelProto, path: Path, data_name: str | None) -> None:

@@ -22,7 +22,8 @@ import onnx_graphsurgeon as gs
 
 from . import graph as G
 from .errors import InputError, OnnxoptError, PassError
-from .options import build_options, describe, format_value, option_help, option_items, option_types
+from .options import (build_options, describe, format_value, option_help, option_items, option_types,
+                      parse_value)
 
 log = logging.getLogger("onnxopt")
 
@@ -134,6 +135,56 @@ class NoOptions:
     """For passes without options."""
 
 
+# ----------------------------------------------------------------- prerequisites
+
+@dataclass(frozen=True)
+class Requirement:
+    """A state of the graph a pass needs, the pass that brings it about, and whether a graph lacks it.
+
+    ``needed(graph)`` must be cheap: the manager asks it before every pass that declares it.
+    """
+
+    name: str
+    provider: str
+    needed: Callable[[gs.Graph], bool]
+    description: str = ""
+
+
+_WEIGHTED = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+def _bn_after_layer(graph: gs.Graph) -> bool:
+    """A BatchNormalization reads a Conv/ConvTranspose/Gemm/MatMul output (what fold_bn folds)."""
+    return any(n.op == "BatchNormalization" and n.inputs and (maker := G.producer(n.inputs[0])) is not None
+               and maker.op in _WEIGHTED for g in G.iter_graphs(graph, functions=False) for n in g.nodes)
+
+
+def _from_constants(tensor: gs.Tensor, depth: int = 0) -> bool:
+    """A value computed by a short chain of nodes from constants only (left for fold)."""
+    if G.constant_source(tensor) is not None:
+        return True
+    maker = G.producer(tensor)
+    if maker is None or depth > 4 or maker.op in ("RandomNormal", "RandomUniform", "RandomNormalLike",
+                                                  "RandomUniformLike", "Multinomial", "Bernoulli"):
+        return False
+    if maker.op == "Constant":
+        return True
+    return bool(maker.inputs) and all(_from_constants(t, depth + 1) for t in maker.inputs if t.name)
+
+
+def _weights_unfolded(graph: gs.Graph) -> bool:
+    """A Conv/ConvTranspose/Gemm/MatMul weight is computed from constants rather than stored."""
+    return any(n.op in _WEIGHTED and len(n.inputs) > 1 and G.constant_source(n.inputs[1]) is None
+               and G.producer(n.inputs[1]) is not None and _from_constants(n.inputs[1])
+               for g in G.iter_graphs(graph, functions=False) for n in g.nodes)
+
+
+BN_FOLDED = Requirement("bn_folded", "fold_bn", _bn_after_layer,
+                        "BatchNormalization folded into the layer before it")
+CONSTANTS_FOLDED = Requirement("constants_folded", "fold", _weights_unfolded,
+                               "weights computed from constants folded into stored tensors")
+
+
 class Pass:
     """Base class: subclass, set ``name`` and ``Options``, implement ``run``, and register.
 
@@ -142,6 +193,9 @@ class Pass:
     manager to run ``dce`` after the pass when it changed the graph. A pass whose
     option ``auto`` resolves at run time (from the data it was given) sets
     ``self.resolved`` to the options it used, so ``canonical()`` reproduces the run.
+    ``requires`` lists Requirements (or names of passes always run first); the
+    manager runs each provider before the pass when the graph needs it, unless
+    ``prerequisites`` is off (``name(prerequisites=false)`` in a pipeline).
     """
 
     name: ClassVar[str] = ""
@@ -150,23 +204,34 @@ class Pass:
     tolerance: ClassVar[Tolerance] = EXACT
     leaves_dangling: ClassVar[bool] = False
     resolved: Any = None  # the options as the last run used them, auto values resolved
+    requires: ClassVar[tuple[Union[Requirement, str], ...]] = ()
 
-    def __init__(self, options: Any = None, **values: Any) -> None:
+    def __init__(self, options: Any = None, *, prerequisites: bool = True, **values: Any) -> None:
         if options is None:
             options = build_options(self.name, self.Options, values)
         elif values:
             raise TypeError("give either an options object or keyword values, not both")
         self.options = options
+        self.prerequisites = prerequisites
+
+    @classmethod
+    def requirements(cls) -> list[Requirement]:
+        """``requires`` with pass names turned into always-needed Requirements."""
+        return [r if isinstance(r, Requirement) else Requirement(r, r, lambda graph: True, f"'{r}' first")
+                for r in cls.requires]
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def canonical(self) -> str:
         """The text that reproduces this pass, every option spelled out."""
-        items = option_items(self.resolved if self.resolved is not None else self.options)
+        items = [(k, format_value(v)) for k, v in
+                 option_items(self.resolved if self.resolved is not None else self.options)]
+        if self.requires and not self.prerequisites:
+            items.append(("prerequisites", "false"))
         if not items:
             return self.name
-        return f"{self.name}(" + ",".join(f"{k}={format_value(v)}" for k, v in items) + ")"
+        return f"{self.name}(" + ",".join(f"{k}={v}" for k, v in items) + ")"
 
     @classmethod
     def summary(cls) -> str:
@@ -322,7 +387,13 @@ def _make_step(name: str, values: dict[str, Any]) -> Step:
         text, fixed = _PRESETS[name]
         return Group(name, Pipeline.parse(text).passes(), fixed_point=fixed)
     cls = get_pass(name)
-    return cls(build_options(name, cls.Options, values))
+    prerequisites = True
+    if "prerequisites" in values and "prerequisites" not in option_types(cls.Options):
+        try:
+            prerequisites = parse_value(bool, values.pop("prerequisites"))
+        except ValueError as exc:
+            raise InputError(f"pass '{name}' option 'prerequisites': {exc}") from None
+    return cls(build_options(name, cls.Options, values), prerequisites=prerequisites)
 
 
 def _split_top(text: str) -> list[str]:
@@ -490,6 +561,7 @@ class PassRecord:
     auto: bool = False
     verify: Optional[dict] = None
     notes: list[str] = field(default_factory=list)
+    required_by: Optional[str] = None  # run as a prerequisite of this pass
 
     def after_sizes(self) -> tuple[int, int, int]:
         return self.nodes_after, self.params_after, self.bytes_after
@@ -511,17 +583,23 @@ class PassManager:
     allowance in ``ctx.growth_allowance`` and a pass that can grow the model
     (``fold``) stays within it; a pass that adds tensor data past the limit
     breaks a contract and is named, and the exported model is checked as a whole.
+    Before a pass that declares ``requires``, the manager runs each providing
+    pass the graph needs, once per run (not when it already ran), and records
+    it; ``prerequisites=False`` turns that off for every pass.
     """
 
     def __init__(self, pipeline: Pipeline, ctx: Optional[PassContext] = None,
-                 verify: Optional[Verifier] = None, max_growth: Optional[float] = MAX_GROWTH) -> None:
+                 verify: Optional[Verifier] = None, max_growth: Optional[float] = MAX_GROWTH,
+                 prerequisites: bool = True) -> None:
         self.pipeline = pipeline
         self.ctx = ctx or PassContext()
         self.verify = verify
         self.max_growth = max_growth
+        self.prerequisites = prerequisites
         self.limit: Optional[int] = None  # bytes the model may grow by; set by run
         self.start_bytes = 0  # tensor data when the run started
         self.records: list[PassRecord] = []
+        self.inserted: dict[int, list[Pass]] = {}  # step index -> prerequisites run before it
 
     def run(self, model: onnx.ModelProto) -> onnx.ModelProto:
         self.template = model
@@ -536,7 +614,7 @@ class PassManager:
         self.input_bytes = _file_bytes(model)
         self.limit = growth_limit(self.input_bytes, self.max_growth)
         self.start_bytes = _measure(self.graph)[2]
-        for step in self.pipeline.steps:
+        for self.step_index, step in enumerate(self.pipeline.steps):
             self._run_step(step)
         result = G.export_model(self.graph, model)
         problem = checker_error(result, structure_only=True)
@@ -577,7 +655,33 @@ class PassManager:
                 break
         return changed_any
 
-    def _run_pass(self, p: Pass, auto: bool = False) -> bool:
+    def canonical(self) -> str:
+        """The pipeline as it ran: prerequisites spelled out before the step that needed them,
+        and ``prerequisites=false`` where they were off, so the text reproduces the run."""
+        parts = []
+        for i, step in enumerate(self.pipeline.steps):
+            parts.extend(q.canonical() for q in self.inserted.get(i, []))
+            if isinstance(step, Pass) and step.requires and step.prerequisites and not self.prerequisites:
+                off = type(step)(step.options, prerequisites=False)
+                off.resolved = step.resolved
+                parts.append(off.canonical())
+            else:
+                parts.append(step.canonical())
+        return ",".join(parts)
+
+    def _run_prerequisites(self, p: Pass) -> None:
+        if not (self.prerequisites and p.prerequisites):
+            return
+        for req in p.requirements():
+            if any(q.name == req.provider for q in self.ran) or not req.needed(self.graph):
+                continue
+            provider = get_pass(req.provider)()
+            self.inserted.setdefault(getattr(self, "step_index", 0), []).append(provider)
+            self._run_pass(provider, auto=True, required_by=(p, req))
+
+    def _run_pass(self, p: Pass, auto: bool = False, required_by: Optional[tuple[Pass, Requirement]] = None) -> bool:
+        if not auto:
+            self._run_prerequisites(p)
         # Only passes change the graph: what the last one left is what this one starts from.
         before = self.records[-1].after_sizes() if self.records else _measure(self.graph)
         # What is left of the growth limit, for passes that can grow the model.
@@ -598,6 +702,11 @@ class PassManager:
         self._check_growth(p, before[2], after[2])
         record = PassRecord(p.name, p.canonical(), seconds, bool(result.modified), *_pairs(before, after),
                             stats=dict(result.stats), auto=auto, notes=list(result.notes))
+        if required_by is not None:
+            user, req = required_by
+            record.required_by = user.name
+            record.notes.insert(0, f"run before '{user.name}', which needs {req.description or req.name} "
+                                   f"(opt out: --no-prerequisites or {user.name}(prerequisites=false))")
         self.records.append(record)
         self.ran.append(p)
         self.version += record.modified
@@ -623,7 +732,7 @@ class PassManager:
         replay = PassManager(self.pipeline, dataclasses.replace(self.ctx))
         replay.graph, replay.template = G.import_graph(model), model
         replay.interface, replay.dups, replay.ran = interface_of(replay.graph), set(), []
-        for p in self.pipeline.passes():
+        for p in list(self.ran):  # as they ran: prerequisites and automatic dce included
             p.run(replay.graph, replay.ctx)
             if checker_error(G.export_model(replay.graph, model)):
                 return f"pass '{p.name}' broke a contract: the model fails the ONNX checker"

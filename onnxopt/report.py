@@ -95,7 +95,7 @@ class OptimizeResult:
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".onnxopt-", dir=path.parent or ".")
+    fd, tmp = tempfile.mkstemp(prefix=io.temp_prefix(), dir=path.parent or ".")
     try:
         with os.fdopen(fd, "w") as handle:
             handle.write(text)

@@ -14,7 +14,7 @@ import onnx_graphsurgeon as gs
 
 from onnxopt import graph as G
 from onnxopt.options import option
-from onnxopt.pipeline import Pass, PassContext, PassResult, Tolerance, register_pass
+from onnxopt.pipeline import BN_FOLDED, Pass, PassContext, PassResult, Tolerance, register_pass
 
 from . import _prune_budget as budget
 
@@ -177,6 +177,7 @@ class Prune(Pass):
     exact = False
     tolerance = Tolerance(min_cosine=0.95)
     leaves_dangling = True
+    requires = (BN_FOLDED,)  # scores and removal act on the weight the layer really applies
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         return _Pruner(graph, ctx, self.options).run()

@@ -16,7 +16,8 @@ from onnxopt import graph as G
 from onnxopt.calibrate import TensorRanges, calibration_set, stream_tensors
 from onnxopt.errors import InputError
 from onnxopt.options import option
-from onnxopt.pipeline import Pass, PassContext, PassResult, Tolerance, register_pass
+from onnxopt.pipeline import (BN_FOLDED, CONSTANTS_FOLDED, Pass, PassContext, PassResult, Tolerance,
+                               register_pass)
 from ._qdq_opset import PER_CHANNEL_OPSET, raise_opset
 
 # Ops with weights: weight input 1, (Conv/ConvTranspose/Gemm) bias input 2.
@@ -114,6 +115,7 @@ class Qdq(Pass):
     exact = False
     tolerance = Tolerance(min_cosine=0.99, max_top1_drop=1.0)
     leaves_dangling = True  # float weights and Constant nodes no longer read
+    requires = (BN_FOLDED, CONSTANTS_FOLDED)  # a Conv feeding BatchNormalization, or a weight still computed, stays float
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         o = self.options

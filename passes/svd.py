@@ -20,7 +20,7 @@ import onnx_graphsurgeon as gs
 from onnxopt import graph as G
 from onnxopt.calibrate import GramStats, calibration_set, matmul_rows, stream_tensors
 from onnxopt.options import option
-from onnxopt.pipeline import Pass, PassContext, PassResult, Tolerance, register_pass
+from onnxopt.pipeline import BN_FOLDED, Pass, PassContext, PassResult, Tolerance, register_pass
 
 _FLOATS = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 _MODES = ("rank", "rank_ratio", "energy", "tolerance", "param_ratio")
@@ -121,6 +121,7 @@ class LowRankSvd(Pass):
     exact = False
     tolerance = Tolerance(min_cosine=0.99)
     leaves_dangling = True  # Constant and Transpose nodes that held factored weights
+    requires = (BN_FOLDED,)  # factor the weight the layer really applies
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         opts: SvdOptions = self.options

@@ -246,3 +246,94 @@ def test_lossy_pipeline_validates_on_calibration_samples_it_did_not_read(cnn, ca
     else:
         assert used["kind"] == "calibration tail" and used["samples"] == 90
         assert "the last 90 of 360 calibration samples" in out and "calibration read them too" in out
+
+
+@pytest.mark.parametrize("flag", ["-o", "--report"])
+def test_output_or_report_naming_a_directory_exits_2_before_work(tmp_path, capsys, flag):
+    model = save(mlp(), tmp_path / "m.onnx")
+    folder = tmp_path / "isdir.onnx"
+    folder.mkdir()
+    args = ["optimize", model, "--latency-runs", "0", flag, folder]
+    code, out, err = run(args, capsys)
+    assert code == 2 and out == ""  # refused before any pass ran
+    assert err.strip() == f"onnxopt: error: {folder}: {'output' if flag == '-o' else 'report'} path is a directory; name a file"
+    assert sorted(os.listdir(tmp_path)) == ["isdir.onnx", "m.onnx"] and os.listdir(folder) == []
+
+
+def test_corrupt_string_field_exits_2(tmp_path, capsys):
+    model = tmp_path / "m.onnx"
+    model.write_bytes(mlp().SerializeToString().replace(b"relu1", b"\xb3elu1"))
+    code, out, err = run(["optimize", model, "-o", tmp_path / "out.onnx"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "not a valid ONNX model (corrupt file: graph.node[2].name" in err and "not valid UTF-8" in err
+    assert not (tmp_path / "out.onnx").exists()
+
+
+@pytest.mark.parametrize("argv, hint", [([], "(see onnxopt --help)"), (["optimize"], "(see onnxopt optimize --help)"),
+                                        (["compare", "a.onnx"], "(see onnxopt compare --help)")])
+def test_usage_error_names_the_right_help(capsys, argv, hint):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.startswith("onnxopt: error:") and err.strip().endswith(hint)
+
+
+def test_qdq_runs_fold_bn_first_and_says_so(cnn, capsys):
+    import onnx
+
+    data = cnn.parent / "digits_calib.npz"
+    out, report = cnn.parent / "q.onnx", cnn.parent / "r.json"
+    code, text, err = run(["optimize", cnn, "--passes", "qdq", "--calib", data, "--latency-runs", "0",
+                           "-o", out, "--report", report], capsys)
+    assert code == 0, err
+    assert "fold_bn (auto)" in text and "note (fold_bn): run before 'qdq'" in text and "run 'cleanup' first" not in text
+    rep = json.loads(report.read_text())
+    assert rep["pipeline"].startswith("fold_bn(") and ",qdq(" in rep["pipeline"]
+    assert rep["passes"][0]["name"] == "fold_bn" and rep["passes"][0]["required_by"] == "qdq"
+    qdq = next(p for p in rep["passes"] if p["name"] == "qdq")
+    assert qdq["stats"]["quantized_Conv"] == 3 and qdq["stats"]["skipped_batchnorm_not_folded"] == 0
+    assert not any(n.op_type == "BatchNormalization" for n in onnx.load(str(out)).graph.node)
+    # the printed pipeline reproduces the run
+    code, _, err = run(["optimize", cnn, "--passes", rep["pipeline"], "--calib", data, "--latency-runs", "0",
+                        "-o", cnn.parent / "q2.onnx", "--no-validate"], capsys)
+    assert code == 0, err
+    assert (cnn.parent / "q2.onnx").read_bytes() == out.read_bytes()
+
+
+def test_no_prerequisites_keeps_batchnorm_layers_float(cnn, capsys):
+    report = cnn.parent / "r.json"
+    code, text, err = run(["optimize", cnn, "--passes", "qdq", "--calib", cnn.parent / "digits_calib.npz",
+                           "--latency-runs", "0", "-o", cnn.parent / "q.onnx", "--report", report,
+                           "--no-prerequisites"], capsys)
+    assert code == 0, err
+    rep = json.loads(report.read_text())
+    assert rep["pipeline"].startswith("qdq(") and rep["pipeline"].endswith(",prerequisites=false)")
+    assert [p["name"] for p in rep["passes"]] == ["qdq", "dce"]
+    assert rep["passes"][0]["stats"]["skipped_batchnorm_not_folded"] == 3 and "run 'cleanup' first" in text
+
+
+def test_scalar_labels_exit_2(tmp_path, capsys):
+    model = save(mlp(), tmp_path / "m.onnx")
+    np.savez(tmp_path / "d.npz", x=np.zeros((2, 4), np.float32), labels=np.array(3))
+    code, out, err = run(["optimize", model, "-o", tmp_path / "o.onnx", "--inputs", tmp_path / "d.npz"], capsys)
+    assert code == 2 and err.strip().endswith("'labels' holds a single value; it needs one label per sample")
+
+
+def test_empty_list_attribute_survives_export(tmp_path, capsys):
+    # gs cannot type an empty list attribute on export; it used to end in an internal error
+    import onnx
+    from onnx import TensorProto, helper
+
+    node = helper.make_node("ReduceSum", ["x"], ["y"], name="sum_all", keepdims=0)
+    node.attribute.append(onnx.AttributeProto(name="axes", type=onnx.AttributeProto.INTS))  # axes=[]: all
+    graph = helper.make_graph([helper.make_node("Identity", ["x0"], ["x"], name="id"), node], "g",
+                              [helper.make_tensor_value_info("x0", TensorProto.FLOAT, [2, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [])])
+    model = save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)]), tmp_path / "m.onnx")
+    code, out, err = run(["optimize", model, "-o", tmp_path / "o.onnx", "--passes", "noop,dce", "--latency-runs", "0"],
+                         capsys)
+    assert code == 0, err
+    written = onnx.load(str(tmp_path / "o.onnx"))
+    kept = next(n for n in written.graph.node if n.op_type == "ReduceSum")
+    axes = next(a for a in kept.attribute if a.name == "axes")
+    assert axes.type == onnx.AttributeProto.INTS and list(axes.ints) == [] and len(written.graph.node) == 1

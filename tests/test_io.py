@@ -135,3 +135,93 @@ def test_weight_bytes_that_do_not_fit_the_shape_are_named():
     w.raw_data = w.raw_data[:-4]
     with pytest.raises(InputError, match="tensor 'W1' is corrupt: 124 bytes of data for shape \\[4, 8\\] \\(128 expected\\)"):
         onnxopt.load(model)
+
+
+@pytest.mark.parametrize("name", [b"relu1", b"h2", b"tests"])
+def test_string_field_that_is_not_utf8_is_a_corrupt_file(tmp_path, name):
+    # a flipped byte in a node, value or producer name: protobuf loads it, the checker cannot decode it
+    data = mlp().SerializeToString()
+    assert data.count(name) >= 1
+    path = tmp_path / "bad.onnx"
+    path.write_bytes(data.replace(name, b"\xb3" + name[1:]))
+    with pytest.raises(InputError, match="not valid UTF-8") as info:
+        onnxopt.load(path)
+    assert str(path) in str(info.value)
+
+
+def test_save_to_a_directory_is_refused_before_writing(tmp_path):
+    (tmp_path / "out.onnx").mkdir()
+    with pytest.raises(InputError, match="output path is a directory"):
+        io.save(mlp(), tmp_path / "out.onnx")
+    assert os.listdir(tmp_path) == ["out.onnx"] and os.listdir(tmp_path / "out.onnx") == []
+
+
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_save_removes_temporaries_of_dead_runs_only(tmp_path):
+    import socket
+
+    host = socket.gethostname()
+    dead, live = _dead_pid(), os.getpid()
+    stale_dir = tmp_path / f".onnxopt-{dead}@{host}.abcd1234"
+    stale_dir.mkdir()
+    (stale_dir / "m.onnx").write_bytes(b"partial")
+    stale_file = tmp_path / f".onnxopt-{dead}@{host}.efgh5678"
+    stale_file.write_text("partial report")
+    keep = [tmp_path / f".onnxopt-{live}@{host}.live0000",          # owner alive
+            tmp_path / f".onnxopt-{dead}@other-host.remote00",      # another host: cannot tell
+            tmp_path / ".onnxopt-oldstyle",                         # no owner recorded
+            tmp_path / f"onnxopt-{dead}@{host}.notours0"]           # not our prefix
+    for path in keep:
+        path.mkdir()
+    io.save(mlp(), tmp_path / "out.onnx")
+    assert not stale_dir.exists() and not stale_file.exists()
+    assert all(path.exists() for path in keep)
+    assert sorted(os.listdir(tmp_path)) == sorted(["out.onnx", *(p.name for p in keep)])
+
+
+def test_temporaries_name_their_owner(tmp_path, monkeypatch):
+    seen = []
+    real = io._write
+
+    def spy(model, path, data_name):
+        seen.append(path.parent.name)
+        real(model, path, data_name)
+
+    monkeypatch.setattr(io, "_write", spy)
+    io.save(mlp(), tmp_path / "out.onnx")
+    assert seen and io._TEMP_NAME.fullmatch(seen[0]) and seen[0].startswith(f".onnxopt-{os.getpid()}@")
+
+
+def _loop_model():
+    from test_fuzz import subgraph_model
+
+    return subgraph_model()
+
+
+@pytest.mark.parametrize("where, value, message", [
+    ("initializer", 0, "tensor 'W1' has no data type"),
+    ("initializer", 99, "tensor 'W1' has an unknown data type (99)"),
+    ("loop_initializer", 99, "tensor 'half' has an unknown data type (99)"),
+    ("input", 0, "graph input 'x' has no element type"),
+    ("output", 40, "value 'y' has an unknown element type (40)"),
+])
+def test_unknown_element_types_are_named(where, value, message):
+    # the checker lets these through; graph import and synthetic inputs would fail on them
+    model = _loop_model() if where.startswith("loop") else mlp()
+    if where == "initializer":
+        model.graph.initializer[0].data_type = value
+    elif where == "loop_initializer":
+        loop = next(n for n in model.graph.node if n.op_type == "Loop")
+        next(t for t in loop.attribute[0].g.initializer if t.name == "half").data_type = value  # in the body
+    else:
+        getattr(model.graph, where)[0].type.tensor_type.elem_type = value
+    with pytest.raises(InputError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        onnxopt.load(model)

@@ -300,3 +300,99 @@ def test_every_shipped_option_has_a_one_line_description():
     assert missing == []
     rows = {option: (kind, default, text) for option, kind, default, text in describe_pass(shipped["prune"])}
     assert rows["sparsity"][:2] == ("float | auto", "0.5") and "all prunable weights" in rows["sparsity"][2]
+
+
+# ----------------------------------------------------------------- prerequisites
+
+from onnxopt.pipeline import PassManager, Requirement  # noqa: E402
+
+_marks: list[str] = []
+
+
+def _has_relu(graph) -> bool:
+    return any(n.op == "Relu" for n in graph.nodes)
+
+
+@register_pass
+class DropRelu(Pass):
+    """Test provider: bypass every Relu. Not exact."""
+
+    name = "test_drop_relu"
+
+    def run(self, graph, ctx):
+        relus = [n for n in graph.nodes if n.op == "Relu"]
+        for n in relus:
+            G.bypass(graph, n)
+        _marks.append(self.name)
+        return PassResult(bool(relus), {"dropped": len(relus)})
+
+
+@register_pass
+class NeedsNoRelu(Pass):
+    """Test pass: counts Relu nodes; declares that it needs none."""
+
+    name = "test_needs_no_relu"
+    requires = (Requirement("relu_free", "test_drop_relu", _has_relu, "no Relu"),)
+
+    def run(self, graph, ctx):
+        _marks.append(self.name)
+        return PassResult(False, {"relus_seen": sum(n.op == "Relu" for n in graph.nodes)})
+
+
+def _run(spec, model=None, **kw):
+    _marks.clear()
+    manager = PassManager(Pipeline.parse(spec), **kw)
+    manager.run(model or mlp())
+    return manager
+
+
+def test_prerequisite_runs_once_before_the_pass_that_needs_it():
+    m = _run("test_needs_no_relu,test_needs_no_relu")
+    assert _marks == ["test_drop_relu", "test_needs_no_relu", "test_needs_no_relu"]
+    assert [(r.name, r.auto, r.required_by) for r in m.records] == [
+        ("test_drop_relu", True, "test_needs_no_relu"), ("test_needs_no_relu", False, None),
+        ("test_needs_no_relu", False, None)]
+    assert m.records[1].stats["relus_seen"] == 0
+    assert "run before 'test_needs_no_relu', which needs no Relu" in m.records[0].notes[0]
+    assert m.canonical() == "test_drop_relu,test_needs_no_relu,test_needs_no_relu"
+    # the printed pipeline reproduces the run: the provider is not run twice
+    again = _run(m.canonical())
+    assert _marks == ["test_drop_relu", "test_needs_no_relu", "test_needs_no_relu"]
+    assert again.canonical() == m.canonical()
+
+
+def test_prerequisite_not_run_when_the_graph_does_not_need_it():
+    _run("test_drop_relu,test_needs_no_relu")
+    assert _marks == ["test_drop_relu", "test_needs_no_relu"]
+    no_relu = mlp()
+    no_relu.graph.node[2].op_type = "Sigmoid"
+    m = _run("test_needs_no_relu", model=no_relu)
+    assert _marks == ["test_needs_no_relu"] and m.canonical() == "test_needs_no_relu"
+
+
+@pytest.mark.parametrize("spec, kw", [("test_needs_no_relu(prerequisites=false)", {}),
+                                      ("test_needs_no_relu", {"prerequisites": False})])
+def test_prerequisites_can_be_turned_off_per_pass_or_for_all(spec, kw):
+    m = _run(spec, **kw)
+    assert _marks == ["test_needs_no_relu"] and m.records[0].stats["relus_seen"] == 1
+    assert m.canonical() == "test_needs_no_relu(prerequisites=false)"
+
+
+def test_prerequisites_option_is_checked():
+    with pytest.raises(InputError, match="pass 'test_needs_no_relu' option 'prerequisites': expected true or false"):
+        Pipeline.parse("test_needs_no_relu(prerequisites=maybe)")
+    assert Pipeline.parse("test_drop_relu(prerequisites=false)").canonical() == "test_drop_relu"  # nothing to turn off
+
+
+def test_recipe_and_api_turn_prerequisites_off():
+    from pathlib import Path
+
+    models = Path(__file__).resolve().parent.parent / "models"
+    recipe = {"passes": "qdq(samples=16)", "prerequisites": False, "calibration": str(models / "digits_calib.npz")}
+    off = onnxopt.optimize(str(models / "digits_cnn.onnx"), recipe=recipe, validate=False)
+    assert off.records[0].name == "qdq" and off.pipeline.endswith(",prerequisites=false)")
+    on = onnxopt.optimize(str(models / "digits_cnn.onnx"), recipe={**recipe, "prerequisites": True}, validate=False)
+    assert [r.name for r in on.records][:2] == ["fold_bn", "dce"] and on.records[0].required_by == "qdq"
+    api_off = onnxopt.optimize(str(models / "digits_cnn.onnx"), recipe={**recipe, "prerequisites": True},
+                               prerequisites=False, validate=False)
+    assert api_off.records[0].name == "qdq"

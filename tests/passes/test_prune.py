@@ -318,8 +318,9 @@ def cnn(pool="MaxPool") -> onnx.ModelProto:
 
 
 def test_structured_shrinks_conv_bn_pool_conv_and_flatten_gemm():
+    # prerequisites off: BatchNormalization stays, and structured pruning shrinks it with the conv
     model = cnn()
-    out, st, _ = prune(model, "prune(pattern=structured,sparsity=0.5)")
+    out, st, _ = prune(model, "prune(pattern=structured,sparsity=0.5,prerequisites=false)")
     w = weights(out)
     conv1, conv2, fc = (next(n for n in out.graph.node if n.name == nm) for nm in ("conv1", "conv2", "fc"))
     # 786 prunable weights (conv0 144, conv1 576, conv2 48, fc 18), 393 asked: one channel ratio for conv1 (8)
@@ -341,7 +342,7 @@ def test_structured_shrinks_conv_bn_pool_conv_and_flatten_gemm():
 def test_structured_removed_channels_fold_exactly_into_the_consumer():
     # conv1's removed channels carry only their bias through BN/Relu/pool into a 1x1 conv (no padding)
     model = cnn()
-    out, st, _ = prune(model, "prune(pattern=structured,sparsity=0.5,exclude=conv2)")
+    out, st, _ = prune(model, "prune(pattern=structured,sparsity=0.5,exclude=conv2,prerequisites=false)")
     w1 = weights(model)["W1"]
     bn_scale = numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == "bn_scale"))
     bn_var = numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == "bn_var"))
@@ -352,7 +353,7 @@ def test_structured_removed_channels_fold_exactly_into_the_consumer():
     np.testing.assert_allclose(run_model(out, feed)["y"], run_model(reference, feed)["y"], rtol=1e-4, atol=1e-4)
     assert st["channels_removed"] == 5 and st["weights_zeroed"] == 390
     # fold_removed=false: the same channels go and conv2 (no bias) gets none; folded, it gets their constant
-    plain, st2, _ = prune(model, "prune(pattern=structured,sparsity=0.5,exclude=conv2,fold_removed=false)")
+    plain, st2, _ = prune(model, "prune(pattern=structured,sparsity=0.5,exclude=conv2,fold_removed=false,prerequisites=false)")
     plain_conv2, folded_conv2 = (next(n for n in m.graph.node if n.name == "conv2") for m in (plain, out))
     assert st2["channels_removed"] == 5
     assert len(plain_conv2.input) == 2 and len(folded_conv2.input) == 3
@@ -445,8 +446,8 @@ def test_structured_with_calibration_refits_the_consumer():
     calib = {"x": rand((32, 2, 6, 6), 11)}
     feed = {"x": rand((8, 2, 6, 6), 12)}
     ref = run_model(model, feed)["y"]
-    plain, st0, _ = prune(model, "prune(pattern=structured,sparsity=0.5,reconstruct=false)", feeds=[feed])
-    refit, st1, _ = prune(model, "prune(pattern=structured,sparsity=0.5)", feeds=[feed], calibration=calib)
+    plain, st0, _ = prune(model, "prune(pattern=structured,sparsity=0.5,reconstruct=false,prerequisites=false)", feeds=[feed])
+    refit, st1, _ = prune(model, "prune(pattern=structured,sparsity=0.5,prerequisites=false)", feeds=[feed], calibration=calib)
     assert st0["layers_reconstructed"] == 0 and st1["layers_reconstructed"] == 2
     assert st1["channels_removed"] == st0["channels_removed"] == 8
     assert [weights(refit)[n.input[1]].shape for n in refit.graph.node if n.op_type in ("Conv", "Gemm")] == \
