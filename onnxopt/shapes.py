@@ -30,6 +30,11 @@ class SymbolicShapes:
     shapes: dict[str, list[Optional[Dim]]] = field(default_factory=dict)
     values: dict[str, Any] = field(default_factory=dict)
     types: dict[str, int] = field(default_factory=dict)  # ONNX element types
+    # what inference knew inside If branches: (the If's first output, "then_branch"/"else_branch")
+    branches: dict[tuple[str, str], "SymbolicShapes"] = field(default_factory=dict)
+
+    def branch(self, node_output: str, attr: str) -> Optional["SymbolicShapes"]:
+        return self.branches.get((node_output, attr))
 
     def shape(self, name: str) -> Optional[list[Optional[Dim]]]:
         return self.shapes.get(name)
@@ -103,12 +108,34 @@ def infer(model: onnx.ModelProto, merge_symbols: bool = False) -> Optional[Symbo
 
 def _engine_class(ssi: Any) -> type:
     class Engine(ssi.SymbolicShapeInference):
-        def __init__(self, *args: Any) -> None:
-            super().__init__(*args)
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.branch_results_: dict[tuple[str, str], SymbolicShapes] = {}
             # onnx has no schema for ORT's quantized LSTM; its shapes are LSTM's
             self.dispatcher_.setdefault("DynamicQuantizeLSTM", self._infer_lstm_like)
             # ConvInteger's output dims follow Conv's rule (input 0 and weight input 1, same attributes)
             self.dispatcher_.setdefault("ConvInteger", self._infer_Conv)
+
+        def _onnx_infer_subgraph(self, node: onnx.NodeProto, subgraph: onnx.GraphProto, *args: Any,
+                                 **kwargs: Any) -> Any:
+            # ORT builds its own engine for a body; have it build this one, so bodies get
+            # the same fixes, and keep what it knew inside If branches.
+            base = ssi.SymbolicShapeInference
+            ssi.SymbolicShapeInference = Engine
+            try:
+                inner = super()._onnx_infer_subgraph(node, subgraph, *args, **kwargs)
+            finally:
+                ssi.SymbolicShapeInference = base
+            if node.op_type == "If" and node.output:
+                attr = next((a.name for a in node.attribute if a.g is subgraph), None)
+                cond = self._try_get_value(node, 0)
+                if cond is not None:
+                    # ORT has copied the branch taken over the other: the other's names are not its own
+                    taken = "then_branch" if ssi.as_scalar(cond) > 0 else "else_branch"
+                    attr = attr if attr == taken else None
+                if attr is not None:
+                    self.branch_results_[(node.output[0], attr)] = _collect(inner)
+            return inner
 
         def _infer_symbolic_compute_ops(self, node: onnx.NodeProto) -> None:
             # ORT computes Equal with sympy's ==, which is structural: two different symbols
@@ -204,6 +231,7 @@ def _collect(engine: Any) -> SymbolicShapes:
         out.types[name] = info.type.tensor_type.elem_type
     for name, value in engine.sympy_data_.items():
         out.values[name] = list(value) if isinstance(value, (list, tuple)) else value
+    out.branches = dict(getattr(engine, "branch_results_", {}))
     return out
 
 

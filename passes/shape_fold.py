@@ -53,8 +53,9 @@ class ShapeFold(Pass):
       by tf2onnx and torch exporters from the batch size) are dropped: the default is zero
       (``rnn_states_dropped``).
 
-    The shape chains left without readers are removed by ``dce``. Only the main graph is
-    rewritten; bodies of If/Loop/Scan are left alone. Dims with the same name are equal (as
+    The shape chains left without readers are removed by ``dce``. The main graph and the
+    branches of its If nodes (nested ones too) are rewritten, each with what inference knew
+    in it; bodies of Loop/Scan are left alone. Dims with the same name are equal (as
     ONNX says), except '?' and 'None', which exporters write for any unknown dim. When inference fails on the model
     (an op it does not know, conflicting symbols) nothing changes (``skipped_no_inference``);
     Reshape targets with two or more unknown elements stay (``reshapes_unresolved``).
@@ -69,13 +70,20 @@ class ShapeFold(Pass):
                  "transposes_to_reshape": 0, "rnn_states_dropped": 0, "skipped_no_inference": 0}
         if self.options.rnn_states:
             _drop_zero_states(graph, stats)
-        if not any(n.op in ("Shape", "Size", "Reshape", "Transpose") for n in graph.nodes):
+        if not any(n.op in ("Shape", "Size", "Reshape", "Transpose") for n in G.find_nodes(graph)):
             return PassResult(stats["rnn_states_dropped"] > 0, stats)
         info = _infer(graph, self.options.merge_symbols)
         if info is None:
             stats["skipped_no_inference"] = 1
             return PassResult(stats["rnn_states_dropped"] > 0, stats)
         names = G.Names(graph)
+        for scope, scope_info in _scopes(graph, info):
+            self._rewrite(scope, scope_info, names, stats)
+        modified = any(v for k, v in stats.items() if k not in ("reshapes_unresolved", "skipped_no_inference"))
+        return PassResult(modified, stats)
+
+
+    def _rewrite(self, graph: gs.Graph, info: S.SymbolicShapes, names: G.Names, stats: dict) -> None:
         if self.options.reshape_targets:
             _resolve_reshapes(graph, info, names, stats)
         if self.options.transposes:
@@ -83,8 +91,22 @@ class ShapeFold(Pass):
         _fold_known_values(graph, info, names, stats)
         if self.options.if_branches:
             _inline_known_ifs(graph, names, stats)
-        modified = any(v for k, v in stats.items() if k not in ("reshapes_unresolved", "skipped_no_inference"))
-        return PassResult(modified, stats)
+
+
+def _scopes(graph: gs.Graph, info: S.SymbolicShapes) -> list[tuple[gs.Graph, S.SymbolicShapes]]:
+    """The graph and, innermost first, the If branches inference went into, each with what
+    inference knew there (a branch's values hold whichever way the condition goes).
+    Inner scopes come first: an If they inline may sit in a branch the outer scope inlines."""
+    found: list[tuple[gs.Graph, S.SymbolicShapes]] = []
+    for node in list(graph.nodes):
+        if node.op != "If" or not _default(node) or not node.outputs:
+            continue
+        for attr in ("then_branch", "else_branch"):
+            branch, branch_info = node.attrs.get(attr), info.branch(node.outputs[0].name, attr)
+            if isinstance(branch, gs.Graph) and branch_info is not None:
+                found.extend(_scopes(branch, branch_info))
+    found.append((graph, info))
+    return found
 
 
 def _default(node: gs.Node) -> bool:
@@ -242,7 +264,7 @@ def _known_array(tensor: gs.Tensor, info: S.SymbolicShapes) -> Optional[np.ndarr
     ints = [S.as_bool(v) if dtype == np.dtype(np.bool_) else S.as_int(v) for v in items]
     if any(v is None for v in ints):
         return None
-    if not isinstance(value, list) and shape == []:
+    if shape == [] and len(ints) == 1:  # a scalar (a Squeeze of a 1-element value may keep a list)
         return np.asarray(ints[0], dtype=dtype)
     if isinstance(value, list) and len(shape) == 1 and S.as_int(shape[0]) == len(ints):
         return np.asarray(ints, dtype=dtype)

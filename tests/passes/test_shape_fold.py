@@ -8,6 +8,7 @@ identical (the pass moves no float arithmetic). Negative cases assert what stays
 from __future__ import annotations
 
 import numpy as np
+import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 import onnxopt
@@ -294,3 +295,61 @@ def test_if_on_a_known_dim_becomes_the_branch_it_takes():
     assert result.passed and ops(result.model) == ["Relu"]
     assert interface(result.model) == interface(model)
     assert_same_outputs(model, result.model, feeds(model, [{"batch": 1}, {"batch": 4}]))
+
+
+def _branch_with_dim_check(tag: str, axis: int, size: str) -> onnx.GraphProto:
+    """A branch holding If(Equal(Gather(Shape(x), axis), size)): Relu(x) when equal, else Neg(x)."""
+    then_g = helper.make_graph([node("Relu", ["x"], [f"{tag}_a"])], f"{tag}_then", [], [vi(f"{tag}_a", None)])
+    else_g = helper.make_graph([node("Neg", ["x"], [f"{tag}_b"])], f"{tag}_else", [], [vi(f"{tag}_b", None)])
+    nodes = [node("Shape", ["x"], [f"{tag}_sh"]), node("Gather", [f"{tag}_sh", f"axis{axis}"], [f"{tag}_d"], axis=0),
+             node("Equal", [f"{tag}_d", size], [f"{tag}_cond"]),
+             node("If", [f"{tag}_cond"], [f"{tag}_y"], then_branch=then_g, else_branch=else_g)]
+    return helper.make_graph(nodes, tag, [], [vi(f"{tag}_y", None)])
+
+
+def test_if_inside_a_branch_on_a_known_dim_becomes_the_branch_it_takes():
+    # Exporters nest size checks inside the branches of an If on a runtime flag; each branch
+    # is folded with what inference knew in it. The check on the batch dim must stay.
+    nodes = [node("If", ["flag"], ["y"], then_branch=_branch_with_dim_check("t", 1, "three"),
+                  else_branch=_branch_with_dim_check("e", 0, "one"))]
+    inits = [init("axis0", 0, np.int64), init("axis1", 1, np.int64), init("three", 3, np.int64),
+             init("one", 1, np.int64)]
+    model = make_model(nodes, [vi("x", ["batch", 3]), vi("flag", [], TensorProto.BOOL)], [vi("y", ["batch", 3])], inits)
+    out, result = run_pass_direct(model, "shape_fold")
+    assert result.stats["ifs_inlined"] == 1
+    outer = out.graph.node[0]
+    then_g = next(a.g for a in outer.attribute if a.name == "then_branch")
+    else_g = next(a.g for a in outer.attribute if a.name == "else_branch")
+    assert "If" not in ops(then_g) and "Relu" in ops(then_g)
+    assert "If" in ops(else_g)
+    rng = np.random.default_rng(0)
+    runs = [{"x": rng.standard_normal((batch, 3)).astype(np.float32), "flag": np.array(flag)}
+            for batch in (1, 4) for flag in (True, False)]
+    assert_same_outputs(model, out, runs)
+
+
+def test_branch_not_taken_is_not_rewritten_with_the_taken_ones_knowledge():
+    # With a known condition, inference analyses the branch taken in place of the other;
+    # the other's values (same names, other ops) must not be folded with what it found.
+    def branch(tag: str, axis: str) -> onnx.GraphProto:
+        nodes = [node("Shape", ["x"], ["sh"], name=f"{tag}_sh"),
+                 node("Gather", ["sh", axis], ["v"], name=f"{tag}_v", axis=0),
+                 node("Unsqueeze", ["v", "axes0"], ["vu"], name=f"{tag}_vu"),
+                 node("Expand", ["c", "vu"], [f"{tag}_y"])]
+        return helper.make_graph(nodes, tag, [], [vi(f"{tag}_y", None)])
+
+    nodes = [node("Shape", ["x"], ["xs"]), node("Gather", ["xs", "axis1"], ["width"], axis=0),
+             node("Equal", ["width", "three"], ["cond"]),
+             node("If", ["cond"], ["y"], then_branch=branch("t", "axis1"), else_branch=branch("e", "axis0"))]
+    inits = [init("axis0", 0, np.int64), init("axis1", 1, np.int64), init("three", 3, np.int64),
+             init("axes0", [0], np.int64), init("c", [1.0])]
+    model = make_model(nodes, [vi("x", ["batch", 3])], [vi("y", [None])], inits)
+    out, result = run_pass_direct(model, "shape_fold", if_branches=False)
+    outer = next(n for n in out.graph.node if n.op_type == "If")
+    else_g = next(a.g for a in outer.attribute if a.name == "else_branch")
+    then_g = next(a.g for a in outer.attribute if a.name == "then_branch")
+    assert else_g.node[-1].input[1] == "vu" and not else_g.initializer  # v is the batch dim there
+    target = next(t for t in then_g.initializer if t.name == then_g.node[-1].input[1])
+    assert numpy_helper.to_array(target).tolist() == [3]  # v is 3 there
+    rng = np.random.default_rng(0)
+    assert_same_outputs(model, out, [{"x": rng.standard_normal((b, 3)).astype(np.float32)} for b in (1, 4)])
