@@ -187,13 +187,21 @@ def _load_external(model: onnx.ModelProto, base_dir: Path, label: str) -> None:
             raise InputError(f"{label}: tensor '{tensor.name}' points at external data outside the model's folder: '{location}'")
         if not target.is_file():
             raise InputError(f"{label}: missing external data file '{location}' for tensor '{tensor.name}' (looked in {base_dir})")
-        end = int(info.get("offset", 0)) + int(info.get("length", 0))
+        offset, length = (_external_number(info, key, tensor.name, label) for key in ("offset", "length"))
+        end = offset + length
         if end > target.stat().st_size:
             raise InputError(f"{label}: external data file '{location}' is truncated: tensor '{tensor.name}' needs bytes up to {end}, file has {target.stat().st_size}")
     try:
         onnx.external_data_helper.load_external_data_for_model(model, str(base_dir))
     except (OSError, ValueError) as exc:
         raise InputError(f"{label}: cannot read external data: {exc}") from exc
+
+
+def _external_number(info: dict[str, str], key: str, tensor: str, label: str) -> int:
+    text = info.get(key, "0").strip()
+    if not text.isdigit():
+        raise InputError(f"{label}: tensor '{tensor}' has external data {key} '{text}'; expected a non-negative integer")
+    return int(text)
 
 
 def check_model(model: onnx.ModelProto, label: str = "model") -> None:

@@ -86,6 +86,24 @@ def test_missing_or_truncated_external_data(tmp_path):
         onnxopt.load(path)
 
 
+@pytest.mark.parametrize("offset, message", [
+    ("x", "tensor 'W1' has external data offset 'x'; expected a non-negative integer"),
+    ("-5", "tensor 'W1' has external data offset '-5'; expected a non-negative integer")])
+def test_external_data_offset_that_is_not_a_number(tmp_path, offset, message):
+    path = _external_model(tmp_path)
+    model = onnx.load(path, load_external_data=False)
+    tensor = next(t for t in model.graph.initializer if t.name == "W1")
+    for entry in tensor.external_data:
+        if entry.key == "offset":
+            entry.value = offset
+    if not any(entry.key == "offset" for entry in tensor.external_data):
+        tensor.external_data.add(key="offset", value=offset)
+    onnx.save_model(model, path)
+    with pytest.raises(InputError) as info:
+        onnxopt.load(path)
+    assert str(info.value) == f"{path}: {message}"
+
+
 def test_save_refuses_the_input_path_unless_in_place(tmp_path):
     path = save(mlp(), tmp_path / "m.onnx")
     before = open(path, "rb").read()
