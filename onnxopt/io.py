@@ -183,7 +183,9 @@ def _load_external(model: onnx.ModelProto, base_dir: Path, label: str) -> None:
         info = {entry.key: entry.value for entry in tensor.external_data}
         location = info.get("location", "")
         target = (base_dir / location).resolve()
-        if not location or os.path.isabs(location) or not target.is_relative_to(base_dir.resolve()):
+        if not location:
+            raise InputError(f"{label}: tensor '{tensor.name}' is marked as external data but names no data file")
+        if os.path.isabs(location) or not target.is_relative_to(base_dir.resolve()):
             raise InputError(f"{label}: tensor '{tensor.name}' points at external data outside the model's folder: '{location}'")
         if not target.is_file():
             raise InputError(f"{label}: missing external data file '{location}' for tensor '{tensor.name}' (looked in {base_dir})")

@@ -104,6 +104,18 @@ def test_external_data_offset_that_is_not_a_number(tmp_path, offset, message):
     assert str(info.value) == f"{path}: {message}"
 
 
+def test_external_data_without_a_location(tmp_path):
+    path = _external_model(tmp_path)
+    model = onnx.load(path, load_external_data=False)
+    for entry in model.graph.initializer[0].external_data:
+        if entry.key == "location":
+            entry.value = ""
+    onnx.save_model(model, path)
+    with pytest.raises(InputError) as info:
+        onnxopt.load(path)
+    assert str(info.value) == f"{path}: tensor 'W1' is marked as external data but names no data file"
+
+
 def test_save_refuses_the_input_path_unless_in_place(tmp_path):
     path = save(mlp(), tmp_path / "m.onnx")
     before = open(path, "rb").read()
