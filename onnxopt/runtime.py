@@ -12,9 +12,11 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import gc
+import os
 import shutil
 import statistics
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any, Iterator, Optional, Union
@@ -34,6 +36,8 @@ OPT_LEVELS = {
 
 # Models past this many bytes get their sessions through mapped files (see the module doc).
 FILE_SESSION_BYTES = 32 * 2**20
+# The longest one validation batch may run (seconds); ONNXOPT_RUN_TIMEOUT overrides it.
+RUN_TIMEOUT_S = float(os.environ.get("ONNXOPT_RUN_TIMEOUT", "600"))
 # Upper bound on the runs of an adaptive latency measurement.
 MAX_LATENCY_RUNS = 100
 
@@ -160,13 +164,25 @@ def load_error(exc: BaseException, which: str) -> Exception:
 
 
 def run(sess, feed: dict, which: str) -> list:
+    """One validation batch, stopped after ``RUN_TIMEOUT_S`` (a model whose Loop never ends must not hang a run)."""
+    import onnxruntime as ort
+
+    options = ort.RunOptions()
+    options.log_severity_level = 4
+    timer = threading.Timer(RUN_TIMEOUT_S, lambda: setattr(options, "terminate", True))
+    timer.start()
     try:
-        return sess.run(None, feed)
+        return sess.run(None, feed, options)
     except Exception as exc:
         first = _first_line(exc)
+        if options.terminate:
+            first = (f"one batch ran for more than {RUN_TIMEOUT_S:g} s and was stopped "
+                     f"(set ONNXOPT_RUN_TIMEOUT=SECONDS to allow longer)")
         if which == "original":
             raise InputError(f"ONNX Runtime cannot run the original model on these inputs: {first}") from None
         raise ValidationFailed(f"ONNX Runtime cannot run the {which} model: {first}") from None
+    finally:
+        timer.cancel()
 
 
 def _first_line(exc: BaseException) -> str:

@@ -283,3 +283,33 @@ def test_an_unstable_runtime_is_reported():
     assert not any("unstable" in n for n in quiet.notes)
     assert any("ONNX Runtime itself is unstable on output 'y': its optimization levels differ by 0.5" in n
                for n in noisy.notes)
+
+
+def test_a_batch_that_runs_past_the_time_limit_is_stopped_with_one_line(tmp_path, monkeypatch):
+    """A Loop whose trip count is huge must not hang validation: the run stops and says why."""
+    import time
+
+    from onnxopt.errors import InputError
+
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+         helper.make_node("Sin", ["v_in"], ["v_out"])],
+        "body",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("v_in", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("v_out", TensorProto.FLOAT, [1, 4])])
+    graph = helper.make_graph(
+        [helper.make_node("Loop", ["trips", "cond", "x"], ["y"], body=body)],
+        "endless",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor("trips", TensorProto.INT64, [], [1 << 50]),
+         helper.make_tensor("cond", TensorProto.BOOL, [], [True])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    monkeypatch.setattr(runtime, "RUN_TIMEOUT_S", 0.5)
+    start = time.perf_counter()
+    with pytest.raises(InputError, match="ran for more than 0.5 s and was stopped"):
+        onnxopt.optimize(model, "dce", inputs={"x": np.ones((1, 4), np.float32)})
+    assert time.perf_counter() - start < 30
