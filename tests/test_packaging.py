@@ -1,0 +1,23 @@
+"""The installed package holds every module of the source tree (a missing subpackage breaks only installs)."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_every_package_folder_is_installed():
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    dirs = config["package-dir"]
+    listed = set(config["packages"])
+    found = set()
+    for top, folder in (("onnxopt", "onnxopt"), ("onnxopt.passes", "passes")):
+        for init in (ROOT / folder).rglob("__init__.py"):
+            rel = init.parent.relative_to(ROOT / folder).parts
+            found.add(".".join((top, *rel)))
+    assert found <= listed, f"add to pyproject's packages: {sorted(found - listed)}"
+    for name in listed - {"onnxopt"}:
+        if name in dirs:
+            assert (ROOT / dirs[name] / "__init__.py").is_file()
