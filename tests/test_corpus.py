@@ -106,13 +106,19 @@ def _peer_nodes(entry: dict, tmp_path: Path) -> dict[str, int]:
     peers = json.loads(path.read_text()) if path.exists() else {}
     if peers.get("sha256") != entry["sha256"]:
         peers = {}
-    found = {t: peers[t]["nodes"] for t in ("onnxsim", "onnxslim") if "nodes" in peers.get(t, {})}
+    found = {t: peers[t] for t in ("onnxsim", "onnxslim") if "nodes" in peers.get(t, {})}
     for tool in ("onnxsim", "onnxslim"):
         if tool not in peers and importlib.util.find_spec(tool) is not None:
             res = run_peer(sys.executable, tool, model, inputs, tmp_path, 600)
             if "nodes" in res:
-                found[tool] = res["nodes"]
+                found[tool] = res
     return found
+
+
+def _grows(entry: dict, size: int) -> bool:
+    """Past cleanup's size contract: more than 1% (at least 64 KiB) larger than the input file."""
+    before = _files(entry)[0].stat().st_size
+    return size - before > max(before * 0.01, 64 * 1024)
 
 
 @pytest.mark.parametrize("entry", ENTRIES)
@@ -125,5 +131,12 @@ def test_cleanup_nodes_at_most_best_peer(entry, tmp_path_factory, tmp_path):
     if not out.exists():
         pytest.fail(f"nothing written (exit {proc.returncode}):\n{_tail(proc)}")
     nodes = count_nodes(out)
-    best = min(peers.values())
-    assert nodes <= best, f"onnxopt {nodes} nodes, peers {peers}"
+    # A peer's count is the bar only where the peer keeps the same size contract: fewer nodes
+    # bought by growing the file (int8 weights folded to float32) is not the trade cleanup makes.
+    kept = {t: p["nodes"] for t, p in peers.items() if "size" not in p or not _grows(entry, p["size"])}
+    grown = {t: f"{p['nodes']} nodes at {p['size'] / _files(entry)[0].stat().st_size:.2f}x the file"
+             for t, p in peers.items() if t not in kept}
+    if not kept:
+        pytest.skip(f"every peer grows the file past 1% ({grown}); onnxopt: {nodes} nodes, "
+                    f"{out.stat().st_size / _files(entry)[0].stat().st_size:.2f}x")
+    assert nodes <= min(kept.values()), f"onnxopt {nodes} nodes, peers {kept} (growing the file: {grown})"
