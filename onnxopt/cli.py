@@ -178,7 +178,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
     print(f"size: {Path(args.reference).stat().st_size:,} B -> {Path(args.candidate).stat().st_size:,} B")
     if args.report:
         write_text_atomic(Path(args.report), json.dumps(result.to_dict(), indent=2) + "\n")
-    return 0 if result.passed else 1
+    if not result.passed:
+        print(f"onnxopt: error: the models differ: {result.headline()}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _synthetic(model, dims: dict[str, int], seed: int) -> Dataset:
