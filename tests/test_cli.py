@@ -193,8 +193,10 @@ def test_inspect_and_passes_and_compare(cnn, capsys):
     assert "    identities = true    (true|false): also remove Identity nodes, reconnecting their consumers\n" in out
     other = cnn.parent / "mlp.onnx"
     shutil.copy(ROOT / "models" / "digits_mlp.onnx", other)
-    code, out, _ = run(["compare", cnn, other, "--inputs", cnn.parent / "digits_test.npz", "--latency-runs", "0"], capsys)
+    code, out, err = run(["compare", cnn, other, "--inputs", cnn.parent / "digits_test.npz", "--latency-runs", "0"],
+                         capsys)
     assert code == 1 and "FAILED" in out  # two different models
+    assert err.startswith("onnxopt: error: the models differ: output 'logits'") and err.count("\n") == 1
     code, out, _ = run(["compare", cnn, cnn, "--latency-runs", "0", "--dim", "batch=4"], capsys)
     assert code == 0 and "identical" in out and "4 sample(s) from synthetic inputs" in out
 
