@@ -312,11 +312,19 @@ def _copy_without_initializers(src: onnx.GraphProto, dst: onnx.GraphProto) -> No
 
 
 def tensor_bytes(model: onnx.ModelProto) -> int:
-    """Bytes held by tensors in the model (initializers, Constant values, subgraphs)."""
-    total = 0
-    for tensor in iter_tensors(model.graph):
-        total += len(tensor.raw_data) or _typed_bytes(tensor)
-    return total
+    """Bytes held by tensors in the model (initializers, Constant values, subgraphs), counted
+    without reading their data."""
+    return sum(stored_bytes(tensor) for tensor in iter_tensors(model.graph))
+
+
+def stored_bytes(tensor: onnx.TensorProto) -> int:
+    """Bytes of a tensor's data: raw data where present, else its typed values. Plain numeric raw
+    data is sized from the shape (reading the field copies it); loaded models have had that checked
+    (tensor_data_problem), rewrites write it whole."""
+    if tensor.HasField("raw_data") and (tensor.data_type in PACKED_TYPES
+                                        or tensor.data_type == onnx.TensorProto.STRING):
+        return len(tensor.raw_data)
+    return _typed_bytes(tensor)
 
 
 def _typed_bytes(tensor: onnx.TensorProto) -> int:

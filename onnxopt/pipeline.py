@@ -24,6 +24,7 @@ from . import graph as G
 from .errors import InputError, OnnxoptError, PassError
 from .options import (build_options, describe, format_value, option_help, option_items, option_types,
                       parse_value)
+from .serialize import serialized_size
 
 log = logging.getLogger("onnxopt")
 
@@ -611,7 +612,7 @@ class PassManager:
         self.ran: list[Pass] = []
         self.version = 0  # bumped by every pass that changes the graph
         self.last_model = model
-        self.input_bytes = _file_bytes(model)
+        self.input_bytes = serialized_size(model)
         self.limit = growth_limit(self.input_bytes, self.max_growth)
         self.start_bytes = _measure(self.graph)[2]
         for self.step_index, step in enumerate(self.pipeline.steps):
@@ -620,7 +621,7 @@ class PassManager:
         problem = checker_error(result, structure_only=True)
         if problem:
             raise PassError(self._blame_checker(model) + f": {problem}")
-        grown = _file_bytes(result) - self.input_bytes
+        grown = serialized_size(result) - self.input_bytes
         if self.limit is not None and grown > self.limit:
             raise PassError(f"the optimized model is {_bytes(grown)} larger than the input "
                             f"({_bytes(self.input_bytes)}): over {self._limit_text()}")
@@ -754,16 +755,6 @@ class VerifyFailed(OnnxoptError):
 
 def _default_opset(model: onnx.ModelProto) -> int:
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-
-
-def _file_bytes(model: onnx.ModelProto) -> int:
-    """The serialized size of a model (weights held in memory included)."""
-    try:
-        return model.ByteSize()
-    except Exception:  # noqa: BLE001 - a model past protobuf's limits: its tensor data
-        from .io import tensor_bytes
-
-        return tensor_bytes(model)
 
 
 def _bytes(n: int) -> str:

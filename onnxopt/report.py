@@ -17,7 +17,7 @@ import onnx
 from . import io
 from .errors import ValidationFailed
 from .pipeline import PassRecord
-from .serialize import data_bytes, serialized_size
+from .serialize import serialized_size
 from .validate import Comparison
 
 SCHEMA = "onnxopt.report/1"
@@ -108,7 +108,7 @@ def write_text_atomic(path: Path, text: str) -> None:
 def _totals(model: onnx.ModelProto) -> dict[str, int]:
     counts = op_histogram(model)
     return {"nodes": sum(counts.values()), "parameters": parameter_count(model),
-            "tensor_bytes": data_bytes(model), "file_bytes": serialized_size(model)}
+            "tensor_bytes": io.tensor_bytes(model), "file_bytes": serialized_size(model)}
 
 
 def op_histogram(model: onnx.ModelProto) -> collections.Counter:

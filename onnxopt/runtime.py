@@ -24,7 +24,8 @@ from typing import Any, Iterator, Optional, Union
 import numpy as np
 import onnx
 
-from .serialize import read_mapped, serialized_size, tensor_bytes, write_mapped
+from .io import tensor_bytes
+from .serialize import read_mapped, serialized_size, write_mapped
 from .errors import InputError, ValidationFailed
 
 OPT_LEVELS = {

@@ -28,19 +28,9 @@ _INITIALIZER = onnx.GraphProto.DESCRIPTOR.fields_by_name["initializer"].number
 _RAW = onnx.TensorProto.DESCRIPTOR.fields_by_name["raw_data"].number
 
 
-def tensor_bytes(model: onnx.ModelProto) -> int:
-    """Bytes of the model's tensors, from their shapes: no tensor data is copied to count them."""
-    return sum(io._typed_bytes(tensor) for tensor in io.iter_tensors(model.graph))
-
-
-def data_bytes(model: onnx.ModelProto) -> int:
-    """``io.tensor_bytes`` (raw data where present, else typed values) without reading the data."""
-    return sum(_raw_length(t) if t.HasField("raw_data") else io._typed_bytes(t) for t in io.iter_tensors(model.graph))
-
-
 def serialized_size(model: onnx.ModelProto) -> int:
     """``model.ByteSize()``, counted piece by piece for a large model."""
-    if tensor_bytes(model) <= STREAM_BYTES:
+    if io.tensor_bytes(model) <= STREAM_BYTES:
         return model.ByteSize()
     head, tail, graph_head, graph_tail, tensors = _layout(model)
     graph_size = len(graph_head) + len(graph_tail) + sum(_field_len(_INITIALIZER, t.size) + t.size for t in tensors)
@@ -50,7 +40,7 @@ def serialized_size(model: onnx.ModelProto) -> int:
 def write_model(model: onnx.ModelProto, path: Path) -> None:
     """``path.write_bytes(model.SerializeToString())``, one tensor's data in memory at a time."""
     with open(path, "wb") as handle:
-        if tensor_bytes(model) <= STREAM_BYTES:
+        if io.tensor_bytes(model) <= STREAM_BYTES:
             handle.write(model.SerializeToString())
             return
         head, tail, graph_head, graph_tail, tensors = _layout(model)
@@ -76,19 +66,11 @@ class _Tensor:
     def __init__(self, tensor: onnx.TensorProto) -> None:
         if tensor.HasField("raw_data"):
             self.head, self.tail = _split(tensor, _RAW)
-            self.raw: int | None = _raw_length(tensor)
+            self.raw: int | None = io.stored_bytes(tensor)
             self.size = len(self.head) + _field_len(_RAW, self.raw) + self.raw + len(self.tail)
         else:
             self.head, self.tail, self.raw = tensor.SerializeToString(), b"", None
             self.size = len(self.head)
-
-
-def _raw_length(tensor: onnx.TensorProto) -> int:
-    """Bytes of raw data, from the shape for plain numeric types (reading the field copies it);
-    loaded models have had that checked (io.tensor_data_problem), rewrites write it whole."""
-    if tensor.data_type in io.PACKED_TYPES or tensor.data_type == onnx.TensorProto.STRING:
-        return len(tensor.raw_data)
-    return io._typed_bytes(tensor)
 
 
 def _layout(model: onnx.ModelProto) -> tuple:
