@@ -13,6 +13,7 @@ import contextlib
 import ctypes
 import gc
 import os
+import re
 import shutil
 import statistics
 import tempfile
@@ -158,7 +159,7 @@ def release_memory() -> None:
 
 def load_error(exc: BaseException, which: str) -> Exception:
     """ORT could not load a model: bad input for the original, a failed validation for a rewrite."""
-    first = _first_line(exc)
+    first = ort_message(exc)
     if which == "original":
         return InputError(f"ONNX Runtime cannot load the original model: {first}")
     return ValidationFailed(f"ONNX Runtime cannot load the optimized model: {first}")
@@ -175,7 +176,7 @@ def run(sess, feed: dict, which: str) -> list:
     try:
         return sess.run(None, feed, options)
     except Exception as exc:
-        first = _first_line(exc)
+        first = ort_message(exc)
         if options.terminate:
             first = (f"one batch ran for more than {RUN_TIMEOUT_S:g} s and was stopped "
                      f"(set ONNXOPT_RUN_TIMEOUT=SECONDS to allow longer)")
@@ -186,9 +187,38 @@ def run(sess, feed: dict, which: str) -> list:
         timer.cancel()
 
 
-def _first_line(exc: BaseException) -> str:
+_PREFIX = re.compile(r"^\[ONNXRuntimeError\]\s*:\s*\d+\s*:\s*\w+\s*:\s*")
+_NODE = re.compile(r"Non-zero status code returned while running (\S+) node\. Name:'([^']*)' Status Message:\s*(.*)")
+
+
+def ort_message(exc: BaseException) -> str:
+    """ONNX Runtime's error in one line: the failing node and the message, without source paths."""
     text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    line = text.splitlines()[0] if text else type(exc).__name__
+    line = _PREFIX.sub("", line)
+    match = _NODE.search(line)
+    if not match:
+        return line
+    op, name, message = match.groups()
+    message = re.sub(r"^\S+\.(cc|h|cpp):\d+\s+", "", message)
+    message = _strip_signature(message)
+    return f"node '{name}' ({op}): {message}" if name else f"a {op} node: {message}"
+
+
+def _strip_signature(message: str) -> str:
+    """Drop a leading C++ function signature ('onnxruntime::Status onnxruntime::F(...) const ')."""
+    if "onnxruntime::" not in message.split("(", 1)[0]:
+        return message
+    depth = 0
+    for i, ch in enumerate(message):
+        if ch == "(":
+            depth += 1
+        elif ch == ")":
+            depth -= 1
+            if depth == 0:
+                rest = message[i + 1:].lstrip()
+                return rest[len("const"):].lstrip() if rest.startswith("const") else rest
+    return message
 
 
 # ----------------------------------------------------------------- latency

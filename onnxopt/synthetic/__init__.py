@@ -28,6 +28,7 @@ import onnx
 
 from ..data import Dataset, InputSpec, input_specs
 from ..errors import InputError
+from ..runtime import ort_message
 from .graph import GraphFacts, InputFacts, dim_key, read_graph
 
 # Ladders of values per dimension role, cheapest first. Spatial and length
@@ -325,40 +326,6 @@ def run_once(session, feed: dict[str, np.ndarray], seconds: float) -> Optional[s
         return ort_message(exc)
     finally:
         timer.cancel()
-
-
-_PREFIX = re.compile(r"^\[ONNXRuntimeError\]\s*:\s*\d+\s*:\s*\w+\s*:\s*")
-_NODE = re.compile(r"Non-zero status code returned while running (\S+) node\. Name:'([^']*)' Status Message:\s*(.*)")
-
-
-def ort_message(exc: BaseException) -> str:
-    """ONNX Runtime's error in one line: the failing node and the message, without source paths."""
-    text = str(exc).strip()
-    line = text.splitlines()[0] if text else type(exc).__name__
-    line = _PREFIX.sub("", line)
-    match = _NODE.search(line)
-    if not match:
-        return line
-    op, name, message = match.groups()
-    message = re.sub(r"^\S+\.(cc|h|cpp):\d+\s+", "", message)
-    message = _strip_signature(message)
-    return f"node '{name}' ({op}): {message}" if name else f"a {op} node: {message}"
-
-
-def _strip_signature(message: str) -> str:
-    """Drop a leading C++ function signature ('onnxruntime::Status onnxruntime::F(...) const ')."""
-    if "onnxruntime::" not in message.split("(", 1)[0]:
-        return message
-    depth = 0
-    for i, ch in enumerate(message):
-        if ch == "(":
-            depth += 1
-        elif ch == ")":
-            depth -= 1
-            if depth == 0:
-                rest = message[i + 1:].lstrip()
-                return rest[len("const"):].lstrip() if rest.startswith("const") else rest
-    return message
 
 
 # ----------------------------------------------------------------- words
