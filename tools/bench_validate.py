@@ -59,7 +59,6 @@ sys.exit(code)
 def build_model(layers: int, hidden: int = 768, ffn: int = 3072, heads: int = 12, vocab: int = 30522,
                 max_len: int = 512, seed: int = 0):
     """A BERT-like encoder: input_ids [batch, seq] -> hidden states [batch, seq, hidden]."""
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(seed)

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import email.parser
 import fnmatch
-import glob
 import hashlib
 import json
 import os

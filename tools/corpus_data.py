@@ -11,7 +11,6 @@ a WordPiece vocabulary that a package ships. File bytes come from files on this 
 from __future__ import annotations
 
 import os
-import sys
 import unicodedata
 from typing import Any, Callable, Optional
 
