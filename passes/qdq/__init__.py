@@ -1,0 +1,271 @@
+"""Post-training int8 quantization: QuantizeLinear/DequantizeLinear pairs with calibrated ranges."""
+
+from __future__ import annotations
+
+import platform
+from collections import Counter
+from typing import Optional
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from onnxopt import graph as G
+from onnxopt.calibrate import TensorRanges, calibration_set, stream_tensors
+from onnxopt.pipeline import (BN_FOLDED, CONSTANTS_FOLDED, Pass, PassContext, PassResult, Tolerance,
+                               register_pass)
+from .opset import PER_CHANNEL_OPSET, raise_opset
+from .guard import Guard, InputTap, _drain
+from .options import _ALREADY_QUANTIZED, _SKIPS, DEFAULT_OP_TYPES, QdqOptions  # noqa: F401 (public)
+from .plan import Plan
+from .writer import Writer, activation_qparams, weight_qparams  # noqa: F401 (public)
+
+
+@register_pass
+class Qdq(Pass):
+    """Insert QuantizeLinear/DequantizeLinear pairs (int8 weights, uint8 activations) from calibration data. Lossy.
+
+    Weights of Conv, ConvTranspose, MatMul and Gemm become int8 initializers
+    (symmetric, per output channel: Conv axis 0, ConvTranspose axis 1, MatMul
+    [K,N] axis 1, Gemm axis 0 or 1 after transB) read through a
+    DequantizeLinear; Conv/ConvTranspose/Gemm biases become int32 with scale
+    input scale x weight scale and zero point 0. Activations get one Q/DQ pair
+    per tensor (uint8 asymmetric, or int8 symmetric) at the inputs of the
+    quantized ops and at the outputs of ops ORT only fuses with a quantized
+    output (Conv, ConvTranspose, Add, Mul, Concat, AveragePool,
+    GlobalAveragePool); a Relu or Clip that is the only reader of such an
+    output is folded into its range (the pair goes after it and ORT drops
+    it; with int8 activations such a one-sided range gets zero point -128,
+    as ORT needs). MaxPool, Resize and shape ops (Transpose, Reshape, Flatten, Squeeze,
+    Unsqueeze, Slice, Gather on data) between quantized tensors keep their
+    input's scale, so ORT runs them on 8-bit data. Everything else stays float
+    and reads the float tensor.
+
+    Ranges come from one streaming run over the calibration data
+    (``ctx.calibration``; ``method`` minmax, percentile, entropy or mse, see
+    onnxopt.calibrate.RangeStats; entropy is TensorRT's KL search with 256
+    quantized bins for one-sided uint8 tensors, corrected for the number of
+    independent values the histogram holds). Fragile patterns stay float unless
+    ``op_types`` is set explicitly: in transformer-like graphs (Softmax,
+    LayerNormalization or a decomposed LayerNorm present) Add and Mul
+    (residuals, LayerNorm affine) and MatMuls of two activations (attention);
+    Gather on embeddings is never quantized. ``reduce_range=auto`` picks 7-bit
+    weights on x86 CPUs without VNNI, where ORT's u8s8 kernels can saturate.
+
+    Accuracy guard: the result is compared with the float model on up to 4
+    calibration batches in ORT with graph optimizations on (where the pairs
+    become integer kernels). Below the pass's own min_cosine (0.99), the 24
+    layers adding most local error (their output's relative error less their
+    inputs', optimizations off) are each left out of the fully quantized model
+    and the output cosine measured; they go back to float in order of cosine
+    recovered per byte kept float, a layer that no longer helps with the others
+    already float being skipped, until the cosine passes or no measured layer
+    helps. Each is logged with its measured gain and bytes kept float, and
+    ``fallback_nodes`` and ``guard_min_cosine_ppm`` report the outcome.
+
+    Only the top-level graph is quantized; ops in If/Loop/Scan bodies stay
+    float (``skipped_subgraph``). Models that already hold quantized ops are
+    left alone. Per-channel weights need opset >= 13: a model at opset 10-12
+    is converted to opset 13 by onnx's version converter (``opset_raised_to_13``;
+    one scale per tensor leaves the small channels of a BatchNorm-folded Conv a
+    level or two, see passes/qdq/opset.py); where that fails, weights are per
+    tensor (``per_tensor_low_opset``); below opset 10 nothing is done.
+    """
+
+    name = "qdq"
+    Options = QdqOptions
+    exact = False
+    tolerance = Tolerance(min_cosine=0.99, max_top1_drop=1.0)
+    leaves_dangling = True  # float weights and Constant nodes no longer read
+    requires = (BN_FOLDED, CONSTANTS_FOLDED)  # a Conv feeding BatchNormalization, or a weight still computed, stays float
+
+    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        o = self.options
+        stats: dict[str, int] = {"quantized_nodes": 0, "qdq_pairs": 0, "weights_quantized": 0,
+                                 "biases_quantized": 0, "activations_calibrated": 0, "scales_shared": 0,
+                                 "relu_clip_folded": 0}
+        skips: Counter = Counter()
+        opset = ctx.opset or _opset(graph)
+        if opset and opset < 10:
+            stats["skipped_opset_below_10"] = 1
+            return PassResult(False, stats)
+        if any(n.op in _ALREADY_QUANTIZED or n.op.startswith("QLinear") for n in G.find_nodes(graph)):
+            stats["skipped_already_quantized"] = 1
+            return PassResult(False, stats)
+        per_channel = o.per_channel
+        notes: list[str] = []
+        reduce_range, vnni = _reduce_range(o.reduce_range)
+        stats["reduce_range"] = int(reduce_range)
+        if vnni is not None:
+            stats["cpu_int8_vnni"] = int(vnni)
+            notes.append("reduce_range=auto -> {} ({})".format(
+                str(reduce_range).lower(), "CPU has VNNI: full 8-bit weights" if vnni else
+                "x86 CPU without VNNI: 7-bit weights, so ORT's u8s8 kernels do not saturate"
+                if reduce_range else "not an x86 CPU"))
+
+        plan = Plan(graph, o, skips)
+        if skips["batchnorm_not_folded"] or skips["weight_not_folded"]:
+            notes.append(f"{skips['batchnorm_not_folded'] + skips['weight_not_folded']} layers have unfolded "
+                         "BatchNormalization or weights and stay float; run 'cleanup' first (--passes cleanup,qdq)")
+        if not plan.nodes:
+            stats.update({f"skipped_{k}": skips[k] for k in _SKIPS})
+            return PassResult(False, stats, notes)
+        if per_channel and opset and opset < PER_CHANNEL_OPSET and plan.weights:
+            # one scale per weight tensor can leave whole channels without levels: raise the opset instead
+            why = raise_opset(graph, ctx.export(graph))
+            if why is None:
+                stats["opset_raised_to_13"] = 1
+                notes.append(f"opset {opset} raised to {PER_CHANNEL_OPSET} for per-channel weight scales")
+                skips = Counter()
+                plan = Plan(graph, o, skips)
+            else:
+                per_channel = False
+                stats["per_tensor_low_opset"] = 1
+                notes.append(f"opset {opset}: weights quantized per tensor (per-channel needs opset "
+                             f"{PER_CHANNEL_OPSET}, and the opset could not be raised: {why})")
+
+        # ---- calibration: one streaming run over the data for every tensor that needs its own range
+        model = ctx.export(graph)
+        data = calibration_set(ctx, model, o.samples)
+        own = [t for t in plan.tensors.values() if plan.share_of.get(id(t)) is None]
+        inputs = {t.name for t in graph.inputs}
+        ranges = TensorRanges([t.name for t in own], o.method)
+        dtypes: dict[str, np.dtype] = {}
+
+        def reduce(batch: dict) -> None:
+            for name, value in batch.items():
+                dtypes.setdefault(name, np.asarray(value).dtype)
+            ranges({k: v for k, v in batch.items() if np.asarray(v).dtype == np.float32})
+
+        internal = [t.name for t in own if t.name not in inputs]
+        feeds_once = InputTap(data, [t.name for t in own if t.name in inputs], reduce)
+        if not all(t.shape and not isinstance(t.shape[0], int) or (t.shape and t.shape[0] == -1)
+                   for t in graph.inputs):
+            feeds_once.max_batch = 0  # a fixed batch dimension: feeds stay as the data gives them
+        batches = stream_tensors(model, internal, feeds_once, reduce) if internal else _drain(feeds_once)
+        stats["calibration_batches"] = batches
+        stats["calibration_synthetic"] = int(data.synthetic)
+
+        # the threshold searches get the quantization grid each tensor will have: uint8 over [lo, hi]
+        # (255 steps; 127 per side of 0 for signed data), int8 symmetric (127 steps per side; also for
+        # one-sided data) except a folded Relu/Clip, which gets zero point -128 (255 steps)
+        folded = {t.name for t in plan.tensors.values() if id(t) in plan.folded_ids}
+        found = {n: s.range(o.method, o.percentile, symmetric=o.activation_type == "int8" and n not in folded)
+                 for n, s in ranges.stats.items()}
+        not_float = {n for n, d in dtypes.items() if d != np.float32}
+        plan.drop_tensors(not_float)
+        if not plan.nodes:
+            stats.update({f"skipped_{k}": skips[k] for k in _SKIPS})
+            return PassResult(False, stats)
+
+        # ---- rewrite
+        writer = Writer(graph, o, per_channel, reduce_range, found, stats)
+        writer.apply(plan)
+
+        # ---- accuracy guard: check on calibration batches in ORT with optimizations on (as deployed);
+        # when the pass's own tolerance is missed, return the layers adding most error to float
+        base = dict(stats)
+        check = Guard(model, feeds_once, ctx, self.tolerance.min_cosine or 0.99)
+        check.split = bool(feeds_once.max_batch)
+        cosine = check.cosine(ctx.export(graph))
+        stats["guard_min_cosine_ppm"] = int(round(cosine * 1e6))
+        if cosine < check.target:
+            current, cur_plan, cur_writer, fallen, cosine = self._mixed_precision(
+                model, o, per_channel, reduce_range, found, not_float, base, check, ctx, cosine, notes)
+            if current is not None:
+                graph.nodes, graph.inputs, graph.outputs = current.nodes, current.inputs, current.outputs
+                graph.functions = current.functions
+                plan, stats = cur_plan, cur_writer.stats
+            stats["fallback_nodes"] = len(fallen)
+            stats["guard_min_cosine_ppm"] = int(round(cosine * 1e6))
+            if cosine < check.target:
+                notes.append(f"cosine {cosine:.5f} on calibration data is still below {check.target:.3g} after "
+                             f"returning {len(fallen)} layers to float")
+        stats["quantized_nodes"] = len(plan.nodes)
+        for op, n in sorted(Counter(n.op for n in plan.nodes).items()):
+            stats[f"quantized_{op}"] = n
+        stats["relu_clip_folded"] = plan.folded
+        stats.update({f"skipped_{k}": skips[k] for k in _SKIPS})
+        return PassResult(True, stats, notes)
+
+    # layers measured end to end when the guard steps in (the worst by local error first)
+    MEASURED = 24
+
+    def _mixed_precision(self, model, o, per_channel, reduce_range, found, not_float, base, check, ctx,
+                         cosine, notes):
+        """Return layers to float in order of output cosine recovered per byte kept float, until the
+        guard's target holds or no measured layer helps any more.
+
+        Each candidate (the MEASURED layers adding most local error) is left out of the fully
+        quantized model alone and the output cosine measured (ORT, optimizations on): its gain. The
+        cost of a layer is the bytes its weight takes in float over int8 (1 KiB at least, so layers
+        without weights are not free). Candidates are tried best ratio first; one that does not raise
+        the cosine with the others already float is skipped, not a reason to stop."""
+        def build(keep):
+            return self._build(model, o, per_channel, reduce_range, found, not_float, frozenset(keep), dict(base))
+
+        current, cur_plan, cur_writer = build(())
+        ranking = check.sensitivities(current, cur_plan, cur_writer)
+        by_pos = {pos: node for node in cur_plan.nodes for pos in [cur_plan.position[id(node)]]}
+        measured = []
+        for pos, name, _ in ranking[:self.MEASURED]:
+            gain = check.cosine(ctx.export(build([pos])[0])) - cosine
+            w = cur_plan.weights.get(id(by_pos[pos]))
+            cost = int(w[0].size * 3) if w is not None else 0
+            measured.append((gain / max(cost, 1024), gain, cost, pos, name))
+        measured.sort(key=lambda r: -r[0])
+        fallen: list[int] = []
+        for _, gain, cost, pos, name in measured:
+            if cosine >= check.target:
+                break
+            if gain <= 0:
+                continue
+            trial = build(fallen + [pos])
+            now = check.cosine(ctx.export(trial[0]))
+            if now <= cosine:
+                continue
+            fallen.append(pos)
+            current, cur_plan, cur_writer = trial
+            notes.append(f"layer '{name}' back to float: output cosine +{now - cosine:.4f} "
+                         f"(+{gain:.4f} alone), {cost} bytes kept float")
+            cosine = now
+        if cosine < check.target and len(fallen) < len(measured):
+            notes.append(f"no other measured layer raises the cosine ({len(measured)} measured); "
+                         "try another method or exclude= layers")
+        return current, cur_plan, cur_writer, fallen, cosine
+
+    @staticmethod
+    def _build(model, o, per_channel, reduce_range, found, not_float, keep_float, stats):
+        g = G.import_graph(model)
+        plan = Plan(g, o, Counter(), keep_float)
+        plan.drop_tensors(not_float)
+        for key in ("qdq_pairs", "weights_quantized", "biases_quantized", "activations_calibrated", "scales_shared"):
+            stats[key] = 0
+        writer = Writer(g, o, per_channel, reduce_range, found, stats)
+        writer.apply(plan)
+        return g, plan, writer
+
+
+def _opset(graph: gs.Graph) -> int:
+    return int(getattr(graph, "opset", 0) or 0)
+
+
+def _reduce_range(option: str) -> tuple[bool, Optional[bool]]:
+    """(reduce_range, whether the CPU has int8 VNNI or None when not asked)."""
+    if option != "auto":
+        return option == "true", None
+    vnni = cpu_has_vnni()
+    x86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686", "x86")
+    return (x86 and not vnni), vnni
+
+
+def cpu_has_vnni() -> bool:
+    """Whether the CPU has int8 dot-product instructions (AVX512-VNNI, AVX-VNNI or AMX-INT8)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_vnni", "avx_vnni", "amx_int8"})
+    except OSError:
+        pass
+    return False

@@ -1,0 +1,47 @@
+"""qdq's options and the op families it treats alike."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from onnxopt.options import option
+
+# Ops with weights: weight input 1, (Conv/ConvTranspose/Gemm) bias input 2.
+_WEIGHTED = ("Conv", "ConvTranspose", "MatMul", "Gemm")
+# Ops ORT runs as integer kernels only when their output is quantized too (QLinearConv, QLinearAdd, ...).
+_NEEDS_OUTPUT_Q = ("Conv", "ConvTranspose", "Add", "Mul", "Concat", "AveragePool", "GlobalAveragePool")
+# Ops that keep their input's scale: ORT drops the Q/DQ around them and runs them on uint8/int8 data.
+_SHARE_SCALE = ("MaxPool", "Resize")
+_SHAPE_OPS = ("Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Slice", "Gather")
+_FOLDED = ("Relu", "Clip")  # folded into the producer's range (ORT removes them before a Q)
+_ALREADY_QUANTIZED = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "ConvInteger",
+                      "MatMulInteger", "QLinearConv", "QLinearMatMul")
+DEFAULT_OP_TYPES = ["Conv", "ConvTranspose", "MatMul", "Gemm", "Add", "Mul", "Concat", "MaxPool", "AveragePool",
+                    "GlobalAveragePool", "Resize"]
+_KNOWN_OPS = set(DEFAULT_OP_TYPES)
+_SKIPS = ("subgraph", "excluded", "fragile", "dtype", "weight_dtype", "dynamic_weight", "weight_rank",
+          "overridable_weight", "constant_input", "batchnorm_not_folded", "weight_not_folded")
+
+
+
+@dataclass
+class QdqOptions:
+    method: Literal["minmax", "percentile", "entropy", "mse"] = option("percentile", help="how activation ranges are picked")
+    percentile: float = option(99.99, help="for method=percentile: keep this share of values inside the range (each side)")
+    per_channel: bool = option(True, help="weights: one scale per output channel (raises opset 10-12 to 13), else per tensor")
+    activation_type: Literal["uint8", "int8"] = option("uint8", help="uint8 asymmetric, or int8 symmetric")
+    weight_type: Literal["int8"] = option("int8", help="weight integer type: int8 symmetric (the only one)")
+    reduce_range: Literal["auto", "true", "false"] = option("auto", help="7-bit weights; auto: on x86 CPUs without VNNI")
+    samples: int = option(512, help="calibration samples read at most")
+    exclude: list[str] = option(factory=list, help="node names or globs left in float")
+    op_types: list[str] = option(factory=lambda: list(DEFAULT_OP_TYPES), help="op types to quantize")
+
+    def validate(self) -> None:
+        if not 50.0 < self.percentile <= 100.0:
+            raise ValueError(f"percentile must be in (50, 100], got {self.percentile}")
+        if self.samples < 1:
+            raise ValueError(f"samples must be at least 1, got {self.samples}")
+        unknown = [op for op in self.op_types if op not in _KNOWN_OPS]
+        if unknown:
+            raise ValueError(f"op_types: cannot quantize '{unknown[0]}'; quantizable: {';'.join(DEFAULT_OP_TYPES)}")
