@@ -457,6 +457,8 @@ def iter_feeds(source: Any, model: onnx.ModelProto, *, batch_size: int = 32, lim
             start = 0
             for feed in _batches(arrays, specs, n, batch_size):
                 rows = _count(feed, specs)
+                if what == "calibration data":
+                    _check_finite(feed, label, samples)
                 feed_labels = None if group_labels is None else np.asarray(group_labels).reshape(-1)[start:start + rows]
                 start += rows
                 samples += rows
@@ -467,6 +469,19 @@ def iter_feeds(source: Any, model: onnx.ModelProto, *, batch_size: int = 32, lim
             _close(group.values())
     if samples == 0:
         raise InputError(f"{label}: no samples in {what}")
+
+
+def _check_finite(feed: dict[str, np.ndarray], label: str, first: int) -> None:
+    """Calibration ranges and statistics from NaN/Inf would be NaN themselves: refuse such samples."""
+    for name, array in feed.items():
+        if not np.issubdtype(array.dtype, np.floating):
+            continue
+        bad = ~np.isfinite(array)
+        if bad.any():
+            row = first + int(np.argwhere(bad)[0][0])
+            kind = "NaN" if np.isnan(array[bad]).any() else "Inf"
+            raise InputError(f"{label}: calibration data input '{name}' holds {kind} "
+                             f"(sample {row}); calibration needs finite values")
 
 
 def _checked(group: dict, specs: list[InputSpec], label: str, what: str) -> dict[str, np.ndarray]:

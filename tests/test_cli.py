@@ -339,3 +339,16 @@ def test_empty_list_attribute_survives_export(tmp_path, capsys):
     kept = next(n for n in written.graph.node if n.op_type == "ReduceSum")
     axes = next(a for a in kept.attribute if a.name == "axes")
     assert axes.type == onnx.AttributeProto.INTS and list(axes.ints) == [] and len(written.graph.node) == 1
+
+
+def test_calibration_data_with_nan_is_refused_before_any_pass(cnn, capsys):
+    calib = dict(np.load(cnn.parent / "digits_calib.npz"))
+    calib["input"] = calib["input"][:16].copy()
+    calib["input"][5, 0, 3, 3] = np.nan
+    np.savez(cnn.parent / "bad_calib.npz", **calib)
+    before = cnn.read_bytes()
+    code, out, err = run(["optimize", cnn, "-o", cnn.parent / "out.onnx", "--passes", "cleanup,qdq",
+                          "--calib", cnn.parent / "bad_calib.npz", "--latency-runs", "0"], capsys)
+    assert code == 2 and not (cnn.parent / "out.onnx").exists() and cnn.read_bytes() == before
+    assert len(err.strip().splitlines()) == 1
+    assert "calibration data input 'input' holds NaN (sample 5)" in err
