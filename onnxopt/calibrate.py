@@ -567,9 +567,13 @@ def layer_layout(layer: Any) -> tuple:
     """How a layer's input is cut into rows whose columns match its ``matrix()`` columns:
     ``("conv", kernel, pads, strides, dilations, auto_pad, groups)`` (1-D Conv as 2-D with a
     unit height) or ``("rows", transposed)`` (Gemm transA reads its input transposed)."""
-    node = layer.node
-    if layer.kind == "conv":
-        kernel = tuple(int(k) for k in layer.shape[2:])
+    return input_layout(layer.node, layer.kind == "conv", layer.shape, layer.groups)
+
+
+def input_layout(node: Any, conv: bool, shape: Sequence[int], groups: int = 1) -> tuple:
+    """:func:`layer_layout` for a node reading a weight of ``shape`` (``conv``: a Conv weight)."""
+    if conv:
+        kernel = tuple(int(k) for k in shape[2:])
         nd = len(kernel)
         pads = tuple(node.attrs.get("pads", [0] * 2 * nd))
         strides = tuple(node.attrs.get("strides", [1] * nd))
@@ -579,7 +583,7 @@ def layer_layout(layer: Any) -> tuple:
         if nd == 1:
             kernel, pads = (1, kernel[0]), (0, pads[0], 0, pads[1])
             strides, dil = (1, strides[0]), (1, dil[0])
-        return ("conv", kernel, pads, strides, dil, auto_pad, layer.groups)
+        return ("conv", kernel, pads, strides, dil, auto_pad, groups)
     return ("rows", bool(node.op == "Gemm" and int(node.attrs.get("transA", 0))))
 
 

@@ -13,6 +13,8 @@ API (stable; passes build on it):
     ``Found.skipped``: ``(node, scope, reason)`` for each node passed over.
 ``resolve_weight(tensor, overridable=()) -> Weight | str``
     where a weight lives, or the reason it is not fixed.
+``as_matrix(w, layout, groups=1)``, ``from_matrix(m, layout, shape, groups=1)``
+    the [out, in] view of a weight in a layout (below) and back.
 ``weight_axis(op, ndim, trans_b=False) -> int | None``
     the axis of the weight *as the node reads it* that indexes output channels
     (per-channel quantization axis); None for a rank the op cannot take.
@@ -153,6 +155,8 @@ def resolve_weight(tensor: gs.Tensor, overridable: Iterable[str] = ()) -> Weight
                 and list(maker.attrs.get("perm", [1, 0])) == [1, 0]:
             inner.read, inner.via = tensor, maker
             return inner
+        if isinstance(inner, str):
+            return inner
     if found is not None:
         return found
     return "weight_not_folded" if _foldable(tensor) else "dynamic_weight"
@@ -204,6 +208,30 @@ def weight_axis(op: str, ndim: int, trans_b: bool = False) -> int | None:
     if op == "Gemm" and ndim == 2:
         return 0 if trans_b else 1
     return None
+
+
+# ----------------------------------------------------------------- the [out, in] view
+
+def as_matrix(w: np.ndarray, layout: str, groups: int = 1) -> np.ndarray:
+    """A weight in ``layout`` (see :class:`Layer`) as [out, in]; for g groups the rows of group i
+    take the inputs of group i (in = C/g x kernel)."""
+    if layout == "conv":
+        return w.reshape(w.shape[0], -1)
+    if layout == "convtranspose":  # W[C, O/g, k...] -> [g*O/g, C/g*k]
+        c, og = w.shape[0], w.shape[1]
+        grouped = w.reshape(groups, c // groups, og, *w.shape[2:])
+        return np.moveaxis(grouped, 2, 1).reshape(groups * og, -1)
+    return w.T if layout == "kn" else w
+
+
+def from_matrix(m: np.ndarray, layout: str, shape: tuple, groups: int = 1) -> np.ndarray:
+    """Inverse of :func:`as_matrix`: an [out, in] matrix back as a weight of ``shape`` in ``layout``."""
+    if layout == "conv":
+        return m.reshape(shape)
+    if layout == "convtranspose":
+        grouped = m.reshape(groups, shape[1], shape[0] // groups, *shape[2:])
+        return np.moveaxis(grouped, 1, 2).reshape(shape)
+    return m.T if layout == "kn" else m
 
 
 # ----------------------------------------------------------------- layers
@@ -278,25 +306,11 @@ class Layer:
     def matrix(self, values: np.ndarray | None = None) -> np.ndarray:
         """The stored values (or ``values`` in the stored layout) as [out, in]; a view where it can be."""
         w = np.asarray(self.weight.const.values) if values is None else values
-        if self.layout == "conv":
-            return w.reshape(w.shape[0], -1)
-        if self.layout == "convtranspose":  # W[C, O/g, k...] -> [g*O/g, C/g*k]
-            g = self.groups
-            c, og = w.shape[0], w.shape[1]
-            grouped = w.reshape(g, c // g, og, *w.shape[2:])
-            return np.moveaxis(grouped, 2, 1).reshape(g * og, -1)
-        return w.T if self.layout == "kn" else w
+        return as_matrix(w, self.layout, self.groups)
 
     def unmatrix(self, m: np.ndarray) -> np.ndarray:
         """An [out, in] matrix back in the stored layout (inverse of :meth:`matrix`)."""
-        s = self.shape
-        if self.layout == "conv":
-            return m.reshape(s)
-        if self.layout == "convtranspose":
-            g = self.groups
-            grouped = m.reshape(g, s[1], s[0] // g, *s[2:])
-            return np.moveaxis(grouped, 1, 2).reshape(s)
-        return m.T if self.layout == "kn" else m
+        return from_matrix(m, self.layout, self.shape, self.groups)
 
     # -------------------------------------------------------------- replacing
 
