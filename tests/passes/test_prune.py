@@ -827,7 +827,7 @@ def test_structured_sparsity_counts_the_weights_the_graph_loses():
 
 
 def test_spread_fills_layers_up_to_their_caps_and_rounds_by_largest_remainder():
-    from onnxopt.passes._prune_budget import spread
+    from onnxopt.passes.prune.masks import spread
 
     assert spread([100, 100, 10], [95, 95, 9], 150) == [72, 71, 7]  # 71.4, 71.4, 7.1: the first tie takes the one
     assert spread([100, 100, 10], [95, 95, 9], 195) == [93, 93, 9]  # the small layer full, the others share the rest
@@ -836,7 +836,7 @@ def test_spread_fills_layers_up_to_their_caps_and_rounds_by_largest_remainder():
 
 
 def test_channel_drops_meet_the_request_to_within_one_channel():
-    from onnxopt.passes._prune_budget import ChannelPlan, channel_drops, removed_weights
+    from onnxopt.passes.prune.masks import ChannelPlan, channel_drops, removed_weights
 
     # four layers of 10 channels x 10 weights: one ratio moves all four at once (120 or 160 for 150)
     plans = [ChannelPlan(10, 9, [f"w{i}"]) for i in range(4)]

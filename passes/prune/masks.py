@@ -1,10 +1,12 @@
-"""Where ``prune`` takes its zeros from: one sparsity over all prunable weights, spread over the layers it prunes.
+"""Which weights go: the sparsity budget and the masks that spend it.
 
 ``sparsity=s`` asks for a fraction s of every weight the pass could prune to be zero
 (structured: removed), the layers it keeps dense (the first and last, ``exclude``, layers a
 pattern cannot follow) included. Those layers' share goes to the layers it prunes, each up to
 its capacity (``max_layer_sparsity`` of its weights, never less than ``s``). When the capacities
 cannot hold the request, the pass prunes what they hold and reports requested against achieved.
+Within a layer: the lowest scores (per layer, per row, or under one global threshold), the n
+largest of every m (N:M), or per-layer ratios with the least estimated output error (``auto``).
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
+
+from .units import _Unit
 
 
 def layer_cap(max_layer_sparsity: float, sparsity: float) -> float:
@@ -171,3 +175,100 @@ def achieved(zeroed: int, prunable: int) -> float:
 def unreached_note(requested: float, got: float, why: Optional[str]) -> str:
     return (f"sparsity {requested:g} requested over all prunable weights, {got:.4f} reached"
             + (f": {why}" if why else ""))
+
+
+class Masking:
+    def nm_mask(self, u: _Unit, s: np.ndarray) -> Optional[np.ndarray]:
+        n, m = (2, 4) if self.o.pattern == "2:4" else (4, 8)
+        o, k = s.shape
+        if u.kind == "conv" and (u.shape[1] % m == 0):
+            c, kern = u.shape[1], int(np.prod(u.shape[2:]))
+            view = s.reshape(o, c, kern).transpose(0, 2, 1)  # groups along input channels
+            keep = _nm_keep(view.reshape(-1, m), n).reshape(o, kern, c).transpose(0, 2, 1).reshape(o, k)
+            return keep
+        if k % m:
+            return None
+        return _nm_keep(s.reshape(-1, m), n).reshape(o, k)
+
+    def allocate(self, units, weights, scores, stats) -> dict[int, float]:
+        """Per-layer ratios reaching ``target`` overall with the least summed estimated output error."""
+        top = self.cap()
+        grid = np.unique(np.round(np.append(np.arange(0, top, 0.05), top), 4))
+        curves = {}
+        for u in units:
+            w, s = weights[id(u)], scores[id(u)]
+            energy = w * w
+            if u.grams:
+                per = w.shape[0] // u.groups
+                diag = np.concatenate([np.repeat(np.diag(u.gram(gi)[0])[None, :], per, 0) for gi in range(u.groups)])
+                energy = energy * diag
+            order = np.argsort(s, axis=None, kind="stable")
+            cum = np.concatenate([[0.0], np.cumsum(energy.ravel()[order])])
+            total = max(cum[-1], 1e-30)
+            curves[id(u)] = np.array([cum[int(round(r * u.size))] / total for r in grid])
+        step = {id(u): 0 for u in units}
+        sizes = {id(u): u.size for u in units}
+        need = float(self.want())  # the target over every prunable weight, dense layers included
+        pruned = 0.0
+        limit = self.o.tolerance
+        while pruned < need - 1e-9:
+            best, best_cost = None, None
+            for u in units:
+                i = step[id(u)]
+                if i + 1 >= len(grid):
+                    continue
+                err = curves[id(u)][i + 1]
+                if limit is not None and err > limit:
+                    continue
+                cost = (err - curves[id(u)][i]) / (sizes[id(u)] * (grid[i + 1] - grid[i]))
+                if best_cost is None or cost < best_cost:
+                    best, best_cost = u, cost
+            if best is None:
+                break
+            i = step[id(best)]
+            gain = sizes[id(best)] * (grid[i + 1] - grid[i])
+            if pruned + gain > need:  # the last step stops exactly at the target
+                ratio = grid[i] + (need - pruned) / sizes[id(best)]
+                best.ratio = float(ratio)
+                pruned = need
+                step[id(best)] = -1 - i  # marks a fractional ratio
+                break
+            step[id(best)] = i + 1
+            pruned += gain
+        ratios = {}
+        for u in units:
+            i = step[id(u)]
+            ratios[id(u)] = u.ratio if i < 0 else float(grid[i])
+        self.ctx.log.info("prune: sparsity=auto ratios: %s",
+                          ", ".join(f"{u.name}={ratios[id(u)]:.3f}" for u in units))
+        stats["auto_ratios"] = ";".join(f"{u.name}={ratios[id(u)]:.3f}" for u in units)
+        return ratios
+
+
+def _keep_lowest_per_row(scores: np.ndarray, drops) -> np.ndarray:
+    """Mask keeping all but the ``drops`` lowest scores of every output row (one count, or one per
+    row; ties by position)."""
+    rank = np.empty(scores.shape, np.int64)
+    np.put_along_axis(rank, np.argsort(scores, axis=1, kind="stable"), np.arange(scores.shape[1])[None, :], axis=1)
+    return rank >= np.reshape(np.asarray(drops, np.int64), (-1, 1))
+
+
+def _floor(x: float) -> int:
+    """floor, forgiving the float error of products like 0.95 * 100."""
+    return int(np.floor(x + 1e-9))
+
+
+def _keep_lowest_out(scores: np.ndarray, drop: int) -> np.ndarray:
+    """Mask keeping all but the ``drop`` lowest scores (ties broken by position)."""
+    keep = np.ones(scores.size, bool)
+    if drop > 0:
+        keep[np.argsort(scores, axis=None, kind="stable")[:drop]] = False
+    return keep.reshape(scores.shape)
+
+
+def _nm_keep(groups: np.ndarray, n: int) -> np.ndarray:
+    """For rows of m scores: True at the n largest of each row."""
+    order = np.argsort(-groups, axis=1, kind="stable")
+    keep = np.zeros(groups.shape, bool)
+    np.put_along_axis(keep, order[:, :n], True, axis=1)
+    return keep
