@@ -743,6 +743,8 @@ def const_array(tensor: gs.Constant) -> np.ndarray:
     values = tensor._values
     if isinstance(values, np.ndarray):
         return values
+    if isinstance(values, MappedValues):  # a map of the file, dropped (unmapped) with the array
+        return values.load()
     proto = values.tensor
     if (not isinstance(values, SparseValues) and isinstance(values.dtype, np.dtype)
             and values.dtype.kind in "biuf" and proto.HasField("raw_data") and sys.byteorder == "little"

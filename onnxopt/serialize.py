@@ -153,15 +153,16 @@ Link = Callable[[str], Optional[str]]
 
 
 def write_external(model: onnx.ModelProto, path: Path, data_name: str, *,
-                   threshold: int = EXTERNAL_TENSOR_BYTES, link: Optional[Link] = None) -> None:
+                   threshold: Optional[int] = None, link: Optional[Link] = None) -> None:
     """``model`` as a small graph file ``path`` plus the data file ``data_name`` beside it.
 
     Initializers with raw data of at least ``threshold`` bytes (all scopes) go to the data file,
     each at an offset ORT can map (a multiple of the page size) instead of reading it, copied out
     one at a time. References (:func:`io.external_ref`) are copied in file to file, unless
     ``link(path)`` names a file in ``path``'s folder that holds the same data (a hard link):
-    then the graph points there and nothing is copied.
+    then the graph points there and nothing is copied. ``threshold`` defaults to EXTERNAL_TENSOR_BYTES.
     """
+    threshold = EXTERNAL_TENSOR_BYTES if threshold is None else threshold
     light = onnx.ModelProto()
     for fd, value in _fields_but(model, _GRAPH):
         _copy_field(fd, value, light)

@@ -401,6 +401,8 @@ def _payload(tensor: gs.Constant) -> Optional[np.ndarray]:
     if isinstance(values, SparseValues):
         return None
     try:
+        if isinstance(values, G.MappedValues):  # left in the input's file: read through a map, no copy
+            return values.load()
         if isinstance(values, LazyValues):
             return numpy_helper.to_array(values.tensor)
         return np.asarray(values)
