@@ -266,19 +266,6 @@ def external_refs(model: onnx.ModelProto) -> list[onnx.TensorProto]:
     return [t for t in _external_tensors(model) if external_ref(t) is not None]
 
 
-def without_refs(model: onnx.ModelProto) -> onnx.ModelProto:
-    """``model`` with the data of every reference read into it (a copy; the model itself unchanged)."""
-    if not external_refs(model):
-        return model
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    for tensor in external_refs(copy):
-        tensor.raw_data = external_ref(tensor).read()
-        tensor.ClearField("external_data")
-        tensor.ClearField("data_location")
-    return copy
-
-
 def _external_number(info: dict[str, str], key: str, tensor: str, label: str) -> int:
     text = info.get(key, "0").strip()
     if not text.isdigit():

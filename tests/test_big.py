@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _model(n: int = 64, seed: int = 0) -> onnx.ModelProto:
-    """x[batch,n] -> MatMul(w1) -> Add(b1) -> Identity -> MatMul(w2) -> Mul(1) -> y."""
+    """x[batch,n] -> MatMul(w1) -> Add(b1) -> Identity -> MatMul(w2) -> Dropout -> y (and an unread scalar)."""
     rng = np.random.default_rng(seed)
     inits = [numpy_helper.from_array((rng.standard_normal((n, n)) / np.sqrt(n)).astype(np.float32), "w1"),
              numpy_helper.from_array(rng.standard_normal(n).astype(np.float32), "b1"),
@@ -33,7 +33,7 @@ def _model(n: int = 64, seed: int = 0) -> onnx.ModelProto:
              helper.make_node("Add", ["h", "b1"], ["hb"], name="add1"),
              helper.make_node("Identity", ["hb"], ["hi"], name="identity"),
              helper.make_node("MatMul", ["hi", "w2"], ["z"], name="mm2"),
-             helper.make_node("Mul", ["z", "one"], ["y"], name="times_one")]
+             helper.make_node("Dropout", ["z"], ["y"], name="dropout")]
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", n])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", n])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
@@ -169,6 +169,30 @@ def test_optimize_validates_and_saves_without_loading_the_weights(lazy, capsys, 
     # the API: the result still holds references after validation
     result = api.optimize(str(lazy))
     assert result.passed and any(io.external_ref(t) for t in result.model.graph.initializer)
+
+
+def test_fold_rewrites_a_referenced_weight_and_keeps_the_others(tmp_path, monkeypatch):
+    monkeypatch.setattr(io, "LAZY_MODEL_BYTES", 0)
+    monkeypatch.setattr(io, "LAZY_TENSOR_BYTES", 1024)
+    model = _model()
+    model.graph.node[0].input[1] = "w1t"  # MatMul reads Transpose(w1): fold makes it a new constant
+    model.graph.node.insert(0, helper.make_node("Transpose", ["w1"], ["w1t"], name="t", perm=[1, 0]))
+    sess = runtime.session_for(model)  # before saving: save_model moves the data out of the proto
+    onnx.save_model(model, str(tmp_path / "t.onnx"), save_as_external_data=True, location="t.data",
+                    size_threshold=0)
+    result = api.optimize(str(tmp_path / "t.onnx"), latency_runs=0)
+    assert result.passed and "Transpose" not in [n.op_type for n in result.model.graph.node]
+    kept = {t.name: io.external_ref(t) is not None for t in result.model.graph.initializer}
+    assert kept["w2"] and sum(kept.values()) == 1  # the folded weight is new data, w2 still a reference
+    result.save(tmp_path / "out.onnx")
+    np.testing.assert_allclose(_run(tmp_path / "out.onnx", _x()), sess.run(None, {"x": _x()})[0], rtol=1e-5,
+                               atol=1e-5)
+
+
+def test_verify_each_checks_and_validates_a_model_with_references(lazy):
+    result = api.optimize(str(lazy), verify_each=True, latency_runs=0)
+    assert result.passed and all(r.verify["passed"] for r in result.records if r.verify)
+    assert any(r.verify for r in result.records)
 
 
 def test_save_refuses_to_overwrite_the_data_it_reads(lazy):
