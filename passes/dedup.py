@@ -22,7 +22,7 @@ except ImportError:  # onnx-graphsurgeon before sparse initializers
     class SparseValues:  # type: ignore[no-redef]
         pass
 
-from onnxopt import graph as G
+from onnxopt import graph as G, io
 from onnxopt.options import option
 from onnxopt.pipeline import Pass, PassContext, PassResult, register_pass
 
@@ -432,6 +432,12 @@ def _digest(tensor: gs.Constant, digests: dict) -> Optional[tuple]:
     if id(tensor) in digests:
         key, nbytes = digests[id(tensor)][:2]
         return key, nbytes, None
+    proto = _reference(tensor)
+    if proto is not None:  # left in the input's file: keyed from the file, nothing kept
+        ref = io.external_ref(proto)
+        key = ("const", int(proto.data_type), tuple(int(d) for d in proto.dims), _file_hash(ref))
+        digests[id(tensor)] = (key, ref.length, tensor)
+        return key, ref.length, None
     payload = _payload(tensor)
     if payload is None:
         return None
@@ -473,6 +479,34 @@ def _hash(raw: Any) -> bytes:
         sample = np.concatenate([raw[::509], raw[-4096:]])
         return hashlib.blake2b(sample.tobytes(), digest_size=16).digest() + raw.size.to_bytes(8, "little")
     return hashlib.blake2b(raw, digest_size=16).digest()
+
+
+def _reference(tensor: gs.Constant) -> Optional[onnx.TensorProto]:
+    """The TensorProto of a constant whose data is still the reference to the input's file."""
+    values = tensor._values
+    proto = values.tensor if isinstance(values, G.MappedValues) else getattr(values, "onnx_reference", None)
+    return proto if proto is not None and io.external_ref(proto) is not None else None
+
+
+def _file_hash(ref: io.ExternalRef, chunk: int = 509 * 32768) -> bytes:
+    """:func:`_hash` of the bytes a reference points at, read a chunk at a time through the page
+    cache: sampling a map would bring every page of the weight into this process's memory."""
+    if ref.length <= SAMPLE_ABOVE:
+        return _hash(ref.read())
+    parts = []
+    with open(ref.path, "rb") as handle:
+        handle.seek(ref.offset)
+        done = 0
+        while done < ref.length:  # chunks are multiples of 509: the samples fall where _hash takes them
+            block = handle.read(min(chunk, ref.length - done))
+            if not block:
+                break
+            parts.append(np.frombuffer(block, np.uint8)[::509].copy())
+            done += len(block)
+        handle.seek(ref.offset + ref.length - 4096)
+        parts.append(np.frombuffer(handle.read(4096), np.uint8))
+    sample = np.concatenate(parts)
+    return hashlib.blake2b(sample.tobytes(), digest_size=16).digest() + ref.length.to_bytes(8, "little")
 
 
 def _equal_raw(a: Any, b: Any) -> bool:

@@ -189,6 +189,30 @@ def test_fold_rewrites_a_referenced_weight_and_keeps_the_others(tmp_path, monkey
                                atol=1e-5)
 
 
+def test_dedup_keys_a_referenced_weight_from_its_file_as_it_keys_the_same_bytes_in_memory(lazy, monkeypatch):
+    from onnxopt.passes import dedup
+
+    monkeypatch.setattr(dedup, "SAMPLE_ABOVE", 1000)  # the sampled key, on a 16 KiB weight
+    graph = G.import_graph(io.load(lazy))
+    w1 = next(t for t in G.constants(graph) if t.name == "w1")
+    ref = io.external_ref(w1._values.tensor)
+    inline = dedup._hash(dedup._raw(np.asarray(w1._values.load())))
+    assert dedup._file_hash(ref, chunk=509 * 3) == dedup._file_hash(ref) == inline
+
+
+def test_dedup_merges_two_references_to_equal_bytes(tmp_path, monkeypatch):
+    monkeypatch.setattr(io, "LAZY_MODEL_BYTES", 0)
+    monkeypatch.setattr(io, "LAZY_TENSOR_BYTES", 1024)
+    model = _model()
+    model.graph.initializer[2].CopyFrom(numpy_helper.from_array(numpy_helper.to_array(model.graph.initializer[0]),
+                                                                "w2"))
+    onnx.save_model(model, str(tmp_path / "d.onnx"), save_as_external_data=True, location="d.data",
+                    size_threshold=0)
+    result = api.optimize(str(tmp_path / "d.onnx"), "dedup,dce", latency_runs=0)
+    assert result.passed and result.records[0].stats["constants_merged"] == 1
+    assert [t.name for t in result.model.graph.initializer if io.external_ref(t)] == ["w1"]
+
+
 def test_verify_each_checks_and_validates_a_model_with_references(lazy):
     result = api.optimize(str(lazy), verify_each=True, latency_runs=0)
     assert result.passed and all(r.verify["passed"] for r in result.records if r.verify)
