@@ -214,7 +214,7 @@ def test_dedup_merges_two_references_to_equal_bytes(tmp_path, monkeypatch):
 
 
 def test_verify_each_checks_and_validates_a_model_with_references(lazy):
-    result = api.optimize(str(lazy), verify_each=True, latency_runs=0)
+    result = api.optimize(str(lazy), "noop,dce", verify_each=True, latency_runs=0)
     assert result.passed and all(r.verify["passed"] for r in result.records if r.verify)
     assert any(r.verify for r in result.records)
 
