@@ -116,11 +116,13 @@ def stream_tensors(model: onnx.ModelProto, names: Sequence[str], data: Iterable[
 def _session(model: onnx.ModelProto) -> "ort.InferenceSession":
     import onnxruntime as ort
 
+    from .runtime import session_for
+
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.log_severity_level = 4  # errors come back as exceptions, worded by onnxopt; no raw ORT lines
     try:
-        return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        return session_for(model, options)  # from files when large: never the bytes of a large model
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InputError(f"ONNX Runtime cannot run the model for calibration: {first}") from None

@@ -20,7 +20,7 @@ import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.importers.onnx_importer import OnnxImporter
 from onnx_graphsurgeon.ir.tensor import LazyValues, SparseValues
 
-from .io import PACKED_TYPES, iter_graph_protos, iter_tensors
+from .io import PACKED_TYPES, external_ref, iter_graph_protos, iter_tensors
 
 __all__ = [
     "import_graph", "export_model", "iter_graphs", "subgraphs_of", "find_nodes",
@@ -39,6 +39,10 @@ def import_graph(model: onnx.ModelProto) -> gs.Graph:
     """
     graph = gs.import_onnx(model)
     _declare_interface(graph, model.graph)
+    for tensor in constants(graph):
+        values = tensor._values
+        if type(values) is LazyValues and external_ref(values.tensor) is not None:
+            tensor._values = MappedValues(values.tensor)
     read = {name for g in iter_graphs(graph) for name in g.tensors()}
     listed = {vi.name for vi in model.graph.input}
     graph.unread_initializers = [t.name for t in model.graph.initializer
@@ -113,6 +117,30 @@ def export_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
+class MappedValues(LazyValues):
+    """A constant whose data stayed in the input's file (:func:`io.external_ref`): read as a
+    read-only memory map, so a pass that reads it costs no copy, and exported as the same
+    reference while the pass has not replaced it (writing into the map is refused)."""
+
+    def load(self) -> np.ndarray:
+        ref = external_ref(self.tensor)
+        try:
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(self.tensor.data_type)
+        except (KeyError, ValueError):
+            dtype = None
+        if dtype is None or self.tensor.data_type in PACKED_TYPES or dtype.kind not in "biufc":
+            inline = onnx.TensorProto()
+            inline.CopyFrom(self.tensor)
+            inline.raw_data = ref.read()
+            inline.ClearField("external_data")
+            inline.ClearField("data_location")
+            return np.array(onnx.numpy_helper.to_array(inline))
+        array = np.memmap(ref.path, dtype=dtype.newbyteorder("<"), mode="r", offset=ref.offset,
+                          shape=tuple(self.tensor.dims))
+        array.onnx_reference = self.tensor  # export writes the reference back while this array stands
+        return array
+
+
 # Tensors at least this big are exported through a stub (see export_onnx).
 _STUB_BYTES = 1024
 _STUB_MARK = STUB_MARK = "\x00onnxopt-stub:"  # doc_string of a stub
@@ -181,7 +209,12 @@ def fill_stubs(model: onnx.ModelProto, stubs: list, keep: Callable[[onnx.TensorP
         if not proto.doc_string.startswith(_STUB_MARK) or (keep is not None and not keep(proto)):
             continue
         original = stubs[int(proto.doc_string[len(_STUB_MARK):])][1]
-        if isinstance(original, np.ndarray):
+        reference = getattr(original, "onnx_reference", None)  # a MappedValues map, as loaded
+        if reference is not None:
+            name = proto.name
+            proto.CopyFrom(reference)
+            proto.name = name
+        elif isinstance(original, np.ndarray):
             proto.doc_string = ""
             proto.raw_data = np.ascontiguousarray(original).tobytes()
         else:
@@ -710,6 +743,8 @@ def const_array(tensor: gs.Constant) -> np.ndarray:
     values = tensor._values
     if isinstance(values, np.ndarray):
         return values
+    if isinstance(values, MappedValues):  # a map of the file, dropped (unmapped) with the array
+        return values.load()
     proto = values.tensor
     if (not isinstance(values, SparseValues) and isinstance(values.dtype, np.dtype)
             and values.dtype.kind in "biuf" and proto.HasField("raw_data") and sys.byteorder == "little"

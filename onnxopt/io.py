@@ -17,7 +17,7 @@ import shutil
 import socket
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator, Optional, Union
+from typing import Any, BinaryIO, Iterator, Optional, Union
 
 import onnx
 from google.protobuf.descriptor import FieldDescriptor
@@ -32,21 +32,29 @@ ModelSource = Union[str, os.PathLike, onnx.ModelProto]
 # Protobuf cannot serialise a message past 2 GiB; leave headroom for the graph.
 PROTO_LIMIT = 2**31 - 1
 EXTERNAL_THRESHOLD = 1_800_000_000
+# A model whose external data totals at least LAZY_MODEL_BYTES is loaded with its main-graph
+# initializers of at least LAZY_TENSOR_BYTES left in their file: the ModelProto holds a
+# reference (the data file's absolute path, offset, length), read on demand (memory-mapped),
+# copied file to file on save and handed to ONNX Runtime as a file, never held in memory.
+LAZY_MODEL_BYTES = 64 * 2**20
+LAZY_TENSOR_BYTES = 2**20
 
 
 def fits_in_proto(model: onnx.ModelProto) -> bool:
-    """Whether the model serialises under protobuf's 2 GiB limit.
+    """Whether the model serialises under protobuf's 2 GiB limit (with its external data inline).
 
-    Tensor bytes are counted first (cheap); the exact ByteSize, which walks
-    the whole message, is only asked for near the limit.
+    Tensor bytes are counted first (cheap); the exact size is only counted near the limit.
     """
     if tensor_bytes(model) < EXTERNAL_THRESHOLD:
         return True
-    return model.ByteSize() < PROTO_LIMIT
+    from .serialize import serialized_size  # serialize builds on this module
+
+    return serialized_size(model) < PROTO_LIMIT
 
 
 def load(source: ModelSource, *, check: bool = True) -> onnx.ModelProto:
-    """Load a model from a path or take a ModelProto, with its external data.
+    """Load a model from a path or take a ModelProto, with its external data (large external
+    weights stay in their file as references: see LAZY_MODEL_BYTES).
 
     Raises InputError with one clear message when the model cannot be used.
     """
@@ -193,10 +201,69 @@ def _load_external(model: onnx.ModelProto, base_dir: Path, label: str) -> None:
         end = offset + length
         if end > target.stat().st_size:
             raise InputError(f"{label}: external data file '{location}' is truncated: tensor '{tensor.name}' needs bytes up to {end}, file has {target.stat().st_size}")
+    lazy = set()
+    if sum(_external_number(_info(t), "length", t.name, label) for t in external) >= LAZY_MODEL_BYTES:
+        lazy = {id(t) for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL
+                and _external_number(_info(t), "length", t.name, label) >= LAZY_TENSOR_BYTES}
     try:
-        onnx.external_data_helper.load_external_data_for_model(model, str(base_dir))
+        for tensor in external:
+            if id(tensor) in lazy:  # a reference to the file, by absolute path (see external_ref)
+                _set_location(tensor, str((base_dir / _info(tensor)["location"]).resolve()))
+            else:
+                onnx.external_data_helper.load_external_data_for_tensor(tensor, str(base_dir))
     except (OSError, ValueError) as exc:
         raise InputError(f"{label}: cannot read external data: {exc}") from exc
+
+
+def _info(tensor: onnx.TensorProto) -> dict[str, str]:
+    return {entry.key: entry.value for entry in tensor.external_data}
+
+
+def _set_location(tensor: onnx.TensorProto, location: str) -> None:
+    for entry in tensor.external_data:
+        if entry.key == "location":
+            entry.value = location
+
+
+class ExternalRef:
+    """Where a tensor left in its file by :func:`load` keeps its data."""
+
+    def __init__(self, path: str, offset: int, length: int) -> None:
+        self.path, self.offset, self.length = path, offset, length
+
+    def read(self) -> bytes:
+        with open(self.path, "rb") as handle:
+            handle.seek(self.offset)
+            return handle.read(self.length)
+
+    def copy_to(self, out: BinaryIO, chunk: int = 16 * 2**20) -> None:
+        """Copy the data into ``out`` a chunk at a time (through the page cache, not this process)."""
+        with open(self.path, "rb") as handle:
+            handle.seek(self.offset)
+            left = self.length
+            while left:
+                piece = handle.read(min(chunk, left))
+                if not piece:
+                    raise InputError(f"{self.path}: external data file is truncated")
+                out.write(piece)
+                left -= len(piece)
+
+
+def external_ref(tensor: onnx.TensorProto) -> Optional[ExternalRef]:
+    """The file, offset and length of a tensor :func:`load` left in its file, else None
+    (inline data, or external data relative to a folder this process does not know)."""
+    if tensor.data_location != onnx.TensorProto.EXTERNAL:
+        return None
+    info = _info(tensor)
+    location = info.get("location", "")
+    if not os.path.isabs(location):
+        return None
+    return ExternalRef(location, int(info.get("offset", "0") or 0), int(info.get("length", "0") or 0))
+
+
+def external_refs(model: onnx.ModelProto) -> list[onnx.TensorProto]:
+    """The tensors of ``model`` whose data is a reference to a file (see :func:`external_ref`)."""
+    return [t for t in _external_tensors(model) if external_ref(t) is not None]
 
 
 def _external_number(info: dict[str, str], key: str, tensor: str, label: str) -> int:
@@ -364,8 +431,13 @@ def save(
     if input_path is not None and same_file(target, input_path) and not in_place:
         raise InputError(f"{target}: output path is the input model; pass --in-place to overwrite it")
     check_output_path(target)
-    if external_data is None:
-        external_data = tensor_bytes(model) > EXTERNAL_THRESHOLD
+    refs = {external_ref(t).path for t in external_refs(model)}
+    if external_data is None:  # a model that kept its weights in a file keeps them in one
+        external_data = bool(refs) or tensor_bytes(model) > EXTERNAL_THRESHOLD
+    data_path = target.parent / (target.name + ".data")
+    if external_data and any(same_file(data_path, ref) for ref in refs) and not in_place:
+        raise InputError(f"{data_path}: would overwrite the input's external data; choose another output "
+                         f"name (or pass --in-place)")
     remove_stale_temporaries(target.parent)
     tmp_dir = Path(tempfile.mkdtemp(prefix=temp_prefix(), dir=target.parent))
     try:
@@ -439,14 +511,12 @@ def _alive(pid: int) -> bool:
 
 
 def _write(model: onnx.ModelProto, path: Path, data_name: str | None) -> None:
+    # one tensor at a time, references copied file to file: no second copy of a large model
+    from .serialize import write_external, write_model
+
     if data_name is None:
         if not fits_in_proto(model):
             raise InputError("model is larger than 2 GB; save it with external data")
-        from .serialize import write_model  # one tensor at a time: no second copy of a large model
-
         write_model(model, path)
         return
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    onnx.save_model(copy, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=data_name, size_threshold=1024)
+    write_external(model, path, data_name, threshold=1024)

@@ -497,10 +497,12 @@ def checker_error(model: onnx.ModelProto, structure_only: bool = False) -> Optio
     types and shapes stay): enough after passes, whose tensors gs writes whole,
     and it saves serialising every weight again.
     """
-    from .io import fits_in_proto, skeleton
+    from .io import external_refs, fits_in_proto, skeleton
 
     try:
-        if structure_only:
+        # weights left in the input's file (checked when loaded): the checker would look for
+        # their file relative to the working folder, so such a model is checked without them
+        if structure_only or external_refs(model):
             onnx.checker.check_model(skeleton(model))
         elif fits_in_proto(model):
             onnx.checker.check_model(model)

@@ -266,7 +266,7 @@ def inspect_model(path: str | os.PathLike) -> dict[str, Any]:
         row = by_dtype[onnx.TensorProto.DataType.Name(tensor.data_type).lower()]
         row["tensors"] += 1
         row["parameters"] += math.prod(tensor.dims)
-        row["bytes"] += len(tensor.raw_data) or io._typed_bytes(tensor)
+        row["bytes"] += io.stored_bytes(tensor)  # without copying the data out
     subgraphs = sum(1 for _ in io.iter_graph_protos(model.graph)) - 1
     hist = op_histogram(model)
     return {

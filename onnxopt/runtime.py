@@ -25,7 +25,7 @@ from typing import Any, Iterator, Optional, Union
 import numpy as np
 import onnx
 
-from .io import tensor_bytes
+from .io import external_ref, external_refs, temp_prefix, tensor_bytes
 from .serialize import read_mapped, serialized_size, write_mapped
 from .errors import InputError, ValidationFailed
 
@@ -58,20 +58,27 @@ def session_options(opt_level: str, threads: int = 0):
 
 
 class RuntimeModel:
-    """A model as ORT sessions take it: the ModelProto itself when small; when large, a small
-    graph file and a data file ORT maps (see :func:`write_mapped`) in a private folder, after
-    which the caller may let the ModelProto go. ``close`` removes the folder."""
+    """A model as ORT sessions take it: the ModelProto itself when small; when large, or when it
+    holds references to its input's data file (:func:`io.external_ref`), a small graph file and a
+    data file ORT maps (see :func:`write_mapped`) in a private folder, after which the caller may
+    let the ModelProto go. References are hard-linked into the folder (ORT reads external data
+    only from the model's own folder, symbolic links resolved), so weights a pass did not rewrite
+    are never copied; where no link can be made they are copied file to file. ``close`` removes
+    the folder (the input's data stays)."""
 
     def __init__(self, model: onnx.ModelProto) -> None:
         self.size = serialized_size(model)
         self.model: Optional[onnx.ModelProto] = None
         self.folder: Optional[Path] = None
-        if tensor_bytes(model) <= FILE_SESSION_BYTES:
+        self.links: dict[str, str] = {}  # local name -> the input's data file
+        refs = sorted({external_ref(t).path for t in external_refs(model)})
+        if tensor_bytes(model) <= FILE_SESSION_BYTES and not refs:
             self.model = model
             return
-        self.folder = Path(tempfile.mkdtemp(prefix="onnxopt-ort-"))
         try:
-            self.path = write_mapped(model, self.folder)
+            self.folder, by_path = _folder_with_links(refs)
+            self.links = {local: path for path, local in by_path.items()}
+            self.path = write_mapped(model, self.folder, link=by_path.get)
         except BaseException:
             self.close()
             raise
@@ -88,8 +95,8 @@ class RuntimeModel:
         return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
 
     def load(self) -> onnx.ModelProto:
-        """The model back as a ModelProto (read from its files when on disk)."""
-        return self.model if self.model is not None else read_mapped(self.path)
+        """The model back as a ModelProto (read from its files when on disk; references stay references)."""
+        return self.model if self.model is not None else read_mapped(self.path, self.links)
 
     def close(self) -> None:
         self.model = None
@@ -98,11 +105,49 @@ class RuntimeModel:
             self.folder = None
 
 
+def _folder_with_links(refs: list[str]) -> tuple[Path, dict[str, str]]:
+    """A private folder and, for each data file in ``refs``, the name of a hard link to it there.
+
+    Tried in the system's temporary folder, then beside each data file (same file system; named
+    as onnxopt's temporaries, so a later run removes one a killed run left); when no folder
+    takes every link, the system's temporary folder without links (the data is then copied)."""
+    places: list[Optional[str]] = [None, *sorted({str(Path(r).parent) for r in refs})] if refs else [None]
+    for place in places:
+        try:
+            folder = Path(tempfile.mkdtemp(prefix=temp_prefix() if place else "onnxopt-ort-", dir=place))
+        except OSError:
+            continue
+        links = {}
+        try:
+            for i, path in enumerate(refs):
+                os.link(path, folder / f"input{i}.data")
+                links[path] = f"input{i}.data"
+        except OSError:
+            shutil.rmtree(folder, ignore_errors=True)
+            continue
+        return folder, links
+    return Path(tempfile.mkdtemp(prefix="onnxopt-ort-")), {}
+
+
 def make_session(model: onnx.ModelProto, opt_level: str = "all", threads: int = 0):
     """A CPU session for an in-memory model; large models go through mapped files."""
-    with open_session(model, opt_level, threads) as held:
-        sess, held.sess = held.sess, None
-        return sess
+    return session_for(model, session_options(opt_level, threads))
+
+
+def session_for(model: Union[onnx.ModelProto, RuntimeModel], options: Any = None):
+    """A CPU session for ``model`` with ``options`` (ORT's SessionOptions; defaults when None), the
+    way every caller should make one: a small model from its bytes, a large one or one holding
+    references to its input's data from files (:class:`RuntimeModel`), never from the bytes of a
+    large model. The session keeps what it needs; the temporary files go when it is made."""
+    import onnxruntime as ort
+
+    if isinstance(model, RuntimeModel):
+        return model.session(options or ort.SessionOptions())
+    held = RuntimeModel(model)
+    try:
+        return held.session(options or ort.SessionOptions())
+    finally:
+        held.close()  # ORT has read or mapped the data by now; a mapping outlives the file's name
 
 
 class _Held:

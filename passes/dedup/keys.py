@@ -12,6 +12,8 @@ import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
+from onnxopt import graph as G, io
+
 # A node attribute that refers to an attribute of the enclosing function (gs >= 0.5).
 _ATTRIBUTE_REF = getattr(gs.Node, "AttributeRef", ())
 
@@ -35,6 +37,8 @@ def _payload(tensor: gs.Constant) -> Optional[np.ndarray]:
     if isinstance(values, SparseValues):
         return None
     try:
+        if isinstance(values, G.MappedValues):  # left in the input's file: read through a map, no copy
+            return values.load()
         if isinstance(values, LazyValues):
             return numpy_helper.to_array(values.tensor)
         return np.asarray(values)
@@ -64,6 +68,12 @@ def _digest(tensor: gs.Constant, digests: dict) -> Optional[tuple]:
     if id(tensor) in digests:
         key, nbytes = digests[id(tensor)][:2]
         return key, nbytes, None
+    proto = _reference(tensor)
+    if proto is not None:  # left in the input's file: keyed from the file, nothing kept
+        ref = io.external_ref(proto)
+        key = ("const", int(proto.data_type), tuple(int(d) for d in proto.dims), _file_hash(ref))
+        digests[id(tensor)] = (key, ref.length, tensor)
+        return key, ref.length, None
     payload = _payload(tensor)
     if payload is None:
         return None
@@ -105,6 +115,34 @@ def _hash(raw: Any) -> bytes:
         sample = np.concatenate([raw[::509], raw[-4096:]])
         return hashlib.blake2b(sample.tobytes(), digest_size=16).digest() + raw.size.to_bytes(8, "little")
     return hashlib.blake2b(raw, digest_size=16).digest()
+
+
+def _reference(tensor: gs.Constant) -> Optional[onnx.TensorProto]:
+    """The TensorProto of a constant whose data is still the reference to the input's file."""
+    values = tensor._values
+    proto = values.tensor if isinstance(values, G.MappedValues) else getattr(values, "onnx_reference", None)
+    return proto if proto is not None and io.external_ref(proto) is not None else None
+
+
+def _file_hash(ref: io.ExternalRef, chunk: int = 509 * 32768) -> bytes:
+    """:func:`_hash` of the bytes a reference points at, read a chunk at a time through the page
+    cache: sampling a map would bring every page of the weight into this process's memory."""
+    if ref.length <= SAMPLE_ABOVE:
+        return _hash(ref.read())
+    parts = []
+    with open(ref.path, "rb") as handle:
+        handle.seek(ref.offset)
+        done = 0
+        while done < ref.length:  # chunks are multiples of 509: the samples fall where _hash takes them
+            block = handle.read(min(chunk, ref.length - done))
+            if not block:
+                break
+            parts.append(np.frombuffer(block, np.uint8)[::509].copy())
+            done += len(block)
+        handle.seek(ref.offset + ref.length - 4096)
+        parts.append(np.frombuffer(handle.read(4096), np.uint8))
+    sample = np.concatenate(parts)
+    return hashlib.blake2b(sample.tobytes(), digest_size=16).digest() + ref.length.to_bytes(8, "little")
 
 
 def _equal_raw(a: Any, b: Any) -> bool:

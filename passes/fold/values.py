@@ -10,6 +10,8 @@ import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 from onnx_graphsurgeon.ir.tensor import LazyValues, SparseValues
 
+from onnxopt import graph as G
+
 try:  # onnx depends on ml_dtypes; ORT hands these types back as raw bytes
     import ml_dtypes
 
@@ -34,6 +36,8 @@ def _const_value(tensor: gs.Constant) -> Optional[np.ndarray]:
     values = tensor._values
     if isinstance(values, SparseValues):
         return None
+    if isinstance(values, G.MappedValues) and values.tensor.data_type not in _PACKED:
+        return values.load()  # left in the input's file: a read-only map, no copy
     if isinstance(values, LazyValues):
         proto = values.tensor
         if proto.data_type in _PACKED or proto.data_location == onnx.TensorProto.EXTERNAL:
@@ -78,6 +82,8 @@ def _loadable(tensor: gs.Constant) -> bool:
     values = tensor._values
     if isinstance(values, SparseValues):
         return False
+    if isinstance(values, G.MappedValues):
+        return values.tensor.data_type not in _PACKED
     if isinstance(values, LazyValues):
         proto = values.tensor
         return (proto.data_type not in _PACKED and proto.data_type != onnx.TensorProto.UNDEFINED
