@@ -219,13 +219,13 @@ def format_comparison(c: Comparison) -> list[str]:
             figures += f" (runtime noise {o.floor_max_abs:.3g})"
         figures += (f", mean abs {o.mean_abs:.3g}, max rel {o.max_rel:.3g}, "
                     f"cosine {o.cosine:.6f}, SNR {o.snr_db:.1f} dB")
-        if o.top1_agreement is not None:
-            figures += f", top-1 agreement {100 * o.top1_agreement:.2f}%"
-        if o.accuracy_reference is not None:
-            figures += f", accuracy {100 * o.accuracy_reference:.2f}% -> {100 * o.accuracy_candidate:.2f}%"
+        figures += _kind_figures(o)
         state = "FAIL" if not o.passed else ("identical" if o.identical else "ok")
-        lines.append(f"  {o.name}: {state}: {figures}")
+        lines.append(f"  {o.name} [{o.kind}]: {state}: {figures}")
         lines.extend(f"    {f}" for f in o.failures)
+    lines.append("  judged as: " + "; ".join(f"{o.name} {o.kind} ({o.kind_reason})" for o in c.outputs)
+                 + " (override with --output-kind NAME=KIND)")
+    lines.extend(_metric_lines(c))
     verdict = "PASSED" if c.passed else "FAILED"
     lines.append(f"  {verdict} (tolerance {c.tolerance})")
     if c.floor_level:
@@ -238,6 +238,34 @@ def format_comparison(c: Comparison) -> list[str]:
         lines.append(f"latency (median): {c.latency_reference_ms:.3f} ms -> {c.latency_candidate_ms:.3f} ms"
                      f" ({ratio:.2f}x speed-up{runs})")
     lines.extend(f"note: {n}" for n in c.notes)
+    return lines
+
+
+def _kind_figures(o) -> str:
+    """The figures that fit the output's kind: top-1 for class scores only."""
+    text = ""
+    if o.top1_agreement is not None:
+        what = "top-1 agreement" if o.kind == "classes" else "per-position top-1 agreement"
+        text += f", {what} {100 * o.top1_agreement:.2f}%"
+    if o.sequence_match is not None:
+        text += f", sequence match {100 * o.sequence_match:.2f}%"
+    if o.accuracy_reference is not None:
+        text += f", accuracy {100 * o.accuracy_reference:.2f}% -> {100 * o.accuracy_candidate:.2f}%"
+    if o.vector_cosine_mean is not None:
+        text += f", per-vector cosine mean {o.vector_cosine_mean:.6f} (worst {o.vector_cosine_min:.6f})"
+    if o.perplexity_reference is not None:
+        text += f", perplexity {o.perplexity_reference:.4f} -> {o.perplexity_candidate:.4f}"
+    return text
+
+
+def _metric_lines(c: Comparison) -> list[str]:
+    lines = []
+    for m in c.metrics:
+        way = "lower is better" if m.lower_is_better else "higher is better"
+        limit = f", limit {m.limit:g}" if m.limit is not None else ""
+        state = "FAIL" if not m.passed else "ok"
+        lines.append(f"  metric {m.name} ({m.source}; {way}): {state}: {m.reference:.6g} -> {m.candidate:.6g}"
+                     f" (drop {m.drop:.4g}{limit})")
     return lines
 
 
