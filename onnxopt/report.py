@@ -15,6 +15,7 @@ from typing import Any, Optional
 import onnx
 
 from . import io
+from .metrics import group_kv, kv_role
 from .errors import ValidationFailed
 from .pipeline import PassRecord
 from .serialize import serialized_size
@@ -297,6 +298,8 @@ def inspect_model(path: str | os.PathLike) -> dict[str, Any]:
         row["bytes"] += len(tensor.raw_data) or io._typed_bytes(tensor)
     subgraphs = sum(1 for _ in io.iter_graph_protos(model.graph)) - 1
     hist = op_histogram(model)
+    inputs = [_value(v) for v in model.graph.input if v.name not in {t.name for t in model.graph.initializer}]
+    outputs = [_value(v) for v in model.graph.output]
     return {
         "path": str(path),
         "file_bytes": Path(path).stat().st_size,
@@ -307,8 +310,10 @@ def inspect_model(path: str | os.PathLike) -> dict[str, Any]:
         "ops": dict(hist.most_common()),
         "parameters": sum(r["parameters"] for r in by_dtype.values()),
         "by_dtype": dict(by_dtype),
-        "inputs": [_value(v) for v in model.graph.input if v.name not in {t.name for t in model.graph.initializer}],
-        "outputs": [_value(v) for v in model.graph.output],
+        "inputs": inputs,
+        "outputs": outputs,
+        # a decoder's cache tensors, grouped by name pattern (layers, key/value roles)
+        "kv_cache": {"inputs": group_kv(inputs), "outputs": group_kv(outputs)},
         "external_data": dict(external),
         "subgraphs": subgraphs,
         "functions": [f"{f.domain}.{f.name}" if f.domain else f.name for f in model.functions],
@@ -320,7 +325,15 @@ def _value(v: onnx.ValueInfoProto) -> dict[str, Any]:
     dims = ["?" if not (d.HasField("dim_value") or d.dim_param) else (d.dim_value if d.HasField("dim_value") else d.dim_param)
             for d in t.shape.dim] if t.HasField("shape") else None
     dtype = onnx.TensorProto.DataType.Name(t.elem_type).lower() if v.type.HasField("tensor_type") else "non-tensor"
-    return {"name": v.name, "dtype": dtype, "shape": dims}
+    out: dict[str, Any] = {"name": v.name, "dtype": dtype, "shape": dims}
+    role = kv_role(v.name)
+    if role is not None:
+        out["kv_cache"] = {"layer": role[0], "role": role[1]}
+    return out
+
+
+def _shape_text(shape: Optional[list]) -> str:
+    return "unknown" if shape is None else "[" + ", ".join(map(str, shape)) + "]"
 
 
 def format_inspect(info: dict[str, Any]) -> str:
@@ -334,8 +347,15 @@ def format_inspect(info: dict[str, Any]) -> str:
     for role in ("inputs", "outputs"):
         lines.append(f"{role}:")
         for v in info[role]:
-            shape = "unknown" if v["shape"] is None else "[" + ", ".join(map(str, v["shape"])) + "]"
-            lines.append(f"  {v['name']}: {v['dtype']} {shape}")
+            if "kv_cache" not in v:
+                lines.append(f"  {v['name']}: {v['dtype']} {_shape_text(v['shape'])}")
+        for g in info.get("kv_cache", {}).get(role, []):
+            layers = g["layers"]
+            span = f"layer {layers[0]}" if len(layers) == 1 else f"layers {layers[0]}-{layers[-1]}"
+            if len(layers) > 1 and layers != list(range(layers[0], layers[-1] + 1)):
+                span = "layers " + ", ".join(map(str, layers))
+            lines.append(f"  KV cache: {g['pattern']}: {g['tensors']} tensors, {span}, "
+                         f"{' and '.join(g['roles'])}; {g['dtype']} {_shape_text(g['shape'])}")
     if info["external_data"]:
         lines.append("external data: " + ", ".join(f"{k} ({human_bytes(v)})" for k, v in info["external_data"].items()))
     lines.append(f"subgraphs: {info['subgraphs']}   functions: {len(info['functions'])}"

@@ -346,7 +346,6 @@ class Reference:
         self.data, self.level = data, ort_opt_level
         self.hook = M.load_metric(metric)
         self.labels = _labels(labels, data)
-        self.rows = [_feed_rows(feed) for feed in data.feeds]
         self.latency_runs, self.latency_budget = latency_runs, latency_budget
         self.inputs_nonfinite = _count_nonfinite_inputs(data)
         self.store = OutputStore()
@@ -355,7 +354,11 @@ class Reference:
         model = model if isinstance(model, RuntimeModel) else RuntimeModel(model)
         self.size = model.size
         try:
-            self.kinds = M.detect(_graph_of(model))
+            graph = _graph_of(model)
+            self.kinds = M.detect(graph)
+            axes = M.input_batch_axes(graph)
+            self.rows = [_feed_rows(feed, axes) for feed in data.feeds]
+            del graph
             chosen = M.check_overrides(output_kinds, list(self.kinds))
             hook_run = self.hook.start() if self.hook else None
             with open_session(model, ort_opt_level, which="original") as sess:
@@ -494,9 +497,9 @@ def _add_all(accs: list, ref_out: list, other_out: list, labels: Optional[np.nda
             acc.add(ref, other, labels, mask)
 
 
-def _feed_rows(feed: dict) -> int:
-    """Samples in one feed: the longest leading axis, as the data reader counts them."""
-    rows = [np.shape(v)[0] for v in feed.values() if np.ndim(v)]
+def _feed_rows(feed: dict, batch_axes: dict[str, int]) -> int:
+    """Samples in one feed: the longest batch axis (the leading one unless a dim name says otherwise)."""
+    rows = [np.shape(v)[batch_axes.get(k, 0)] for k, v in feed.items() if np.ndim(v) > batch_axes.get(k, 0)]
     return max(rows) if rows else 1
 
 

@@ -12,11 +12,11 @@ from dataclasses import dataclass
 from typing import Optional
 
 from .hook import MetricHook, MetricRun, load_labels, load_metric, primary
-from .kinds import CLASS_KINDS, KINDS, OutputKind, check_overrides, detect, override, refine
+from .kinds import CLASS_KINDS, KINDS, OutputKind, check_overrides, detect, input_batch_axes, override, refine
 from .kv import group as group_kv, kv_role
 from .scores import ClassAgreement, Perplexity, VectorCosine
 
-__all__ = ["KINDS", "CLASS_KINDS", "OutputKind", "detect", "refine", "override", "check_overrides",
+__all__ = ["KINDS", "CLASS_KINDS", "OutputKind", "detect", "refine", "override", "check_overrides", "input_batch_axes",
            "MetricHook", "MetricRun", "load_metric", "load_labels", "primary", "kv_role", "group_kv",
            "ClassAgreement", "VectorCosine", "Perplexity", "MetricValue", "metric_drop"]
 

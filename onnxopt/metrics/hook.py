@@ -21,7 +21,6 @@ import copy
 import importlib
 import importlib.util
 import inspect
-import math
 import numbers
 import sys
 from pathlib import Path
@@ -44,11 +43,9 @@ class MetricHook:
         if not self.streaming and not callable(target):
             raise InputError(f"metric {spec}: expected a function or a class with update() and result(), "
                              f"got {type(target).__name__}")
-        call = target.update if self.streaming and not inspect.isclass(target) else (
-            getattr(target, "update", None) if inspect.isclass(target) else target)
         if inspect.isclass(target) and not (hasattr(target, "update") and hasattr(target, "result")):
             raise InputError(f"metric {spec}: the class needs update(outputs, labels) and result() methods")
-        self.wants_inputs = _takes(call, "inputs")
+        self.wants_inputs = _takes(target.update if self.streaming else target, "inputs")
 
     def start(self) -> "MetricRun":
         try:
@@ -59,9 +56,10 @@ class MetricHook:
         return MetricRun(self, state)
 
     def error(self, what: str, exc: Optional[BaseException] = None) -> InputError:
+        """One line for the user: what the metric did (and the first line of what it raised)."""
         text = f"metric {self.spec} {what}"
         if exc is not None:
-            text += f" {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}".rstrip(": ")
+            text += f" {_exception_line(exc)}"
         return InputError(text)
 
 
@@ -160,13 +158,16 @@ def _import(where: str, spec: str) -> Any:
             return module
         except Exception as exc:
             sys.modules.pop(name, None)
-            raise InputError(f"metric {spec}: cannot import '{where}': {type(exc).__name__}: "
-                             f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}") from None
+            raise InputError(f"metric {spec}: cannot import '{where}': {_exception_line(exc)}") from None
     try:
         return importlib.import_module(where)
     except Exception as exc:
-        raise InputError(f"metric {spec}: cannot import '{where}': {type(exc).__name__}: "
-                         f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}") from None
+        raise InputError(f"metric {spec}: cannot import '{where}': {_exception_line(exc)}") from None
+
+
+def _exception_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
 
 
 # ----------------------------------------------------------------- labels
@@ -213,7 +214,3 @@ def primary(labels: Optional[dict[str, np.ndarray]]) -> Optional[np.ndarray]:
     if array is not None and array.ndim == 2 and array.shape[1] == 1:
         array = array.reshape(-1)
     return array
-
-
-def finite(x: float) -> bool:
-    return isinstance(x, float) and math.isfinite(x)

@@ -57,6 +57,7 @@ class OutputKind:
     class_axis: int = -1
     batch_axis: int = 0
     decided_by: str = "graph"  # graph | data | user
+    batch_named: bool = False  # the batch axis comes from a dim name, which the data does not overrule
 
     def describe(self) -> str:
         return f"{self.kind} ({self.reason})"
@@ -171,11 +172,16 @@ def _mapped_axis(axis: int, rank: int, path: list[onnx.NodeProto], g: _Graph) ->
     return axis
 
 
-def _batch_axis(shape: list) -> int:
+def _batch_axis(shape: list) -> Optional[int]:
     for i, d in enumerate(shape[:2]):
         if isinstance(d, str) and _BATCH_DIM.search(d):
             return i
-    return 0
+    return None
+
+
+def input_batch_axes(model: onnx.ModelProto) -> dict[str, int]:
+    """Per graph input, the axis a dim name marks as the batch (time-major inputs: 1), else 0."""
+    return {v.name: _batch_axis(_shape(v) or []) or 0 for v in model.graph.input}
 
 
 def _class_kind(value: onnx.ValueInfoProto, shape: list, vocab: set[int], g: _Graph) -> str:
@@ -214,7 +220,8 @@ def _detect_one(value: onnx.ValueInfoProto, g: _Graph, vocab: set[int]) -> Outpu
         out.reason, out.decided_by = "rank below 2 or unknown", "none"
         return out
     rank = len(shape)
-    out.batch_axis = _batch_axis(shape) if rank > 2 else 0
+    named = _batch_axis(shape) if rank > 2 else None
+    out.batch_axis, out.batch_named = named or 0, named is not None
     node, path = g.walk(value.name)
     verdict = _from_consumers(value.name, g, rank) or _from_producer(node, path, g, rank)
     if verdict is None:
@@ -296,7 +303,7 @@ def refine(kind: OutputKind, first: Any, rows: Optional[int], labels: Optional[n
     if kind.kind in ("classes", "sequence") and (array.ndim > 2) != (kind.kind == "sequence"):
         kind.kind = "sequence" if array.ndim > 2 else "classes"  # the declared rank was wrong
         kind.reason += f"; rank {array.ndim} at run time"
-    if kind.kind in CLASS_KINDS and array.ndim == 3 and rows:
+    if kind.kind in CLASS_KINDS and array.ndim == 3 and rows and not kind.batch_named:
         if array.shape[kind.batch_axis] != rows and array.shape[1 - kind.batch_axis] == rows:
             kind.batch_axis = 1 - kind.batch_axis
     if kind.decided_by != "none" or array.shape[-1] < 2:

@@ -41,10 +41,15 @@ def kv_role(name: str) -> Optional[tuple[int, str]]:
 def pattern(name: str) -> str:
     """The name with its layer index and role generalized: ``past_key_values.{layer}.{key|value}``."""
     role = kv_role(name)
-    if role is None:
+    match = _KV.match(name)
+    if role is None or match is None:
         return name
-    text = re.sub(r"(?<![A-Za-z])\d+", "{layer}", name, count=1)
-    return re.sub(r"(?<=[._])(key|value|k|v)(?=$|[._])", "{key|value}", text)
+    prefix, rest = match.group("prefix"), match.group("rest")
+    if prefix.lower() in _KEY_PREFIX + _VALUE_PREFIX:
+        prefix = re.sub(r"(?i)(?<![a-z])(key|value|k|v)(?![a-z])", "{key|value}", prefix, count=1)
+    rest = re.sub(r"\d+", "{layer}", rest, count=1)
+    rest = re.sub(r"(?i)(?<![a-z])(key|value|keys|values|k|v)(?![a-z])", "{key|value}", rest)
+    return prefix + rest
 
 
 def group(values: list[dict[str, Any]]) -> list[dict[str, Any]]:
