@@ -255,7 +255,7 @@ def _kind_figures(o) -> str:
     if o.vector_cosine_mean is not None:
         text += f", per-vector cosine mean {o.vector_cosine_mean:.6f} (worst {o.vector_cosine_min:.6f})"
     if o.perplexity_reference is not None:
-        text += f", perplexity {o.perplexity_reference:.4f} -> {o.perplexity_candidate:.4f}"
+        text += f", perplexity {o.perplexity_reference:.6g} -> {o.perplexity_candidate:.6g}"
     return text
 
 
