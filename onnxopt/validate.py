@@ -373,13 +373,13 @@ class Reference:
                 self.latency = _latency(sess, data.feeds[0], latency_runs, latency_budget / 2)
             self.floor_level = "disable" if ort_opt_level != "disable" else "all"
             self.floors: Optional[list[Optional[float]]] = self._measure_floor(model) if floor else None
+            M.override(self.kinds, chosen)
+            self.metric_reference = hook_run.result() if hook_run is not None else None
         except BaseException:
             self.close()
             raise
         finally:
             model.close()  # the stored outputs are all that is needed from here on
-        M.override(self.kinds, chosen)
-        self.metric_reference = hook_run.result() if hook_run is not None else None
 
     def _refine(self, outputs: list) -> None:
         labels = M.primary(self.labels)
