@@ -160,7 +160,7 @@ def optimize(
     growth = max_growth if max_growth is not None else rec.max_growth
     growth = MAX_GROWTH if growth is None else parse_max_growth(growth)
     # the user's metric and kinds are checked before any work, so a bad one costs nothing
-    checks = dict(output_kinds=M.check_overrides({**rec.output_kinds, **(output_kinds or {})},
+    checks = dict(output_kinds=M.check_overrides({**(rec.output_kinds or {}), **(output_kinds or {})},
                                                  [o.name for o in original.graph.output]),
                   metric=M.load_metric(metric if metric is not None else rec.metric),
                   labels=M.load_labels(labels if labels is not None else rec.labels))
