@@ -101,6 +101,12 @@ def test_kinds_from_small_graphs():
     assert emb.kind == "embedding" and "norm" in emb.reason
     box = M.detect(detector())["out"]
     assert box.kind == "other" and "Concat" in box.reason
+    dynamic = _model([helper.make_node("MatMulInteger", ["q", "w"], ["i"]), helper.make_node("Cast", ["i"], ["f"], to=F),
+                      helper.make_node("Mul", ["f", "scale"], ["scores"])],
+                     [helper.make_tensor_value_info("q", TensorProto.UINT8, ["n", 8]),
+                      helper.make_tensor_value_info("scale", F, [1])],
+                     [helper.make_tensor_value_info("scores", F, ["n", 4])], {"w": np.ones((8, 4), np.uint8)})
+    assert "MatMulInteger" in M.detect(dynamic)["scores"].reason  # dynamic quantization's computed scale
     lm = M.detect(tiny_lm(np.zeros((7, 7))))
     assert lm["logits"].kind == "lm" and "7 classes" in lm["logits"].reason
     assert lm["present.0.key"].kind == "other" and "KV cache (layer 0, key)" in lm["present.0.key"].reason

@@ -94,9 +94,22 @@ class _Graph:
             elif node.op_type in _AFFINE and len(node.input) == 2 and self._one_const(node):
                 path.append(node)
                 name = node.input[1] if self.const(node.input[0]) else node.input[0]
+            elif node.op_type == "Mul" and self._integer_product(node) is not None:
+                path.append(node)  # dequantizing an integer MatMul/Conv by a computed scale
+                name = self._integer_product(node)
             else:
                 return node, path
         return None, path
+
+    def _integer_product(self, node: onnx.NodeProto) -> Optional[str]:
+        """The input of a Mul that is Cast(MatMulInteger | ConvInteger): dynamic quantization's output."""
+        for name in node.input:
+            cast = self.producer.get(name)
+            if cast is not None and cast.op_type == "Cast" and cast.input:
+                source = self.producer.get(cast.input[0])
+                if source is not None and source.op_type in ("MatMulInteger", "ConvInteger"):
+                    return name
+        return None
 
     def _one_const(self, node: onnx.NodeProto) -> bool:
         return self.const(node.input[0]) != self.const(node.input[1])
