@@ -12,6 +12,7 @@ from typing import Any, Iterable, Optional, Union
 import onnx
 
 from . import io
+from . import metrics as M
 from .data import Dataset
 from .errors import InputError
 from .pipeline import (EXACT, MAX_GROWTH, Pass, PassContext, PassManager, Pipeline, Tolerance, VerifyFailed,
@@ -43,6 +44,9 @@ class Recipe:
     ort_opt_level: Optional[str] = None
     seed: int = 0
     max_growth: Any = None
+    output_kinds: dict[str, str] = field(default_factory=dict)
+    metric: Optional[str] = None
+    labels: Optional[str] = None
 
     @classmethod
     def load(cls, source: Union[str, os.PathLike, dict]) -> "Recipe":
@@ -68,10 +72,14 @@ class Recipe:
         if unknown:
             raise InputError(f"{label}: unknown recipe key '{unknown[0]}'; known keys: {', '.join(known)}")
         recipe = cls(**data)
-        for key in ("calibration", "inputs"):
+        for key in ("calibration", "inputs", "labels"):
             value = getattr(recipe, key)
             if value is not None:
                 setattr(recipe, key, str(base / value))
+        if isinstance(recipe.metric, str):  # a file named in it is relative to the recipe too
+            where, sep, attr = recipe.metric.rpartition(":")
+            if sep and where.endswith(".py"):
+                recipe.metric = f"{base / where}:{attr}"
         Pipeline.parse(recipe.passes)  # fail early on unknown passes or options
         if recipe.max_growth is not None:
             parse_max_growth(recipe.max_growth)
@@ -108,6 +116,9 @@ def optimize(
     max_growth: Union[float, str, None] = None,
     strict: bool = False,
     prerequisites: Optional[bool] = None,
+    output_kinds: Optional[dict[str, str]] = None,
+    metric: Any = None,
+    labels: Any = None,
 ) -> OptimizeResult:
     """Rewrite a model with a pipeline and validate it against the original in ONNX Runtime.
 
@@ -129,6 +140,12 @@ def optimize(
     are kept), so that the original and the rewrite are not both in memory.
     ``prerequisites=False`` stops passes from running the passes they need first
     (``fold_bn`` before ``qdq``); ``result.pipeline`` lists those that ran.
+    ``output_kinds`` overrides what validation judges an output as (``{"emb": "embedding"}``;
+    kinds: classes, sequence, lm, embedding, other); ``metric`` is the user's metric
+    (``"module:function"``, ``"file.py:Class"``, or the function/class itself; see
+    ``onnxopt.metrics.hook``), bounded by the tolerance's ``max_metric_drop``; ``labels`` a
+    .npz/.npy file or mapping of arrays, one row per validation sample, for accuracy,
+    perplexity and the metric.
     """
     start = time.perf_counter()
     rec = recipe if isinstance(recipe, Recipe) else (Recipe.load(recipe) if recipe is not None else Recipe())
@@ -142,6 +159,11 @@ def optimize(
     tol = Tolerance.parse(tolerance) or Tolerance.parse(rec.tolerance) or default_tolerance(pipeline)
     growth = max_growth if max_growth is not None else rec.max_growth
     growth = MAX_GROWTH if growth is None else parse_max_growth(growth)
+    # the user's metric and kinds are checked before any work, so a bad one costs nothing
+    checks = dict(output_kinds=M.check_overrides({**(rec.output_kinds or {}), **(output_kinds or {})},
+                                                 [o.name for o in original.graph.output]),
+                  metric=M.load_metric(metric if metric is not None else rec.metric),
+                  labels=M.load_labels(labels if labels is not None else rec.labels))
 
     data: Optional[Dataset] = None
     used: dict[str, Any] = {}
@@ -158,7 +180,8 @@ def optimize(
     verify = verify_each if verify_each is not None else rec.verify_each
     if data is None:
         verify = False  # nothing to validate on: an exact pipeline is written unvalidated (refused above otherwise)
-    opts = dict(ort_opt_level=level, latency_runs=latency_runs if validate else 0, latency_budget=latency_budget)
+    opts = dict(ort_opt_level=level, latency_runs=latency_runs if validate else 0, latency_budget=latency_budget,
+                **checks)
     try:
         if verify:  # the original's outputs are kept for every comparison that follows
             reference = Reference(original, data, **opts)

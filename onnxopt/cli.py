@@ -15,6 +15,7 @@ from typing import Optional, Sequence
 from . import api, io
 from .data import Dataset, load_dataset
 from .errors import InputError, OnnxoptError
+from .metrics import check_overrides, load_metric
 from .pipeline import EXACT, Tolerance, VerifyFailed, describe_pass, presets, registered_passes
 from .report import format_comparison, format_inspect, inspect_model, write_text_atomic
 from .synthetic import find_inputs
@@ -40,6 +41,11 @@ def _dims(items: Optional[list[str]]) -> dict[str, int]:
     return dims
 
 
+def _kinds(items: Optional[list[str]]) -> Optional[dict[str, str]]:
+    """--output-kind NAME=KIND items -> a mapping (checked against the model by the API)."""
+    return check_overrides(items, []) if items else None
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--inputs", metavar="DATA", help="validation inputs: .npz, .npy or a folder of them")
     p.add_argument("--dim", action="append", metavar="NAME=VALUE", help="bind a symbolic input dimension for synthetic inputs")
@@ -49,6 +55,12 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--latency-runs", type=int, default=None, metavar="N",
                    help="runs for median latency (0: skip; default: as many as fit in about 2 s for both models)")
     p.add_argument("--seed", type=int, default=None, help="seed for synthetic inputs (default 0)")
+    p.add_argument("--labels", metavar="FILE", help="labels for validation: .npz/.npy, one row per sample "
+                   "(the array 'labels': class labels, or text ids for perplexity; all arrays reach --metric)")
+    p.add_argument("--metric", metavar="MODULE:FUNCTION", help="your metric: module:function or file.py:function "
+                   "(or a class with update/result); bound it with --tolerance max_metric_drop=NAME:VALUE")
+    p.add_argument("--output-kind", action="append", metavar="NAME=KIND",
+                   help="judge output NAME as KIND: classes, sequence, lm, embedding or other (repeatable)")
     p.add_argument("--report", metavar="FILE", help="write the JSON report here")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
 
@@ -134,7 +146,8 @@ def cmd_optimize(args: argparse.Namespace) -> int:
             dims=_dims(args.dim), seed=args.seed, ort_opt_level=args.ort_opt_level,
             latency_runs=args.latency_runs, repro_dir=args.repro_dir or f"{output}.repro",
             max_growth=args.max_growth, strict=args.strict,
-            prerequisites=False if args.no_prerequisites else None)
+            prerequisites=False if args.no_prerequisites else None,
+            output_kinds=_kinds(args.output_kind), metric=args.metric, labels=args.labels)
     except VerifyFailed as failure:
         print(f"onnxopt: error: {failure}", file=sys.stderr)
         print("\n".join(format_comparison(failure.comparison)), file=sys.stderr)
@@ -167,12 +180,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if args.report:
         io.check_output_path(Path(args.report), "report")
     reference, candidate = io.load(args.reference), io.load(args.candidate)
+    kinds = check_overrides(args.output_kind, [o.name for o in reference.graph.output])
+    hook = load_metric(args.metric)  # a bad metric fails before any model runs
     dims = _dims(args.dim)
     seed = args.seed or 0
     data = load_dataset(args.inputs, reference, what="inputs") if args.inputs else _synthetic(reference, dims, seed)
     tol = Tolerance.parse(args.tolerance) or EXACT
     result = compare(reference, candidate, data, tol, ort_opt_level=args.ort_opt_level or "all",
-                     latency_runs=args.latency_runs)
+                     latency_runs=args.latency_runs, output_kinds=kinds, metric=hook, labels=args.labels)
     print(f"onnxopt compare: {args.reference} vs {args.candidate}")
     print("\n".join(format_comparison(result)))
     print(f"size: {Path(args.reference).stat().st_size:,} B -> {Path(args.candidate).stat().st_size:,} B")

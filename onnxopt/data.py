@@ -455,11 +455,15 @@ def iter_feeds(source: Any, model: onnx.ModelProto, *, batch_size: int = 32, lim
             if group_labels is not None and len(group_labels) != n:
                 raise InputError(f"{label}: {len(group_labels)} labels for {n} samples")
             start = 0
+            if group_labels is not None:  # one row per sample: [N] class labels, [N, T] text ids
+                group_labels = np.asarray(group_labels)
+                if group_labels.ndim == 2 and group_labels.shape[1] == 1:
+                    group_labels = group_labels.reshape(-1)
             for feed in _batches(arrays, specs, n, batch_size):
                 rows = _count(feed, specs)
                 if what == "calibration data":
                     _check_finite(feed, label, samples)
-                feed_labels = None if group_labels is None else np.asarray(group_labels).reshape(-1)[start:start + rows]
+                feed_labels = None if group_labels is None else group_labels[start:start + rows]
                 start += rows
                 samples += rows
                 yield feed, feed_labels, rows

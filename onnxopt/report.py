@@ -15,6 +15,7 @@ from typing import Any, Optional
 import onnx
 
 from . import io
+from .metrics import group_kv, kv_role
 from .errors import ValidationFailed
 from .pipeline import PassRecord
 from .serialize import serialized_size
@@ -219,13 +220,13 @@ def format_comparison(c: Comparison) -> list[str]:
             figures += f" (runtime noise {o.floor_max_abs:.3g})"
         figures += (f", mean abs {o.mean_abs:.3g}, max rel {o.max_rel:.3g}, "
                     f"cosine {o.cosine:.6f}, SNR {o.snr_db:.1f} dB")
-        if o.top1_agreement is not None:
-            figures += f", top-1 agreement {100 * o.top1_agreement:.2f}%"
-        if o.accuracy_reference is not None:
-            figures += f", accuracy {100 * o.accuracy_reference:.2f}% -> {100 * o.accuracy_candidate:.2f}%"
+        figures += _kind_figures(o)
         state = "FAIL" if not o.passed else ("identical" if o.identical else "ok")
-        lines.append(f"  {o.name}: {state}: {figures}")
+        lines.append(f"  {o.name} [{o.kind}]: {state}: {figures}")
         lines.extend(f"    {f}" for f in o.failures)
+    lines.append("  judged as: " + "; ".join(f"{o.name} {o.kind} ({o.kind_reason})" for o in c.outputs)
+                 + " (override with --output-kind NAME=KIND)")
+    lines.extend(_metric_lines(c))
     verdict = "PASSED" if c.passed else "FAILED"
     lines.append(f"  {verdict} (tolerance {c.tolerance})")
     if c.floor_level:
@@ -238,6 +239,34 @@ def format_comparison(c: Comparison) -> list[str]:
         lines.append(f"latency (median): {c.latency_reference_ms:.3f} ms -> {c.latency_candidate_ms:.3f} ms"
                      f" ({ratio:.2f}x speed-up{runs})")
     lines.extend(f"note: {n}" for n in c.notes)
+    return lines
+
+
+def _kind_figures(o) -> str:
+    """The figures that fit the output's kind: top-1 for class scores only."""
+    text = ""
+    if o.top1_agreement is not None:
+        what = "top-1 agreement" if o.kind == "classes" else "per-position top-1 agreement"
+        text += f", {what} {100 * o.top1_agreement:.2f}%"
+    if o.sequence_match is not None:
+        text += f", sequence match {100 * o.sequence_match:.2f}%"
+    if o.accuracy_reference is not None:
+        text += f", accuracy {100 * o.accuracy_reference:.2f}% -> {100 * o.accuracy_candidate:.2f}%"
+    if o.vector_cosine_mean is not None:
+        text += f", per-vector cosine mean {o.vector_cosine_mean:.6f} (worst {o.vector_cosine_min:.6f})"
+    if o.perplexity_reference is not None:
+        text += f", perplexity {o.perplexity_reference:.6g} -> {o.perplexity_candidate:.6g}"
+    return text
+
+
+def _metric_lines(c: Comparison) -> list[str]:
+    lines = []
+    for m in c.metrics:
+        way = "lower is better" if m.lower_is_better else "higher is better"
+        limit = f", limit {m.limit:g}" if m.limit is not None else ""
+        state = "FAIL" if not m.passed else "ok"
+        lines.append(f"  metric {m.name} ({m.source}; {way}): {state}: {m.reference:.6g} -> {m.candidate:.6g}"
+                     f" (drop {m.drop:.4g}{limit})")
     return lines
 
 
@@ -269,6 +298,8 @@ def inspect_model(path: str | os.PathLike) -> dict[str, Any]:
         row["bytes"] += io.stored_bytes(tensor)  # without copying the data out
     subgraphs = sum(1 for _ in io.iter_graph_protos(model.graph)) - 1
     hist = op_histogram(model)
+    inputs = [_value(v) for v in model.graph.input if v.name not in {t.name for t in model.graph.initializer}]
+    outputs = [_value(v) for v in model.graph.output]
     return {
         "path": str(path),
         "file_bytes": Path(path).stat().st_size,
@@ -279,8 +310,10 @@ def inspect_model(path: str | os.PathLike) -> dict[str, Any]:
         "ops": dict(hist.most_common()),
         "parameters": sum(r["parameters"] for r in by_dtype.values()),
         "by_dtype": dict(by_dtype),
-        "inputs": [_value(v) for v in model.graph.input if v.name not in {t.name for t in model.graph.initializer}],
-        "outputs": [_value(v) for v in model.graph.output],
+        "inputs": inputs,
+        "outputs": outputs,
+        # a decoder's cache tensors, grouped by name pattern (layers, key/value roles)
+        "kv_cache": {"inputs": group_kv(inputs), "outputs": group_kv(outputs)},
         "external_data": dict(external),
         "subgraphs": subgraphs,
         "functions": [f"{f.domain}.{f.name}" if f.domain else f.name for f in model.functions],
@@ -292,7 +325,15 @@ def _value(v: onnx.ValueInfoProto) -> dict[str, Any]:
     dims = ["?" if not (d.HasField("dim_value") or d.dim_param) else (d.dim_value if d.HasField("dim_value") else d.dim_param)
             for d in t.shape.dim] if t.HasField("shape") else None
     dtype = onnx.TensorProto.DataType.Name(t.elem_type).lower() if v.type.HasField("tensor_type") else "non-tensor"
-    return {"name": v.name, "dtype": dtype, "shape": dims}
+    out: dict[str, Any] = {"name": v.name, "dtype": dtype, "shape": dims}
+    role = kv_role(v.name)
+    if role is not None:
+        out["kv_cache"] = {"layer": role[0], "role": role[1]}
+    return out
+
+
+def _shape_text(shape: Optional[list]) -> str:
+    return "unknown" if shape is None else "[" + ", ".join(map(str, shape)) + "]"
 
 
 def format_inspect(info: dict[str, Any]) -> str:
@@ -306,8 +347,15 @@ def format_inspect(info: dict[str, Any]) -> str:
     for role in ("inputs", "outputs"):
         lines.append(f"{role}:")
         for v in info[role]:
-            shape = "unknown" if v["shape"] is None else "[" + ", ".join(map(str, v["shape"])) + "]"
-            lines.append(f"  {v['name']}: {v['dtype']} {shape}")
+            if "kv_cache" not in v:
+                lines.append(f"  {v['name']}: {v['dtype']} {_shape_text(v['shape'])}")
+        for g in info.get("kv_cache", {}).get(role, []):
+            layers = g["layers"]
+            span = f"layer {layers[0]}" if len(layers) == 1 else f"layers {layers[0]}-{layers[-1]}"
+            if len(layers) > 1 and layers != list(range(layers[0], layers[-1] + 1)):
+                span = "layers " + ", ".join(map(str, layers))
+            lines.append(f"  KV cache: {g['pattern']}: {g['tensors']} tensors, {span}, "
+                         f"{' and '.join(g['roles'])}; {g['dtype']} {_shape_text(g['shape'])}")
     if info["external_data"]:
         lines.append("external data: " + ", ".join(f"{k} ({human_bytes(v)})" for k, v in info["external_data"].items()))
     lines.append(f"subgraphs: {info['subgraphs']}   functions: {len(info['functions'])}"

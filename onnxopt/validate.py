@@ -23,6 +23,13 @@ counted, never compared: positions where the original is not finite are left
 out of the metrics (and reported), a rewrite that turns a finite value into
 NaN/inf fails, and an output with no finite value to compare fails as not
 computable.
+
+What else is figured depends on what each output is (``metrics.kinds``, read from the graph
+before the run): top-1 agreement and accuracy for class scores only, per-position agreement
+and whole-sequence agreement for sequences of class scores, next-token perplexity for a
+language model's logits when text ids are given as labels, per-vector cosine for embeddings.
+The user's metric (``metrics.hook``) runs on each model's outputs, batch by batch, and its
+figures are bounded by ``max_metric_drop``.
 """
 
 from __future__ import annotations
@@ -34,7 +41,9 @@ from typing import Any, Optional, Union
 import numpy as np
 import onnx
 
+from . import metrics as M
 from .data import Dataset
+from .errors import InputError
 from .pipeline import Tolerance
 from .runtime import (OPT_LEVELS, OutputStore, RuntimeModel, latency_ms, latency_within, make_session,
                       open_session, run)
@@ -59,6 +68,8 @@ class OutputMetrics:
 
     name: str
     dtype: str
+    kind: str = "other"
+    kind_reason: str = ""
     elements: int = 0
     max_abs: float = 0.0
     mean_abs: float = 0.0
@@ -67,7 +78,12 @@ class OutputMetrics:
     snr_db: float = math.inf
     mismatches: int = 0
     identical: bool = True
-    top1_agreement: Optional[float] = None
+    top1_agreement: Optional[float] = None  # per sample (classes) or per position (sequence, lm)
+    sequence_match: Optional[float] = None  # share of samples whose whole argmax sequence agrees
+    vector_cosine_mean: Optional[float] = None  # embeddings: cosine of each vector, mean and worst
+    vector_cosine_min: Optional[float] = None
+    perplexity_reference: Optional[float] = None  # lm with text ids as labels: next-token perplexity
+    perplexity_candidate: Optional[float] = None
     accuracy_reference: Optional[float] = None
     accuracy_candidate: Optional[float] = None
     floor_max_abs: Optional[float] = None
@@ -100,16 +116,17 @@ class _Floor:
 class _Accumulator:
     """Running sums for one output; reduced each batch, nothing kept."""
 
-    def __init__(self, name: str, tol: Tolerance, floor: Optional[float]) -> None:
+    def __init__(self, name: str, tol: Tolerance, floor: Optional[float], kind: Optional[M.OutputKind] = None) -> None:
         self.name, self.tol, self.floor = name, tol, floor
+        self.kind = kind or M.OutputKind(name)
+        self.classes = M.ClassAgreement(self.kind) if self.kind.kind in M.CLASS_KINDS else None
+        self.vectors = M.VectorCosine(self.kind) if self.kind.kind == "embedding" else None
+        self.perplexity = M.Perplexity(self.kind) if self.kind.kind == "lm" else None
         self.dtype = ""
         self.n = self.mismatch = self.compared = 0
         self.ref_nonfinite = self.cand_nonfinite = 0
         self.sum_abs = self.max_abs = self.max_rel = self.worst_excess = self.ref_max = 0.0
         self.dot = self.ref_sq = self.cand_sq = self.err_sq = 0.0
-        self.rows = self.agree = 0
-        self.ref_correct = self.cand_correct = 0
-        self.classes = False
 
     def allowed_abs(self) -> Optional[float]:
         """atol for this output: the tolerance's, raised to ``floor_multiple`` times the floor."""
@@ -121,7 +138,7 @@ class _Accumulator:
             return max(base, tol.floor_multiple * self.floor)
         return base
 
-    def add(self, ref: Any, cand: Any, labels: Optional[np.ndarray]) -> None:
+    def add(self, ref: Any, cand: Any, labels: Optional[np.ndarray], mask: Optional[np.ndarray] = None) -> None:
         ref, cand = np.asarray(ref), np.asarray(cand)
         self.dtype = str(ref.dtype)
         if ref.shape != cand.shape:
@@ -147,8 +164,12 @@ class _Accumulator:
         if a.size:
             self._add_errors(a, np.abs(a - b))
             self._add_sums(a, b)
-        if ref.ndim == 2 and ref.shape[1] > 1 and ref.dtype.kind == "f":
-            self._add_classes(ref, cand, labels)
+        if self.classes is not None:
+            self.classes.add(ref, cand, labels)
+        if self.vectors is not None:
+            self.vectors.add(ref, cand)
+        if self.perplexity is not None:
+            self.perplexity.add(ref, cand, labels, mask)
 
     def _add_errors(self, a: np.ndarray, diff: np.ndarray) -> None:
         self.ref_max = max(self.ref_max, float(np.abs(a).max()))
@@ -167,20 +188,8 @@ class _Accumulator:
         d = a - b
         self.err_sq += float(d @ d)
 
-    def _add_classes(self, ref: np.ndarray, cand: np.ndarray, labels: Optional[np.ndarray]) -> None:
-        keep = np.isfinite(ref).all(axis=1)  # rows the original scores with NaN/inf say nothing
-        if not keep.any():
-            return
-        self.classes = True
-        top_ref, top_cand = ref[keep].argmax(axis=1), cand[keep].argmax(axis=1)
-        self.rows += len(top_ref)
-        self.agree += int(np.sum(top_ref == top_cand))
-        if labels is not None and len(labels) == len(keep):
-            self.ref_correct += int(np.sum(top_ref == labels[keep]))
-            self.cand_correct += int(np.sum(top_cand == labels[keep]))
-
     def finish(self, with_labels: bool) -> OutputMetrics:
-        m = OutputMetrics(self.name, self.dtype, self.n)
+        m = OutputMetrics(self.name, self.dtype, self.kind.kind, self.kind.reason, self.n)
         m.max_abs, m.max_rel, m.mismatches = self.max_abs, self.max_rel, self.mismatch
         m.mean_abs = self.sum_abs / self.compared if self.compared else 0.0
         m.identical = self.mismatch == 0
@@ -194,11 +203,14 @@ class _Accumulator:
             m.cosine = 0.0
         if self.err_sq > 0:
             m.snr_db = 10 * math.log10(self.ref_sq / self.err_sq) if self.ref_sq > 0 else -math.inf
-        if self.classes and self.rows:
-            m.top1_agreement = self.agree / self.rows
+        if self.classes is not None:
+            m.top1_agreement, m.sequence_match = self.classes.top1(), self.classes.sequence_match()
             if with_labels:
-                m.accuracy_reference = self.ref_correct / self.rows
-                m.accuracy_candidate = self.cand_correct / self.rows
+                m.accuracy_reference, m.accuracy_candidate = self.classes.accuracy()
+        if self.vectors is not None:
+            m.vector_cosine_mean, m.vector_cosine_min = self.vectors.result()
+        if self.perplexity is not None:
+            m.perplexity_reference, m.perplexity_candidate = self.perplexity.result()
         self._judge(m)
         return m
 
@@ -230,7 +242,8 @@ class _Accumulator:
                 drop = 100.0 * (m.accuracy_reference - m.accuracy_candidate)
                 what = "accuracy"
             else:
-                drop, what = 100.0 * (1.0 - m.top1_agreement), "top-1 agreement"
+                drop = 100.0 * (1.0 - m.top1_agreement)
+                what = "top-1 agreement" if m.kind == "classes" else "per-position top-1 agreement"
             if drop > tol.max_top1_drop:
                 fails.append(f"{what} dropped {drop:.2f} points (limit {tol.max_top1_drop:g})")
         m.passed = not fails
@@ -265,10 +278,11 @@ class Comparison:
     floor_level: Optional[str] = None
     inputs_nonfinite: dict[str, dict[str, int]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    metrics: list[M.MetricValue] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
-        return all(o.passed for o in self.outputs)
+        return all(o.passed for o in self.outputs) and all(m.passed for m in self.metrics)
 
     @property
     def identical(self) -> bool:
@@ -279,6 +293,9 @@ class Comparison:
         for o in self.outputs:
             if o.failures:
                 return f"output '{o.name}': {o.failures[0]} (tolerance {self.tolerance})" + self._input_hint()
+        for m in self.metrics:
+            if not m.passed:
+                return f"metric '{m.name}': {metric_failure(m)} (tolerance {self.tolerance})"
         if self.identical:
             return "outputs identical"
         worst = max(self.outputs, key=lambda o: o.max_abs)
@@ -296,6 +313,11 @@ class Comparison:
         out["tolerance"] = {k: v for k, v in asdict(self.tolerance).items() if v is not None}
         out["passed"], out["identical"] = self.passed, self.identical
         return _json_safe(out)
+
+
+def metric_failure(m: M.MetricValue) -> str:
+    way = "rose" if m.lower_is_better else "dropped"
+    return f"{m.reference:.6g} -> {m.candidate:.6g}: {way} {abs(m.drop):.4g} (limit {m.limit:g})"
 
 
 def _json_safe(value: Any) -> Any:
@@ -320,8 +342,10 @@ class Reference:
 
     def __init__(self, model: Union[onnx.ModelProto, RuntimeModel], data: Dataset, *, ort_opt_level: str = "all",
                  latency_runs: Optional[int] = 0, latency_budget: float = LATENCY_BUDGET_S,
-                 floor: bool = True) -> None:
+                 floor: bool = True, output_kinds: Any = None, metric: Any = None, labels: Any = None) -> None:
         self.data, self.level = data, ort_opt_level
+        self.hook = M.load_metric(metric)
+        self.labels = _labels(labels, data)
         self.latency_runs, self.latency_budget = latency_runs, latency_budget
         self.inputs_nonfinite = _count_nonfinite_inputs(data)
         self.store = OutputStore()
@@ -330,18 +354,45 @@ class Reference:
         model = model if isinstance(model, RuntimeModel) else RuntimeModel(model)
         self.size = model.size
         try:
+            graph = _graph_of(model)
+            self.kinds = M.detect(graph)
+            axes = M.input_batch_axes(graph)
+            self.rows = [_feed_rows(feed, axes) for feed in data.feeds]
+            del graph
+            chosen = M.check_overrides(output_kinds, list(self.kinds))
+            hook_run = self.hook.start() if self.hook else None
             with open_session(model, ort_opt_level, which="original") as sess:
                 self.names = [o.name for o in sess.get_outputs()]
-                for feed in data.feeds:
-                    self.store.add(run(sess, feed, "original"))
+                for i, feed in enumerate(data.feeds):
+                    outputs = run(sess, feed, "original")
+                    if i == 0:
+                        self._refine(outputs)
+                    if hook_run is not None:
+                        hook_run.update(dict(zip(self.names, outputs)), self._batch_labels(i), feed, self.rows[i])
+                    self.store.add(outputs)
                 self.latency = _latency(sess, data.feeds[0], latency_runs, latency_budget / 2)
             self.floor_level = "disable" if ort_opt_level != "disable" else "all"
             self.floors: Optional[list[Optional[float]]] = self._measure_floor(model) if floor else None
+            M.override(self.kinds, chosen)
+            self.metric_reference = hook_run.result() if hook_run is not None else None
         except BaseException:
             self.close()
             raise
         finally:
             model.close()  # the stored outputs are all that is needed from here on
+
+    def _refine(self, outputs: list) -> None:
+        labels = M.primary(self.labels)
+        first = labels[:self.rows[0]] if labels is not None else None
+        for name, out in zip(self.names, outputs):
+            kind = self.kinds.setdefault(name, M.OutputKind(name, decided_by="none"))
+            M.refine(kind, out, self.rows[0], first)
+
+    def _batch_labels(self, i: int) -> Optional[dict[str, np.ndarray]]:
+        if self.labels is None:
+            return None
+        start = sum(self.rows[:i])
+        return {k: v[start:start + self.rows[i]] for k, v in self.labels.items()}
 
     def _measure_floor(self, model: RuntimeModel) -> Optional[list[Optional[float]]]:
         floors = [_Floor() for _ in self.names]
@@ -370,27 +421,56 @@ class Reference:
     def _compare(self, candidate: RuntimeModel, tolerance: Tolerance, latency: bool) -> Comparison:
         data = self.data
         floors = self.floors or [None] * len(self.names)
-        accs = [_Accumulator(n, tolerance, f) for n, f in zip(self.names, floors)]
+        accs = [_Accumulator(n, tolerance, f, self.kinds.get(n)) for n, f in zip(self.names, floors)]
+        hook_run = self.hook.start() if self.hook else None
         cand_latency = None
         with open_session(candidate, self.level, which="optimized") as sess:
             cand_names = [o.name for o in sess.get_outputs()]
             if cand_names != self.names:
                 from .errors import ValidationFailed
                 raise ValidationFailed(f"outputs differ: original has {self.names}, optimized has {cand_names}")
-            offset = 0
             for i, feed in enumerate(data.feeds):
-                offset = _add_all(accs, self.store[i], run(sess, feed, "optimized"), data.labels, offset)
+                labels = self._batch_labels(i)
+                outputs = run(sess, feed, "optimized")
+                if hook_run is not None:
+                    hook_run.update(dict(zip(self.names, outputs)), labels, feed, self.rows[i])
+                _add_all(accs, self.store[i], outputs, M.primary(labels), feed.get("attention_mask"))
             if latency and self.latency is not None:
                 cand_latency = _latency(sess, data.feeds[0], self.latency_runs, self.latency_budget / 2)
-        result = Comparison([a.finish(data.labels is not None) for a in accs], tolerance, data.samples,
+        outputs = [a.finish(self.labels is not None) for a in accs]
+        result = Comparison(outputs, tolerance, data.samples,
                             len(data.feeds), data.source, data.synthetic, self.level, self.size,
                             candidate.size, floor_level=self.floor_level if self.floors else None,
                             inputs_nonfinite=dict(self.inputs_nonfinite),
-                            notes=list(data.notes) + self.notes + self._nonfinite_notes(accs))
+                            notes=list(data.notes) + self.notes + self._nonfinite_notes(accs),
+                            metrics=self._metrics(outputs, hook_run, tolerance))
         if cand_latency is not None:
             result.latency_reference_ms, result.latency_candidate_ms = self.latency[0], cand_latency[0]
             result.latency_runs = [self.latency[1], cand_latency[1]]
         return result
+
+    def _metrics(self, outputs: list[OutputMetrics], hook_run: Optional[M.MetricRun],
+                 tolerance: Tolerance) -> list[M.MetricValue]:
+        """The user's metric on both models, and perplexity where measured, judged by max_metric_drop."""
+        limits = tolerance.max_metric_drop or {}
+        values = []
+        lms = [o for o in outputs if o.perplexity_reference is not None]
+        for o in lms:
+            name = "perplexity" if len(lms) == 1 else f"perplexity:{o.name}"
+            values.append(M.metric_drop(name, o.perplexity_reference, o.perplexity_candidate, True, o.name, limits))
+        if hook_run is not None:
+            cand = hook_run.result()
+            if set(cand) != set(self.metric_reference):
+                raise self.hook.error(f"returned {sorted(self.metric_reference)} for the original and "
+                                      f"{sorted(cand)} for the optimized model")
+            values += [M.metric_drop(k, v, cand[k], k in self.hook.lower_is_better, self.hook.spec, limits)
+                       for k, v in self.metric_reference.items()]
+        unknown = [k for k in limits if k != "*" and k not in {v.name for v in values}]
+        if unknown:
+            measured = ", ".join(v.name for v in values) or "none (give --metric, or text ids as labels for perplexity)"
+            raise InputError(f"tolerance max_metric_drop names '{unknown[0]}', which was not measured; "
+                             f"metrics measured: {measured}")
+        return values
 
     def _nonfinite_notes(self, accs: list[_Accumulator]) -> list[str]:
         notes = [f"ONNX Runtime itself is unstable on output '{a.name}': its optimization levels differ by "
@@ -407,17 +487,36 @@ class Reference:
 
 
 def _add_all(accs: list, ref_out: list, other_out: list, labels: Optional[np.ndarray] = None,
-             offset: int = 0) -> int:
-    """Add one feed's outputs to the accumulators; returns the next label offset. (A function
-    of its own so that no output, a view of the session's memory, outlives the session.)"""
-    rows = _rows(ref_out)
-    batch_labels = labels[offset:offset + rows] if labels is not None else None
+             mask: Optional[np.ndarray] = None) -> None:
+    """Add one feed's outputs to the accumulators. (A function of its own so that no output,
+    a view of the session's memory, outlives the session.)"""
     for acc, ref, other in zip(accs, ref_out, other_out):
         if isinstance(acc, _Floor):
             acc.add(ref, other)
         else:
-            acc.add(ref, other, batch_labels)
-    return offset + rows
+            acc.add(ref, other, labels, mask)
+
+
+def _feed_rows(feed: dict, batch_axes: dict[str, int]) -> int:
+    """Samples in one feed: the longest batch axis (the leading one unless a dim name says otherwise)."""
+    rows = [np.shape(v)[batch_axes.get(k, 0)] for k, v in feed.items() if np.ndim(v) > batch_axes.get(k, 0)]
+    return max(rows) if rows else 1
+
+
+def _labels(labels: Any, data: Dataset) -> Optional[dict[str, np.ndarray]]:
+    """The label arrays: given ones (a file or mapping) win over a ``labels`` array in the data."""
+    if labels is not None:
+        return M.load_labels(labels, data.samples)
+    if data.labels is not None:
+        return M.load_labels({"labels": data.labels}, None)
+    return None
+
+
+def _graph_of(model: RuntimeModel) -> onnx.ModelProto:
+    """The graph without its weights (read from the mapped file when the model lives on disk)."""
+    if model.model is not None:
+        return model.model
+    return onnx.load(str(model.path), load_external_data=False)
 
 
 def _latency(sess, feed: dict, runs: Optional[int], budget_s: float) -> Optional[tuple[float, int]]:
@@ -444,23 +543,19 @@ def _count_nonfinite_inputs(data: Dataset) -> dict[str, dict[str, int]]:
 
 def compare(reference: onnx.ModelProto, candidate: onnx.ModelProto, data: Dataset,
             tolerance: Tolerance, *, ort_opt_level: str = "all", latency_runs: Optional[int] = 0,
-            latency_budget: float = LATENCY_BUDGET_S) -> Comparison:
+            latency_budget: float = LATENCY_BUDGET_S, output_kinds: Any = None, metric: Any = None,
+            labels: Any = None) -> Comparison:
     """Run both models on every feed and judge the differences against ``tolerance``.
 
     ``latency_runs``: 0 skips timing, N times exactly N runs of each model,
     None as many as fit in ``latency_budget`` seconds for both together.
+    ``output_kinds`` overrides what an output is judged as (``{"emb": "embedding"}``);
+    ``metric`` is the user's metric (see ``onnxopt.metrics.hook``), ``labels`` a .npz/.npy
+    file or a mapping of arrays with one row per sample.
     """
     ref = Reference(reference, data, ort_opt_level=ort_opt_level, latency_runs=latency_runs,
-                    latency_budget=latency_budget)
+                    latency_budget=latency_budget, output_kinds=output_kinds, metric=metric, labels=labels)
     try:
         return ref.compare(candidate, tolerance)
     finally:
         ref.close()
-
-
-def _rows(outputs: list) -> int:
-    for out in outputs:
-        out = np.asarray(out)
-        if out.ndim == 2:
-            return out.shape[0]
-    return 1

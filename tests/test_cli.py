@@ -352,3 +352,100 @@ def test_calibration_data_with_nan_is_refused_before_any_pass(cnn, capsys):
     assert code == 2 and not (cnn.parent / "out.onnx").exists() and cnn.read_bytes() == before
     assert len(err.strip().splitlines()) == 1
     assert "calibration data input 'input' holds NaN (sample 5)" in err
+
+
+# ----------------------------------------------------------------- output kinds and the metric hook
+
+HOOK = '''
+import numpy as np
+
+def accuracy(outputs, labels):
+    return {"accuracy": float(np.mean(outputs["logits"].argmax(1) == labels["labels"]))}
+
+def broken(outputs, labels):
+    raise RuntimeError("no labels here")
+
+def words(outputs, labels):
+    return {"accuracy": "high"}
+'''
+
+
+@pytest.fixture
+def hook(cnn):
+    (cnn.parent / "hook.py").write_text(HOOK)
+    with np.load(cnn.parent / "digits_test.npz") as data:
+        np.savez(cnn.parent / "labels.npz", labels=data["labels"])
+    return cnn.parent / "hook.py"
+
+
+def test_digits_outputs_are_class_scores_and_kinds_can_be_overridden(cnn, capsys):
+    data = cnn.parent / "digits_test.npz"
+    code, out, err = run(["optimize", cnn, "--inputs", data, "--latency-runs", "0"], capsys)
+    assert code == 0, err
+    assert "  logits [classes]: identical" in out or "  logits [classes]: ok" in out
+    assert "judged as: logits classes (a final Gemm to N outputs)" in out and "top-1 agreement 100.00%" in out
+    code, out, err = run(["optimize", cnn, "--inputs", data, "--latency-runs", "0", "--output-kind", "logits=embedding"],
+                         capsys)
+    assert code == 0, err
+    assert "logits [embedding]" in out and "logits embedding (set by the user)" in out
+    assert "top-1" not in out and "per-vector cosine mean" in out
+    code, out, err = run(["optimize", cnn, "-o", cnn.parent / "x.onnx", "--output-kind", "probs=classes"], capsys)
+    assert code == 2 and "output_kinds names 'probs', which is not an output of the model" in err
+    assert not (cnn.parent / "x.onnx").exists()
+
+
+def test_metric_hook_passes_and_its_figures_are_reported(cnn, hook, capsys):
+    report = cnn.parent / "r.json"
+    code, out, err = run(["optimize", cnn, "--inputs", cnn.parent / "digits_test.npz", "--labels",
+                          cnn.parent / "labels.npz", "--metric", f"{hook}:accuracy", "--tolerance",
+                          "atol=1e-5,rtol=1e-4,floor_multiple=8,max_metric_drop=accuracy:0.01",
+                          "--latency-runs", "0", "--report", report], capsys)
+    assert code == 0, err
+    assert f"metric accuracy ({hook}:accuracy; higher is better): ok: 0.994444 -> 0.994444 (drop 0, limit 0.01)" in out
+    (metric,) = json.loads(report.read_text())["validation"]["metrics"]
+    assert metric["name"] == "accuracy" and metric["reference"] == pytest.approx(358 / 360) and metric["passed"]
+
+
+def test_metric_drop_past_the_limit_exits_1_and_writes_nothing(cnn, hook, capsys):
+    model = cnn.parent / "digits_mlp.onnx"
+    shutil.copy(ROOT / "models" / "digits_mlp.onnx", model)
+    out_path = cnn.parent / "pruned.onnx"
+    code, out, err = run(["optimize", model, "-o", out_path, "--passes", "prune(sparsity=0.95)", "--inputs",
+                          cnn.parent / "digits_test.npz", "--metric", f"{hook}:accuracy", "--tolerance",
+                          "min_cosine=0,max_metric_drop=accuracy:0.01", "--latency-runs", "0"], capsys)
+    assert code == 1
+    assert "metric accuracy" in out and "FAIL" in out
+    assert err.startswith("onnxopt: error: validation failed: metric 'accuracy': 0.975 -> ")
+    assert "nothing written" in err and not out_path.exists()
+
+
+@pytest.mark.parametrize("spec,message", [
+    ("{hook}:broken", "metric {hook}:broken raised RuntimeError: no labels here"),
+    ("{hook}:words", "metric {hook}:words returned 'accuracy': str; expected a dict of names to numbers"),
+    ("{hook}:missing", "metric {hook}:missing: '{hook}' has no 'missing'"),
+    ("no_such_metrics_module:f", "metric no_such_metrics_module:f: cannot import 'no_such_metrics_module': "
+                                 "ModuleNotFoundError"),
+    ("{dir}/nowhere.py:f", "metric {dir}/nowhere.py:f: no such file"),
+])
+def test_bad_metric_hook_exits_2_with_one_line_and_writes_nothing(cnn, hook, capsys, spec, message):
+    spec = spec.format(hook=hook, dir=cnn.parent)
+    out_path, report = cnn.parent / "out.onnx", cnn.parent / "r.json"
+    code, out, err = run(["optimize", cnn, "-o", out_path, "--inputs", cnn.parent / "digits_test.npz",
+                          "--metric", spec, "--latency-runs", "0", "--report", report], capsys)
+    assert code == 2
+    assert err.startswith("onnxopt: error: " + message.format(hook=hook, dir=cnn.parent)) and err.count("\n") == 1
+    assert not out_path.exists() and not report.exists()
+
+
+def test_recipe_names_metric_labels_and_kinds_relative_to_itself(cnn, hook):
+    import onnxopt
+
+    recipe = cnn.parent / "recipe.yaml"
+    recipe.write_text("passes: cleanup\ninputs: digits_test.npz\nlabels: labels.npz\nmetric: hook.py:accuracy\n"
+                      "output_kinds: {logits: other}\ntolerance: {atol: 1.0e-5, floor_multiple: 8, "
+                      "max_metric_drop: {accuracy: 0.01}}\n")
+    result = onnxopt.optimize(cnn, recipe=recipe, latency_runs=0)
+    assert result.passed
+    (metric,) = result.validation.metrics
+    assert (metric.name, metric.limit, metric.source) == ("accuracy", 0.01, f"{cnn.parent / 'hook.py'}:accuracy")
+    assert result.validation.outputs[0].kind == "other" and result.validation.outputs[0].top1_agreement is None

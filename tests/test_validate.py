@@ -59,7 +59,8 @@ def test_tolerance_judgement():
     off = compare(_affine(1, 0), _affine(1, 1e-3), data, Tolerance(atol=1e-4))
     assert not off.passed and "exceeds atol=0.0001" in off.headline()
     assert compare(_affine(1, 0), _affine(1, 1e-3), data, Tolerance(atol=2e-3)).passed
-    snr = compare(_affine(1, 0), _affine(-1, 0), data, Tolerance(min_snr_db=10, max_top1_drop=5))
+    snr = compare(_affine(1, 0), _affine(-1, 0), data, Tolerance(min_snr_db=10, max_top1_drop=5),
+                  output_kinds={"y": "classes"})  # an affine map: class scores only when told
     fails = snr.outputs[0].failures
     assert any("SNR" in f for f in fails) and any("top-1 agreement dropped" in f for f in fails)
 
@@ -313,3 +314,25 @@ def test_a_batch_that_runs_past_the_time_limit_is_stopped_with_one_line(tmp_path
     with pytest.raises(InputError, match="ran for more than 0.5 s and was stopped"):
         onnxopt.optimize(model, "dce", inputs={"x": np.ones((1, 4), np.float32)})
     assert time.perf_counter() - start < 30
+
+
+def test_labels_keep_one_row_per_sample(tmp_path):
+    """Text ids [N, T] stay per sample (perplexity needs them); [N, 1] class labels become [N]."""
+    from onnxopt.data import load_dataset
+
+    model = _affine(1, 0)
+    x = np.zeros((6, 5), np.float32)
+    np.savez(tmp_path / "ids.npz", x=x, labels=np.arange(18).reshape(6, 3))
+    np.savez(tmp_path / "cls.npz", x=x, labels=np.arange(6).reshape(6, 1))
+    assert load_dataset(tmp_path / "ids.npz", model, batch_size=4).labels.shape == (6, 3)
+    assert load_dataset(tmp_path / "cls.npz", model, batch_size=4).labels.tolist() == list(range(6))
+
+
+def test_kinds_are_reported_per_output_in_json():
+    data = _data()
+    result = compare(_affine(1, 0), _affine(1.1, 0), data, Tolerance(min_cosine=0.9))
+    out = result.to_dict()["outputs"][0]
+    assert out["kind"] == "classes" and out["kind_reason"] == "class labels in its range were given"
+    plain = compare(_affine(1, 0), _affine(1.1, 0), _data(labels=False), Tolerance(min_cosine=0.9))
+    assert plain.outputs[0].kind == "other" and plain.outputs[0].top1_agreement is None
+    assert "top-1" not in "\n".join(format_comparison(plain))
