@@ -1,0 +1,197 @@
+"""Block-wise weight quantization in numpy: round to nearest, HQQ and GPTQ.
+
+Every function takes a float weight W [K, N] (the MatMul's right-hand side: K input
+channels, N outputs) and returns a :class:`Blocks`: codes [N, n_blocks, block_size]
+(the last block padded), one scale per block and a zero point per block (uint8,
+float for HQQ, or none when symmetric), the layout of com.microsoft.MatMulNBits
+before bit packing. Each block holds ``block_size`` consecutive input channels of
+one output column, so dequantization is ``(code - zero) * scale`` per block.
+
+Symmetric blocks use the signed range [-2^(b-1), 2^(b-1) - 1] around the default
+zero point 2^(b-1) (the zero-point input is then left out): the value of largest
+magnitude maps to -2^(b-1) exactly, so its scale may be negative, as in ONNX
+Runtime's own quantizer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+
+@dataclass
+class Blocks:
+    codes: np.ndarray            # uint8 [N, n_blocks, block_size], values in [0, 2^bits - 1]
+    scales: np.ndarray           # float32 [N, n_blocks]
+    zeros: Optional[np.ndarray]  # uint8 or float32 [N, n_blocks]; None: symmetric (zero point 2^(bits-1))
+    k: int
+    bits: int
+
+    @property
+    def block_size(self) -> int:
+        return self.codes.shape[2]
+
+    def dequantize(self) -> np.ndarray:
+        """The float weight [K, N] these blocks stand for."""
+        zero = np.float32(2 ** (self.bits - 1)) if self.zeros is None else self.zeros.astype(np.float32)[..., None]
+        w = (self.codes.astype(np.float32) - zero) * self.scales.astype(np.float32)[..., None]
+        return np.ascontiguousarray(w.reshape(w.shape[0], -1)[:, :self.k].T)
+
+
+def to_blocks(w: np.ndarray, block_size: int) -> np.ndarray:
+    """W [K, N] as float32 blocks [N, n_blocks, block_size]; the last block padded with its own
+    last value, so padding changes no block's range (MatMulNBits never reads it)."""
+    k, n = w.shape
+    blocks = -(-k // block_size)
+    wt = np.asarray(w, np.float32).T
+    if blocks * block_size != k:
+        wt = np.pad(wt, ((0, 0), (0, blocks * block_size - k)), mode="edge")
+    return wt.reshape(n, blocks, block_size)
+
+
+def _minmax_params(b: np.ndarray, bits: int, symmetric: bool) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    """Scale and uint8 zero point (None when symmetric) of each block of ``b`` [..., block_size]."""
+    qmax = 2 ** bits - 1
+    if symmetric:
+        half = 2 ** (bits - 1)
+        idx = np.argmax(np.abs(b), axis=-1)[..., None]
+        peak = np.take_along_axis(b, idx, axis=-1)[..., 0]   # the signed value of largest magnitude
+        scale = peak / -half
+        scale[scale == 0] = 1.0
+        return scale.astype(np.float32), None
+    lo = np.minimum(b.min(axis=-1), 0.0)  # the range holds 0, so the zero point is a code
+    hi = np.maximum(b.max(axis=-1), 0.0)
+    scale = (hi - lo) / qmax
+    scale[scale == 0] = 1.0
+    zero = np.clip(np.round(-lo / scale), 0, qmax)
+    return scale.astype(np.float32), zero.astype(np.uint8)
+
+
+def _codes(b: np.ndarray, scale: np.ndarray, zero: Optional[np.ndarray], bits: int) -> np.ndarray:
+    qmax = 2 ** bits - 1
+    z = np.float32(2 ** (bits - 1)) if zero is None else zero.astype(np.float32)[..., None]
+    return np.clip(np.round(b / scale[..., None]) + z, 0, qmax).astype(np.uint8)
+
+
+def rtn(w: np.ndarray, bits: int, block_size: int, symmetric: bool = False) -> Blocks:
+    """Round to nearest: each block's scale from its min and max (or its largest magnitude)."""
+    b = to_blocks(w, block_size)
+    scale, zero = _minmax_params(b, bits, symmetric)
+    return Blocks(_codes(b, scale, zero, bits), scale, zero, w.shape[0], bits)
+
+
+def hqq(w: np.ndarray, bits: int, block_size: int, iters: int = 20, lp_norm: float = 0.7,
+        beta: float = 10.0, kappa: float = 1.01) -> Blocks:
+    """Half-quadratic quantization (Badri & Shaji, 2023): the zero point of each block minimises
+    the lp norm (p < 1) of the weight error by alternating a generalized soft-threshold of the
+    error with a closed-form zero update; the scale stays the min-max one. The zero points
+    stay float (MatMulNBits takes them in A's type). Each block keeps the zero point of its
+    lowest mean absolute error over the iterations."""
+    qmax = float(2 ** bits - 1)
+    b = to_blocks(w, block_size).astype(np.float32)
+    lo, hi = b.min(axis=-1, keepdims=True), b.max(axis=-1, keepdims=True)
+    span = hi - lo
+    span[span == 0] = qmax
+    inv = np.minimum(qmax / span, 2e4)      # the inverse scale (HQQ's form: q = w * inv + zero)
+    zero = np.round(-lo * inv)
+    best_zero = zero.copy()
+    best_err = np.full(zero.shape, np.inf, np.float32)
+    for _ in range(iters):
+        q = np.clip(np.round(b * inv + zero), 0, qmax)
+        r = (q - zero) / inv
+        e = b - r
+        err = np.abs(e).mean(axis=-1, keepdims=True)
+        better = err < best_err
+        best_err = np.where(better, err, best_err)
+        best_zero = np.where(better, zero, best_zero)
+        if not better.any():
+            break
+        shrunk = np.sign(e) * np.maximum(np.abs(e) - (1.0 / beta) * np.power(np.abs(e) + 1e-8, lp_norm - 1.0), 0.0)
+        zero = np.mean(q - (b - shrunk) * inv, axis=-1, keepdims=True)
+        beta *= kappa
+    codes = np.clip(np.round(b * inv + best_zero), 0, qmax).astype(np.uint8)
+    return Blocks(codes, (1.0 / inv[..., 0]).astype(np.float32), best_zero[..., 0].astype(np.float32),
+                  w.shape[0], bits)
+
+
+def gptq(w: np.ndarray, gram: np.ndarray, bits: int, block_size: int, symmetric: bool = False,
+         damp: float = 0.01, act_order: bool = False, lazy: int = 128) -> Blocks:
+    """GPTQ (Frantar et al., 2023): quantize the input channels one at a time and spread each
+    one's error over the channels not yet quantized, weighted by the inverse Hessian H = XᵀX of
+    the layer's input (``gram``, K×K), so the output error ‖X(W - Ŵ)‖² is what is kept small.
+
+    ``damp`` times the mean diagonal is added to H; channels that never see input are set to 0.
+    Updates are lazy in batches of ``lazy`` channels. Each quantization block takes its
+    parameters from the (error-updated) weights when its first channel is reached; with
+    ``act_order`` channels go in order of decreasing H diagonal, and the block parameters are
+    fixed beforehand from the original weights (MatMulNBits has no channel permutation).
+    """
+    k, n = w.shape
+    qmax = 2 ** bits - 1
+    lazy = block_size * max(1, lazy // block_size)       # a quantization block never straddles two batches
+    wt = np.array(np.asarray(w, np.float64).T)           # [N, K]: a row per output
+    h = np.array(gram, np.float64, copy=True)
+    dead = np.diag(h) <= 0
+    h[dead, dead] = 1.0
+    wt[:, dead] = 0.0
+    nblocks = -(-k // block_size)
+    scales = np.zeros((n, nblocks), np.float32)
+    zeros = None if symmetric else np.zeros((n, nblocks), np.uint8)
+    if act_order:
+        fixed = to_blocks(wt.T, block_size)
+        s, z = _minmax_params(fixed, bits, symmetric)
+        scales[:], zeros = s, z
+        perm = np.argsort(-np.diag(h), kind="stable")
+    else:
+        perm = np.arange(k)
+    wt = wt[:, perm]
+    h = h[np.ix_(perm, perm)]
+    h[np.diag_indices(k)] += damp * float(np.mean(np.diag(h)))
+    u = _inverse_cholesky_upper(h)
+    codes = np.zeros((n, k), np.uint8)
+    zero_of = np.float64(2 ** (bits - 1))
+    for i1 in range(0, k, lazy):
+        i2 = min(i1 + lazy, k)
+        w1 = wt[:, i1:i2].copy()
+        err1 = np.zeros_like(w1)
+        u1 = u[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = perm[i1 + i]
+            blk = col // block_size
+            if not act_order and col % block_size == 0:   # channels come in order: a new block starts here
+                s, z = _minmax_params(w1[:, i:i + block_size].astype(np.float32)[:, None, :], bits, symmetric)
+                scales[:, blk] = s[:, 0]
+                if zeros is not None:
+                    zeros[:, blk] = z[:, 0]
+            scale = scales[:, blk].astype(np.float64)
+            zero = zero_of if zeros is None else zeros[:, blk].astype(np.float64)
+            x = w1[:, i]
+            q = np.clip(np.round(x / scale) + zero, 0, qmax)
+            codes[:, col] = q
+            e = (x - (q - zero) * scale) / u1[i, i]
+            w1[:, i:] -= np.outer(e, u1[i, i:])
+            err1[:, i] = e
+        wt[:, i2:] -= err1 @ u[i1:i2, i2:]
+    padded = np.zeros((n, nblocks * block_size), np.uint8)
+    padded[:, :k] = codes
+    if nblocks * block_size != k:  # padding: the code of zero, never read
+        padded[:, k:] = (2 ** (bits - 1)) if zeros is None else zeros[:, -1:]
+    return Blocks(padded.reshape(n, nblocks, block_size), scales, zeros, k, bits)
+
+
+def _inverse_cholesky_upper(h: np.ndarray) -> np.ndarray:
+    """U upper triangular with H⁻¹ = UᵀU; the damping grows until H is positive definite."""
+    k = len(h)
+    extra = 0.0
+    scale = float(np.mean(np.diag(h))) or 1.0
+    for _ in range(8):
+        try:
+            lower = np.linalg.cholesky(h + extra * np.eye(k))
+            inv = np.linalg.inv(lower)           # L⁻¹
+            hinv = inv.T @ inv                   # H⁻¹ = L⁻ᵀ L⁻¹
+            return np.linalg.cholesky(hinv).T
+        except np.linalg.LinAlgError:
+            extra = max(extra * 10.0, 1e-6 * scale)
+    raise np.linalg.LinAlgError("the Hessian stays singular after damping")
