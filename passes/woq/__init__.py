@@ -115,7 +115,7 @@ def quantize_layer(layer: Layer, opts: WoqOptions, grams: dict[str, np.ndarray],
         approx = blocks.dequantize().T
     else:
         algo = opts.algo
-        gram = grams.get(layer.x.name) if algo == "gptq" else None
+        gram = grams.get(layer.x.name) if algo == "gptq" and layer.top else None
         if algo == "gptq" and gram is None:
             stats["gptq_as_rtn"] += 1
             algo = "rtn"

@@ -51,22 +51,51 @@ def to_blocks(w: np.ndarray, block_size: int) -> np.ndarray:
     return wt.reshape(n, blocks, block_size)
 
 
-def _minmax_params(b: np.ndarray, bits: int, symmetric: bool) -> tuple[np.ndarray, Optional[np.ndarray]]:
-    """Scale and uint8 zero point (None when symmetric) of each block of ``b`` [..., block_size]."""
+# Range search: each block's min and max (or largest magnitude) shrunk by the factor, from these,
+# with the least squared error (the GPTQ reference's ``mse`` option and ORT RTN's clip ratios, by a grid).
+SHRINKS = np.linspace(1.0, 0.8, 21)
+
+
+def _minmax_params(b: np.ndarray, bits: int, symmetric: bool,
+                   search: bool = False) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    """Scale and uint8 zero point (None when symmetric) of each block of ``b`` [..., block_size]; with
+    ``search`` the range shrink of least squared error per block (never worse than no shrink)."""
+    best = _range_params(b, bits, symmetric, 1.0)
+    if not search:
+        return best
+    best_err = _sq_error(b, *best, bits)
+    for shrink in SHRINKS[1:]:
+        scale, zero = _range_params(b, bits, symmetric, float(shrink))
+        err = _sq_error(b, scale, zero, bits)
+        better = err < best_err
+        if better.any():
+            best_err = np.where(better, err, best_err)
+            best = (np.where(better, scale, best[0]),
+                    None if zero is None else np.where(better, zero, best[1]))
+    return best
+
+
+def _range_params(b: np.ndarray, bits: int, symmetric: bool, shrink: float) -> tuple[np.ndarray, Optional[np.ndarray]]:
     qmax = 2 ** bits - 1
     if symmetric:
         half = 2 ** (bits - 1)
         idx = np.argmax(np.abs(b), axis=-1)[..., None]
         peak = np.take_along_axis(b, idx, axis=-1)[..., 0]   # the signed value of largest magnitude
-        scale = peak / -half
+        scale = peak * shrink / -half
         scale[scale == 0] = 1.0
         return scale.astype(np.float32), None
-    lo = np.minimum(b.min(axis=-1), 0.0)  # the range holds 0, so the zero point is a code
-    hi = np.maximum(b.max(axis=-1), 0.0)
+    lo = np.minimum(b.min(axis=-1), 0.0) * shrink  # the range holds 0, so the zero point is a code
+    hi = np.maximum(b.max(axis=-1), 0.0) * shrink
     scale = (hi - lo) / qmax
     scale[scale == 0] = 1.0
     zero = np.clip(np.round(-lo / scale), 0, qmax)
     return scale.astype(np.float32), zero.astype(np.uint8)
+
+
+def _sq_error(b: np.ndarray, scale: np.ndarray, zero: Optional[np.ndarray], bits: int) -> np.ndarray:
+    z = np.float32(2 ** (bits - 1)) if zero is None else zero.astype(np.float32)[..., None]
+    d = (_codes(b, scale, zero, bits) - z) * scale[..., None] - b
+    return np.einsum("...i,...i->...", d, d)
 
 
 def _codes(b: np.ndarray, scale: np.ndarray, zero: Optional[np.ndarray], bits: int) -> np.ndarray:
@@ -75,10 +104,11 @@ def _codes(b: np.ndarray, scale: np.ndarray, zero: Optional[np.ndarray], bits: i
     return np.clip(np.round(b / scale[..., None]) + z, 0, qmax).astype(np.uint8)
 
 
-def rtn(w: np.ndarray, bits: int, block_size: int, symmetric: bool = False) -> Blocks:
-    """Round to nearest: each block's scale from its min and max (or its largest magnitude)."""
+def rtn(w: np.ndarray, bits: int, block_size: int, symmetric: bool = False, search: bool = True) -> Blocks:
+    """Round to nearest: each block's scale from its min and max (or its largest magnitude), shrunk
+    where that lowers the block's squared error when ``search``."""
     b = to_blocks(w, block_size)
-    scale, zero = _minmax_params(b, bits, symmetric)
+    scale, zero = _minmax_params(b, bits, symmetric, search)
     return Blocks(_codes(b, scale, zero, bits), scale, zero, w.shape[0], bits)
 
 
@@ -88,7 +118,8 @@ def hqq(w: np.ndarray, bits: int, block_size: int, iters: int = 20, lp_norm: flo
     the lp norm (p < 1) of the weight error by alternating a generalized soft-threshold of the
     error with a closed-form zero update; the scale stays the min-max one. The zero points
     stay float (MatMulNBits takes them in A's type). Each block keeps the zero point of its
-    lowest mean absolute error over the iterations."""
+    lowest mean absolute error over the iterations; then scale and zero are refitted by least
+    squares given the codes (``_refit``), where that lowers the block's squared error."""
     qmax = float(2 ** bits - 1)
     b = to_blocks(w, block_size).astype(np.float32)
     lo, hi = b.min(axis=-1, keepdims=True), b.max(axis=-1, keepdims=True)
@@ -111,13 +142,39 @@ def hqq(w: np.ndarray, bits: int, block_size: int, iters: int = 20, lp_norm: flo
         shrunk = np.sign(e) * np.maximum(np.abs(e) - (1.0 / beta) * np.power(np.abs(e) + 1e-8, lp_norm - 1.0), 0.0)
         zero = np.mean(q - (b - shrunk) * inv, axis=-1, keepdims=True)
         beta *= kappa
-    codes = np.clip(np.round(b * inv + best_zero), 0, qmax).astype(np.uint8)
-    return Blocks(codes, (1.0 / inv[..., 0]).astype(np.float32), best_zero[..., 0].astype(np.float32),
-                  w.shape[0], bits)
+    scale, zero = _refit(b, 1.0 / inv, best_zero, qmax)
+    codes = np.clip(np.round(b / scale + zero), 0, qmax).astype(np.uint8)
+    return Blocks(codes, scale[..., 0].astype(np.float32), zero[..., 0].astype(np.float32), w.shape[0], bits)
+
+
+def _refit(b: np.ndarray, scale: np.ndarray, zero: np.ndarray, qmax: float,
+           rounds: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    """Least-squares scale and zero of each block given its codes (w ≈ scale * (code - zero)), then
+    the codes again; kept per block only where the squared error falls."""
+    def error(s: np.ndarray, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        q = np.clip(np.round(b / s + z), 0, qmax)
+        d = (q - z) * s - b
+        return q, np.einsum("...i,...i->...", d, d)[..., None]
+
+    q, err = error(scale, zero)
+    for _ in range(rounds):
+        qc = q - q.mean(axis=-1, keepdims=True)
+        var = np.einsum("...i,...i->...", qc, qc)[..., None]
+        cov = np.einsum("...i,...i->...", qc, b - b.mean(axis=-1, keepdims=True))[..., None]
+        ok = (var > 0) & (cov > 0)
+        s = np.where(ok, cov / np.where(ok, var, 1.0), scale)
+        z = np.where(ok, q.mean(axis=-1, keepdims=True) - b.mean(axis=-1, keepdims=True) / s, zero)
+        q_new, err_new = error(s, z)
+        better = err_new < err
+        if not better.any():
+            break
+        scale, zero, err = np.where(better, s, scale), np.where(better, z, zero), np.where(better, err_new, err)
+        q = np.where(better, q_new, q)
+    return scale, zero
 
 
 def gptq(w: np.ndarray, gram: np.ndarray, bits: int, block_size: int, symmetric: bool = False,
-         damp: float = 0.01, act_order: bool = False, lazy: int = 128) -> Blocks:
+         damp: float = 0.01, act_order: bool = False, search: bool = True, lazy: int = 128) -> Blocks:
     """GPTQ (Frantar et al., 2023): quantize the input channels one at a time and spread each
     one's error over the channels not yet quantized, weighted by the inverse Hessian H = XᵀX of
     the layer's input (``gram``, K×K), so the output error ‖X(W - Ŵ)‖² is what is kept small.
@@ -127,6 +184,7 @@ def gptq(w: np.ndarray, gram: np.ndarray, bits: int, block_size: int, symmetric:
     parameters from the (error-updated) weights when its first channel is reached; with
     ``act_order`` channels go in order of decreasing H diagonal, and the block parameters are
     fixed beforehand from the original weights (MatMulNBits has no channel permutation).
+    ``search``: block ranges by the least-squared-error shrink, as :func:`rtn`.
     """
     k, n = w.shape
     qmax = 2 ** bits - 1
@@ -141,7 +199,7 @@ def gptq(w: np.ndarray, gram: np.ndarray, bits: int, block_size: int, symmetric:
     zeros = None if symmetric else np.zeros((n, nblocks), np.uint8)
     if act_order:
         fixed = to_blocks(wt.T, block_size)
-        s, z = _minmax_params(fixed, bits, symmetric)
+        s, z = _minmax_params(fixed, bits, symmetric, search)
         scales[:], zeros = s, z
         perm = np.argsort(-np.diag(h), kind="stable")
     else:
@@ -161,7 +219,8 @@ def gptq(w: np.ndarray, gram: np.ndarray, bits: int, block_size: int, symmetric:
             col = perm[i1 + i]
             blk = col // block_size
             if not act_order and col % block_size == 0:   # channels come in order: a new block starts here
-                s, z = _minmax_params(w1[:, i:i + block_size].astype(np.float32)[:, None, :], bits, symmetric)
+                s, z = _minmax_params(w1[:, i:i + block_size].astype(np.float32)[:, None, :], bits, symmetric,
+                                      search)
                 scales[:, blk] = s[:, 0]
                 if zeros is not None:
                     zeros[:, blk] = z[:, 0]
