@@ -16,7 +16,7 @@ from onnxopt.pipeline import CONSTANTS_FOLDED, Pass, PassContext, PassResult, To
 
 from .layers import SKIPS, Layer, find_layers
 from .options import WoqOptions
-from .quantize import Blocks, gptq, hqq, rtn
+from .quantize import Blocks, Hessian, gptq, hessian, hqq, rtn
 from .writer import DOMAIN, write_gather, write_matmul
 
 __all__ = ["Woq", "WoqOptions"]
@@ -72,7 +72,7 @@ class Woq(Pass):
         skips: Counter = Counter()
         notes: list[str] = []
         layers = find_layers(graph, opts, skips)
-        grams: dict[str, np.ndarray] = {}
+        grams: dict[str, Any] = {}   # layer input -> XᵀX, then its Hessian once a layer needs it
         if opts.algo == "gptq":
             dense = [l for l in layers if l.kind != "gather" and l.top]
             if ctx.calibration is None:
@@ -105,30 +105,46 @@ class Woq(Pass):
         return PassResult(bool(layers), stats, notes)
 
 
-def quantize_layer(layer: Layer, opts: WoqOptions, grams: dict[str, np.ndarray],
+# Columns (outputs) are quantized in chunks of about this many weights: blocks of different outputs
+# are independent (GPTQ's too: its updates stay within an output row), so the temporaries of the
+# range search never exceed a few copies of one chunk, whatever the layer's size.
+CHUNK = 1 << 22
+
+
+def quantize_layer(layer: Layer, opts: WoqOptions, grams: dict[str, Any],
                    stats: dict[str, Any]) -> tuple[Blocks, float]:
-    """Read one weight, quantize it, and return the blocks with the relative weight error ‖W-Ŵ‖/‖W‖;
-    the float weight is dropped on return."""
+    """Read one weight, quantize it chunk by chunk, and return the blocks with the relative weight
+    error ‖W-Ŵ‖/‖W‖; the float weight is dropped on return."""
     w = layer.read()
     if layer.kind == "gather":
-        blocks = rtn(w.T, opts.bits, opts.block_size, opts.symmetric)
-        approx = blocks.dequantize().T
-    else:
-        algo = opts.algo
-        gram = grams.get(layer.x.name) if algo == "gptq" and layer.top else None
-        if algo == "gptq" and gram is None:
-            stats["gptq_as_rtn"] += 1
-            algo = "rtn"
+        w = w.T   # a block per table row, along the width
+    algo = "rtn" if layer.kind == "gather" else opts.algo
+    gram = grams.get(layer.x.name) if algo == "gptq" and layer.top else None
+    if algo == "gptq" and gram is None:
+        stats["gptq_as_rtn"] += 1
+        algo = "rtn"
+    if algo == "gptq" and not isinstance(gram, Hessian):
+        gram = grams[layer.x.name] = hessian(gram, opts.damp, opts.act_order)   # once per distinct input
+    k, n = w.shape
+    step = max(1, CHUNK // max(k, 1))
+    parts, err2, norm2 = [], 0.0, 0.0
+    for start in range(0, n, step):
+        chunk = w[:, start:start + step]
         if algo == "gptq":
-            blocks = gptq(w, gram, opts.bits, opts.block_size, opts.symmetric, opts.damp, opts.act_order)
+            blocks = gptq(chunk, gram, opts.bits, opts.block_size, opts.symmetric)
         elif algo == "hqq":
-            blocks = hqq(w, opts.bits, opts.block_size)
+            blocks = hqq(chunk, opts.bits, opts.block_size)
         else:
-            blocks = rtn(w, opts.bits, opts.block_size, opts.symmetric)
-        approx = blocks.dequantize()
-    norm = float(np.linalg.norm(w))
-    error = float(np.linalg.norm(w - approx)) / norm if norm > 0 else 0.0
-    return blocks, error
+            blocks = rtn(chunk, opts.bits, opts.block_size, opts.symmetric)
+        diff = blocks.dequantize() - chunk
+        err2 += float(np.einsum("ij,ij->", diff, diff, dtype=np.float64))
+        norm2 += float(np.einsum("ij,ij->", chunk, chunk, dtype=np.float64))
+        parts.append(blocks)
+    del w
+    blocks = parts[0] if len(parts) == 1 else Blocks(
+        np.concatenate([b.codes for b in parts]), np.concatenate([b.scales for b in parts]),
+        None if parts[0].zeros is None else np.concatenate([b.zeros for b in parts]), k, opts.bits)
+    return blocks, (err2 / norm2) ** 0.5 if norm2 > 0 else 0.0
 
 
 def collect_grams(graph: gs.Graph, layers: list[Layer], ctx: PassContext, samples: int) -> dict[str, np.ndarray]:

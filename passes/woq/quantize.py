@@ -105,11 +105,34 @@ def _codes(b: np.ndarray, scale: np.ndarray, zero: Optional[np.ndarray], bits: i
 
 
 def rtn(w: np.ndarray, bits: int, block_size: int, symmetric: bool = False, search: bool = True) -> Blocks:
-    """Round to nearest: each block's scale from its min and max (or its largest magnitude), shrunk
-    where that lowers the block's squared error when ``search``."""
+    """Round to nearest: each block's scale from its min and max (or its largest magnitude); with
+    ``search``, shrunk where that lowers the block's squared error, then refitted by least squares
+    given the codes (:func:`_refit_scale`)."""
     b = to_blocks(w, block_size)
     scale, zero = _minmax_params(b, bits, symmetric, search)
+    if search:
+        scale = _refit_scale(b, scale, zero, bits)
     return Blocks(_codes(b, scale, zero, bits), scale, zero, w.shape[0], bits)
+
+
+def _refit_scale(b: np.ndarray, scale: np.ndarray, zero: Optional[np.ndarray], bits: int,
+                 rounds: int = 3) -> np.ndarray:
+    """Each block's least-squares scale given its codes and (integer) zero point, w ≈ scale * (code - zero),
+    then the codes again; kept per block only where the squared error falls."""
+    z = np.float32(2 ** (bits - 1)) if zero is None else zero.astype(np.float32)[..., None]
+    err = _sq_error(b, scale, zero, bits)
+    for _ in range(rounds):
+        c = _codes(b, scale, zero, bits) - z
+        den = np.einsum("...i,...i->...", c, c)
+        num = np.einsum("...i,...i->...", c, b)
+        ok = (den > 0) & (num != 0)
+        fitted = np.where(ok, num / np.where(ok, den, 1.0), scale).astype(np.float32)
+        new_err = _sq_error(b, fitted, zero, bits)
+        better = new_err < err
+        if not better.any():
+            break
+        scale, err = np.where(better, fitted, scale), np.where(better, new_err, err)
+    return scale
 
 
 def hqq(w: np.ndarray, bits: int, block_size: int, iters: int = 20, lp_norm: float = 0.7,
@@ -173,7 +196,30 @@ def _refit(b: np.ndarray, scale: np.ndarray, zero: np.ndarray, qmax: float,
     return scale, zero
 
 
-def gptq(w: np.ndarray, gram: np.ndarray, bits: int, block_size: int, symmetric: bool = False,
+@dataclass
+class Hessian:
+    """What GPTQ needs of a layer input's XᵀX, computed once and shared by the layers reading it
+    (Q/K/V) and by every chunk of a layer: the channel order, the upper Cholesky factor U of the
+    damped inverse (H⁻¹ = UᵀU, in that order) and the channels that never see input."""
+
+    perm: np.ndarray
+    u: np.ndarray
+    dead: np.ndarray
+    act_order: bool
+
+
+def hessian(gram: np.ndarray, damp: float = 0.01, act_order: bool = False) -> Hessian:
+    h = np.array(gram, np.float64, copy=True)
+    k = len(h)
+    dead = np.diag(h) <= 0
+    h[dead, dead] = 1.0
+    perm = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(k)
+    h = h[np.ix_(perm, perm)]
+    h[np.diag_indices(k)] += damp * float(np.mean(np.diag(h)))
+    return Hessian(perm, _inverse_cholesky_upper(h), dead, act_order)
+
+
+def gptq(w: np.ndarray, gram: "np.ndarray | Hessian", bits: int, block_size: int, symmetric: bool = False,
          damp: float = 0.01, act_order: bool = False, search: bool = True, lazy: int = 128) -> Blocks:
     """GPTQ (Frantar et al., 2023): quantize the input channels one at a time and spread each
     one's error over the channels not yet quantized, weighted by the inverse Hessian H = XᵀX of
@@ -184,30 +230,23 @@ def gptq(w: np.ndarray, gram: np.ndarray, bits: int, block_size: int, symmetric:
     parameters from the (error-updated) weights when its first channel is reached; with
     ``act_order`` channels go in order of decreasing H diagonal, and the block parameters are
     fixed beforehand from the original weights (MatMulNBits has no channel permutation).
-    ``search``: block ranges by the least-squared-error shrink, as :func:`rtn`.
+    ``search``: block ranges by the least-squared-error shrink, as :func:`rtn`. ``gram`` may be
+    a :class:`Hessian` already prepared (``damp`` and ``act_order`` are then its own).
     """
+    hess = gram if isinstance(gram, Hessian) else hessian(gram, damp, act_order)
+    act_order, perm, u = hess.act_order, hess.perm, hess.u
     k, n = w.shape
     qmax = 2 ** bits - 1
     lazy = block_size * max(1, lazy // block_size)       # a quantization block never straddles two batches
     wt = np.array(np.asarray(w, np.float64).T)           # [N, K]: a row per output
-    h = np.array(gram, np.float64, copy=True)
-    dead = np.diag(h) <= 0
-    h[dead, dead] = 1.0
-    wt[:, dead] = 0.0
+    wt[:, hess.dead] = 0.0
     nblocks = -(-k // block_size)
     scales = np.zeros((n, nblocks), np.float32)
     zeros = None if symmetric else np.zeros((n, nblocks), np.uint8)
     if act_order:
-        fixed = to_blocks(wt.T, block_size)
-        s, z = _minmax_params(fixed, bits, symmetric, search)
+        s, z = _minmax_params(to_blocks(wt.T, block_size), bits, symmetric, search)
         scales[:], zeros = s, z
-        perm = np.argsort(-np.diag(h), kind="stable")
-    else:
-        perm = np.arange(k)
     wt = wt[:, perm]
-    h = h[np.ix_(perm, perm)]
-    h[np.diag_indices(k)] += damp * float(np.mean(np.diag(h)))
-    u = _inverse_cholesky_upper(h)
     codes = np.zeros((n, k), np.uint8)
     zero_of = np.float64(2 ** (bits - 1))
     for i1 in range(0, k, lazy):

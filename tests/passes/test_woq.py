@@ -339,3 +339,18 @@ def test_the_pipeline_string_reproduces_the_run():
     assert result.pipeline == ("woq(bits=8,block_size=64,algo=rtn,accuracy_level=4,symmetric=false,embeddings=true,"
                                "exclude=a*;b,samples=128,damp=0.01,act_order=false)")
     assert any(o.domain == "com.microsoft" and o.version == 1 for o in result.model.opset_import)
+
+
+@pytest.mark.parametrize("spec", ["woq", "woq(algo=hqq)", "woq(algo=gptq)"])
+def test_quantizing_in_chunks_of_outputs_gives_the_same_blocks(spec, monkeypatch):
+    """A layer is quantized a few outputs at a time (bounded memory on large weights): the blocks
+    are those of one pass over the whole weight."""
+    import onnxopt.passes.woq as woq_pass
+
+    model = two_layer_model(weights(20, 64, 48), weights(21, 48, 16))
+    calib = [feed(model, s) for s in range(4)]
+    whole, _, _, _ = woq(model, spec, calibration=calib)
+    monkeypatch.setattr(woq_pass, "CHUNK", 64 * 5)   # 5 outputs a chunk
+    chunked, _, _, _ = woq(model, spec, calibration=calib)
+    for a, b in zip(whole.graph.initializer, chunked.graph.initializer):
+        np.testing.assert_array_equal(numpy_helper.to_array(a), numpy_helper.to_array(b))
