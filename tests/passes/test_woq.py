@@ -344,7 +344,7 @@ def test_the_pipeline_string_reproduces_the_run():
 @pytest.mark.parametrize("spec", ["woq", "woq(algo=hqq)", "woq(algo=gptq)"])
 def test_quantizing_in_chunks_of_outputs_gives_the_same_blocks(spec, monkeypatch):
     """A layer is quantized a few outputs at a time (bounded memory on large weights): the blocks
-    are those of one pass over the whole weight."""
+    are those of one pass over the whole weight (float sums may round differently in the last bit)."""
     import onnxopt.passes.woq as woq_pass
 
     model = two_layer_model(weights(20, 64, 48), weights(21, 48, 16))
@@ -353,4 +353,4 @@ def test_quantizing_in_chunks_of_outputs_gives_the_same_blocks(spec, monkeypatch
     monkeypatch.setattr(woq_pass, "CHUNK", 64 * 5)   # 5 outputs a chunk
     chunked, _, _, _ = woq(model, spec, calibration=calib)
     for a, b in zip(whole.graph.initializer, chunked.graph.initializer):
-        np.testing.assert_array_equal(numpy_helper.to_array(a), numpy_helper.to_array(b))
+        np.testing.assert_allclose(numpy_helper.to_array(a), numpy_helper.to_array(b), rtol=1e-6, atol=0)
