@@ -542,3 +542,249 @@ class TensorRanges:
     def nbytes(self) -> int:
         """Memory held by the statistics: fixed by the number of tensors and bins."""
         return sum(0 if s.hist is None else s.hist.nbytes for s in self.stats.values())
+
+
+# ----------------------------------------------------------------- per-layer statistics (prune, svd)
+#
+# A layer's input statistics are keyed by a GramRequest: the activation tensor, how its rows are
+# cut (``layout``: im2col for Conv, rows for MatMul/Gemm, transposed for Gemm transA), the row
+# length k and the number of groups. ``layer_grams`` collects any number of them in one streaming
+# run (peak memory: one batch plus k x k per statistic, whatever the number of samples), and keeps
+# them on the PassContext for the passes after it in the same pipeline while the model they were
+# measured on is unchanged.
+
+@dataclass(frozen=True)
+class GramRequest:
+    """XᵀX (per group) of the rows ``layout`` cuts from tensor ``name``."""
+
+    name: str
+    layout: tuple
+    k: int
+    groups: int = 1
+
+
+def layer_layout(layer: Any) -> tuple:
+    """How a layer's input is cut into rows whose columns match its ``matrix()`` columns:
+    ``("conv", kernel, pads, strides, dilations, auto_pad, groups)`` (1-D Conv as 2-D with a
+    unit height) or ``("rows", transposed)`` (Gemm transA reads its input transposed)."""
+    node = layer.node
+    if layer.kind == "conv":
+        kernel = tuple(int(k) for k in layer.shape[2:])
+        nd = len(kernel)
+        pads = tuple(node.attrs.get("pads", [0] * 2 * nd))
+        strides = tuple(node.attrs.get("strides", [1] * nd))
+        dil = tuple(node.attrs.get("dilations", [1] * nd))
+        auto_pad = node.attrs.get("auto_pad", "NOTSET")
+        auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+        if nd == 1:
+            kernel, pads = (1, kernel[0]), (0, pads[0], 0, pads[1])
+            strides, dil = (1, strides[0]), (1, dil[0])
+        return ("conv", kernel, pads, strides, dil, auto_pad, layer.groups)
+    return ("rows", bool(node.op == "Gemm" and int(node.attrs.get("transA", 0))))
+
+
+def gram_request(layer: Any) -> Optional[GramRequest]:
+    """The statistic a layer's input gives, or None where rows cannot be cut (ConvTranspose,
+    Conv beyond 2-D, a constant or unnamed input)."""
+    if layer.kind == "convtranspose" or (layer.kind == "conv" and len(layer.shape) > 4):
+        return None
+    x = layer.x
+    if not x.name or type(x).__name__ == "Constant":
+        return None
+    return GramRequest(x.name, layer_layout(layer), layer.in_features, layer.groups)
+
+
+def layer_rows(x: np.ndarray, layout: tuple, group: int, k: int) -> Iterator[np.ndarray]:
+    """Chunks of a layer input's rows (im2col for Conv) whose columns match the layer's matrix columns."""
+    if layout[0] == "conv":
+        _, kernel, pads, strides, dil, auto_pad, groups = layout
+        x2 = x if x.ndim == 4 else x[:, :, None, :]
+        p = resolve_pads(x2.shape[2:], kernel, pads, strides, dil, auto_pad)
+        step = max(1, 32768 // max(1, _out_size(x2.shape[2:], kernel, p, strides, dil)))
+        for start in range(0, x2.shape[0], step):
+            yield conv_rows(x2[start:start + step], kernel, p, strides, dil, group, groups)
+        return
+    rows = x.T if layout[1] else matmul_rows(x)
+    if rows.shape[-1] != k:
+        return
+    for start in range(0, rows.shape[0], 65536):
+        yield rows[start:start + 65536]
+
+
+def resolve_pads(spatial, kernel, pads, strides, dil, auto_pad) -> tuple:
+    """Explicit (top, left, bottom, right) pads of a 2-D Conv, auto_pad resolved for this input size."""
+    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        out = []
+        for size, k, s, d in zip(spatial, kernel, strides, dil):
+            total = max(0, (int(np.ceil(size / s)) - 1) * s + (k - 1) * d + 1 - size)
+            small, big = total // 2, total - total // 2
+            out.append((big, small) if auto_pad == "SAME_LOWER" else (small, big))
+        return (out[0][0], out[1][0], out[0][1], out[1][1])
+    if auto_pad == "VALID":
+        return (0, 0, 0, 0)
+    return tuple(pads)
+
+
+def _out_size(spatial, kernel, pads, strides, dil) -> int:
+    oh = (spatial[0] + pads[0] + pads[2] - dil[0] * (kernel[0] - 1) - 1) // strides[0] + 1
+    ow = (spatial[1] + pads[1] + pads[3] - dil[1] * (kernel[1] - 1) - 1) // strides[1] + 1
+    return max(1, oh * ow)
+
+
+class CountedFeeds:
+    """Calibration feeds passed through, counting the samples a full pass yields (the feeds'
+    leading dimension) into ``samples`` (the most any one pass read)."""
+
+    def __init__(self, data: Iterable[dict]) -> None:
+        self.data, self.samples = data, 0
+
+    def __iter__(self) -> Iterator[dict]:
+        n = 0
+        for feed in self.data:
+            n += max((int(np.shape(v)[0]) for v in feed.values() if np.ndim(v)), default=1)
+            yield feed
+        self.samples = max(self.samples, n)
+
+
+@dataclass
+class Grams:
+    """What ``layer_grams`` returns: per request, one GramStats per group; the samples read; the
+    shape of each requested tensor in the first batch."""
+
+    stats: dict
+    samples: int = 0
+    shapes: dict = field(default_factory=dict)
+
+
+def layer_grams(ctx: Any, model: onnx.ModelProto, requests: Iterable[GramRequest],
+                samples: Optional[int] = None) -> Grams:
+    """XᵀX per group for every request, in one streaming run over the calibration data.
+
+    Statistics already collected on the same model (same ``samples``) in this pipeline are
+    taken from ``ctx`` instead of running again (see :func:`shared`).
+    """
+    requests = list(dict.fromkeys(requests))
+    cache = shared(ctx, model, ("grams", samples))
+    missing = [r for r in requests if r not in cache]
+    read = 0
+    if missing:
+        stats = {r: [GramStats(r.k) for _ in range(r.groups)] for r in missing}
+        shapes: dict[str, tuple] = {}
+        by_name: dict[str, list] = {}
+        for r in missing:
+            by_name.setdefault(r.name, []).append(r)
+
+        def reduce(values: dict[str, np.ndarray]) -> None:
+            for name, x in values.items():
+                shapes.setdefault(name, tuple(np.shape(x)))
+                for r in by_name.get(name, []):
+                    for gi in range(r.groups):
+                        for rows in layer_rows(x, r.layout, gi, r.k):
+                            stats[r][gi].update(rows)
+
+        data = CountedFeeds(calibration_set(ctx, model, samples=samples))
+        stream_tensors(model, sorted(by_name), data, reduce)
+        read = data.samples
+        for r in missing:
+            cache[r] = (stats[r], read, shapes.get(r.name))
+    found = {r: cache[r][0] for r in requests}
+    return Grams(found, max([read] + [cache[r][1] for r in requests]), {r.name: cache[r][2] for r in requests})
+
+
+def shared(ctx: Any, model: onnx.ModelProto, what: tuple) -> dict:
+    """A dict on ``ctx`` (one pipeline run) for statistics of kind ``what`` measured on ``model``.
+
+    Keyed by a fingerprint of the model (nodes, tensor names, and the bytes of every
+    initializer, by CRC), so a pass that changes anything reads fresh statistics. Contexts
+    without room for it (no ``cache`` attribute) get a fresh dict each time.
+    """
+    cache = getattr(ctx, "cache", None)
+    if not isinstance(cache, dict):
+        return {}
+    return cache.setdefault((fingerprint(model), what), {})
+
+
+def fingerprint(model: onnx.ModelProto) -> str:
+    """A digest of what a model computes: its nodes and the data of its tensors (external data by location)."""
+    import hashlib
+    import zlib
+
+    h = hashlib.sha1()
+    graphs = [model.graph]
+    while graphs:
+        g = graphs.pop()
+        for init in g.initializer:
+            h.update(init.name.encode())
+            h.update(bytes(str((init.data_type, tuple(init.dims))), "utf8"))
+            h.update(zlib.crc32(init.raw_data).to_bytes(4, "little") if init.raw_data else
+                     init.SerializeToString())
+        for node in g.node:
+            h.update(str((node.op_type, node.domain, tuple(node.input), tuple(node.output))).encode())
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    graphs.append(attr.g)
+                elif attr.type == onnx.AttributeProto.GRAPHS:
+                    graphs.extend(attr.graphs)
+                else:
+                    h.update(attr.SerializeToString())
+    return h.hexdigest()
+
+
+class CrossStats:
+    """Streaming XₚᵀXₚ, XₚᵀX_d and the means of both: one layer's input as a changed (pruned)
+    model makes it and as the dense model does, on the same samples."""
+
+    def __init__(self, k: int) -> None:
+        self.k = k
+        self.gram = np.zeros((k, k))
+        self.cross = np.zeros((k, k))
+        self.mean = np.zeros(k)
+        self.mean_dense = np.zeros(k)
+        self.rows = 0
+
+    def update(self, xp: np.ndarray, xd: np.ndarray) -> None:
+        xp, xd = np.asarray(xp, np.float64), np.asarray(xd, np.float64)
+        self.gram += xp.T @ xp
+        self.cross += xp.T @ xd
+        total = self.rows + len(xp)
+        if total:
+            self.mean += (xp.sum(axis=0) - len(xp) * self.mean) / total
+            self.mean_dense += (xd.sum(axis=0) - len(xd) * self.mean_dense) / total
+        self.rows = total
+
+
+def cross_grams(ctx: Any, current: onnx.ModelProto, dense: onnx.ModelProto, request: GramRequest,
+                samples: Optional[int] = None) -> tuple[list[CrossStats], int]:
+    """Per group, the CrossStats of one layer input between ``current`` and ``dense`` (one run of
+    both side by side), and the samples read."""
+    paired, twin = paired_model(current, dense, request.name)
+    stats = [CrossStats(request.k) for _ in range(request.groups)]
+
+    def reduce(values: dict[str, np.ndarray]) -> None:
+        for gi in range(request.groups):
+            for rp, rd in zip(layer_rows(values[request.name], request.layout, gi, request.k),
+                              layer_rows(values[twin], request.layout, gi, request.k)):
+                stats[gi].update(rp, rd)
+
+    data = CountedFeeds(calibration_set(ctx, paired, samples=samples))
+    stream_tensors(paired, [request.name, twin], data, reduce)
+    return stats, data.samples
+
+
+def paired_model(current: onnx.ModelProto, dense: onnx.ModelProto, name: str) -> tuple[onnx.ModelProto, str]:
+    """One model running ``current`` and (prefixed) ``dense`` on the same inputs; the dense twin of ``name``."""
+    import onnx.compose
+
+    prefix = "dense__"
+    twin = onnx.compose.add_prefix(dense, prefix)
+    model = onnx.ModelProto()
+    model.CopyFrom(current)
+    feeds = [onnx.helper.make_node("Identity", [i.name], [prefix + i.name], name=f"{prefix}feed_{i.name}")
+             for i in dense.graph.input]
+    model.graph.node.extend(feeds)
+    model.graph.node.extend(twin.graph.node)
+    model.graph.initializer.extend(twin.graph.initializer)
+    model.graph.sparse_initializer.extend(twin.graph.sparse_initializer)
+    model.graph.value_info.extend(twin.graph.value_info)
+    model.functions.extend(twin.functions)
+    return model, prefix + name

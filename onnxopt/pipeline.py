@@ -115,7 +115,8 @@ class PassContext:
     tensor data the pass may add to the model (set by the pass manager from the
     pipeline's ``max_growth``, ``math.inf`` when unlimited; None when no pass
     manager set it: a pass that can grow the model applies ``growth_limit`` to the
-    graph it is given).
+    graph it is given). ``cache`` holds what calibration collected (``calibrate.shared``) so
+    that later passes of the same run reuse it while the model is unchanged.
     """
 
     opset: int = 0
@@ -125,6 +126,7 @@ class PassContext:
     log: logging.Logger = log
     template: Optional[onnx.ModelProto] = None
     growth_allowance: Optional[float] = None
+    cache: dict = field(default_factory=dict, repr=False)  # statistics shared by the passes of one run
 
     def export(self, graph: gs.Graph) -> onnx.ModelProto:
         """The graph as a ModelProto, with the original model's opsets and fields."""

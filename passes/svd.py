@@ -18,11 +18,11 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnxopt import graph as G
-from onnxopt.calibrate import GramStats, calibration_set, matmul_rows, stream_tensors
+from onnxopt import layers as L
+from onnxopt.calibrate import gram_request, layer_grams
 from onnxopt.options import option
 from onnxopt.pipeline import BN_FOLDED, Pass, PassContext, PassResult, Tolerance, register_pass
 
-_FLOATS = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 _MODES = ("rank", "rank_ratio", "energy", "tolerance", "param_ratio")
 DEFAULT_ENERGY = 0.99
 _SKIPS = ("excluded", "no_constant_weight", "constant_input", "weight_not_2d", "unsupported_dtype", "shared_weight",
@@ -234,16 +234,8 @@ def _round(x: float) -> float:
 
 @dataclass(eq=False)
 class _Layer:
-    graph: gs.Graph
-    node: gs.Node
-    kind: str                 # matmul | gemm
-    x: gs.Tensor
-    weight: gs.Tensor
+    layer: L.Layer            # the MatMul/Gemm (onnxopt.layers)
     w: np.ndarray             # float64 [K, N]: op(B) for Gemm, alpha not applied
-    dtype: np.dtype
-    top: bool
-    trans_a: bool = False
-    alpha: float = 1.0
     gram: Optional[np.ndarray] = None     # XᵀX / rows (undamped), float64 [K, K]
     x_shape: Optional[tuple] = None       # a calibration batch's shape of X
     rows: int = 0                         # activation rows the calibration gave
@@ -259,6 +251,30 @@ class _Layer:
     t_fact: Optional[float] = None
     timing_rows: Optional[int] = None
     status: str = ""
+
+    @property
+    def node(self) -> gs.Node:
+        return self.layer.node
+
+    @property
+    def kind(self) -> str:
+        return self.layer.kind
+
+    @property
+    def x(self) -> gs.Tensor:
+        return self.layer.x
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.layer.weight.dtype
+
+    @property
+    def top(self) -> bool:
+        return self.layer.top
+
+    @property
+    def trans_a(self) -> bool:
+        return self.layer.trans_a
 
     @property
     def k(self) -> int:
@@ -291,130 +307,62 @@ class _Layer:
         return d
 
 
-def _fixed(tensor: gs.Tensor, overridable: set) -> Optional[gs.Constant]:
-    """The constant behind an initializer or a Constant node's output; None when not fixed."""
-    source = G.constant_source(tensor, overridable)
-    return source if isinstance(source, gs.Constant) else None
-
-
-@dataclass
-class _Weight:
-    const: gs.Constant
-    transposed: bool   # read through a Transpose node (exports without constant folding)
-    single_use: bool   # nothing else reads the constant (or the Transpose), so factoring it frees it
-
-    @property
-    def shape(self) -> tuple:
-        shape = tuple(self.const._values.shape)
-        return shape[::-1] if self.transposed else shape
-
-    def value(self) -> np.ndarray:
-        w = np.asarray(self.const.values)
-        return w.T if self.transposed else w
-
-
-def _resolve_weight(tensor: gs.Tensor, overridable: set) -> Optional[_Weight]:
-    """An initializer, a Constant node, or a 2-D Transpose of either."""
-    const = _fixed(tensor, overridable)
-    if const is not None:
-        return _Weight(const, False, len(tensor.outputs) == 1)
-    maker = G.producer(tensor)
-    if (maker is not None and maker.op == "Transpose" and (maker.domain or "") in ("", "ai.onnx")
-            and maker.inputs):
-        src = maker.inputs[0]
-        const = _fixed(src, overridable)
-        if const is not None and len(const._values.shape) == 2 and list(maker.attrs.get("perm", [1, 0])) == [1, 0]:
-            return _Weight(const, True, len(tensor.outputs) == 1 and len(src.outputs) == 1)
-    return None
+_AS_SVD = {"overridable_weight": "no_constant_weight", "dynamic_weight": "no_constant_weight",
+           "weight_not_folded": "no_constant_weight", "weight_dtype": "unsupported_dtype",
+           "weight_rank": "weight_not_2d"}  # layers' reasons under the names svd's stats have always used
 
 
 def _collect(graph: gs.Graph, opts: SvdOptions, skips: Counter, opset: int) -> list[_Layer]:
-    overridable = set(vars(graph).get("initializer_inputs", []) or [])
+    ops = ("MatMul", "Gemm") if opset >= 7 else ("MatMul",)
+    found = L.find_layers(graph, ops=ops, exclude=opts.exclude, check_input=True)
+    for node, scope, reason in found.skipped:
+        skips["in_function" if _in_function(scope) else _AS_SVD.get(reason, reason)] += 1
+    if opset < 7:  # Gemm before opset 7 (broadcast attribute) is left alone
+        for g in G.iter_graphs(graph, functions=False):
+            for node in g.nodes:
+                if node.op == "Gemm" and (node.domain or "") in ("", "ai.onnx") and len(node.inputs) >= 2:
+                    excluded = any(fnmatch.fnmatchcase(node.name or "", pat) for pat in opts.exclude)
+                    skips["excluded" if excluded else "old_opset"] += 1
+        for func in getattr(graph, "functions", []):
+            for g in G.iter_graphs(func, functions=False):
+                skips["in_function"] += sum(1 for n in g.nodes if n.op == "Gemm" and (n.domain or "") in ("", "ai.onnx"))
     layers = []
-    for func in getattr(graph, "functions", []):
-        for g in G.iter_graphs(func, functions=False):
-            skips["in_function"] += sum(1 for n in g.nodes if n.op in ("MatMul", "Gemm")
-                                        and (n.domain or "") in ("", "ai.onnx"))
-    for g in G.iter_graphs(graph, functions=False):
-        top = g is graph
-        for node in g.nodes:
-            if node.op not in ("MatMul", "Gemm") or (node.domain or "") not in ("", "ai.onnx") or len(node.inputs) < 2:
-                continue
-            if any(fnmatch.fnmatchcase(node.name or "", pat) for pat in opts.exclude):
-                skips["excluded"] += 1
-                continue
-            if node.op == "Gemm" and opset < 7:
-                skips["old_opset"] += 1
-                continue
-            x, weight = node.inputs[0], node.inputs[1]
-            found = _resolve_weight(weight, overridable)
-            if found is None:
-                skips["no_constant_weight"] += 1
-                continue
-            if _resolve_weight(x, overridable) is not None:
-                skips["constant_input"] += 1  # constant x constant: for fold
-                continue
-            dtype = np.dtype(found.const._values.dtype)
-            if dtype not in _FLOATS:
-                skips["unsupported_dtype"] += 1
-                continue
-            if len(found.shape) != 2:
-                skips["weight_not_2d"] += 1
-                continue
-            if not found.single_use:
-                skips["shared_weight"] += 1
-                continue
-            w = found.value().astype(np.float64)
-            trans_a, alpha = False, 1.0
-            if node.op == "Gemm":
-                if int(node.attrs.get("transB", 0)):
-                    w = w.T
-                trans_a = bool(int(node.attrs.get("transA", 0)))
-                alpha = float(node.attrs.get("alpha", 1.0))
-            layers.append(_Layer(g, node, node.op.lower(), x, weight, np.ascontiguousarray(w), dtype, top,
-                                 trans_a=trans_a, alpha=alpha))
+    for layer in found.layers:
+        if layer.in_function:
+            skips["in_function"] += 1
+            continue
+        if not layer.weight.single_use:
+            skips["shared_weight"] += 1
+            continue
+        w = layer.weight.value().astype(np.float64)
+        if layer.kind == "gemm" and layer.trans_b:
+            w = w.T
+        layers.append(_Layer(layer, np.ascontiguousarray(w)))
     return layers
+
+
+def _in_function(scope: str) -> bool:
+    return scope.startswith("function ")
 
 
 # ----------------------------------------------------------------- calibration
 
 def _calibrate(graph: gs.Graph, layers: list[_Layer], ctx: PassContext, opts: SvdOptions, warn: bool = True) -> None:
-    """One streaming run: XᵀX per distinct layer input (transposed for Gemm transA)."""
+    """XᵀX per distinct layer input (transposed for Gemm transA), from calibrate's shared statistics."""
     model = ctx.export(graph)
-    data = calibration_set(ctx, model, samples=opts.samples)
-    inputs = {t.name for t in graph.inputs}
-    keys = {(l.x.name, l.trans_a): l.k for l in layers}
-    grams = {key: GramStats(k) for key, k in keys.items()}
-    shapes: dict[str, tuple] = {}
-    current: dict[str, Any] = {}
-
-    def feeds() -> Iterator[dict]:
-        for feed in data:
-            current["feed"] = feed
-            yield feed
-
-    def reduce(values: dict[str, np.ndarray]) -> None:
-        for (name, trans), stats in grams.items():
-            x = current["feed"][name] if name in inputs else values.get(name)
-            if x is None:
-                continue
-            x = np.asarray(x)
-            shapes.setdefault(name, tuple(x.shape))
-            stats.update(x.T if trans else matmul_rows(x))
-
-    names = [name for name, _ in keys if name not in inputs]
-    stream_tensors(model, names, feeds(), reduce)
-    thin = [f"{l.node.name or l.x.name} ({grams[(l.x.name, l.trans_a)].rows} < {l.k})" for l in layers
-            if grams[(l.x.name, l.trans_a)].rows < l.k]
+    requests = {id(l): gram_request(l.layer) for l in layers}
+    grams = layer_grams(ctx, model, requests.values(), samples=opts.samples)
+    stats = {id(l): grams.stats[requests[id(l)]][0] for l in layers}
+    thin = [f"{l.node.name or l.x.name} ({stats[id(l)].rows} < {l.k})" for l in layers if stats[id(l)].rows < l.k]
     if thin and warn:
         ctx.log.warning("svd: calibration gave fewer activation rows than input channels for %d layer(s), e.g. %s: "
                         "their output-error estimates and whitening fit those rows only; give more calibration data",
                         len(thin), ", ".join(thin[:3]))
     for l in layers:
-        g = grams[(l.x.name, l.trans_a)]
+        g = stats[id(l)]
         l.gram = g.covariance()
         l.rows = g.rows
-        l.x_shape = shapes.get(l.x.name)
+        l.x_shape = grams.shapes.get(l.x.name)
         if l.x_shape is not None and l.trans_a:
             l.x_shape = tuple(reversed(l.x_shape))
 
@@ -618,32 +566,6 @@ def _time_pair(l: _Layer, ctx: PassContext, rows: int, xdtype: np.dtype, ort: An
 def _rewrite(l: _Layer, names: G.Names, opset: int) -> None:
     r = l.rank
     root = np.sqrt(l.sigma[:r])
-    a = l.p[:, :r] * root[None, :] * l.alpha
+    a = l.p[:, :r] * root[None, :] * l.layer.alpha
     b = root[:, None] * l.vt[:r]
-    base = l.weight.name or l.node.name or "svd"  # a Transpose-read weight: its output's name
-    const_a = gs.Constant(names.fresh(f"{base}_svd_a"), np.ascontiguousarray(a.astype(l.dtype)))
-    const_b = gs.Constant(names.fresh(f"{base}_svd_b"), np.ascontiguousarray(b.astype(l.dtype)))
-    node, x = l.node, l.x
-    out_shape = None
-    if x.shape is not None and l.kind == "matmul" and len(x.shape) >= 1:
-        out_shape = [*x.shape[:-1], r]
-    elif x.shape is not None and l.kind == "gemm" and len(x.shape) == 2:
-        out_shape = [x.shape[1] if l.trans_a else x.shape[0], r]
-    mid = gs.Variable(names.fresh(f"{node.name or base}_svd_mid"), dtype=x.dtype, shape=out_shape)
-    first_name = names.fresh(f"{node.name or base}_svd_a")
-    if l.kind == "matmul":
-        first = gs.Node("MatMul", name=first_name, inputs=[x, const_a], outputs=[mid])
-        node.inputs[0] = mid
-        node.inputs[1] = const_b
-    else:
-        inputs = [x, const_a]
-        if opset < 11:
-            inputs.append(gs.Constant(names.fresh(f"{base}_svd_zero"), np.zeros((1,), l.dtype)))
-        first = gs.Node("Gemm", name=first_name, attrs={"transA": int(l.trans_a)}, inputs=inputs, outputs=[mid])
-        node.inputs[0] = mid
-        node.inputs[1] = const_b
-        node.attrs.pop("transA", None)
-        node.attrs.pop("transB", None)
-        node.attrs.pop("alpha", None)
-    idx = G.positions(l.graph.nodes, node)[0]
-    l.graph.nodes.insert(idx, first)
+    l.layer.factor(a.astype(l.dtype), b.astype(l.dtype), names, opset)

@@ -72,3 +72,74 @@ def test_conv_rows_reproduce_ort_conv(group):
         got = rows @ w[g * per:(g + 1) * per].reshape(per, -1).T
         want = y[:, g * per:(g + 1) * per].transpose(0, 2, 3, 1).reshape(-1, per)
         assert np.allclose(got, want, atol=1e-5)
+
+
+# ----------------------------------------------------------------- per-layer statistics
+
+
+def _digits_layers(name):
+    from onnxopt import graph as G
+    from onnxopt import layers as L
+
+    model = onnxopt.load(ROOT / "models" / name)
+    graph = G.import_graph(model)
+    return model, graph, L.find_layers(graph).layers
+
+
+@pytest.mark.parametrize("name", ["digits_mlp.onnx", "digits_cnn.onnx"])
+def test_layer_grams_equal_the_grams_of_the_layer_inputs(name):
+    from onnxopt.calibrate import gram_request, layer_grams, layer_rows, with_outputs
+    from onnxopt.pipeline import PassContext
+
+    model, _, layers = _digits_layers(name)
+    x = np.load(ROOT / "models" / "digits_calib.npz")["input"][:64]
+    ctx = PassContext(calibration={"input": x})
+    requests = [gram_request(l) for l in layers]
+    grams = layer_grams(ctx, model, requests, samples=64)
+    assert grams.samples == 64
+    sess = ort.InferenceSession(with_outputs(model, [r.name for r in requests]).SerializeToString())
+    values = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {"input": x})))
+    for layer, r in zip(layers, requests):
+        for gi in range(r.groups):
+            rows = np.concatenate(list(layer_rows(values[r.name], r.layout, gi, r.k))).astype(np.float64)
+            assert rows.shape[1] == layer.in_features
+            np.testing.assert_allclose(grams.stats[r][gi].gram, rows.T @ rows, rtol=1e-5, atol=1e-6)  # ORT: batch 32 vs 64
+        assert grams.shapes[r.name][0] == 32  # the first batch (calibration batches of 32)
+
+
+def test_layer_grams_are_shared_within_a_run_until_the_model_changes(monkeypatch):
+    import onnxopt.calibrate as C
+    from onnxopt.pipeline import PassContext
+
+    model, _, layers = _digits_layers("digits_mlp.onnx")
+    ctx = PassContext(calibration=ROOT / "models" / "digits_calib.npz")
+    runs = []
+    real = C.stream_tensors
+    monkeypatch.setattr(C, "stream_tensors", lambda *a, **k: runs.append(1) or real(*a, **k))
+    requests = [C.gram_request(l) for l in layers]
+    first = C.layer_grams(ctx, model, requests[:2], samples=64)
+    again = C.layer_grams(ctx, model, requests, samples=64)  # two cached, one new
+    assert len(runs) == 2 and again.stats[requests[0]] is first.stats[requests[0]]
+    assert again.samples == first.samples == 64
+    changed = onnx.ModelProto()
+    changed.CopyFrom(model)
+    changed.graph.initializer[0].raw_data = bytes(len(changed.graph.initializer[0].raw_data))
+    C.layer_grams(ctx, changed, requests[:1], samples=64)
+    assert len(runs) == 3  # other weights: measured again
+    C.layer_grams(PassContext(calibration=ctx.calibration), model, requests[:1], samples=64)
+    assert len(runs) == 4  # another run (context): measured again
+
+
+def test_cross_grams_pair_a_changed_model_with_the_dense_one():
+    from onnxopt.calibrate import cross_grams, gram_request, layer_grams
+    from onnxopt.pipeline import PassContext
+
+    model, _, layers = _digits_layers("digits_mlp.onnx")
+    ctx = PassContext(calibration=ROOT / "models" / "digits_calib.npz")
+    r = gram_request(layers[1])
+    (same,), samples = cross_grams(ctx, model, model, r, samples=64)
+    plain = layer_grams(ctx, model, [r], samples=64).stats[r][0]
+    assert samples == 64
+    np.testing.assert_allclose(same.gram, plain.gram, rtol=1e-9)
+    np.testing.assert_allclose(same.cross, plain.gram, rtol=1e-9)  # identical models: the cross term is XᵀX
+    np.testing.assert_allclose(same.mean_dense, same.mean)
