@@ -5,16 +5,16 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections import Counter
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxopt import graph as G
-from onnxopt.calibrate import GramStats, calibration_set, matmul_rows, stream_tensors
+from onnxopt.calibrate import gram_request, layer_grams
 from onnxopt.pipeline import CONSTANTS_FOLDED, Pass, PassContext, PassResult, Tolerance, register_pass
 
-from .layers import SKIPS, Layer, find_layers
+from .layers import SKIPS, Target, find_layers
 from .options import WoqOptions
 from .quantize import Blocks, Hessian, gptq, hessian, hqq, rtn
 from .writer import DOMAIN, write_gather, write_matmul
@@ -65,7 +65,8 @@ class Woq(Pass):
     Options = WoqOptions
     exact = False
     tolerance = Tolerance(min_cosine=0.99)
-    requires = (CONSTANTS_FOLDED,)  # a weight still computed from constants (Transpose of an initializer) is folded first
+    leaves_dangling = True  # Constant, Identity and Transpose nodes that held replaced weights
+    requires = (CONSTANTS_FOLDED,)  # a weight still computed from constants (beyond a Transpose) is folded first
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         opts: WoqOptions = self.options
@@ -89,7 +90,7 @@ class Woq(Pass):
         errors: list[float] = []
         names = G.Names(graph)
         for layer in layers:
-            stats["bytes_before"] += int(layer.weight._values.nbytes)
+            stats["bytes_before"] += layer.nbytes
             blocks, error = quantize_layer(layer, opts, grams, stats)
             node = (write_gather(layer, blocks, names) if layer.kind == "gather"
                     else write_matmul(layer, blocks, names, opts.accuracy_level))
@@ -100,8 +101,8 @@ class Woq(Pass):
         stats["max_weight_error"] = float(f"{max(errors, default=0.0):.4g}")
         if layers:
             _import_domain(graph)
-        if skips["no_constant_weight"]:
-            notes.append(f"{skips['no_constant_weight']} MatMul/Gemm without a constant weight (activation x activation) stay float")
+        if skips["dynamic_weight"]:
+            notes.append(f"{skips['dynamic_weight']} MatMul/Gemm without a constant weight (activation x activation) stay float")
         return PassResult(bool(layers), stats, notes)
 
 
@@ -111,7 +112,7 @@ class Woq(Pass):
 CHUNK = 1 << 22
 
 
-def quantize_layer(layer: Layer, opts: WoqOptions, grams: dict[str, Any],
+def quantize_layer(layer: Target, opts: WoqOptions, grams: dict[str, Any],
                    stats: dict[str, Any]) -> tuple[Blocks, float]:
     """Read one weight, quantize it chunk by chunk, and return the blocks with the relative weight
     error ‖W-Ŵ‖/‖W‖; the float weight is dropped on return."""
@@ -147,28 +148,16 @@ def quantize_layer(layer: Layer, opts: WoqOptions, grams: dict[str, Any],
     return blocks, (err2 / norm2) ** 0.5 if norm2 > 0 else 0.0
 
 
-def collect_grams(graph: gs.Graph, layers: list[Layer], ctx: PassContext, samples: int) -> dict[str, np.ndarray]:
-    """XᵀX of every distinct layer input, from one streaming run over the calibration data."""
-    model = ctx.export(graph)
-    data = calibration_set(ctx, model, samples=samples)
-    inputs = {t.name for t in graph.inputs}
-    stats = {l.x.name: GramStats(l.k) for l in layers}
-    current: dict[str, Any] = {}
-
-    def feeds() -> Iterator[dict]:
-        for feed in data:
-            current["feed"] = feed
-            yield feed
-
-    def reduce(values: dict[str, np.ndarray]) -> None:
-        for name, gram in stats.items():
-            x = current["feed"].get(name) if name in inputs else values.get(name)
-            if x is not None:
-                gram.update(matmul_rows(np.asarray(x)))
-
-    stream_tensors(model, [n for n in stats if n not in inputs], feeds(), reduce)
-    del model
-    return {name: g.gram for name, g in stats.items() if g.rows}
+def collect_grams(graph: gs.Graph, layers: list[Target], ctx: PassContext, samples: int) -> dict[str, np.ndarray]:
+    """XᵀX of every distinct layer input (calibrate.layer_grams: one streaming run, shared with the
+    other passes of the run while the model is unchanged)."""
+    requests = {id(t): gram_request(t.layer) for t in layers}
+    wanted = [r for r in requests.values() if r is not None]
+    if not wanted:
+        return {}
+    grams = layer_grams(ctx, ctx.export(graph), wanted, samples=samples)
+    return {t.x.name: grams.stats[r][0].gram for t in layers if (r := requests[id(t)]) is not None
+            and grams.stats[r][0].rows}
 
 
 def _import_domain(graph: gs.Graph) -> None:

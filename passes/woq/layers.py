@@ -1,8 +1,10 @@
-"""The layers woq can rewrite: MatMul/Gemm with a constant 2-D weight, Gather on a float table.
+"""The layers woq rewrites: MatMul/Gemm found by :mod:`onnxopt.layers`, and Gathers on float tables.
 
-``find_layers`` is the one place that walks the graph; everything else takes its list.
-Reading a weight's values is left to :meth:`Layer.read`, called one layer at a time,
-so no more than one float weight is held at once.
+``find_layers`` turns onnxopt.layers' weighted layers (MatMul and Gemm) into :class:`Target`s
+and adds the embedding Gathers; what cannot map onto MatMulNBits or GatherBlockQuantized is
+counted in one vocabulary, onnxopt.layers' reasons first. Reading a weight's values is left
+to :meth:`Target.read`, called one layer at a time, so no more than one float weight is
+held at once.
 """
 
 from __future__ import annotations
@@ -17,22 +19,27 @@ import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues, SparseValues
 
 from onnxopt import graph as G
+from onnxopt import layers as L
 
 from .options import WoqOptions
 
-FLOATS = (np.dtype(np.float32), np.dtype(np.float16))
-SKIPS = ("excluded", "no_constant_weight", "weight_not_2d", "weight_dtype", "gemm_trans_a", "gemm_bias",
-         "input_1d", "in_function", "embeddings_off", "gather_axis", "gather_odd_width")
+FLOATS = (np.dtype(np.float32), np.dtype(np.float16))   # MatMulNBits' and GatherBlockQuantized's A/output types
+# onnxopt.layers' reasons, then woq's own (what MatMulNBits / GatherBlockQuantized cannot express)
+SKIPS = ("excluded", "dynamic_weight", "overridable_weight", "weight_not_folded", "constant_input", "weight_dtype",
+         "weight_rank", "in_function", "gemm_trans_a", "gemm_bias", "input_1d", "embeddings_off", "gather_axis",
+         "gather_odd_width")
 
 
 @dataclass(eq=False)
-class Layer:
-    graph: gs.Graph
+class Target:
+    """One node to rewrite: a MatMul/Gemm (``layer`` from onnxopt.layers) or an embedding Gather."""
+
     node: gs.Node
+    graph: gs.Graph
     kind: str                   # matmul | gemm | gather
-    weight: gs.Constant         # the stored table: [K, N] (Gemm transB: [N, K]; Gather: [rows, width])
+    const: gs.Constant          # the stored values
     top: bool                   # in the main graph (calibration reaches it)
-    trans_b: bool = False
+    layer: Optional[L.Layer] = None
     alpha: float = 1.0
     bias: Optional[np.ndarray] = None   # Gemm: beta * C as float [N]
 
@@ -42,117 +49,107 @@ class Layer:
         return self.node.inputs[1] if self.kind == "gather" else self.node.inputs[0]
 
     @property
-    def shape(self) -> tuple:
-        return tuple(self.weight._values.shape)
+    def name(self) -> str:
+        return self.const.name or self.node.name or "woq"
 
     @property
     def k(self) -> int:
-        return self.shape[1] if self.trans_b or self.kind == "gather" else self.shape[0]
+        """MatMul/Gemm: input features; Gather: the table's width."""
+        return self.layer.in_features if self.layer is not None else self.const._values.shape[1]
 
     @property
     def n(self) -> int:
-        return self.shape[0] if self.trans_b or self.kind == "gather" else self.shape[1]
+        """MatMul/Gemm: output features; Gather: the table's rows."""
+        return self.layer.out_features if self.layer is not None else self.const._values.shape[0]
 
     @property
     def dtype(self) -> np.dtype:
-        return np.dtype(self.weight._values.dtype)
+        return np.dtype(self.const._values.dtype)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.const._values.nbytes)
 
     def read(self) -> np.ndarray:
-        """The weight as float32 [K, N] (Gather: the table [rows, width]), read now and not cached."""
-        values = self.weight._values
-        array = values.load() if isinstance(values, LazyValues) else G.const_array(self.weight)
-        w = np.asarray(array, np.float32)
-        return w.T if self.trans_b else w
+        """The weight as float32 [K, N] (Gather: the table [rows, width]), read now and not cached on
+        the graph (gs's ``values`` would keep it)."""
+        values = self.const._values
+        stored = values.load() if isinstance(values, LazyValues) else G.const_array(self.const)
+        if self.layer is not None:
+            stored = self.layer.matrix(stored).T     # [out, in] -> [K, N]
+        return np.asarray(stored, np.float32)
+
+    def replace(self, new: gs.Node) -> None:
+        """Put ``new`` in the node's place, writing the node's outputs."""
+        outputs = list(self.node.outputs)
+        self.node.outputs.clear()
+        new.outputs = outputs
+        nodes = self.graph.nodes
+        idx = G.positions(nodes, self.node)[0]
+        self.node.inputs.clear()
+        nodes[idx] = new
 
 
-def find_layers(graph: gs.Graph, opts: WoqOptions, skips: Counter) -> list[Layer]:
-    """Every rewritable layer in the graph and its If/Loop/Scan bodies; the rest counted in ``skips``."""
+def find_layers(graph: gs.Graph, opts: WoqOptions, skips: Counter) -> list[Target]:
+    """Every rewritable node in the graph and its If/Loop/Scan bodies; the rest counted in ``skips``."""
+    found = L.find_layers(graph, ops=("MatMul", "Gemm"), exclude=opts.exclude, check_input=True)
+    for node, scope, reason in found.skipped:
+        skips["in_function" if scope.startswith("function ") else reason] += 1
     overridable = set(vars(graph).get("initializer_inputs", []) or [])
-    for func in getattr(graph, "functions", []):
-        for g in G.iter_graphs(func, functions=False):
-            skips["in_function"] += sum(1 for n in g.nodes if n.op in ("MatMul", "Gemm") and _onnx(n))
-    layers = []
-    for g in G.iter_graphs(graph, functions=False):
-        for node in g.nodes:
-            if node.op not in ("MatMul", "Gemm", "Gather") or not _onnx(node) or len(node.inputs) < 2:
-                continue
-            layer = _layer(g, node, g is graph, opts, skips, overridable)
-            if layer is not None:
-                layers.append(layer)
-    return layers
+    targets = []
+    for layer in found.layers:
+        target = _dense(layer, skips, overridable)
+        if target is not None:
+            targets.append(target)
+    targets += _gathers(graph, opts, skips, overridable)
+    return targets
 
 
-def _onnx(node: gs.Node) -> bool:
-    return (node.domain or "") in ("", "ai.onnx")
-
-
-def _constant(tensor: gs.Tensor, overridable: set) -> Optional[gs.Constant]:
-    source = G.constant_source(tensor, overridable)
-    if isinstance(source, gs.Constant) and not isinstance(source._values, SparseValues):
-        return source
-    return None
-
-
-def _layer(g: gs.Graph, node: gs.Node, top: bool, opts: WoqOptions, skips: Counter,
-           overridable: set) -> Optional[Layer]:
-    if node.op == "Gather":
-        return _gather(g, node, top, opts, skips, overridable)
-    weight = _constant(node.inputs[1], overridable)
-    if weight is None:
-        # activation x activation (attention), or a weight a caller may override
-        if _constant(node.inputs[0], overridable) is None:
-            skips["no_constant_weight"] += 1
+def _dense(layer: L.Layer, skips: Counter, overridable: set) -> Optional[Target]:
+    if layer.in_function:
+        skips["in_function"] += 1
         return None
-    if _excluded(node, opts):
-        skips["excluded"] += 1
+    if layer.weight.dtype not in FLOATS or isinstance(layer.weight.const._values, SparseValues):
+        skips["weight_dtype"] += 1     # float64 (MatMulNBits takes float16/32), or a sparse constant
         return None
-    if len(weight._values.shape) != 2:
-        skips["weight_not_2d"] += 1
-        return None
-    if np.dtype(weight._values.dtype) not in FLOATS:
-        skips["weight_dtype"] += 1   # already integer (quantized) or float64, which MatMulNBits does not take
-        return None
-    x = node.inputs[0]
+    x = layer.x
     if x.shape is not None and len(x.shape) == 1:
-        skips["input_1d"] += 1       # MatMul of a vector drops an axis; MatMulNBits keeps A's rank
+        skips["input_1d"] += 1         # MatMul of a vector drops an axis; MatMulNBits keeps A's rank
         return None
-    if node.op == "MatMul":
-        return Layer(g, node, "matmul", weight, top)
-    if int(node.attrs.get("transA", 0)):
+    if layer.kind == "matmul":
+        return Target(layer.node, layer.graph, "matmul", layer.weight.const, layer.top, layer)
+    if layer.trans_a:
         skips["gemm_trans_a"] += 1
         return None
-    trans_b = bool(int(node.attrs.get("transB", 0)))
-    n = weight._values.shape[0 if trans_b else 1]
-    bias = None
-    if len(node.inputs) > 2 and node.inputs[2].name:
-        c = G.const_value(node.inputs[2], overridable)
-        if c is None or c.size not in (1, n) or (c.ndim == 2 and c.shape[0] != 1) or c.ndim > 2:
-            skips["gemm_bias"] += 1   # a bias per row, or computed: not MatMulNBits' [N] bias
+    n, bias = layer.out_features, None
+    if layer.bias is not None:
+        c = G.const_value(layer.bias, overridable)
+        if c is None or c.size not in (1, n) or c.ndim > 2 or (c.ndim == 2 and c.shape[0] != 1):
+            skips["gemm_bias"] += 1    # a bias per row, or computed: not MatMulNBits' [N] bias
             return None
-        bias = np.broadcast_to(np.asarray(c, np.float32).reshape(-1), (n,)) * float(node.attrs.get("beta", 1.0))
-    return Layer(g, node, "gemm", weight, top, trans_b=trans_b, alpha=float(node.attrs.get("alpha", 1.0)),
-                 bias=bias)
+        bias = np.broadcast_to(np.asarray(c, np.float32).reshape(-1), (n,)) * np.float32(layer.beta)
+    return Target(layer.node, layer.graph, "gemm", layer.weight.const, layer.top, layer, alpha=layer.alpha, bias=bias)
 
 
-def _gather(g: gs.Graph, node: gs.Node, top: bool, opts: WoqOptions, skips: Counter,
-            overridable: set) -> Optional[Layer]:
-    table = _constant(node.inputs[0], overridable)
-    if table is None or np.dtype(table._values.dtype) not in FLOATS or len(table._values.shape) != 2:
-        return None   # a Gather on data or shapes: not an embedding, not counted
-    if not opts.embeddings:
-        skips["embeddings_off"] += 1
-        return None
-    if _excluded(node, opts):
-        skips["excluded"] += 1
-        return None
-    if int(node.attrs.get("axis", 0)) not in (0, -2):
-        skips["gather_axis"] += 1
-        return None
-    if table._values.shape[1] * opts.bits % 8:
-        skips["gather_odd_width"] += 1   # rows are packed whole bytes
-        return None
-    return Layer(g, node, "gather", table, top)
-
-
-def _excluded(node: gs.Node, opts: WoqOptions) -> bool:
-    return any(fnmatch.fnmatchcase(node.name or "", pat) for pat in opts.exclude)
+def _gathers(graph: gs.Graph, opts: WoqOptions, skips: Counter, overridable: set) -> list[Target]:
+    """Gathers on a constant float 2-D table (embeddings), outside model-local functions."""
+    out = []
+    for g in G.iter_graphs(graph, functions=False):
+        for node in g.nodes:
+            if node.op != "Gather" or (node.domain or "") not in ("", "ai.onnx") or len(node.inputs) < 2:
+                continue
+            table = G.constant_source(node.inputs[0], overridable)
+            if (not isinstance(table, gs.Constant) or isinstance(table._values, SparseValues)
+                    or np.dtype(table._values.dtype) not in FLOATS or len(table._values.shape) != 2):
+                continue   # a Gather on data or shapes: not an embedding, not counted
+            if not opts.embeddings:
+                skips["embeddings_off"] += 1
+            elif any(fnmatch.fnmatchcase(n, p) for p in opts.exclude for n in (node.name or "", table.name)):
+                skips["excluded"] += 1
+            elif int(node.attrs.get("axis", 0)) not in (0, -2):
+                skips["gather_axis"] += 1
+            elif table._values.shape[1] * opts.bits % 8:
+                skips["gather_odd_width"] += 1   # rows are packed in whole bytes
+            else:
+                out.append(Target(node, g, "gather", table, g is graph))
+    return out

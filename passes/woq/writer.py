@@ -7,24 +7,14 @@ import onnx_graphsurgeon as gs
 
 from onnxopt import graph as G
 
-from .layers import Layer
+from .layers import Target
 from .pack import pack
 from .quantize import Blocks
 
 DOMAIN = "com.microsoft"
 
 
-def _replace(layer: Layer, new: gs.Node) -> None:
-    """Put ``new`` where the layer's node was: same position, same outputs; the old node detached."""
-    old = layer.node
-    new.outputs = list(old.outputs)
-    old.outputs.clear()
-    old.inputs.clear()
-    nodes = layer.graph.nodes
-    nodes[G.positions(nodes, old)[0]] = new
-
-
-def _act_dtype(layer: Layer) -> np.dtype:
+def _act_dtype(layer: Target) -> np.dtype:
     """A's float type (scales, float zero points and bias must match it)."""
     x = layer.x
     if x.dtype is not None and np.dtype(x.dtype) in (np.dtype(np.float32), np.dtype(np.float16)):
@@ -32,10 +22,10 @@ def _act_dtype(layer: Layer) -> np.dtype:
     return layer.dtype
 
 
-def write_matmul(layer: Layer, blocks: Blocks, names: G.Names, accuracy_level: int) -> gs.Node:
+def write_matmul(layer: Target, blocks: Blocks, names: G.Names, accuracy_level: int) -> gs.Node:
     """Replace a MatMul/Gemm by MatMulNBits(A, B, scales, zero_points, -, bias) reading ``blocks``."""
     dtype = _act_dtype(layer)
-    base = layer.weight.name or layer.node.name or "woq"
+    base = layer.name
     bits = blocks.bits
     inputs = [layer.x,
               gs.Constant(names.fresh(f"{base}_q{bits}"), pack(blocks.codes, bits)),
@@ -52,17 +42,17 @@ def write_matmul(layer: Layer, blocks: Blocks, names: G.Names, accuracy_level: i
         attrs["accuracy_level"] = accuracy_level
     node = gs.Node("MatMulNBits", name=names.fresh(f"{layer.node.name or base}_Q{bits}"), domain=DOMAIN,
                    attrs=attrs, inputs=inputs)
-    _replace(layer, node)
+    layer.replace(node)
     return node
 
 
-def write_gather(layer: Layer, blocks: Blocks, names: G.Names) -> gs.Node:
+def write_gather(layer: Target, blocks: Blocks, names: G.Names) -> gs.Node:
     """Replace a Gather on a float table [rows, width] by GatherBlockQuantized, blocks along the width.
 
     ``blocks`` come from the table's transpose (a block per row and ``block_size`` columns)."""
-    rows, width = layer.shape
+    rows, width = layer.n, layer.k
     bits = blocks.bits
-    base = layer.weight.name or layer.node.name or "woq"
+    base = layer.name
     codes = blocks.codes.reshape(rows, -1)[:, :width]
     inputs = [gs.Constant(names.fresh(f"{base}_q{bits}"), pack(codes, bits)), layer.x,
               gs.Constant(names.fresh(f"{base}_scales"), blocks.scales.astype(layer.dtype))]
@@ -71,5 +61,5 @@ def write_gather(layer: Layer, blocks: Blocks, names: G.Names) -> gs.Node:
     node = gs.Node("GatherBlockQuantized", name=names.fresh(f"{layer.node.name or base}_Q{bits}"), domain=DOMAIN,
                    attrs={"bits": bits, "block_size": blocks.block_size, "gather_axis": 0, "quantize_axis": 1},
                    inputs=inputs)
-    _replace(layer, node)
+    layer.replace(node)
     return node
