@@ -60,13 +60,20 @@ def _minmax_params(b: np.ndarray, bits: int, symmetric: bool,
                    search: bool = False) -> tuple[np.ndarray, Optional[np.ndarray]]:
     """Scale and uint8 zero point (None when symmetric) of each block of ``b`` [..., block_size]; with
     ``search`` the range shrink of least squared error per block (never worse than no shrink)."""
-    best = _range_params(b, bits, symmetric, 1.0)
+    if symmetric:
+        idx = np.argmax(np.abs(b), axis=-1)[..., None]
+        lo = hi = np.take_along_axis(b, idx, axis=-1)[..., 0]   # the signed value of largest magnitude
+    else:
+        lo = np.minimum(b.min(axis=-1), 0.0)   # the range holds 0, so the zero point is a code
+        hi = np.maximum(b.max(axis=-1), 0.0)
+    best = _range_params(lo, hi, bits, symmetric, 1.0)
     if not search:
         return best
-    best_err = _sq_error(b, *best, bits)
+    work = np.empty_like(b, dtype=np.float32)
+    best_err = _sq_error(b, *best, bits, work)
     for shrink in SHRINKS[1:]:
-        scale, zero = _range_params(b, bits, symmetric, float(shrink))
-        err = _sq_error(b, scale, zero, bits)
+        scale, zero = _range_params(lo, hi, bits, symmetric, float(shrink))
+        err = _sq_error(b, scale, zero, bits, work)
         better = err < best_err
         if better.any():
             best_err = np.where(better, err, best_err)
@@ -75,26 +82,33 @@ def _minmax_params(b: np.ndarray, bits: int, symmetric: bool,
     return best
 
 
-def _range_params(b: np.ndarray, bits: int, symmetric: bool, shrink: float) -> tuple[np.ndarray, Optional[np.ndarray]]:
+def _range_params(lo: np.ndarray, hi: np.ndarray, bits: int, symmetric: bool,
+                  shrink: float) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    """Scale and zero point of blocks whose range is [lo, hi] shrunk by ``shrink`` (symmetric: ``lo`` is
+    the signed value of largest magnitude, mapped to -2^(bits-1))."""
     qmax = 2 ** bits - 1
     if symmetric:
-        half = 2 ** (bits - 1)
-        idx = np.argmax(np.abs(b), axis=-1)[..., None]
-        peak = np.take_along_axis(b, idx, axis=-1)[..., 0]   # the signed value of largest magnitude
-        scale = peak * shrink / -half
+        scale = (lo * shrink / -(2 ** (bits - 1))).astype(np.float32)
         scale[scale == 0] = 1.0
-        return scale.astype(np.float32), None
-    lo = np.minimum(b.min(axis=-1), 0.0) * shrink  # the range holds 0, so the zero point is a code
-    hi = np.maximum(b.max(axis=-1), 0.0) * shrink
-    scale = (hi - lo) / qmax
+        return scale, None
+    scale = ((hi - lo) * shrink / qmax).astype(np.float32)
     scale[scale == 0] = 1.0
-    zero = np.clip(np.round(-lo / scale), 0, qmax)
-    return scale.astype(np.float32), zero.astype(np.uint8)
+    zero = np.clip(np.round(-lo * shrink / scale), 0, qmax)
+    return scale, zero.astype(np.uint8)
 
 
-def _sq_error(b: np.ndarray, scale: np.ndarray, zero: Optional[np.ndarray], bits: int) -> np.ndarray:
+def _sq_error(b: np.ndarray, scale: np.ndarray, zero: Optional[np.ndarray], bits: int,
+              work: Optional[np.ndarray] = None) -> np.ndarray:
+    """Squared error of each block quantized with ``scale`` and ``zero`` (in place in ``work``)."""
     z = np.float32(2 ** (bits - 1)) if zero is None else zero.astype(np.float32)[..., None]
-    d = (_codes(b, scale, zero, bits) - z) * scale[..., None] - b
+    s = scale[..., None]
+    d = np.divide(b, s, out=work) if work is not None else b / s
+    np.round(d, out=d)
+    d += z
+    np.clip(d, 0, 2 ** bits - 1, out=d)
+    d -= z
+    d *= s
+    d -= b
     return np.einsum("...i,...i->...", d, d)
 
 
