@@ -10,11 +10,13 @@ held at once.
 from __future__ import annotations
 
 import fnmatch
+import sys
 from collections import Counter
 from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues, SparseValues
 
@@ -73,8 +75,7 @@ class Target:
     def read(self) -> np.ndarray:
         """The weight as float32 [K, N] (Gather: the table [rows, width]), read now and not cached on
         the graph (gs's ``values`` would keep it)."""
-        values = self.const._values
-        stored = values.load() if isinstance(values, LazyValues) else G.const_array(self.const)
+        stored = _stored(self.const)
         if self.layer is not None:
             stored = self.layer.matrix(stored).T     # [out, in] -> [K, N]
         return np.asarray(stored, np.float32)
@@ -88,6 +89,20 @@ class Target:
         idx = G.positions(nodes, self.node)[0]
         self.node.inputs.clear()
         nodes[idx] = new
+
+
+def _stored(const: gs.Constant) -> np.ndarray:
+    """A constant's values without a copy where its bytes are in memory (a read-only view), else
+    loaded once and not kept by the graph."""
+    values = const._values
+    if not isinstance(values, LazyValues):
+        return np.asarray(values)
+    proto = values.tensor
+    dtype = np.dtype(values.dtype)
+    if (proto.HasField("raw_data") and proto.data_location != onnx.TensorProto.EXTERNAL
+            and sys.byteorder == "little" and len(proto.raw_data) == dtype.itemsize * int(np.prod(values.shape))):
+        return np.frombuffer(proto.raw_data, dtype=dtype).reshape(tuple(values.shape))
+    return values.load()
 
 
 def find_layers(graph: gs.Graph, opts: WoqOptions, skips: Counter) -> list[Target]:
