@@ -378,3 +378,19 @@ def test_the_new_node_is_the_producer_of_the_layer_output():
     relu = next(n for n in graph.nodes if n.op == "Relu")
     assert G.producer(relu.inputs[0]).op == "MatMulNBits"
     assert [n.op for n in graph.nodes] == ["MatMulNBits", "Relu", "MatMulNBits"]
+
+
+def test_weights_are_read_without_being_kept_by_the_graph():
+    """Streaming: each float weight is read for its layer only; none is loaded into the graph
+    (gs's ``values`` would cache it), so one float weight at a time is in memory besides the model."""
+    from onnx_graphsurgeon.ir.tensor import LazyValues
+
+    from onnxopt import graph as G
+    from onnxopt.pipeline import PassContext, get_pass
+
+    graph = G.import_graph(embedding_model())
+    originals = [t for t in graph.tensors().values() if t.name in ("table", "w")]
+    assert len(originals) == 2 and all(isinstance(t._values, LazyValues) for t in originals)
+    result = get_pass("woq")().run(graph, PassContext())
+    assert result.stats["quantized_gather"] == 1 and result.stats["quantized_matmul"] == 1
+    assert all(isinstance(t._values, LazyValues) for t in originals)
