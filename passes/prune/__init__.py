@@ -16,14 +16,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxopt import graph as G
-from onnxopt.pipeline import (
-    BN_FOLDED,
-    Pass,
-    PassContext,
-    PassResult,
-    Tolerance,
-    register_pass,
-)
+from onnxopt.pipeline import BN_FOLDED, Pass, PassContext, PassResult, Tolerance, register_pass
 
 from . import masks as budget  # the sparsity budget
 from .masks import Masking, _floor, _keep_lowest_out, _keep_lowest_per_row
@@ -41,7 +34,6 @@ _SKIPS = ("excluded", "first_last", "shared_weight", "overridable", "unsupported
           "structured_graph_output", "structured_reshape", "structured_residual", "structured_concat",
           "structured_split", "structured_unsupported_op", "structured_no_consumer", "structured_shared_param",
           "structured_too_small", "bias_correction", "reconstruct_unsupported", "sparse_storage_shared")
-
 
 
 @register_pass
@@ -141,7 +133,6 @@ class Prune(Pass):
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         return _Pruner(graph, ctx, self.options).run()
-
 
 
 class _Pruner(Units, Scoring, Masking, Reconstruction, Storage, Structured):

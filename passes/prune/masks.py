@@ -177,7 +177,6 @@ def unreached_note(requested: float, got: float, why: Optional[str]) -> str:
             + (f": {why}" if why else ""))
 
 
-
 class Masking:
     def nm_mask(self, u: _Unit, s: np.ndarray) -> Optional[np.ndarray]:
         n, m = (2, 4) if self.o.pattern == "2:4" else (4, 8)

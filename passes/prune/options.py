@@ -13,7 +13,6 @@ _FLOATS = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 _TARGETS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
 
 
-
 @dataclass
 class PruneOptions:
     sparsity: Union[float, Literal["auto"]] = option(0.5, help="fraction of all prunable weights set to zero (structured: removed), layers kept dense included; auto: per-layer ratios from sensitivity")

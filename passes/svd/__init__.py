@@ -16,14 +16,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxopt import graph as G
-from onnxopt.pipeline import (
-    BN_FOLDED,
-    Pass,
-    PassContext,
-    PassResult,
-    Tolerance,
-    register_pass,
-)
+from onnxopt.pipeline import BN_FOLDED, Pass, PassContext, PassResult, Tolerance, register_pass
 
 from .collect import _calibrate, _collect, _Layer, _round
 from .latency import _inferred_shapes, _time_layer
