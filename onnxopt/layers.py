@@ -52,7 +52,8 @@ API (stable; passes build on it):
 Replacing:
     ``Layer.replace_stored(values, names)`` writes new values (stored layout, same
     shape) where the weight lives: the holder's value, or a fresh initializer
-    read by whatever read the old one (the Transpose stays). ``Layer.replace_weight(
+    read by whatever read the old one (the Transpose stays; every reader of a shared weight
+    sees the new values). ``Layer.replace_weight(
     values, names)`` makes the node read a fresh constant of the read shape (the
     old chain is left for dce). ``Layer.factor(a, b, names, opset)`` replaces a
     MatMul/Gemm W[K, N] by two nodes X·A·B (A [K, r], B [r, N]). ``Layer.replace(
