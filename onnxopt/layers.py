@@ -28,7 +28,8 @@ API (stable; passes build on it):
     between ``stored`` and what the layer reads; ``via`` a 2-D Transpose between
     them (exports without constant folding), ``transposed`` whether there is one;
     ``read`` the tensor the node reads. ``dtype``, ``shape`` (as read),
-    ``stored_shape``; ``value()`` the array as the node reads it; ``single_use``
+    ``stored_shape``; ``value()`` the array as the node reads it, ``array()`` the stored
+    array without a copy (None when sparse or not a numpy type); ``single_use``
     whether nothing else reads the chain (so replacing the weight frees it).
     fp16/fp64 weights stay in their dtype; passes compute in float64.
 
@@ -133,6 +134,11 @@ class Weight:
     @property
     def names(self) -> list[str]:
         return [n for n in (self.const.name, self.stored.name, self.read.name) if n]
+
+    def array(self) -> np.ndarray | None:
+        """The stored values as read from the model without a copy where possible (``graph.const_value``:
+        None when sparse or of a type numpy cannot hold); read-only, not transposed."""
+        return G.const_value(self.stored)
 
     def value(self) -> np.ndarray:
         """The values as the node reads them (a view; copy before writing)."""

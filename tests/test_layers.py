@@ -223,3 +223,12 @@ def test_excluded_matches_node_and_weight_names():
                        [init("w_head", _w(4, 3))])
     (layer,) = _found(model)[1].layers
     assert L.excluded(layer, ["*head"]) and L.excluded(layer, ["mm"]) and not L.excluded(layer, ["other"])
+
+
+def test_array_reads_the_stored_values_untransposed():
+    w = _w(3, 4)
+    nodes = [node("Transpose", ["w"], ["wt"], perm=[1, 0]), node("MatMul", ["x", "wt"], ["y"])]
+    model = make_model(nodes, [vi("x", [2, 4])], [vi("y", [2, 3])], [init("w", w)])
+    (layer,) = _found(model)[1].layers
+    np.testing.assert_array_equal(layer.weight.array(), w)
+    np.testing.assert_array_equal(layer.weight.value(), w.T)

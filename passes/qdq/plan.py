@@ -10,6 +10,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxopt import graph as G
+from onnxopt import layers as L
 
 from .options import (_FOLDED, _NEEDS_OUTPUT_Q, _SHAPE_OPS, _SHARE_SCALE, _WEIGHTED, DEFAULT_OP_TYPES, QdqOptions)
 
@@ -78,7 +79,8 @@ class Plan:
                 skips["batchnorm_not_folded"] += 1  # run fold_bn (cleanup) first: Conv -> BN cannot fuse
                 return None
             w_tensor = node.inputs[1]
-            w = G.const_value(w_tensor)
+            found = L.resolve_weight(w_tensor)  # overridable weights are counted below, by name
+            w = found.array() if isinstance(found, L.Weight) and not found.transposed else None  # Transpose: fold first
             if w is None:
                 if _foldable(w_tensor):
                     skips["weight_not_folded"] += 1  # run fold (cleanup) first
@@ -96,7 +98,7 @@ class Plan:
             if w.dtype != np.float32:
                 skips["weight_dtype"] += 1
                 return None
-            axis = _weight_axis(node, w)
+            axis = L.weight_axis(node.op, w.ndim, bool(int(node.attrs.get("transB", 0))))
             if axis is None:
                 skips["weight_rank"] += 1
                 return None
@@ -253,14 +255,3 @@ def _dq_source(tensor: gs.Tensor) -> Optional[gs.Tensor]:
 def _is_const(tensor: Optional[gs.Tensor]) -> bool:
     """Whether a tensor has a fixed value, without loading it."""
     return G.constant_source(tensor) is not None
-
-def _weight_axis(node: gs.Node, w: np.ndarray) -> Optional[int]:
-    if node.op == "Conv" and w.ndim >= 3:
-        return 0
-    if node.op == "ConvTranspose" and w.ndim >= 3:
-        return 1
-    if node.op == "MatMul" and w.ndim == 2:
-        return 1
-    if node.op == "Gemm" and w.ndim == 2:
-        return 0 if int(node.attrs.get("transB", 0)) else 1
-    return None
