@@ -10,6 +10,8 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 
+from onnxopt.runtime import session_for
+
 from .values import _EXOTIC, _EXOTIC_BY_DTYPE, _onnx_type
 
 if TYPE_CHECKING:
@@ -121,7 +123,7 @@ def _run_ort(model: onnx.ModelProto, feeds: dict[str, Any], outputs: list[str]) 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.log_severity_level = 4
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session = session_for(model, options)  # from files when the folded values are large
     exotic = any(o.type in _EXOTIC for o in session.get_outputs()) or any(
         isinstance(v, np.ndarray) and v.dtype in _EXOTIC_BY_DTYPE for v in feeds.values())
     if not exotic:

@@ -12,6 +12,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnxopt.pipeline import PassContext
+from onnxopt.runtime import session_for
 
 from .collect import _Layer
 
@@ -71,7 +72,7 @@ def _time_pair(l: _Layer, ctx: PassContext, rows: int, xdtype: np.dtype, ort: An
         so = ort.SessionOptions()
         so.log_severity_level = 4  # errors come back as exceptions; no raw ORT lines
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        return ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        return session_for(m, so)  # from files when a factor pair is too large for one protobuf
 
     orig = build([helper.make_node("MatMul", ["x", "w"], ["y"])], {"w": w})
     fact = build([helper.make_node("MatMul", ["x", "a"], ["t"]), helper.make_node("MatMul", ["t", "b"], ["y"])],
