@@ -14,8 +14,8 @@ Models (made by tools/train_lm.py, kept outside the repo):
         context 1024, untied output projection) with random weights; calibration: 16 windows of
         64 random token ids (seed 1). No perplexity (its weights are random).
 
-Each compressed model is made in a subprocess, timed, with its peak RSS read from the kernel
-(os.wait4's ru_maxrss for that child alone):
+Each compressed model is made in a subprocess, timed, with its peak RSS (VmHWM of that process,
+read by a small wrapper as it exits; a fork's ru_maxrss would count the benchmark's own pages):
   onnxopt  python -m onnxopt optimize MODEL -o OUT --passes SPEC --calib CALIB --no-validate
            (this script measures the quality itself, so the validation sessions are left out
            of the time and memory)
@@ -115,6 +115,26 @@ q.model.save_model_to_file(dst, use_external_data_format=False)
 """
 
 
+# Runs a module or script in this process and, at exit, writes its own peak RSS (VmHWM, KiB) to
+# $BENCH_LM_PEAK. The kernel's ru_maxrss for a child is no good here: a forked child starts with
+# the parent's resident pages (the benchmark's ORT sessions) counted in its high-water mark.
+PEAK_WRAPPER = r"""
+import atexit, os, re, runpy, sys
+def _peak():
+    with open("/proc/self/status") as f:
+        kib = re.search(r"VmHWM:\s+(\d+) kB", f.read()).group(1)
+    with open(os.environ["BENCH_LM_PEAK"], "w") as f:
+        f.write(kib)
+atexit.register(_peak)
+kind, target = sys.argv[1], sys.argv[2]
+sys.argv = [target, *sys.argv[3:]]
+if kind == "module":
+    runpy.run_module(target, run_name="__main__", alter_sys=True)
+else:
+    exec(compile(open(target).read(), target, "exec"), {"__name__": "__main__"})
+"""
+
+
 # ----------------------------------------------------------------- models and data
 
 def lm_config(model_path: Path) -> dict:
@@ -186,23 +206,26 @@ def _pass_block(passes: str, name: str) -> list[str] | None:
 
 
 def run_measured(cmd: list[str], log_path: Path, timeout: float) -> dict:
-    """Run cmd; seconds, exit code and that child's own peak RSS (os.wait4). Killed after `timeout` s."""
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    """Run cmd; seconds, exit code and its peak RSS (written by PEAK_WRAPPER). Killed after `timeout` s."""
+    peak_file = log_path.with_suffix(".peak")
+    peak_file.unlink(missing_ok=True)
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", BENCH_LM_PEAK=str(peak_file))
     start = time.perf_counter()
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
         while True:
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            pid, status, _ = os.wait4(proc.pid, os.WNOHANG)
             if pid:
                 break
             if time.perf_counter() - start > timeout:
                 proc.kill()
-                _, status, usage = os.wait4(proc.pid, 0)
+                _, status, _ = os.wait4(proc.pid, 0)
                 log.write(f"\ntimed out after {timeout:.0f} s\n")
                 break
             time.sleep(0.2)
     proc.returncode = os.waitstatus_to_exitcode(status)
-    return {"seconds": time.perf_counter() - start, "rc": proc.returncode, "peak_rss_mib": usage.ru_maxrss / 1024,
+    peak = int(peak_file.read_text()) / 1024 if peak_file.exists() else None
+    return {"seconds": time.perf_counter() - start, "rc": proc.returncode, "peak_rss_mib": peak,
             "log_tail": log_path.read_text(errors="replace").strip().splitlines()[-3:]}
 
 
@@ -210,12 +233,18 @@ def compress(tool: str, spec: str, src: Path, dst: Path, calib: Path, ort_python
              timeout: float) -> tuple[dict, list[str]]:
     dst.parent.mkdir(parents=True, exist_ok=True)
     if tool == "onnxopt":
-        cmd = [sys.executable, "-m", "onnxopt", "optimize", str(src), "-o", str(dst), "--passes", spec,
-               "--calib", str(calib), "--no-validate", "--max-growth", "none"]
+        args = ["optimize", str(src), "-o", str(dst), "--passes", spec, "--calib", str(calib), "--no-validate",
+                "--max-growth", "none"]
+        shown = [sys.executable, "-m", "onnxopt", *args]
+        cmd = [sys.executable, "-c", PEAK_WRAPPER, "module", "onnxopt", *args]
     else:
         algo, bits = spec.split(",")
-        cmd = [ort_python, "-c", ORT_QUANTIZE, str(src), str(dst), algo, bits, str(BLOCK), str(calib)]
-    return run_measured(cmd, dst.with_suffix(".log"), timeout), cmd
+        script = dst.parent / "ort_quantize.py"
+        script.write_text(ORT_QUANTIZE)
+        args = [str(src), str(dst), algo, bits, str(BLOCK), str(calib)]
+        shown = [ort_python, "ORT_QUANTIZE", *args]
+        cmd = [ort_python, "-c", PEAK_WRAPPER, "script", str(script), *args]
+    return run_measured(cmd, dst.with_suffix(".log"), timeout), shown
 
 
 def disk_bytes(folder: Path) -> int:
@@ -292,7 +321,7 @@ def bench_model(name: str, path: Path, args, passes: str, log) -> dict:
             out = work / label.replace(" ", "_").replace("(", "_").replace(")", "").replace(",", "_").replace("=", "") \
                 .replace(":", "-") / "model.onnx"
             res, cmd = compress(tool, spec, path, out, calib, args.ort_python, args.timeout)
-            row.update(res, command=" ".join("ORT_QUANTIZE" if c == ORT_QUANTIZE else c for c in cmd))
+            row.update(res, command=" ".join(cmd))
             if res["rc"] != 0 or not out.exists():
                 row["status"] = f"failed (exit {res['rc']}): " + (res["log_tail"] or [""])[-1].strip()[-200:]
                 log(f"{name}: {label}: {row['status']}")
