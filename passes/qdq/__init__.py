@@ -79,6 +79,11 @@ class Qdq(Pass):
     requires = (BN_FOLDED, CONSTANTS_FOLDED)  # a Conv feeding BatchNormalization, or a weight still computed, stays float
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        from .modes import run_mode  # static / dynamic / auto, embeddings, SmoothQuant
+
+        return run_mode(self, graph, ctx)
+
+    def _run_static(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         o = self.options
         stats: dict[str, int] = {"quantized_nodes": 0, "qdq_pairs": 0, "weights_quantized": 0,
                                  "biases_quantized": 0, "activations_calibrated": 0, "scales_shared": 0,
