@@ -27,6 +27,10 @@ if TYPE_CHECKING:
 
 # sizes within this share of each other are a tie, decided by accuracy
 SIZE_TIE = 0.02
+# samples per batch when the dynamic mode's guard runs (run-time ranges span the batch, as deployed)
+DYNAMIC_BATCH = 8
+# MatMuls the dynamic mode's guard measures, each left float alone
+DYNAMIC_MEASURED = 48
 
 
 def run_mode(qdq: "Qdq", graph: gs.Graph, ctx: PassContext) -> PassResult:
@@ -82,7 +86,8 @@ def run_dynamic(qdq: "Qdq", graph: gs.Graph, ctx: PassContext) -> PassResult:
     apply_dynamic(graph, plan, wmax, stats)
     embedded = _embeddings(graph, ctx, o, stats)
     if plan.nodes and ctx.calibration is not None:
-        check = guard_for(model, ctx, o, qdq.tolerance.min_cosine or 0.99)
+        # activations are quantized per tensor over the whole batch: checked on batches of DYNAMIC_BATCH
+        check = guard_for(model, ctx, o, qdq.tolerance.min_cosine or 0.99, DYNAMIC_BATCH)
         cosine = check.cosine(ctx.export(graph))
         if cosine < check.target:
             cosine = _dynamic_fallback(model, o, wmax, check, ctx, cosine, graph, stats, notes)
@@ -93,9 +98,7 @@ def run_dynamic(qdq: "Qdq", graph: gs.Graph, ctx: PassContext) -> PassResult:
 
 def _dynamic_fallback(model, o, wmax, check: Guard, ctx, cosine, graph, stats, notes) -> float:
     """Return MatMuls to float, the one recovering most output cosine alone first (the first
-    MEASURED in graph order are measured), while each still raises the cosine."""
-    from . import Qdq
-
+    DYNAMIC_MEASURED in graph order are measured), while each still raises the cosine."""
     def build(keep) -> tuple[gs.Graph, DynamicPlan]:
         g = G.import_graph(model)
         p = DynamicPlan(g, set(o.op_types), o.exclude, Counter(), frozenset(keep))
@@ -105,7 +108,7 @@ def _dynamic_fallback(model, o, wmax, check: Guard, ctx, cosine, graph, stats, n
 
     base = DynamicPlan(G.import_graph(model), set(o.op_types), o.exclude, Counter())
     gains = []
-    for node in base.nodes[:Qdq.MEASURED]:
+    for node in base.nodes[:DYNAMIC_MEASURED]:
         pos = base.position[id(node)]
         gains.append((check.cosine(ctx.export(build([pos])[0])) - cosine, pos, node.name or node.outputs[0].name))
     gains.sort(key=lambda r: -r[0])
@@ -151,7 +154,7 @@ def run_auto(qdq: "Qdq", graph: gs.Graph, ctx: PassContext) -> PassResult:
     if ctx.calibration is None and len(built) > 1:
         # without data nothing can be compared: dynamic needs none, static ranges would be guesses
         built = [b for b in built if b[0] == "dynamic"] or built
-    check = guard_for(model, ctx, o, target)
+    check = guard_for(model, ctx, o, target, DYNAMIC_BATCH)
     scored = [(mode, g, r, check.cosine(m), size) for mode, g, r, m, size in built]
     mode, g, result, cosine, size = choose(scored, target)
     _replace(graph, g)
@@ -191,9 +194,10 @@ def why(scored: list, mode: str, target: float) -> str:
     return "both meet the tolerance: the smaller"
 
 
-def guard_for(model: onnx.ModelProto, ctx: PassContext, o, target: float) -> Guard:
+def guard_for(model: onnx.ModelProto, ctx: PassContext, o, target: float, batch: int = 1) -> Guard:
     data = calibration_set(ctx, model, o.samples)
     tap = InputTap(data, [], lambda batch: None)
+    tap.max_batch = batch
     inputs = model.graph.input
     if not all(i.type.tensor_type.shape.dim and not i.type.tensor_type.shape.dim[0].HasField("dim_value")
                for i in inputs):
