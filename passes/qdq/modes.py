@@ -21,6 +21,7 @@ from .embeddings import quantize_embeddings
 from .guard import Guard, InputTap
 from .options import _ALREADY_QUANTIZED, DEFAULT_OP_TYPES
 from .plan import _transformer_like
+from .writer import weight_qparams
 
 if TYPE_CHECKING:
     from . import Qdq
@@ -29,8 +30,8 @@ if TYPE_CHECKING:
 SIZE_TIE = 0.02
 # samples per batch when the dynamic mode's guard runs (run-time ranges span the batch, as deployed)
 DYNAMIC_BATCH = 8
-# MatMuls the dynamic mode's guard measures, each left float alone
-DYNAMIC_MEASURED = 48
+# MatMuls the dynamic mode's guard measures end to end, each left float alone (the most local error first)
+DYNAMIC_MEASURED = 8
 
 
 def run_mode(qdq: "Qdq", graph: gs.Graph, ctx: PassContext) -> PassResult:
@@ -97,8 +98,9 @@ def run_dynamic(qdq: "Qdq", graph: gs.Graph, ctx: PassContext) -> PassResult:
 
 
 def _dynamic_fallback(model, o, wmax, check: Guard, ctx, cosine, graph, stats, notes) -> float:
-    """Return MatMuls to float, the one recovering most output cosine alone first (the first
-    DYNAMIC_MEASURED in graph order are measured), while each still raises the cosine."""
+    """Return MatMuls to float while each raises the output cosine: the DYNAMIC_MEASURED adding most
+    local error (simulated on one guard batch) are each measured end to end left float alone, then
+    returned best first."""
     def build(keep) -> tuple[gs.Graph, DynamicPlan]:
         g = G.import_graph(model)
         p = DynamicPlan(g, set(o.op_types), o.exclude, Counter(), frozenset(keep))
@@ -107,8 +109,10 @@ def _dynamic_fallback(model, o, wmax, check: Guard, ctx, cosine, graph, stats, n
         return g, p
 
     base = DynamicPlan(G.import_graph(model), set(o.op_types), o.exclude, Counter())
+    local = local_errors(model, base, wmax, check.feeds[0]) if check.feeds else {}
+    ranked = sorted(base.nodes, key=lambda n: -local.get(id(n), 0.0))[:DYNAMIC_MEASURED]
     gains = []
-    for node in base.nodes[:DYNAMIC_MEASURED]:
+    for node in ranked:
         pos = base.position[id(node)]
         gains.append((check.cosine(ctx.export(build([pos])[0])) - cosine, pos, node.name or node.outputs[0].name))
     gains.sort(key=lambda r: -r[0])
@@ -132,6 +136,37 @@ def _dynamic_fallback(model, o, wmax, check: Guard, ctx, cosine, graph, stats, n
     return cosine
 
 
+def local_errors(model: onnx.ModelProto, plan: DynamicPlan, wmax: int, feed: dict, rows: int = 1024) -> dict[int, float]:
+    """id(node) -> relative error of its output with its input quantized as DynamicQuantizeLinear
+    does (uint8 over the batch's range) and its weight int8 per column, on sampled rows of one batch."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from onnxopt.calibrate import with_outputs
+
+    names = sorted({n.inputs[0].name for n in plan.nodes})
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    so.log_severity_level = 4
+    sess = ort.InferenceSession(with_outputs(model, names).SerializeToString(), so, providers=["CPUExecutionProvider"])
+    values = dict(zip(names, sess.run(names, feed)))
+    rng = np.random.default_rng(0)
+    out = {}
+    for node in plan.nodes:
+        w = plan.weights[id(node)].astype(np.float64)
+        x = np.asarray(values[node.inputs[0].name], np.float64).reshape(-1, w.shape[0])
+        lo, hi = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
+        scale = (hi - lo) / 255.0 or 1.0
+        zp = np.clip(np.round(-lo / scale), 0, 255)
+        x = x[rng.choice(len(x), size=min(rows, len(x)), replace=False)]
+        xq = (np.clip(np.round(x / scale) + zp, 0, 255) - zp) * scale
+        ws, wq = weight_qparams(w.astype(np.float32), 1, wmax)
+        ref = x @ w
+        err = xq @ (wq.astype(np.float64) * ws.astype(np.float64)) - ref
+        out[id(node)] = float((err ** 2).sum() / max(float((ref ** 2).sum()), 1e-30))
+    return out
+
+
 def run_auto(qdq: "Qdq", graph: gs.Graph, ctx: PassContext) -> PassResult:
     """Build the static and the dynamic model, measure both on the same calibration batches, keep
     the smallest that meets the pass's min_cosine (sizes within SIZE_TIE are a tie, and a tie, or
@@ -142,7 +177,9 @@ def run_auto(qdq: "Qdq", graph: gs.Graph, ctx: PassContext) -> PassResult:
     if ctx.calibration is not None:  # read by both candidates and the comparison: a one-shot iterator is kept
         ctx = dataclasses.replace(ctx, calibration=calibration_set(ctx, model, o.samples))
     built: list[tuple[str, gs.Graph, PassResult, onnx.ModelProto, int]] = []
-    for mode in ("static", "dynamic"):
+    for mode in ("static", "dynamic") if ctx.calibration is not None else ("dynamic", "static"):
+        if built and ctx.calibration is None:
+            break  # without data static ranges would be guesses: dynamic needs none, static only as a last resort
         g = G.import_graph(model)
         sub = type(qdq)(dataclasses.replace(o, mode=mode))
         result = run_mode(sub, g, ctx)
@@ -150,10 +187,7 @@ def run_auto(qdq: "Qdq", graph: gs.Graph, ctx: PassContext) -> PassResult:
             m = ctx.export(g)
             built.append((mode, g, result, m, tensor_bytes(m)))
     if not built:
-        return PassResult(False, {})
-    if ctx.calibration is None and len(built) > 1:
-        # without data nothing can be compared: dynamic needs none, static ranges would be guesses
-        built = [b for b in built if b[0] == "dynamic"] or built
+        return PassResult(False, dict(result.stats), list(result.notes or []))
     check = guard_for(model, ctx, o, target, DYNAMIC_BATCH)
     scored = [(mode, g, r, check.cosine(m), size) for mode, g, r, m, size in built]
     mode, g, result, cosine, size = choose(scored, target)
