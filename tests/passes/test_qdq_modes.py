@@ -8,7 +8,7 @@ import collections
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnx import TensorProto, numpy_helper
+from onnx import numpy_helper
 
 import onnxopt
 from helpers import INT64, init, make_model, node, run_model, vi
@@ -298,5 +298,3 @@ def test_mode_option_is_checked():
     with pytest.raises(InputError):
         onnxopt.optimize(mlp(), "qdq(smooth_alpha=1.5)")
 
-
-_ = TensorProto
