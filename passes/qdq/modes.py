@@ -28,6 +28,8 @@ if TYPE_CHECKING:
 
 # sizes within this share of each other are a tie, decided by accuracy
 SIZE_TIE = 0.02
+# stats of a candidate not kept that still say something about the input (layers left float until cleanup runs)
+ADVICE = ("skipped_batchnorm_not_folded", "skipped_weight_not_folded")
 # samples per batch when the dynamic mode's guard runs (run-time ranges span the batch, as deployed)
 DYNAMIC_BATCH = 8
 # MatMuls the dynamic mode's guard measures end to end, each left float alone (the most local error first)
@@ -198,6 +200,13 @@ def run_auto(qdq: "Qdq", graph: gs.Graph, ctx: PassContext) -> PassResult:
         stats[f"auto_{m}_cosine_ppm"] = int(round(c * 1e6))
         stats[f"auto_{m}_bytes"] = s
     notes = list(result.notes or [])
+    for m, _, r, _, _ in scored:  # advice on the input holds whichever mode is kept
+        if r is result:
+            continue
+        for key in ADVICE:
+            if r.stats.get(key):
+                stats[key] = max(stats.get(key, 0), r.stats[key])
+        notes += [n for n in r.notes or [] if "run 'cleanup' first" in n and n not in notes]
     notes.append("mode=auto -> {}: {}".format(mode, "; ".join(
         f"{m} cosine {c:.5f}{'' if c >= target else f' (below {target:.3g})'}, {s / 1024:.0f} KiB"
         for m, _, _, c, s in scored)) + f" ({why(scored, mode, target)})")
