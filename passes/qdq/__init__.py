@@ -35,8 +35,8 @@ class Qdq(Pass):
     0.99 (sizes within 2% are a tie and go to the more accurate; when both miss,
     the more accurate), saying which and why in a note and the ``auto_*`` stats.
     In every mode ``embeddings=true`` stores Gather tables of 4096 values or more
-    as int8 with one scale per row behind a DequantizeLinear (opset 13;
-    passes/qdq/embeddings.py). In static mode ``smooth`` (auto: on for
+    as int8 with one scale per row, gathered with the rows and applied by a Mul
+    (passes/qdq/embeddings.py). In static mode ``smooth`` (auto: on for
     transformer-like graphs) first applies SmoothQuant (passes/qdq/smooth.py):
     per input-channel scales moved from MatMul activations into their weights,
     the strength searched per activation on calibration rows; exact in float.

@@ -28,7 +28,7 @@ _SKIPS = ("subgraph", "excluded", "fragile", "dtype", "weight_dtype", "dynamic_w
 @dataclass
 class QdqOptions:
     mode: Literal["auto", "static", "dynamic"] = option("auto", help="static: calibrated Q/DQ pairs; dynamic: int8 weights, activations quantized at run time (MatMul/Gemm); auto: both measured, the smallest that meets the tolerance kept")
-    embeddings: bool = option(True, help="Gather on a float table of at least 4096 values: int8 table, one scale per row, read through DequantizeLinear")
+    embeddings: bool = option(True, help="Gather on a float table of at least 4096 values: int8 table, one scale per row (gathered with the rows)")
     smooth: Literal["auto", "true", "false"] = option("auto", help="static mode: SmoothQuant scales moved from MatMul activations into the weights; auto: on for transformer-like graphs")
     smooth_alpha: list[float] = option(factory=lambda: [0.3, 0.4, 0.5, 0.6, 0.7, 0.8], help="SmoothQuant migration strengths tried per layer (the one with the least output error is kept)")
     method: Literal["minmax", "percentile", "entropy", "mse"] = option("percentile", help="how activation ranges are picked")
