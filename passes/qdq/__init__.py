@@ -22,8 +22,26 @@ from .writer import Writer, activation_qparams, weight_qparams  # noqa: F401 (pu
 
 @register_pass
 class Qdq(Pass):
-    """Insert QuantizeLinear/DequantizeLinear pairs (int8 weights, uint8 activations) from calibration data. Lossy.
+    """Post-training int8 quantization, static (Q/DQ pairs from calibration data) or dynamic. Lossy.
 
+    ``mode`` (passes/qdq/modes.py): ``static`` is described below; ``dynamic``
+    (passes/qdq/dynamic.py) quantizes MatMul/Gemm with constant weights as ORT
+    deploys transformers on CPU: int8 weights per output column,
+    DynamicQuantizeLinear + MatMulInteger + scale Mul (ORT fuses them into
+    DynamicQuantizeMatMul), activations quantized at run time, no calibration
+    needed (with data, a guard returns MatMuls to float while the output cosine
+    is below 0.99); ``auto`` (the default) builds both, measures their output
+    cosine on the same calibration batches and keeps the smallest that meets
+    0.99 (sizes within 2% are a tie and go to the more accurate; when both miss,
+    the more accurate), saying which and why in a note and the ``auto_*`` stats.
+    In every mode ``embeddings=true`` stores Gather tables of 4096 values or more
+    as int8 with one scale per row, gathered with the rows and applied by a Mul
+    (passes/qdq/embeddings.py). In static mode ``smooth`` (auto: on for
+    transformer-like graphs) first applies SmoothQuant (passes/qdq/smooth.py):
+    per input-channel scales moved from MatMul activations into their weights,
+    the strength searched per activation on calibration rows; exact in float.
+
+    Static mode:
     Weights of Conv, ConvTranspose, MatMul and Gemm become int8 initializers
     (symmetric, per output channel: Conv axis 0, ConvTranspose axis 1, MatMul
     [K,N] axis 1, Gemm axis 0 or 1 after transB) read through a
@@ -79,6 +97,11 @@ class Qdq(Pass):
     requires = (BN_FOLDED, CONSTANTS_FOLDED)  # a Conv feeding BatchNormalization, or a weight still computed, stays float
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        from .modes import run_mode  # static / dynamic / auto, embeddings, SmoothQuant
+
+        return run_mode(self, graph, ctx)
+
+    def _run_static(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         o = self.options
         stats: dict[str, int] = {"quantized_nodes": 0, "qdq_pairs": 0, "weights_quantized": 0,
                                  "biases_quantized": 0, "activations_calibrated": 0, "scales_shared": 0,

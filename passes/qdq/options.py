@@ -27,6 +27,10 @@ _SKIPS = ("subgraph", "excluded", "fragile", "dtype", "weight_dtype", "dynamic_w
 
 @dataclass
 class QdqOptions:
+    mode: Literal["auto", "static", "dynamic"] = option("auto", help="static: calibrated Q/DQ pairs; dynamic: int8 weights, activations quantized at run time (MatMul/Gemm); auto: both measured, the smallest that meets the tolerance kept")
+    embeddings: bool = option(True, help="Gather on a float table of at least 4096 values: int8 table, one scale per row (gathered with the rows)")
+    smooth: Literal["auto", "true", "false"] = option("auto", help="static mode: SmoothQuant scales moved from MatMul activations into the weights; auto: on for transformer-like graphs")
+    smooth_alpha: list[float] = option(factory=lambda: [0.3, 0.4, 0.5, 0.6, 0.7, 0.8], help="SmoothQuant migration strengths tried per layer (the one with the least output error is kept)")
     method: Literal["minmax", "percentile", "entropy", "mse"] = option("percentile", help="how activation ranges are picked")
     percentile: float = option(99.99, help="for method=percentile: keep this share of values inside the range (each side)")
     per_channel: bool = option(True, help="weights: one scale per output channel (raises opset 10-12 to 13), else per tensor")
@@ -42,6 +46,8 @@ class QdqOptions:
             raise ValueError(f"percentile must be in (50, 100], got {self.percentile}")
         if self.samples < 1:
             raise ValueError(f"samples must be at least 1, got {self.samples}")
+        if not self.smooth_alpha or not all(0.0 <= a <= 1.0 for a in self.smooth_alpha):
+            raise ValueError("smooth_alpha must list values in [0, 1]")
         unknown = [op for op in self.op_types if op not in _KNOWN_OPS]
         if unknown:
             raise ValueError(f"op_types: cannot quantize '{unknown[0]}'; quantizable: {';'.join(DEFAULT_OP_TYPES)}")

@@ -34,8 +34,17 @@ def feeds(shape, n=4, seed=0, name="x", relu=False):
     return out
 
 
+def static(passes):
+    """The pipeline with qdq in static mode without SmoothQuant (this module checks that layout; the
+    modes, SmoothQuant and embeddings: test_qdq_modes.py)."""
+    if "mode=" in passes:
+        return passes
+    fixed = "mode=static,smooth=false"
+    return passes.replace("qdq(", f"qdq({fixed},") if "qdq(" in passes else passes.replace("qdq", f"qdq({fixed})")
+
+
 def quantize(model, passes="qdq", data=None, **kw):
-    result = onnxopt.optimize(model, passes, calibration=data, inputs=data, **kw)
+    result = onnxopt.optimize(model, static(passes), calibration=data, inputs=data, **kw)
     assert result.passed, result.validation.headline()
     onnx.checker.check_model(result.model)
     record = next(r for r in result.records if r.name == "qdq")
@@ -473,7 +482,7 @@ def test_batches_are_cut_to_single_samples_only_when_the_batch_axis_is_symbolic(
 
 def test_iterable_calibration_through_the_api():
     gen = ({"input": np.random.default_rng(i).random((8, 1, 8, 8)).astype(np.float32)} for i in range(6))
-    result = onnxopt.optimize(str(MODELS / "digits_mlp.onnx"), "qdq", calibration=gen,
+    result = onnxopt.optimize(str(MODELS / "digits_mlp.onnx"), static("qdq"), calibration=gen,
                               inputs=str(MODELS / "digits_test.npz"))
     assert result.passed
     assert next(r for r in result.records if r.name == "qdq").stats["calibration_batches"] == 48

@@ -439,7 +439,7 @@ def test_svd_then_qdq_composes():
                        [vi("x", ["batch", 64])], [vi("y", ["batch", 32])],
                        [init("W1", w1.astype(np.float32)), init("W2", w2.astype(np.float32))])
     x = correlated(256, 64, seed=24)
-    result = onnxopt.optimize(model, "svd(rank=24,aware=true,latency_gate=false),qdq", calibration={"x": x},
+    result = onnxopt.optimize(model, "svd(rank=24,aware=true,latency_gate=false),qdq(mode=static)", calibration={"x": x},
                               inputs={"x": x[:64]}, tolerance="min_cosine=0.97")
     assert result.passed, result.validation.headline()
     assert result.records[0].stats["layers_factorized"] == 2
