@@ -13,9 +13,9 @@ from onnxopt import graph as G
 from onnxopt.calibrate import TensorRanges, calibration_set, stream_tensors
 from onnxopt.pipeline import (BN_FOLDED, CONSTANTS_FOLDED, Pass, PassContext, PassResult, Tolerance,
                                register_pass)
-from .opset import PER_CHANNEL_OPSET, raise_opset
 from onnxopt.io import tensor_bytes
 
+from .opset import PER_CHANNEL_OPSET, raise_opset
 from .guard import Guard, InputTap, _drain
 from .mixed import mixed_precision
 from .options import _ALREADY_QUANTIZED, _SKIPS, DEFAULT_OP_TYPES, QdqOptions  # noqa: F401 (public)
@@ -54,16 +54,24 @@ class Qdq(Pass):
     Gather on embeddings is never quantized. ``reduce_range=auto`` picks 7-bit
     weights on x86 CPUs without VNNI, where ORT's u8s8 kernels can saturate.
 
-    Accuracy guard: the result is compared with the float model on up to 4
-    calibration batches in ORT with graph optimizations on (where the pairs
-    become integer kernels). Below the pass's own min_cosine (0.99), the 24
-    layers adding most local error (their output's relative error less their
-    inputs', optimizations off) are each left out of the fully quantized model
-    and the output cosine measured; they go back to float in order of cosine
-    recovered per byte kept float, a layer that no longer helps with the others
-    already float being skipped, until the cosine passes or no measured layer
-    helps. Each is logged with its measured gain and bytes kept float, and
-    ``fallback_nodes`` and ``guard_min_cosine_ppm`` report the outcome.
+    Accuracy guard: the result is compared with the float model on up to 32
+    calibration samples in ORT with graph optimizations on (where the pairs
+    become integer kernels): output cosine, and for outputs that are class or
+    sequence scores (a Softmax/LogSoftmax over the last axis) the share of
+    samples whose argmax agrees (a sequence, CTC: at every position), against the pass's own tolerance
+    (min_cosine 0.99, max_top1_drop 1 point). When it misses, mixed precision
+    (passes/qdq/mixed.py) measures every quantized layer end to end (left out
+    of the fully quantized model; the likeliest first, by local error, within
+    a time budget), returns layers to float best accuracy recovered per byte
+    kept float first, re-measuring the assembled model after each, and
+    measures again over the remaining layers when a round ends short; it
+    stops when the tolerance holds or no layer helps. Notes give each float
+    layer's measured gain and bytes, and the size/accuracy trade curve (a few
+    points: weight bytes against the score as layers return to float), so
+    another point can be picked with ``exclude=``; ``fallback_nodes``,
+    ``fallback_bytes_kept_float``, ``guard_measurements``,
+    ``guard_min_cosine_ppm`` and ``guard_argmax_agreement_ppm`` report the
+    outcome.
 
     Only the top-level graph is quantized; ops in If/Loop/Scan bodies stay
     float (``skipped_subgraph``). Models that already hold quantized ops are

@@ -32,8 +32,8 @@ class Guard:
     off, names kept).
 
     Argmax agreement is measured on the outputs whose last axis holds class scores (made by a
-    Softmax/LogSoftmax over the last axis, through layout ops); for a sequence ([N, T, C], CTC) it is the share of positions whose argmax
-    agrees, so a decode is protected and not only the output's direction."""
+    Softmax/LogSoftmax over the last axis, through layout ops); for a sequence ([N, T, C], CTC) it is the share of samples whose argmax agrees at
+    every position, so a decode is protected and not only the output's direction."""
 
     BATCHES = 4     # feeds kept when the batch axis is fixed
     SAMPLES = 32    # samples kept when the batch axis is symbolic (joined into batches of up to 8)
@@ -83,7 +83,7 @@ class Guard:
                 acc[1] += float(a @ a)
                 acc[2] += float(b @ b)
                 if name in self.scored and np.ndim(r) >= 2 and np.shape(r)[-1] > 1:
-                    same = np.asarray(r).argmax(-1) == np.asarray(got[name]).argmax(-1)
+                    same = _agreeing(np.asarray(r), np.asarray(got[name]))
                     counts = agree.setdefault(name, [0, 0])
                     counts[0] += int(same.sum())
                     counts[1] += int(same.size)
@@ -188,6 +188,18 @@ def _drain(tap: InputTap) -> int:
     if n == 0:
         raise InputError("calibration data gave no batches")
     return n
+
+
+def _agreeing(ref: np.ndarray, got: np.ndarray) -> np.ndarray:
+    """Per sample, whether the argmax over the last axis agrees: [N, C] class scores one by one; a
+    sequence ([N, T, C] or time-major [T, N, C]) only when every position agrees, so one flipped
+    position, which can change a CTC decode, counts as a miss (stricter than the decode itself)."""
+    same = ref.argmax(-1) == got.argmax(-1)
+    if same.ndim < 2:
+        return same
+    # the sequence axis is the longer of the two leading ones (a batch of a few long sequences)
+    seq = 0 if same.ndim == 2 and same.shape[0] > same.shape[1] else same.ndim - 1
+    return same.all(axis=seq) if same.ndim == 2 else same.reshape(same.shape[0], -1).all(axis=1)
 
 
 def _collect(data, samples: int, batches: int) -> list[dict]:

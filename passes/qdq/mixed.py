@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable
 
 from .guard import Guard, Score
 
@@ -47,7 +47,7 @@ def weight_bytes(plan, float_bytes: int) -> int:
 
 
 def mixed_precision(build: Callable, check: Guard, export: Callable, float_bytes: int, notes: list[str],
-                    budget_s: float = 120.0) -> Outcome:
+                    budget_s: float = 300.0) -> Outcome:
     """Return layers to float until ``check`` holds or no layer helps. ``build(keep_float_positions)``
     makes (graph, plan, writer); ``export(graph)`` the ModelProto the guard runs."""
     start = time.monotonic()
