@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import NamedTuple, Optional
 
 import numpy as np
@@ -37,14 +38,25 @@ class Guard:
 
     BATCHES = 4     # feeds kept when the batch axis is fixed
     SAMPLES = 32    # samples kept when the batch axis is symbolic (joined into batches of up to 8)
+    SECONDS = 2.0   # ... unless the float model takes longer than this on them
+    QUICK = 4       # samples a quick measurement (ranking layers) runs on
     split = True  # the batch axis is symbolic: sensitivities may run on a slice of a batch
 
     def __init__(self, model: onnx.ModelProto, data, ctx: PassContext, target: float,
                  min_agreement: Optional[float] = None, split: bool = True) -> None:
         self.model, self.ctx, self.target, self.split = model, ctx, target, split
         self.min_agreement = min_agreement
-        self.feeds = _collect(data, self.SAMPLES if split else 0, self.BATCHES)
-        self.reference = [self._run(model, f, optimize=True) for f in self.feeds]
+        self.feeds, self.reference = [], []
+        sess = self._session(model, True)
+        start = time.monotonic()
+        for feed in _collect(data, self.SAMPLES if split else 0, self.BATCHES):
+            if self.feeds and time.monotonic() - start > self.SECONDS:
+                break  # a slow model: fewer samples, so each of the many measurements stays cheap
+            self.feeds.append(feed)
+            self.reference.append(self._run(model, feed, True, session=sess))
+        # ranking layers needs less: the first few samples
+        self.quick_feeds = [next(_split(self.feeds[0], self.QUICK))] if split and self.feeds else self.feeds[:1]
+        self.quick_reference = [self._run(model, f, True, session=sess) for f in self.quick_feeds]
         self.scored = score_outputs(model)
         self.runs = 0
 
@@ -66,13 +78,14 @@ class Guard:
         return self.measure(candidate).cosine
 
     def measure(self, candidate: onnx.ModelProto, quick: bool = False) -> Score:
-        """The candidate's score on every guard sample, or (quick) on the first batch only: enough to
+        """The candidate's score on every guard sample, or (quick) on the first few only: enough to
         rank layers, at a fraction of the time."""
         self.runs += 1
         sess = self._session(candidate, True)
         dots: dict[str, list[float]] = {}
         agree: dict[str, list[int]] = {}
-        for feed, ref in list(zip(self.feeds, self.reference))[:1 if quick else None]:
+        pairs = zip(self.quick_feeds, self.quick_reference) if quick else zip(self.feeds, self.reference)
+        for feed, ref in pairs:
             got = self._run(candidate, feed, True, list(ref), sess)
             for name, r in ref.items():
                 if not np.issubdtype(np.asarray(r).dtype, np.floating):
