@@ -58,8 +58,9 @@ class Qdq(Pass):
     calibration samples in ORT with graph optimizations on (where the pairs
     become integer kernels): output cosine, and for outputs that are class or
     sequence scores (a Softmax/LogSoftmax over the last axis) the share of
-    samples whose argmax agrees (a sequence, CTC: at every position), against the pass's own tolerance
-    (min_cosine 0.99, max_top1_drop 1 point). When it misses, mixed precision
+    samples whose argmax agrees (a sequence, CTC: at every position),
+    against the pass's own tolerance (min_cosine 0.99, max_top1_drop 1
+    point); a slow model gets fewer samples (2 s of float runs at most). When it misses, mixed precision
     (passes/qdq/mixed.py) measures every quantized layer end to end (left out
     of the fully quantized model; the likeliest first, by local error, within
     a time budget), returns layers to float best accuracy recovered per byte

@@ -24,7 +24,8 @@ class Score(NamedTuple):
     agreement: Optional[float]
 
     def __str__(self) -> str:
-        return f"cosine {self.cosine:.4f}" + ("" if self.agreement is None else f", argmax agreement {self.agreement:.4f}")
+        agreement = "" if self.agreement is None else f", argmax agreement {self.agreement:.4f}"
+        return f"cosine {self.cosine:.4f}{agreement}"
 
 
 class Guard:
@@ -32,9 +33,11 @@ class Guard:
     calibration samples (ORT, optimizations on), and per-layer error contributions (optimizations
     off, names kept).
 
-    Argmax agreement is measured on the outputs whose last axis holds class scores (made by a
-    Softmax/LogSoftmax over the last axis, through layout ops); for a sequence ([N, T, C], CTC) it is the share of samples whose argmax agrees at
-    every position, so a decode is protected and not only the output's direction."""
+    Argmax agreement is measured on the outputs whose last axis holds class
+    scores (made by a Softmax/LogSoftmax over the last axis, through layout
+    ops); for a sequence ([N, T, C], CTC) it is the share of samples whose
+    argmax agrees at every position, so a decode is protected and not only
+    the output's direction."""
 
     BATCHES = 4     # feeds kept when the batch axis is fixed
     SAMPLES = 32    # samples kept when the batch axis is symbolic (joined into batches of up to 8)
