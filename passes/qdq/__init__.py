@@ -13,8 +13,11 @@ from onnxopt import graph as G
 from onnxopt.calibrate import TensorRanges, calibration_set, stream_tensors
 from onnxopt.pipeline import (BN_FOLDED, CONSTANTS_FOLDED, Pass, PassContext, PassResult, Tolerance,
                                register_pass)
+from onnxopt.io import tensor_bytes
+
 from .opset import PER_CHANNEL_OPSET, raise_opset
 from .guard import Guard, InputTap, _drain
+from .mixed import mixed_precision
 from .options import _ALREADY_QUANTIZED, _SKIPS, DEFAULT_OP_TYPES, QdqOptions  # noqa: F401 (public)
 from .plan import Plan
 from .writer import Writer, activation_qparams, weight_qparams  # noqa: F401 (public)
@@ -69,16 +72,25 @@ class Qdq(Pass):
     Gather on embeddings is never quantized. ``reduce_range=auto`` picks 7-bit
     weights on x86 CPUs without VNNI, where ORT's u8s8 kernels can saturate.
 
-    Accuracy guard: the result is compared with the float model on up to 4
-    calibration batches in ORT with graph optimizations on (where the pairs
-    become integer kernels). Below the pass's own min_cosine (0.99), the 24
-    layers adding most local error (their output's relative error less their
-    inputs', optimizations off) are each left out of the fully quantized model
-    and the output cosine measured; they go back to float in order of cosine
-    recovered per byte kept float, a layer that no longer helps with the others
-    already float being skipped, until the cosine passes or no measured layer
-    helps. Each is logged with its measured gain and bytes kept float, and
-    ``fallback_nodes`` and ``guard_min_cosine_ppm`` report the outcome.
+    Accuracy guard: the result is compared with the float model on up to 32
+    calibration samples in ORT with graph optimizations on (where the pairs
+    become integer kernels): output cosine, and for outputs that are class or
+    sequence scores (a Softmax/LogSoftmax over the last axis) the share of
+    samples whose argmax agrees (a sequence, CTC: at every position),
+    against the pass's own tolerance (min_cosine 0.99, max_top1_drop 1
+    point); a slow model gets fewer samples (2 s of float runs at most). When it misses, mixed precision
+    (passes/qdq/mixed.py) measures every quantized layer end to end (left out
+    of the fully quantized model; the likeliest first, by local error, within
+    a time budget), returns layers to float best accuracy recovered per byte
+    kept float first, re-measuring the assembled model after each, and
+    measures again over the remaining layers when a round ends short; it
+    stops when the tolerance holds or no layer helps. Notes give each float
+    layer's measured gain and bytes, and the size/accuracy trade curve (a few
+    points: weight bytes against the score as layers return to float), so
+    another point can be picked with ``exclude=``; ``fallback_nodes``,
+    ``fallback_bytes_kept_float``, ``guard_measurements``,
+    ``guard_min_cosine_ppm`` and ``guard_argmax_agreement_ppm`` report the
+    outcome.
 
     Only the top-level graph is quantized; ops in If/Loop/Scan bodies stay
     float (``skipped_subgraph``). Models that already hold quantized ops are
@@ -184,77 +196,36 @@ class Qdq(Pass):
         writer = Writer(graph, o, per_channel, reduce_range, found, stats)
         writer.apply(plan)
 
-        # ---- accuracy guard: check on calibration batches in ORT with optimizations on (as deployed);
-        # when the pass's own tolerance is missed, return the layers adding most error to float
+        # ---- accuracy guard: check on calibration samples in ORT with optimizations on (as deployed);
+        # when the pass's own tolerance is missed, return layers to float by measured gain per byte
         base = dict(stats)
-        check = Guard(model, feeds_once, ctx, self.tolerance.min_cosine or 0.99)
-        check.split = bool(feeds_once.max_batch)
-        cosine = check.cosine(ctx.export(graph))
-        stats["guard_min_cosine_ppm"] = int(round(cosine * 1e6))
-        if cosine < check.target:
-            current, cur_plan, cur_writer, fallen, cosine = self._mixed_precision(
-                model, o, per_channel, reduce_range, found, not_float, base, check, ctx, cosine, notes)
-            if current is not None:
-                graph.nodes, graph.inputs, graph.outputs = current.nodes, current.inputs, current.outputs
-                graph.functions = current.functions
-                plan, stats = cur_plan, cur_writer.stats
-            stats["fallback_nodes"] = len(fallen)
-            stats["guard_min_cosine_ppm"] = int(round(cosine * 1e6))
-            if cosine < check.target:
-                notes.append(f"cosine {cosine:.5f} on calibration data is still below {check.target:.3g} after "
-                             f"returning {len(fallen)} layers to float")
+        top1 = self.tolerance.max_top1_drop
+        check = Guard(model, feeds_once, ctx, self.tolerance.min_cosine or 0.99,
+                      None if top1 is None else 1.0 - top1 / 100.0, split=bool(feeds_once.max_batch))
+        score = check.measure(ctx.export(graph))
+        _score_stats(stats, score)
+        if not check.holds(score):
+            def build(keep):
+                return self._build(model, o, per_channel, reduce_range, found, not_float, frozenset(keep), dict(base))
+
+            outcome = mixed_precision(build, check, ctx.export, tensor_bytes(model), notes)
+            current, cur_plan, cur_writer = outcome.built
+            graph.nodes, graph.inputs, graph.outputs = current.nodes, current.inputs, current.outputs
+            graph.functions = current.functions
+            plan, stats = cur_plan, cur_writer.stats
+            stats["fallback_nodes"] = len(outcome.fallen)
+            stats["fallback_bytes_kept_float"] = sum(c.cost for c in outcome.fallen)
+            stats["guard_measurements"] = outcome.measured
+            _score_stats(stats, outcome.score)
+            if not check.holds(outcome.score):
+                notes.append(f"{outcome.score} on calibration data is still short of the tolerance after "
+                             f"returning {len(outcome.fallen)} layers to float")
         stats["quantized_nodes"] = len(plan.nodes)
         for op, n in sorted(Counter(n.op for n in plan.nodes).items()):
             stats[f"quantized_{op}"] = n
         stats["relu_clip_folded"] = plan.folded
         stats.update({f"skipped_{k}": skips[k] for k in _SKIPS})
         return PassResult(True, stats, notes)
-
-    # layers measured end to end when the guard steps in (the worst by local error first)
-    MEASURED = 24
-
-    def _mixed_precision(self, model, o, per_channel, reduce_range, found, not_float, base, check, ctx,
-                         cosine, notes):
-        """Return layers to float in order of output cosine recovered per byte kept float, until the
-        guard's target holds or no measured layer helps any more.
-
-        Each candidate (the MEASURED layers adding most local error) is left out of the fully
-        quantized model alone and the output cosine measured (ORT, optimizations on): its gain. The
-        cost of a layer is the bytes its weight takes in float over int8 (1 KiB at least, so layers
-        without weights are not free). Candidates are tried best ratio first; one that does not raise
-        the cosine with the others already float is skipped, not a reason to stop."""
-        def build(keep):
-            return self._build(model, o, per_channel, reduce_range, found, not_float, frozenset(keep), dict(base))
-
-        current, cur_plan, cur_writer = build(())
-        ranking = check.sensitivities(current, cur_plan, cur_writer)
-        by_pos = {pos: node for node in cur_plan.nodes for pos in [cur_plan.position[id(node)]]}
-        measured = []
-        for pos, name, _ in ranking[:self.MEASURED]:
-            gain = check.cosine(ctx.export(build([pos])[0])) - cosine
-            w = cur_plan.weights.get(id(by_pos[pos]))
-            cost = int(w[0].size * 3) if w is not None else 0
-            measured.append((gain / max(cost, 1024), gain, cost, pos, name))
-        measured.sort(key=lambda r: -r[0])
-        fallen: list[int] = []
-        for _, gain, cost, pos, name in measured:
-            if cosine >= check.target:
-                break
-            if gain <= 0:
-                continue
-            trial = build(fallen + [pos])
-            now = check.cosine(ctx.export(trial[0]))
-            if now <= cosine:
-                continue
-            fallen.append(pos)
-            current, cur_plan, cur_writer = trial
-            notes.append(f"layer '{name}' back to float: output cosine +{now - cosine:.4f} "
-                         f"(+{gain:.4f} alone), {cost} bytes kept float")
-            cosine = now
-        if cosine < check.target and len(fallen) < len(measured):
-            notes.append(f"no other measured layer raises the cosine ({len(measured)} measured); "
-                         "try another method or exclude= layers")
-        return current, cur_plan, cur_writer, fallen, cosine
 
     @staticmethod
     def _build(model, o, per_channel, reduce_range, found, not_float, keep_float, stats):
@@ -266,6 +237,12 @@ class Qdq(Pass):
         writer = Writer(g, o, per_channel, reduce_range, found, stats)
         writer.apply(plan)
         return g, plan, writer
+
+
+def _score_stats(stats: dict, score) -> None:
+    stats["guard_min_cosine_ppm"] = int(round(score.cosine * 1e6))
+    if score.agreement is not None:
+        stats["guard_argmax_agreement_ppm"] = int(round(score.agreement * 1e6))
 
 
 def _opset(graph: gs.Graph) -> int:

@@ -2,32 +2,67 @@
 
 from __future__ import annotations
 
+import time
+from typing import NamedTuple, Optional
+
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
 from onnxopt.errors import InputError
 from onnxopt.pipeline import PassContext
+from onnxopt.runtime import session_for
 
 from .plan import Plan, _dq_source
 from .writer import Writer
 
 
-class Guard:
-    """Output cosine of a quantized model against the float one on a few calibration batches
-    (ORT, optimizations on), and per-layer error contributions (optimizations off, names kept)."""
+class Score(NamedTuple):
+    """How close a quantized model's outputs are to the float one's: the lowest output cosine and the
+    lowest argmax agreement over the outputs that are class or sequence scores (None when none is)."""
 
-    BATCHES = 4
+    cosine: float
+    agreement: Optional[float]
+
+    def __str__(self) -> str:
+        agreement = "" if self.agreement is None else f", argmax agreement {self.agreement:.4f}"
+        return f"cosine {self.cosine:.4f}{agreement}"
+
+
+class Guard:
+    """Output cosine and argmax agreement of a quantized model against the float one on a few
+    calibration samples (ORT, optimizations on), and per-layer error contributions (optimizations
+    off, names kept).
+
+    Argmax agreement is measured on the outputs whose last axis holds class
+    scores (made by a Softmax/LogSoftmax over the last axis, through layout
+    ops); for a sequence ([N, T, C], CTC) it is the share of samples whose
+    argmax agrees at every position, so a decode is protected and not only
+    the output's direction."""
+
+    BATCHES = 4     # feeds kept when the batch axis is fixed
+    SAMPLES = 32    # samples kept when the batch axis is symbolic (joined into batches of up to 8)
+    SECONDS = 2.0   # ... unless the float model takes longer than this on them
+    QUICK = 4       # samples a quick measurement (ranking layers) runs on
     split = True  # the batch axis is symbolic: sensitivities may run on a slice of a batch
 
-    def __init__(self, model: onnx.ModelProto, data, ctx: PassContext, target: float) -> None:
-        self.model, self.ctx, self.target = model, ctx, target
-        self.feeds = []
-        for feed in data:
+    def __init__(self, model: onnx.ModelProto, data, ctx: PassContext, target: float,
+                 min_agreement: Optional[float] = None, split: bool = True) -> None:
+        self.model, self.ctx, self.target, self.split = model, ctx, target, split
+        self.min_agreement = min_agreement
+        self.feeds, self.reference = [], []
+        sess = self._session(model, True)
+        start = time.monotonic()
+        for feed in _collect(data, self.SAMPLES if split else 0, self.BATCHES):
+            if self.feeds and time.monotonic() - start > self.SECONDS:
+                break  # a slow model: fewer samples, so each of the many measurements stays cheap
             self.feeds.append(feed)
-            if len(self.feeds) >= self.BATCHES:
-                break
-        self.reference = [self._run(model, f, optimize=True) for f in self.feeds]
+            self.reference.append(self._run(model, feed, True, session=sess))
+        # ranking layers needs less: the first few samples
+        self.quick_feeds = [next(_split(self.feeds[0], self.QUICK))] if split and self.feeds else self.feeds[:1]
+        self.quick_reference = [self._run(model, f, True, session=sess) for f in self.quick_feeds]
+        self.scored = score_outputs(model)
+        self.runs = 0
 
     def _session(self, model: onnx.ModelProto, optimize: bool):
         import onnxruntime as ort
@@ -36,7 +71,7 @@ class Guard:
         so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
                                        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
         so.log_severity_level = 4  # errors come back as exceptions; no raw ORT lines
-        return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        return session_for(model, so)  # from files when the model is large
 
     def _run(self, model, feed, optimize, names=None, session=None):
         sess = session or self._session(model, optimize)
@@ -44,9 +79,17 @@ class Guard:
         return dict(zip(names, sess.run(names, feed)))
 
     def cosine(self, candidate: onnx.ModelProto) -> float:
+        return self.measure(candidate).cosine
+
+    def measure(self, candidate: onnx.ModelProto, quick: bool = False) -> Score:
+        """The candidate's score on every guard sample, or (quick) on the first few only: enough to
+        rank layers, at a fraction of the time."""
+        self.runs += 1
         sess = self._session(candidate, True)
         dots: dict[str, list[float]] = {}
-        for feed, ref in zip(self.feeds, self.reference):
+        agree: dict[str, list[int]] = {}
+        pairs = zip(self.quick_feeds, self.quick_reference) if quick else zip(self.feeds, self.reference)
+        for feed, ref in pairs:
             got = self._run(candidate, feed, True, list(ref), sess)
             for name, r in ref.items():
                 if not np.issubdtype(np.asarray(r).dtype, np.floating):
@@ -56,9 +99,27 @@ class Guard:
                 acc[0] += float(a @ b)
                 acc[1] += float(a @ a)
                 acc[2] += float(b @ b)
+                if name in self.scored and np.ndim(r) >= 2 and np.shape(r)[-1] > 1:
+                    same = _agreeing(np.asarray(r), np.asarray(got[name]))
+                    counts = agree.setdefault(name, [0, 0])
+                    counts[0] += int(same.sum())
+                    counts[1] += int(same.size)
         values = [d[0] / np.sqrt(d[1] * d[2]) if d[1] > 0 and d[2] > 0 else (1.0 if d[1] == d[2] else 0.0)
                   for d in dots.values()]
-        return float(min(values)) if values else 1.0
+        shares = [c[0] / c[1] for c in agree.values() if c[1]]
+        return Score(float(min(values)) if values else 1.0, float(min(shares)) if shares else None)
+
+    def holds(self, score: Score) -> bool:
+        return score.cosine >= self.target and (score.agreement is None or self.min_agreement is None
+                                                 or score.agreement >= self.min_agreement)
+
+    def shortfall(self, score: Score) -> float:
+        """How far a score is from the targets, each error over the error the target allows (1 or
+        less on each: the tolerance holds); the sum, so a gain on either output metric counts."""
+        loss = (1.0 - score.cosine) / max(1.0 - self.target, 1e-9)
+        if score.agreement is not None and self.min_agreement is not None:
+            loss += (1.0 - score.agreement) / max(1.0 - self.min_agreement, 1e-9)
+        return float(loss)
 
     def sensitivities(self, graph: gs.Graph, plan: "Plan", writer: "Writer") -> list[tuple[int, str, float]]:
         """(position, name, local SNR dB) of every quantized node, the one whose quantization adds most
@@ -144,3 +205,80 @@ def _drain(tap: InputTap) -> int:
     if n == 0:
         raise InputError("calibration data gave no batches")
     return n
+
+
+def _agreeing(ref: np.ndarray, got: np.ndarray) -> np.ndarray:
+    """Per sample, whether the argmax over the last axis agrees: [N, C] class scores one by one; a
+    sequence ([N, T, C] or time-major [T, N, C]) only when every position agrees, so one flipped
+    position, which can change a CTC decode, counts as a miss (stricter than the decode itself)."""
+    same = ref.argmax(-1) == got.argmax(-1)
+    if same.ndim < 2:
+        return same
+    # the sequence axis is the longer of the two leading ones (a batch of a few long sequences)
+    seq = 0 if same.ndim == 2 and same.shape[0] > same.shape[1] else same.ndim - 1
+    return same.all(axis=seq) if same.ndim == 2 else same.reshape(same.shape[0], -1).all(axis=1)
+
+
+def _collect(data, samples: int, batches: int) -> list[dict]:
+    """The guard's feeds: up to ``samples`` samples joined into batches of up to 8 (a symbolic batch
+    axis), or the first ``batches`` feeds as given (``samples`` 0: a fixed batch axis)."""
+    feeds: list[dict] = []
+    if not samples:
+        for feed in data:
+            feeds.append(feed)
+            if len(feeds) >= batches:
+                break
+        return feeds
+    pending: list[dict] = []
+    count = 0
+    for feed in data:
+        pending.append(feed)
+        count += _batch_size(feed)
+        if sum(_batch_size(f) for f in pending) >= 8:
+            feeds.append(_join(pending))
+            pending = []
+        if count >= samples:
+            break
+    if pending:
+        feeds.append(_join(pending))
+    return feeds
+
+
+def _batch_size(feed: dict) -> int:
+    sizes = {np.asarray(v).shape[0] if np.ndim(v) else 1 for v in feed.values()}
+    return sizes.pop() if len(sizes) == 1 else 1
+
+
+def _join(feeds: list[dict]) -> dict:
+    if len(feeds) == 1:
+        return feeds[0]
+    try:
+        return {k: np.concatenate([np.asarray(f[k]) for f in feeds]) for k in feeds[0]}
+    except ValueError:  # samples of different shapes (sequence lengths): keep the first
+        return feeds[0]
+
+
+_LAYOUT = ("Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Identity")
+
+
+def score_outputs(model: onnx.ModelProto) -> set[str]:
+    """Names of the graph outputs whose last axis holds class scores: made (through layout ops other
+    than Transpose) by a Softmax/LogSoftmax over the last axis. Raw logits are left to the cosine: a
+    MatMul/Gemm output may as well be a regression or an embedding, where argmax means nothing."""
+    g = model.graph
+    made = {o: n for n in g.node for o in n.output}
+    found = set()
+    for out in g.output:
+        name, hops = out.name, 0
+        node = made.get(name)
+        while node is not None and node.op_type in _LAYOUT and hops < 4 and node.op_type != "Transpose":
+            node, hops = made.get(node.input[0]), hops + 1
+        if node is None:
+            continue
+        rank = len(out.type.tensor_type.shape.dim)
+        if node.op_type in ("Softmax", "LogSoftmax"):
+            opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
+            axis = next((a.i for a in node.attribute if a.name == "axis"), -1 if opset >= 13 else 1)
+            if axis == -1 or (rank and axis == rank - 1):
+                found.add(out.name)
+    return found

@@ -245,9 +245,7 @@ def guard_for(model: onnx.ModelProto, ctx: PassContext, o, target: float, batch:
     if not all(i.type.tensor_type.shape.dim and not i.type.tensor_type.shape.dim[0].HasField("dim_value")
                for i in inputs):
         tap.max_batch = 0  # a fixed batch dimension: feeds stay as the data gives them
-    check = Guard(model, tap, ctx, target)
-    check.split = bool(tap.max_batch)
-    return check
+    return Guard(model, tap, ctx, target, split=bool(tap.max_batch))
 
 
 def _embeddings(graph: gs.Graph, ctx: PassContext, o, stats: dict) -> int:

@@ -560,3 +560,63 @@ def test_accuracy_guard_ranks_layers_by_their_effect_on_the_output():
     assert not any("'decoy'" in n for n in notes)
     decoy = next(n for n in result.model.graph.node if n.name == "decoy")
     assert producer_of(result.model, decoy.input[1]).op_type == "DequantizeLinear"
+
+
+def test_mixed_precision_returns_the_planted_sensitive_layer_first_and_reports_the_trade_curve():
+    """Four MatMuls; mm2 reads a second input whose feature 0 is 0 except for one huge outlier (no
+    weight reads it), so its 8-bit input wipes out the other features. Measured end to end, mm2 goes
+    back to float first and alone, the others stay quantized, and the trade curve (weights, score)
+    grows in size step by step."""
+    rng = np.random.default_rng(4)
+    ws = [(rng.standard_normal((16, n)) / 4).astype(np.float32) for n in (16, 16, 16, 3)]
+    ws[2][0] = 0
+    ws[3] *= 8  # three decisive class scores: no near-ties for 8-bit noise to flip
+    model = make_model([node("MatMul", ["x", "w0"], ["h0"], name="mm0"), node("Relu", ["h0"], ["r0"], name="relu0"),
+                        node("MatMul", ["r0", "w1"], ["h1"], name="mm1"),
+                        node("MatMul", ["x2", "w2"], ["h2"], name="mm2"),
+                        node("Add", ["h1", "h2"], ["s"], name="join"),
+                        node("MatMul", ["s", "w3"], ["h3"], name="mm3"),
+                        node("Softmax", ["h3"], ["y"], name="out", axis=-1)],
+                       [vi("x", ["N", 16]), vi("x2", ["N", 16])], [vi("y", ["N", 3])],
+                       [init(f"w{i}", w) for i, w in enumerate(ws)])
+    data = [{"x": f["x"], "x2": g["x"]} for f, g in zip(feeds((8, 16), n=4), feeds((8, 16), n=4, seed=3))]
+    for f in data:
+        f["x2"][:, 0] = 0
+    data[0]["x2"][0, 0] = 5000.0
+    result, stats = quantize(model, "qdq(method=minmax)", data)
+    notes = [n for r in result.records for n in r.notes]
+    fallen = [n.split("'")[1] for n in notes if n.startswith("layer '")]
+    assert fallen[0] == "mm2" and "mm0" not in fallen and "mm1" not in fallen, notes
+    gains = [float(n.split("gain ")[1].split(" ")[0]) for n in notes if n.startswith("layer '")]
+    assert gains[0] > 10 * max(gains[1:], default=0)  # the planted layer recovers nearly everything
+    assert stats["fallback_nodes"] == len(fallen) and stats["quantized_MatMul"] == 4 - len(fallen)
+    assert stats["guard_min_cosine_ppm"] >= 990000 and stats["guard_argmax_agreement_ppm"] >= 990000
+    curve = next(n for n in notes if n.startswith("size/accuracy trade curve"))
+    units = {"bytes": 1, "KiB": 1024, "MiB": 2**20}
+    sizes = [float(p.split()[0]) * units[p.split()[1]] for p in curve.split(": ", 1)[1].split("; ")]
+    assert len(sizes) == len(fallen) + 1 and sizes == sorted(sizes) and len(set(sizes)) == len(sizes), curve
+    assert "note (qdq): size/accuracy trade curve" in result.summary()
+
+
+def test_guard_scores_argmax_agreement_on_class_and_sequence_outputs_only():
+    g = qdq_module.guard
+    seq = make_model([node("MatMul", ["x", "w"], ["l"]), node("Softmax", ["l"], ["p"], axis=-1),
+                      node("Identity", ["x"], ["e"])],
+                     [vi("x", ["N", 5, 4])], [vi("p", ["N", 5, 6]), vi("e", ["N", 5, 4])],
+                     [init("w", np.ones((4, 6)))])
+    assert g.score_outputs(seq) == {"p"}  # the embedding-like pass-through is not class scores
+    logits = make_model([node("MatMul", ["x", "w"], ["y"])], [vi("x", ["N", 4])], [vi("y", ["N", 6])],
+                        [init("w", np.ones((4, 6)))])
+    assert g.score_outputs(logits) == set()  # raw MatMul output: maybe a regression, cosine only
+    check = object.__new__(g.Guard)
+    check.target, check.min_agreement = 0.99, 0.99
+    assert check.holds(g.Score(0.995, 0.995)) and not check.holds(g.Score(0.995, 0.98))
+    assert check.holds(g.Score(0.995, None))
+    assert check.shortfall(g.Score(0.98, 0.97)) == pytest.approx(2.0 + 3.0)
+    # a sequence agrees only when every position does: one flip in sample 1 (of 2, 6 positions)
+    ref = np.eye(3)[np.zeros((2, 6), int)]
+    got = ref.copy()
+    got[1, 4] = [0, 1, 0]
+    assert g._agreeing(ref, got).tolist() == [True, False]
+    assert g._agreeing(ref.transpose(1, 0, 2), got.transpose(1, 0, 2)).tolist() == [True, False]  # time-major
+    assert g._agreeing(ref[:, 0], got[:, 4]).tolist() == [True, False]  # class scores: one per sample
