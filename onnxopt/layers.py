@@ -20,6 +20,11 @@ API (stable; passes build on it):
     (per-channel quantization axis); None for a rank the op cannot take.
 ``excluded(layer, patterns) -> bool``
     whether a glob matches the node's name or a name of its weight.
+``find_embeddings(graph, top_only=False) -> (list[Embedding], Counter)``
+    Gathers (default domain) reading rows of a fixed float table of rank >= 2 (token,
+    position and type embeddings): :class:`Embedding` has ``node``, ``graph``, ``top``,
+    ``table`` (the gs.Constant holding it; ``shape``, ``dtype`` without loading it) and
+    ``axis``. Tables that a caller may feed are counted as ``overridable_weight``.
 
 :class:`Weight` (where the value lives):
     ``const`` the gs.Constant holding the values; ``holder`` the Constant node
@@ -473,3 +478,51 @@ def excluded(layer: Layer, patterns: Sequence[str]) -> bool:
     """Whether a glob matches the node's name or a name of its weight."""
     names = [layer.node.name or "", *layer.weight.names]
     return any(fnmatch.fnmatchcase(n, p) for p in patterns for n in names)
+
+
+# ----------------------------------------------------------------- embeddings
+
+@dataclass(eq=False)
+class Embedding:
+    """A Gather reading rows of a fixed float table: a token, position or type embedding."""
+
+    node: gs.Node
+    graph: gs.Graph
+    table: gs.Constant
+    top: bool
+
+    @property
+    def shape(self) -> tuple:
+        return tuple(self.table._values.shape)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(self.table._values.dtype)
+
+    @property
+    def axis(self) -> int:
+        return int(self.node.attrs.get("axis", 0))
+
+
+def find_embeddings(graph: gs.Graph, top_only: bool = False) -> tuple[list[Embedding], Counter]:
+    """Every Gather on a fixed float table of rank >= 2, in the top graph and (unless ``top_only``)
+    If/Loop/Scan bodies; model-local functions are not entered. A Gather on data or on shapes is
+    not an embedding and is not counted; a table a caller may feed is (``overridable_weight``)."""
+    overridable = set(vars(graph).get("initializer_inputs", []) or [])
+    found: list[Embedding] = []
+    skips: Counter = Counter()
+    graphs = [graph] if top_only else list(G.iter_graphs(graph, functions=False))
+    for g in graphs:
+        for node in g.nodes:
+            if node.op != "Gather" or (node.domain or "") not in ("", "ai.onnx") or len(node.inputs) < 2:
+                continue
+            table = G.constant_source(node.inputs[0])
+            if not isinstance(table, gs.Constant) or isinstance(table._values, G.SparseValues):
+                continue
+            if np.dtype(table._values.dtype) not in FLOATS or len(table._values.shape) < 2:
+                continue
+            if node.inputs[0].name in overridable or table.name in overridable:
+                skips["overridable_weight"] += 1
+                continue
+            found.append(Embedding(node, g, table, g is graph))
+    return found, skips

@@ -232,3 +232,26 @@ def test_array_reads_the_stored_values_untransposed():
     (layer,) = _found(model)[1].layers
     np.testing.assert_array_equal(layer.weight.array(), w)
     np.testing.assert_array_equal(layer.weight.value(), w.T)
+
+
+def test_find_embeddings_tables_behind_identity_and_what_is_not_one():
+    ids = helper.make_tensor_value_info("ids", TensorProto.INT64, [2, 3])
+    table = _w(10, 4)
+    nodes = [node("Identity", ["table"], ["table_id"]),
+             node("Gather", ["table_id", "ids"], ["emb"]),           # an embedding behind an Identity
+             node("Shape", ["emb"], ["shape"]),
+             node("Gather", ["shape", "zero"], ["dim"], axis=0),      # a Gather on a shape: not one
+             node("Gather", ["fed", "ids"], ["emb2"]),                # a table a caller may feed
+             node("Gather", ["vec", "ids"], ["emb3"])]                # a 1-D table: not one
+    fed = helper.make_tensor_value_info("fed", TensorProto.FLOAT, [10, 4])
+    model = make_model(nodes, [ids, fed], [vi("emb", [2, 3, 4]), vi("dim", [], TensorProto.INT64), vi("emb2", [2, 3, 4]),
+                                           vi("emb3", [2, 3])],
+                       [init("table", table), init("zero", 0, np.int64), init("fed", _w(10, 4)),
+                        init("vec", _w(10))])
+    graph = G.import_graph(model)
+    found, skips = L.find_embeddings(graph)
+    (emb,) = found
+    assert emb.node.outputs[0].name == "emb" and emb.top and emb.axis == 0
+    assert emb.shape == (10, 4) and emb.dtype == np.float32 and emb.table.name == "table"
+    np.testing.assert_array_equal(emb.table.values, table)
+    assert skips == {"overridable_weight": 1}

@@ -19,6 +19,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxopt import graph as G
+from onnxopt import layers as L
 
 from .writer import weight_qparams
 
@@ -28,32 +29,30 @@ MIN_VALUES = 4096  # a smaller table is not worth a node (a type-id table holds 
 def quantize_embeddings(graph: gs.Graph, opset: int, stats: dict, skips: Counter) -> int:
     """Rewrite every Gather on a float table of at least MIN_VALUES values in the top-level graph.
     Returns the number of tables quantized (a table shared by several Gathers is quantized once)."""
-    overridable = set(vars(graph).get("initializer_inputs", []))
     names = G.Names(graph)
     tables: dict[int, tuple[gs.Constant, gs.Constant]] = {}  # id(float table) -> (int8 table, row scales)
-    for node in list(graph.nodes):
-        if node.op != "Gather" or (node.domain or "") not in ("", "ai.onnx") or len(node.inputs) < 2:
+    found, passed = L.find_embeddings(graph, top_only=True)
+    skips["embedding_overridable"] += passed["overridable_weight"]
+    for emb in found:
+        node = emb.node
+        if id(emb.table) in tables:
+            rewrite(graph, node, *tables[id(emb.table)], names)
             continue
-        table_t = node.inputs[0]
-        if id(table_t) in tables:
-            rewrite(graph, node, *tables[id(table_t)], names)
+        if emb.dtype != np.float32 or int(np.prod(emb.shape)) < MIN_VALUES:
             continue
-        table = G.const_value(table_t)
-        if table is None or table.dtype != np.float32 or table.ndim < 2 or table.size < MIN_VALUES:
-            continue
-        if table_t.name in overridable:
-            skips["embedding_overridable"] += 1
-            continue
-        if int(node.attrs.get("axis", 0)) != 0:
+        if emb.axis != 0:
             skips["embedding_axis"] += 1
             continue
+        table = G.const_value(node.inputs[0])
+        if table is None:
+            continue
         scale, q = weight_qparams(table, 0)
-        base = table_t.name or "embedding"
-        tables[id(table_t)] = (gs.Constant(names.fresh(f"{base}_quantized"), q),
-                               gs.Constant(names.fresh(f"{base}_scale"),
-                                           scale.astype(np.float32).reshape((-1,) + (1,) * (table.ndim - 1))))
+        base = node.inputs[0].name or "embedding"
+        tables[id(emb.table)] = (gs.Constant(names.fresh(f"{base}_quantized"), q),
+                                 gs.Constant(names.fresh(f"{base}_scale"),
+                                             scale.astype(np.float32).reshape((-1,) + (1,) * (table.ndim - 1))))
         stats["embedding_values"] = stats.get("embedding_values", 0) + int(table.size)
-        rewrite(graph, node, *tables[id(table_t)], names)
+        rewrite(graph, node, *tables[id(emb.table)], names)
     if tables:
         stats["embeddings_quantized"] = len(tables)
     return len(tables)

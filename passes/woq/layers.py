@@ -147,24 +147,22 @@ def _dense(layer: L.Layer, skips: Counter, overridable: set) -> Optional[Target]
 
 
 def _gathers(graph: gs.Graph, opts: WoqOptions, skips: Counter, overridable: set) -> list[Target]:
-    """Gathers on a constant float 2-D table (embeddings), outside model-local functions."""
+    """Embedding Gathers (onnxopt.layers.find_embeddings) on fp16/fp32 2-D tables, outside functions."""
+    found, passed = L.find_embeddings(graph)
+    skips.update(passed)
     out = []
-    for g in G.iter_graphs(graph, functions=False):
-        for node in g.nodes:
-            if node.op != "Gather" or (node.domain or "") not in ("", "ai.onnx") or len(node.inputs) < 2:
-                continue
-            table = G.constant_source(node.inputs[0], overridable)
-            if (not isinstance(table, gs.Constant) or isinstance(table._values, SparseValues)
-                    or np.dtype(table._values.dtype) not in FLOATS or len(table._values.shape) != 2):
-                continue   # a Gather on data or shapes: not an embedding, not counted
-            if not opts.embeddings:
-                skips["embeddings_off"] += 1
-            elif any(fnmatch.fnmatchcase(n, p) for p in opts.exclude for n in (node.name or "", table.name)):
-                skips["excluded"] += 1
-            elif int(node.attrs.get("axis", 0)) not in (0, -2):
-                skips["gather_axis"] += 1
-            elif table._values.shape[1] * opts.bits % 8:
-                skips["gather_odd_width"] += 1   # rows are packed in whole bytes
-            else:
-                out.append(Target(node, g, "gather", table, g is graph))
+    for emb in found:
+        node, table = emb.node, emb.table
+        if emb.dtype not in FLOATS or len(emb.shape) != 2:
+            continue   # fp64 or higher-rank tables: not what GatherBlockQuantized takes, not counted
+        if not opts.embeddings:
+            skips["embeddings_off"] += 1
+        elif any(fnmatch.fnmatchcase(n, p) for p in opts.exclude for n in (node.name or "", table.name)):
+            skips["excluded"] += 1
+        elif emb.axis not in (0, -2):
+            skips["gather_axis"] += 1
+        elif emb.shape[1] * opts.bits % 8:
+            skips["gather_odd_width"] += 1   # rows are packed in whole bytes
+        else:
+            out.append(Target(node, emb.graph, "gather", table, emb.top))
     return out
