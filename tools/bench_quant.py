@@ -29,7 +29,8 @@ not apply (no MatMul for weight-only) or fails is shown with its reason.
 
 Metrics on the evaluation data, float vs quantized, both in ORT on CPU with graph optimizations on:
 cosine and SNR of the first output; the task metric (digits: accuracy; CTC recognizer: share of
-greedy decodes identical to the float model's; embedder: cosine only; exported models: cosine);
+greedy decodes identical to the float model's; embedder: retrieval recall@1 on
+tools/retrieval_eval.py's 400 query/document pairs (its calibration texts are the calibration data); exported models: cosine);
 size of the saved file against the float one; latency: batch-1, one intra-op thread, median of
 runs after warm-up.
 """
@@ -54,7 +55,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CORPUS = Path(os.environ.get("ONNXOPT_CORPUS", "~/.cache/onnxopt-corpus")).expanduser()
 EXPORTED = Path("~/.cache/onnxopt/models").expanduser()
 SECTION = "## Quantization side by side"
-MODELS = ["digits_cnn", "resnet18", "bert", "ppocr_v4_rec", "ppocr_v4_det", "minilm_l6_float"]
+MODELS = ["digits_cnn", "resnet18", "bert", "minilm_l6_float", "ppocr_v4_rec", "ppocr_v4_det"]
 PIPELINES = {
     "default": "cleanup,qdq",
     "static": "cleanup,qdq(mode=static)",
@@ -148,6 +149,13 @@ def prepare(name: str, work: Path, data: Path, samples: int) -> dict | None:
     path = CORPUS / name / "model.onnx"
     if not path.exists():
         return None
+    retrieval = CORPUS / name / "retrieval"
+    if (retrieval / "eval.npz").exists():  # a sentence embedder with its retrieval set (tools/retrieval_eval.py)
+        with np.load(retrieval / "eval.npz") as d:
+            docs = {k[2:]: d[k][:EVAL_SAMPLES] for k in d.files if k.startswith("d_")}
+        evals_list = [{k: v[i:i + 4] for k, v in docs.items()} for i in range(0, EVAL_SAMPLES, 4)]
+        return {"path": path, "calib": retrieval / "calib.npz", "evals": evals_list, "labels": None,
+                "task": "recall", "retrieval": retrieval, "lat": {k: v[:1] for k, v in evals_list[0].items()}}
     manifest = ROOT / "tools" / "corpus_manifest.json"
     if any(m["name"] == name for m in json.loads(manifest.read_text())["models"]):
         bench_ocr_qdq.make_data(name, data, ROOT / "tools", count=max(samples, EVAL_SAMPLES))
@@ -211,6 +219,17 @@ def measure(ref: list[np.ndarray], got: list[np.ndarray], task: str, labels) -> 
     return out
 
 
+def recall(path: Path, retrieval: Path) -> float:
+    """Recall@1 (%) of a sentence embedder on tools/retrieval_eval.py's query/document pairs."""
+    import retrieval_eval
+
+    with np.load(retrieval / "eval.npz") as z:
+        q = {k[2:]: z[k] for k in z.files if k.startswith("q_")}
+        d = {k[2:]: z[k] for k in z.files if k.startswith("d_")}
+    eq, ed = retrieval_eval.embed(str(path), q), retrieval_eval.embed(str(path), d)
+    return float(np.mean(np.argmax(eq @ ed.T, axis=1) == np.arange(len(eq))) * 100)
+
+
 def latency(path: Path, feed: dict) -> float:
     from onnxopt.validate import latency_ms
 
@@ -265,6 +284,8 @@ def bench_model(name: str, args, work: Path) -> list[dict]:
     lat_float = latency(prep["path"], prep["lat"])
     rows = [{"model": name, "tool": "float", "size": 1.0, "lat_ratio": 1.0, "lat_ms": lat_float,
              **measure(ref, ref, prep["task"], prep["labels"])}]
+    if prep["task"] == "recall":
+        rows[0]["task"] = recall(prep["path"], prep["retrieval"])
     for tool in args.tools.split(","):
         out = work / f"{name}.{tool}.onnx"
         res = run_child(args.python, tool, prep["path"], prep["calib"], out, args.timeout)
@@ -274,6 +295,8 @@ def bench_model(name: str, args, work: Path) -> list[dict]:
         if not res.get("error"):
             try:
                 res.update(measure(ref, first_outputs(out, prep["evals"]), prep["task"], prep["labels"]))
+                if prep["task"] == "recall":
+                    res["task"] = recall(out, prep["retrieval"])
                 res["size"] = out.stat().st_size / size
                 res["lat_ms"] = latency(out, prep["lat"])
                 res["lat_ratio"] = res["lat_ms"] / lat_float
@@ -295,7 +318,7 @@ def render(rows: list[dict], meta: dict) -> str:
              "Method in the script's docstring: same float model and calibration file for every tool, "
              f"{meta['samples']} calibration samples, {EVAL_SAMPLES} other evaluation samples (digits: 360 "
              "labelled); ORT CPU, optimizations on; size and latency (batch 1, one thread) against the float "
-             "model. Task: digits accuracy %; CTC recognizer: greedy decodes identical to float's %.", "",
+             "model. Task: digits accuracy %; CTC recognizer: greedy decodes identical to float's %; sentence embedder: retrieval recall@1 % on 400 query/document pairs (tools/retrieval_eval.py), its cosine over the token embeddings of 32 documents.", "",
              "| model | tool | cosine | SNR dB | task | size × | latency × | quantize s | peak RSS MiB | note |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
