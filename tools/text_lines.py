@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from corpus_data import _line  # the corpus's anti-aliased stroke (tools/ is on the path)
+
 _FONT = {
     "0": "01110 10001 10011 10101 11001 10001 01110", "1": "00100 01100 00100 00100 00100 00100 01110",
     "2": "01110 10001 00001 00010 00100 01000 11111", "3": "11111 00010 00100 00010 00001 10001 01110",
@@ -48,21 +50,6 @@ def _segments(ch: str) -> list[tuple[float, float, float, float]]:
     return segs
 
 
-def _draw(img: np.ndarray, x0: float, y0: float, x1: float, y1: float, width: float, ink: np.ndarray) -> None:
-    h, w = img.shape[:2]
-    pad = width + 1
-    xa, xb = int(max(0, min(x0, x1) - pad)), int(min(w, max(x0, x1) + pad + 1))
-    ya, yb = int(max(0, min(y0, y1) - pad)), int(min(h, max(y0, y1) + pad + 1))
-    if xa >= xb or ya >= yb:
-        return
-    yy, xx = np.mgrid[ya:yb, xa:xb].astype(np.float32)
-    dx, dy = x1 - x0, y1 - y0
-    t = np.clip(((xx - x0) * dx + (yy - y0) * dy) / max(dx * dx + dy * dy, 1e-6), 0, 1)
-    dist = np.hypot(xx - (x0 + t * dx), yy - (y0 + t * dy))
-    alpha = np.clip(width / 2 + 0.5 - dist, 0, 1)[..., None]
-    img[ya:yb, xa:xb] = img[ya:yb, xa:xb] * (1 - alpha) + ink * alpha
-
-
 def text_line(rng: np.random.Generator, h: int, w: int) -> tuple[np.ndarray, str]:
     """(H, W, 3) float image 0..255 of a line of letters and digits, and its text."""
     tint = rng.uniform(200, 250) + rng.uniform(-10, 10, size=3)
@@ -86,7 +73,7 @@ def text_line(rng: np.random.Generator, h: int, w: int) -> tuple[np.ndarray, str
             x += dot * 4  # a space: recognizers drop or keep it; it is left out of the text
         ch = _CHARS[int(rng.integers(len(_CHARS)))]
         for (a, b, c, d) in _segments(ch):
-            _draw(img, x + a * dot + slant * (6 - b) * dot, y0 + b * dot,
+            _line(img, x + a * dot + slant * (6 - b) * dot, y0 + b * dot,
                   x + c * dot + slant * (6 - d) * dot, y0 + d * dot, width, ink)
         text += ch
         x += adv

@@ -25,6 +25,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxopt import graph as G
+from onnxopt import layers as L
 
 from .writer import weight_qparams
 
@@ -64,9 +65,11 @@ class DynamicPlan:
             skips["dtype"] += 1
             return None
         w_t = node.inputs[1]
-        w = G.const_value(w_t)
+        found = L.resolve_weight(w_t)  # overridable weights are counted below, by name
+        w = found.array() if isinstance(found, L.Weight) and not found.transposed else None  # Transpose: fold first
         if w is None:
-            skips["dynamic_weight"] += 1
+            skips["weight_not_folded" if found == "weight_not_folded" or isinstance(found, L.Weight)
+                  else "dynamic_weight"] += 1
             return None
         if w_t.name in overridable:
             skips["overridable_weight"] += 1
