@@ -73,6 +73,9 @@ CONFIGS = [
     ("woq(bits=4,algo=rtn)", "onnxopt", f"woq(bits=4,algo=rtn,block_size={BLOCK})"),
     ("woq(bits=4,algo=gptq)", "onnxopt", f"woq(bits=4,algo=gptq,block_size={BLOCK})"),
     ("woq(bits=4,algo=hqq)", "onnxopt", f"woq(bits=4,algo=hqq,block_size={BLOCK})"),
+    # the anchor quantizes MatMul weights only: the same scope, embedding tables left float
+    ("woq(bits=4,algo=rtn,embeddings=false)", "onnxopt", f"woq(bits=4,algo=rtn,block_size={BLOCK},embeddings=false)"),
+    ("woq(bits=4,algo=gptq,embeddings=false)", "onnxopt", f"woq(bits=4,algo=gptq,block_size={BLOCK},embeddings=false)"),
     ("ORT nbits default bits=4 (RTN)", "ort", "default,4"),
     ("ORT nbits RTN bits=4", "ort", "rtn,4"),
     ("ORT nbits GPTQ bits=4", "ort", "gptq,4"),

@@ -158,7 +158,7 @@ def prepare(name: str, work: Path, data: Path, samples: int) -> dict | None:
                 "task": "recall", "retrieval": retrieval, "lat": {k: v[:1] for k, v in evals_list[0].items()}}
     manifest = ROOT / "tools" / "corpus_manifest.json"
     if any(m["name"] == name for m in json.loads(manifest.read_text())["models"]):
-        bench_ocr_qdq.make_data(name, data, ROOT / "tools", count=max(samples, EVAL_SAMPLES))
+        bench_ocr_qdq.make_data(name, data, ROOT / "tools", counts=(samples, EVAL_SAMPLES))
         calib, evals = data / f"{name}_calib.npz", data / f"{name}_eval.npz"
     else:  # a derived corpus entry: its inputs.npz cut in two
         calib, evals = _split_inputs(CORPUS / name / "inputs.npz", data, name)
