@@ -27,6 +27,7 @@ import onnx_graphsurgeon as gs
 from onnxopt import graph as G
 from onnxopt import layers as L
 
+from .plan import _float32_or_unknown, _is_activation
 from .writer import weight_qparams
 
 DYNAMIC_OPSET = 11  # DynamicQuantizeLinear
@@ -137,17 +138,3 @@ def apply_dynamic(graph: gs.Graph, plan: DynamicPlan, wmax: int, stats: dict) ->
     drop = {id(n) for n in plan.nodes}
     graph.nodes = [n for n in graph.nodes if id(n) not in drop] + new
     stats["dynamic_nodes"] = len(plan.nodes)
-
-
-def _is_activation(tensor: gs.Tensor) -> bool:
-    return isinstance(tensor, gs.Variable) and bool(tensor.name) and G.constant_source(tensor) is None
-
-
-def _float32_or_unknown(tensor: gs.Tensor) -> bool:
-    dtype = getattr(tensor, "dtype", None)
-    if dtype is None:
-        return True
-    try:
-        return np.dtype(dtype) == np.float32
-    except TypeError:
-        return False
