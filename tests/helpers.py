@@ -196,3 +196,17 @@ def assert_pass_agrees(model: onnx.ModelProto, optimized: onnx.ModelProto, recor
     assert interface(direct) == interface(model)
     assert_same_outputs(model, optimized, feeds)
     assert_same_outputs(model, direct, feeds[:1], opt_levels=("disable",))
+
+
+def ort_optimized_ops(model: onnx.ModelProto, tmp_path: Any) -> dict[str, int]:
+    """Op types of ONNX Runtime's own optimized graph (graph optimizations on, CPU): what it fused."""
+    import collections
+
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.optimized_model_filepath = str(tmp_path / "ort_optimized.onnx")
+    so.log_severity_level = 3
+    ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return collections.Counter(n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node)

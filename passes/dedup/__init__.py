@@ -7,12 +7,6 @@ from typing import Optional
 
 import onnx_graphsurgeon as gs
 
-try:
-    from onnx_graphsurgeon.ir.tensor import SparseValues
-except ImportError:  # onnx-graphsurgeon before sparse initializers
-    class SparseValues:  # type: ignore[no-redef]
-        pass
-
 from onnxopt import graph as G
 from onnxopt.options import option
 from onnxopt.pipeline import Pass, PassContext, PassResult, register_pass

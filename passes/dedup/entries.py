@@ -10,12 +10,6 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-try:
-    from onnx_graphsurgeon.ir.tensor import SparseValues
-except ImportError:  # onnx-graphsurgeon before sparse initializers
-    class SparseValues:  # type: ignore[no-redef]
-        pass
-
 from onnxopt import graph as G
 
 from .keys import (

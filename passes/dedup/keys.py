@@ -20,12 +20,6 @@ _ATTRIBUTE_REF = getattr(gs.Node, "AttributeRef", ())
 # Payloads up to this size are kept for byte comparisons; larger ones are decoded again on a match.
 _CACHE_BYTES = 1 << 20
 
-try:
-    from onnx_graphsurgeon.ir.tensor import SparseValues
-except ImportError:  # onnx-graphsurgeon before sparse initializers
-    class SparseValues:  # type: ignore[no-redef]
-        pass
-
 
 
 
@@ -34,7 +28,7 @@ def _payload(tensor: gs.Constant) -> Optional[np.ndarray]:
     """The values, decoded from the TensorProto for lazily held ones without caching them in gs
     (``Constant.values`` would keep them, and cast types numpy lacks)."""
     values = tensor._values
-    if isinstance(values, SparseValues):
+    if isinstance(values, G.SparseValues):
         return None
     try:
         if isinstance(values, G.MappedValues):  # left in the input's file: read through a map, no copy

@@ -9,12 +9,6 @@ from typing import Optional
 import onnx
 import onnx_graphsurgeon as gs
 
-try:
-    from onnx_graphsurgeon.ir.tensor import SparseValues
-except ImportError:  # onnx-graphsurgeon before sparse initializers
-    class SparseValues:  # type: ignore[no-redef]
-        pass
-
 from onnxopt import graph as G
 
 from .keys import _payload

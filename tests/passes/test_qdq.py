@@ -17,7 +17,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import onnxopt
-from helpers import init, make_model, node, vi
+from helpers import init, make_model, node, ort_optimized_ops, vi
 from onnxopt.errors import InputError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -53,16 +53,6 @@ def quantize(model, passes="qdq", data=None, **kw):
 
 def op_counts(model):
     return collections.Counter(n.op_type for n in model.graph.node)
-
-
-def ort_fused_ops(model, tmp_path):
-    """Op types of ORT's own optimized graph (graph optimizations on, CPU)."""
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.optimized_model_filepath = str(tmp_path / "ort_optimized.onnx")
-    so.log_severity_level = 3
-    ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    return op_counts(onnx.load(so.optimized_model_filepath))
 
 
 def initializer(model, name):
@@ -158,7 +148,7 @@ def test_conv_relu_conv_layout_scales_and_bias(tmp_path):
     b1 = initializer(model, "b1")
     assert np.abs(qb * sb - b1).max() <= sb.max() / 2 + 1e-7
     # ORT fuses everything into integer kernels
-    fused = ort_fused_ops(out, tmp_path)
+    fused = ort_optimized_ops(out, tmp_path)
     assert fused["QLinearConv"] == 2 and "Relu" not in fused and fused["DequantizeLinear"] == 1  # output y
 
 
@@ -238,7 +228,7 @@ def test_shape_ops_share_their_input_scale(tmp_path):
     assert stats["scales_shared"] == 2 and stats["qdq_pairs"] == 4 and stats["activations_calibrated"] == 2
     scale_of = {n.input[0]: n.input[1] for n in out.graph.node if n.op_type == "QuantizeLinear"}
     assert scale_of["r"] == scale_of["m"] == scale_of["f"] != scale_of["x"]
-    fused = ort_fused_ops(out, tmp_path)
+    fused = ort_optimized_ops(out, tmp_path)
     assert fused["QLinearConv"] == 1 and fused["QGemm"] == 1 and "DequantizeLinear" not in fused
 
 
@@ -254,7 +244,7 @@ def test_residual_add_and_concat_in_a_cnn(tmp_path):
     result, stats = quantize(model, "qdq", feeds((4, 2, 4, 4)))
     assert stats["quantized_Add"] == 1 and stats["quantized_Concat"] == 1 and stats["quantized_Conv"] == 3
     assert stats["qdq_pairs"] == 6  # x, a, b, s, cat, y
-    fused = ort_fused_ops(result.model, tmp_path)
+    fused = ort_optimized_ops(result.model, tmp_path)
     assert fused["QLinearAdd"] == 1 and fused["QLinearConcat"] == 1 and fused["QLinearConv"] == 3
 
 
@@ -348,7 +338,7 @@ def test_int8_symmetric_activations(tmp_path, method):
            if q.op_type == "QuantizeLinear"}
     assert all(z.dtype == np.int8 for z in zps.values())
     assert zps["x"] == 0 and zps["y_float"] == 0 and zps["r1"] == -128  # the folded Relu: one-sided, as ORT needs
-    assert ort_fused_ops(result.model, tmp_path)["QLinearConv"] == 2
+    assert ort_optimized_ops(result.model, tmp_path)["QLinearConv"] == 2
 
 
 def test_low_opsets_raise_to_13_for_per_channel_weights():
@@ -430,7 +420,7 @@ def test_digits_cnn_accuracy_and_fusion(tmp_path):
                                   "relu_clip_folded", "weights_quantized", "biases_quantized")} == {
         "quantized_Conv": 3, "quantized_Gemm": 1, "quantized_GlobalAveragePool": 1, "relu_clip_folded": 3,
         "weights_quantized": 4, "biases_quantized": 4}
-    fused = ort_fused_ops(result.model, tmp_path)
+    fused = ort_optimized_ops(result.model, tmp_path)
     assert fused["QLinearConv"] == 3 and fused["QGemm"] == 1 and fused["QLinearGlobalAveragePool"] == 1
     assert "DequantizeLinear" not in fused and "Relu" not in fused
     assert result.to_dict()  # the report carries the stats

@@ -7,11 +7,10 @@ import collections
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from onnx import numpy_helper
 
 import onnxopt
-from helpers import INT64, init, make_model, node, run_model, vi
+from helpers import INT64, init, make_model, node, ort_optimized_ops, run_model, vi
 from onnxopt import graph as G
 from onnxopt.pipeline import PassContext
 
@@ -28,15 +27,6 @@ def quantize(model, passes, data=None, inputs=None, **kw):
 
 def op_counts(model):
     return collections.Counter(n.op_type for n in model.graph.node)
-
-
-def ort_ops(model, tmp_path):
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.optimized_model_filepath = str(tmp_path / "ort_optimized.onnx")
-    so.log_severity_level = 3
-    ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    return op_counts(onnx.load(so.optimized_model_filepath))
 
 
 def initializers(model):
@@ -87,7 +77,7 @@ def test_dynamic_matmul_and_gemm_run_integer_kernels_close_to_float(tmp_path):
     assert sorted(v.shape for v in weights.values()) == [(16, 32), (32, 12)]  # the transB weight as [K, N]
     scales = sorted(v.shape for k, v in initializers(out).items() if k.endswith("_w_scale"))
     assert scales == [(12,), (32,)]  # one scale per output column
-    fused = ort_ops(out, tmp_path)
+    fused = ort_optimized_ops(out, tmp_path)
     assert fused["DynamicQuantizeMatMul"] + fused["MatMulIntegerToFloat"] == 2 and fused["MatMulInteger"] == 0
     for feed in data:
         ref, got = run_model(model, feed)["y"], run_model(out, feed, "all")["y"]
@@ -150,7 +140,7 @@ def test_embedding_table_becomes_int8_per_row(tmp_path):
         # every row within half a step of its own scale
         err = np.abs(q.astype(np.float32) * scale - table)
         assert np.all(err <= scale * 0.5 + 1e-7)
-        assert ort_ops(out, tmp_path)["DequantizeLinear"] == 0  # nothing dequantizes the whole table per run
+        assert ort_optimized_ops(out, tmp_path)["DequantizeLinear"] == 0  # nothing dequantizes the whole table per run
         for feed in data:
             ref, got = run_model(model, feed)["y"], run_model(out, feed, "all")["y"]
             rel = np.abs(ref - got) / np.abs(table).max(1)[feed["ids"]][..., None]
