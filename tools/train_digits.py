@@ -211,7 +211,17 @@ def write_readme(rows: list[dict], out: Path) -> None:
         "Accuracy = argmax(logits) == labels over the 360 test images.",
         "",
     ]
-    (out / "README.md").write_text("\n".join(lines))
+    readme = out / "README.md"
+    readme.write_text("\n".join(lines) + _other_sections(readme))
+
+
+def _other_sections(readme: Path) -> str:
+    """The '## ' sections other tools wrote into the README (train_lm.py's lm_tiny), kept as they are."""
+    if not readme.is_file():
+        return ""
+    text = readme.read_text()
+    start = text.find("\n## ")
+    return text[start:] if start >= 0 else ""
 
 
 def main() -> None:
