@@ -9,7 +9,7 @@ from ..pipeline import PassRecord
 from ..report import _did, _merge_repeats
 from . import charts
 from .page import (Page, arrow, badge, bullet_list, card, cards, change, count, details, facts, finite, human_bytes,
-                   note, pipeline_block, section, table, tag)
+                   note, percent, pipeline_block, section, table, tag)
 from .validation import validation_section
 
 
@@ -56,6 +56,9 @@ def _cards(report: dict) -> Any:
     if finite(ref) and finite(cand):
         items.append(card("latency (median)", arrow(f"{ref:.3f} ms", f"{cand:.3f} ms"),
                           f"{ref / cand:.2f}x speed-up" if cand else ""))
+    for o in [o for o in v.get("outputs") or [] if o.get("accuracy_reference") is not None][:2]:
+        items.append(card(f"accuracy ({o.get('name')})",
+                          arrow(percent(o["accuracy_reference"]), percent(o.get("accuracy_candidate")))))
     return cards(items)
 
 
