@@ -181,6 +181,17 @@ def test_optimize_page_of_a_failed_run_and_one_without_validation(plotly, optimi
     assert "validation: not run (no synthetic input runs the model)" in page
 
 
+def test_optimize_html_is_written_when_validation_fails(plotly, tmp_path, capsys):
+    """Like the JSON report: the page shows why, while the model is not written."""
+    page = tmp_path / "r.html"
+    code = main(["optimize", str(ROOT / "models/digits_cnn.onnx"), "-o", str(tmp_path / "out.onnx"),
+                 "--tolerance", "atol=-1", "--latency-runs", "0", "--html", str(page)])
+    assert code == 1 and "validation failed" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.html"]
+    text = page.read_text(encoding="utf-8")
+    assert "FAILED" in text and "(nothing written)" in text and "exceeds atol=-1" in text
+
+
 def test_tune_page_holds_the_reports_numbers(plotly, tmp_path):
     report = tune_report()
     path = html_report.write_tune_report(report, tmp_path / "tune.html")
@@ -236,6 +247,10 @@ def test_sensitivity_bars_put_the_most_sensitive_layer_on_top_and_outline_the_ch
     assert list(int8.marker.line.width) == [2.5, 0, 0, 0]  # /3/Conv chose int8
     both = next(t for t in fig.data if t.name == "prune(0.5)+int8")
     assert list(both.y) == ["/7/Conv"] and list(both.marker.line.width) == [2.5]
+    many = [{"name": f"layer{i}", "chosen": "float", "candidates": [_candidate("int8", i / 100, 10)]} for i in range(80)]
+    fig, shown = charts.sensitivity(many, "accuracy")
+    assert shown == charts.MAX_SENSITIVITY_LAYERS == 60
+    assert fig.layout.yaxis.categoryarray[-1] == "layer79" and "layer19" not in fig.layout.yaxis.categoryarray
 
 
 def test_tune_page_of_a_target_not_met_with_little_in_it(plotly):

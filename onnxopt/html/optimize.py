@@ -9,7 +9,7 @@ from ..pipeline import PassRecord
 from ..report import _did, _merge_repeats
 from . import charts
 from .page import (Page, arrow, badge, bullet_list, card, cards, change, count, details, facts, finite, human_bytes,
-                   note, percent, pipeline_block, section, table, tag)
+                   note, num, percent, pipeline_block, section, table, tag)
 from .validation import validation_section
 
 
@@ -39,7 +39,7 @@ def _header(report: dict) -> list[Any]:
     where = f"{report.get('source') or 'model'}" + (f" \u2192 {report['output']}" if report.get("output") else
                                                     " (nothing written)")
     return [tag("h1", f"onnxopt optimize: {where}"), state,
-            facts({"passes run": len(report.get("passes") or []), "time": f"{report.get('seconds', 0):.2f} s"}),
+            facts({"passes run": len(report.get("passes") or []), "time": f"{num(report.get('seconds'), '.2f')} s"}),
             tag("div", "pipeline (reproduces this run with --passes):", cls="note"),
             pipeline_block(report.get("pipeline", ""), "pipeline")]
 

@@ -42,7 +42,9 @@ td code, li code { font-size: 12px; word-break: break-all; } td code.name { word
 COPY_JS = """
 function onnxoptCopy(id, button) {
   var text = document.getElementById(id).textContent;
-  var done = function () { button.textContent = "copied"; setTimeout(function () { button.textContent = "copy"; }, 1500); };
+  var done = function () {
+    button.textContent = "copied"; setTimeout(function () { button.textContent = "copy"; }, 1500);
+  };
   if (navigator.clipboard && window.isSecureContext) { navigator.clipboard.writeText(text).then(done); return; }
   var range = document.createRange(); range.selectNodeContents(document.getElementById(id));
   var sel = window.getSelection(); sel.removeAllRanges(); sel.addRange(range);

@@ -6,7 +6,7 @@ import shlex
 from typing import Any
 
 from . import charts
-from .page import (DASH, Page, arrow, badge, card, cards, count, details, facts, finite, human_bytes, join, note, num,
+from .page import (DASH, Page, arrow, badge, card, cards, count, details, facts, human_bytes, join, note, num,
                    pipeline_block, ratio, section, table, tag)
 from .validation import validation_section
 

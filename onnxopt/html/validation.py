@@ -43,7 +43,8 @@ def _kind_figures(o: dict) -> str:
         parts.append(f"per-vector cosine mean {num(o['vector_cosine_mean'], '.6f')} "
                      f"(worst {num(o.get('vector_cosine_min'), '.6f')})")
     if o.get("perplexity_reference") is not None:
-        parts.append(f"perplexity {arrow(num(o['perplexity_reference'], '.6g'), num(o.get('perplexity_candidate'), '.6g'))}")
+        ref, cand = num(o["perplexity_reference"], ".6g"), num(o.get("perplexity_candidate"), ".6g")
+        parts.append(f"perplexity {arrow(ref, cand)}")
     return "; ".join(parts) or DASH
 
 
