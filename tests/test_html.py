@@ -277,6 +277,7 @@ def _dump_dom(page: Path, profile: Path) -> str:
         pytest.skip("no headless browser (chromium) installed")
     cmd = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
            "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={profile}",
+           "--host-resolver-rules=MAP * ~NOTFOUND",  # no network: the page must draw offline
            "--virtual-time-budget=5000", "--dump-dom", page.resolve().as_uri()]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
