@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from . import api, io
+from . import html as html_report
 from .data import Dataset, load_dataset
 from .errors import InputError, OnnxoptError
 from .metrics import check_overrides, load_metric
@@ -88,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--external-data", action="store_true", help="store weights in a .data file beside the model")
     p.add_argument("--max-growth", metavar="SPEC", help="how much larger than the input the result may be: "
                    "a fraction or percentage of its size (at least 64 KiB), or 'none' (default: 1%%)")
+    p.add_argument("--html", metavar="FILE", help="write an HTML report here: per-pass changes, per-output errors "
+                   "(needs plotly: pip install 'onnxopt[html]')")
     _common(p)
 
     p = sub.add_parser("inspect", help="opsets, ops, parameters by dtype, inputs and outputs")
@@ -139,6 +142,9 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     io.check_output_path(output)  # before the work, not after it
     if args.report:
         io.check_output_path(Path(args.report), "report")
+    if args.html:
+        io.check_output_path(Path(args.html), "HTML report")
+        html_report.require_plotly()
     try:
         result = api.optimize(
             args.model, args.passes, recipe=args.recipe, calibration=args.calib, inputs=args.inputs,
@@ -159,6 +165,8 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         result.save(output, external_data=True if args.external_data else None, in_place=args.in_place, force=True)
     if args.report:
         write_text_atomic(Path(args.report), result.to_json() + "\n")
+    if args.html:
+        html_report.write_optimize_report(result.to_dict(), args.html)
     print(result.summary())
     if result.not_run:
         print(f"onnxopt: warning: validation not run; {output} is written unchecked (see 'validation:' above)",
