@@ -38,6 +38,9 @@ def test_optimize_writes_default_output_and_report(cnn, capsys):
     assert "pipeline: cleanup" in out and "PASSED" in out and "latency (median)" in out
     data = json.loads(report.read_text())
     assert data["passed"] and data["pipeline"] == "cleanup"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert report.stat().st_mode & 0o777 == 0o666 & ~umask  # an ordinary file, not mkstemp's 0600
     assert data["validation"]["outputs"][0]["accuracy_candidate"] == pytest.approx(358 / 360)
     assert [p["name"] for p in data["passes"]][:3] == ["fold", "shape_fold", "fold_bn"]
 
