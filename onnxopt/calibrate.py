@@ -800,7 +800,7 @@ def cross_grams(ctx: Any, current: onnx.ModelProto, dense: onnx.ModelProto, requ
                 stats[gi].update(rp, rd)
 
     data = CountedFeeds(calibration_set(ctx, paired, samples=samples))
-    stream_tensors(paired, [request.name, twin], data, reduce, desc=f"calibrating: {request.name}")
+    stream_tensors(paired, [request.name, twin], data, reduce, desc="calibrating: refit inputs")
     return stats, data.samples
 
 

@@ -234,6 +234,28 @@ def ref_tolerance():
     return EXACT
 
 
+@pytest.mark.parametrize("pipeline, loop", [("woq", "woq: int4 weights"),
+                                             ("svd(rank_ratio=0.5,latency_gate=false)", "svd: decomposing"),
+                                             ("prune(sparsity=0.5)", "prune: layers")])
+def test_per_layer_loops_of_the_compressing_passes(fake_tqdm, pipeline, loop):
+    import onnxopt
+
+    onnxopt.optimize(str(ROOT / "models" / "digits_mlp.onnx"), pipeline,
+                     calibration=str(ROOT / "models" / "digits_calib.npz"), validate=False)
+    (bar,) = bars(fake_tqdm, loop)
+    assert bar.n == bar.total >= 1 and bar.closed and bar.unit in ("layer", "weight")
+    assert all(b.closed for b in fake_tqdm)
+
+
+def test_synthetic_input_search_counts_tries(fake_tqdm):
+    from onnxopt.synthetic import find_inputs
+
+    probe = find_inputs(onnx.load(ROOT / "models" / "digits_cnn.onnx"))
+    assert probe.found
+    (bar,) = bars(fake_tqdm, "finding synthetic inputs")
+    assert bar.n == probe.attempts - 1 and bar.closed  # the try that ran ends the search
+
+
 @pytest.mark.parametrize("batch_size, limit", [(32, None), (32, 100), (50, 64), (400, None), (7, 7)])
 def test_count_samples_matches_what_the_feeds_give(batch_size, limit):
     model = onnx.load(ROOT / "models" / "digits_cnn.onnx")
@@ -296,8 +318,6 @@ def test_cli_makes_bars_for_the_long_steps_and_none_with_quiet(cnn, capsys, fake
 
 def test_cli_quiet_drops_warnings_but_not_errors(cnn, capsys, caplog):
     caplog.set_level(logging.WARNING)
-    code, out, err = _optimize(cnn, capsys, "--quiet")
-    assert code == 0
     code = main(["optimize", str(cnn), "--passes", "qdq", "--inputs", str(cnn.parent / "digits_test.npz"),
                  "--latency-runs", "0", "--quiet", "-o", str(cnn.parent / "q.onnx")])
     assert code == 0 and not [r for r in caplog.records if r.name == "onnxopt" and r.levelno < logging.ERROR]
