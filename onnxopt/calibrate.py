@@ -17,7 +17,8 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 import numpy as np
 import onnx
 
-from .data import iter_feeds, source_label, synthetic_dataset
+from . import progress
+from .data import count_samples, iter_feeds, source_label, synthetic_dataset
 from .errors import InputError
 
 log = logging.getLogger("onnxopt")
@@ -64,6 +65,12 @@ class CalibrationSet:
                                      what="calibration data"):
             yield feed
 
+    def expected_samples(self) -> Optional[int]:
+        """Samples one pass yields, where the shapes tell without reading the data (for progress)."""
+        if self.synthetic:
+            return None
+        return count_samples(self.source, self.model, batch_size=self.batch_size, limit=self.samples)
+
 
 def calibration_set(ctx: Any, model: onnx.ModelProto, samples: Optional[int] = None) -> CalibrationSet:
     """The calibration set for a pass, from its context (``ctx.calibration``)."""
@@ -88,29 +95,49 @@ def with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProt
 
 def stream_tensors(model: onnx.ModelProto, names: Sequence[str], data: Iterable[dict[str, np.ndarray]],
                    reduce: Callable[[dict[str, np.ndarray]], None], *, chunk: int = 256,
-                   on_batch: Optional[Callable[[int], None]] = None) -> int:
+                   on_batch: Optional[Callable[[int], None]] = None, desc: str = "calibrating") -> int:
     """Run ``data`` through ``model`` and hand each batch's named tensors to ``reduce``.
 
     One ORT session per chunk of ``chunk`` tensors (not one per tensor);
     graph optimizations are off so every intermediate keeps its name. Nothing
-    is kept after ``reduce`` returns. Returns the number of batches.
+    is kept after ``reduce`` returns. Returns the number of batches. A progress
+    bar ``desc`` counts samples over every chunk.
     """
     names = list(dict.fromkeys(names))
+    chunks = range(0, max(len(names), 1), chunk)
+    per_pass = _expected_samples(data)
     batches = 0
-    for start in range(0, max(len(names), 1), chunk):
-        part = names[start:start + chunk]
-        session = _session(with_outputs(model, part))
-        wanted = [n for n in part]
-        batches = 0
-        for feed in data:
-            values = session.run(wanted, feed)
-            reduce(dict(zip(wanted, values)))
-            batches += 1
-            if on_batch is not None:
-                on_batch(batches)
-        if batches == 0:
-            raise InputError("calibration data gave no batches")
+    with progress.task(desc, total=per_pass * len(chunks) if per_pass else None, unit="sample") as bar:
+        for start in chunks:
+            part = names[start:start + chunk]
+            session = _session(with_outputs(model, part))
+            wanted = [n for n in part]
+            batches = 0
+            for feed in data:
+                values = session.run(wanted, feed)
+                reduce(dict(zip(wanted, values)))
+                batches += 1
+                bar.advance(_rows(feed))
+                if on_batch is not None:
+                    on_batch(batches)
+            if batches == 0:
+                raise InputError("calibration data gave no batches")
     return batches
+
+
+def _expected_samples(data: Any) -> Optional[int]:
+    """The samples a pass over ``data`` gives, when it is a CalibrationSet or wraps one as ``.data``
+    (CountedFeeds, qdq's input tap); None when that cannot be told cheaply."""
+    for _ in range(4):
+        if isinstance(data, CalibrationSet):
+            return data.expected_samples()
+        data = getattr(data, "data", None)
+    return None
+
+
+def _rows(feed: dict) -> int:
+    """Samples in a feed: its inputs' leading dimension."""
+    return max((int(np.shape(v)[0]) for v in feed.values() if np.ndim(v)), default=1)
 
 
 def _session(model: onnx.ModelProto) -> "ort.InferenceSession":
@@ -647,7 +674,7 @@ class CountedFeeds:
     def __iter__(self) -> Iterator[dict]:
         n = 0
         for feed in self.data:
-            n += max((int(np.shape(v)[0]) for v in feed.values() if np.ndim(v)), default=1)
+            n += _rows(feed)
             yield feed
         self.samples = max(self.samples, n)
 
@@ -689,7 +716,7 @@ def layer_grams(ctx: Any, model: onnx.ModelProto, requests: Iterable[GramRequest
                             stats[r][gi].update(rows)
 
         data = CountedFeeds(calibration_set(ctx, model, samples=samples))
-        stream_tensors(model, sorted(by_name), data, reduce)
+        stream_tensors(model, sorted(by_name), data, reduce, desc="calibrating: layer inputs")
         read = data.samples
         for r in missing:
             cache[r] = (stats[r], read, shapes.get(r.name))
@@ -773,7 +800,7 @@ def cross_grams(ctx: Any, current: onnx.ModelProto, dense: onnx.ModelProto, requ
                 stats[gi].update(rp, rd)
 
     data = CountedFeeds(calibration_set(ctx, paired, samples=samples))
-    stream_tensors(paired, [request.name, twin], data, reduce)
+    stream_tensors(paired, [request.name, twin], data, reduce, desc="calibrating: refit inputs")
     return stats, data.samples
 
 

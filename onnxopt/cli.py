@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from . import api, io
+from . import api, io, progress
 from . import html as html_report
 from .data import Dataset, load_dataset
 from .errors import InputError, OnnxoptError
@@ -63,6 +63,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output-kind", action="append", metavar="NAME=KIND",
                    help="judge output NAME as KIND: classes, sequence, lm, embedding or other (repeatable)")
     p.add_argument("--report", metavar="FILE", help="write the JSON report here")
+    p.add_argument("--quiet", action="store_true", help="no progress bars and no warnings (errors and the summary still print)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
@@ -110,7 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(format="onnxopt: %(levelname)s: %(message)s", level=logging.WARNING)
+    logging.basicConfig(format="onnxopt: %(levelname)s: %(message)s", level=logging.WARNING,
+                        handlers=[progress.LogHandler()])  # log lines go around progress bars
+    progress.configure(quiet=getattr(args, "quiet", False))
     try:
         return {"optimize": cmd_optimize, "inspect": cmd_inspect, "compare": cmd_compare,
                 "passes": cmd_passes}[args.command](args)

@@ -530,16 +530,55 @@ def _count(arrays: dict[str, np.ndarray], specs: list[InputSpec]) -> int:
     return max(batched) if batched else 1
 
 
-def _batches(arrays: dict[str, np.ndarray], specs: list[InputSpec], n: int, batch_size: int) -> Iterator[dict]:
-    """Cut along the sample axis; a fixed leading dimension (batch 1 exports) sets the step."""
+def _spans(arrays: dict[str, np.ndarray], specs: list[InputSpec], n: int, batch_size: int) -> Optional[range]:
+    """Where ``_batches`` cuts the sample axis (the start of each batch, and its step), or None
+    when the arrays go as one feed; a fixed leading dimension (batch 1 exports) sets the step."""
     fixed = {s.shape[0] for s in specs if s.shape and isinstance(s.shape[0], int) and s.shape[0] > 0}
     step = fixed.pop() if len(fixed) == 1 else batch_size
     same_n = all(a.ndim and a.shape[0] == n for a in arrays.values())
-    if not same_n or n <= step:
+    return None if not same_n or n <= step else range(0, n, step)
+
+
+def _batches(arrays: dict[str, np.ndarray], specs: list[InputSpec], n: int, batch_size: int) -> Iterator[dict]:
+    """Cut along the sample axis (see ``_spans``)."""
+    spans = _spans(arrays, specs, n, batch_size)
+    if spans is None:
         yield {k: _whole(v) for k, v in arrays.items()}
         return
-    for start in range(0, n, step):
-        yield {k: v[start:start + step] for k, v in arrays.items()}
+    for start in spans:
+        yield {k: v[start:start + spans.step] for k, v in arrays.items()}
+
+
+def count_samples(source: Any, model: onnx.ModelProto, *, batch_size: int = 32,
+                  limit: Optional[int] = None) -> Optional[int]:
+    """The samples ``iter_feeds`` gives for these arguments, from the arrays' shapes (file headers,
+    no data read), for progress bars; None for a one-shot iterable or data it would refuse."""
+    if not isinstance(source, (str, os.PathLike, dict, list, tuple)):
+        return None
+    specs = input_specs(model)
+    groups = iter_arrays(source, lazy=True) if isinstance(source, (str, os.PathLike)) else (
+        [source] if isinstance(source, dict) else source)
+    total = 0
+    try:
+        for group in groups:
+            group = dict(group)
+            try:
+                if "" in group and len(specs) == 1:
+                    group[specs[0].name] = group.pop("")
+                if LABELS not in {s.name for s in specs}:
+                    group.pop(LABELS, None)
+                arrays = _checked(group, specs, source_label(source), "data")
+                n = _count(arrays, specs)
+                spans = _spans(arrays, specs, n, batch_size)
+                for start in spans if spans is not None else [0]:
+                    total += n - start if spans is None else min(spans.step, n - start)
+                    if limit is not None and total >= limit:
+                        return total
+            finally:
+                _close(group.values())
+    except Exception:  # the real read will say what is wrong
+        return None
+    return total
 
 
 def synthetic_dataset(model: onnx.ModelProto, *, dims: Optional[dict[str, int]] = None, seed: int = 0,

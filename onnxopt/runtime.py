@@ -20,7 +20,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterator, Optional, Union
+from typing import Any, Callable, Iterator, Optional, Union
 
 import numpy as np
 import onnx
@@ -268,31 +268,37 @@ def _strip_signature(message: str) -> str:
 
 # ----------------------------------------------------------------- latency
 
-def latency_ms(sess, feed: dict, runs: int, warmup: int = 2) -> float:
-    """Median wall time of one run over exactly ``runs`` runs, in milliseconds."""
+def latency_ms(sess, feed: dict, runs: int, warmup: int = 2, progress: Optional[Callable] = None) -> float:
+    """Median wall time of one run over exactly ``runs`` runs, in milliseconds
+    (``progress(done, total)`` after each timed run)."""
     for _ in range(warmup):
         sess.run(None, feed)
-    return statistics.median(_times(sess, feed, runs))
+    return statistics.median(_times(sess, feed, runs, progress))
 
 
-def latency_within(sess, feed: dict, budget_s: float, max_runs: int = MAX_LATENCY_RUNS) -> tuple[float, int]:
+def latency_within(sess, feed: dict, budget_s: float, max_runs: int = MAX_LATENCY_RUNS,
+                   progress: Optional[Callable] = None) -> tuple[float, int]:
     """Median wall time (ms) of as many runs as fit in ``budget_s``, and how many ran.
 
     The session is expected to be warm (it has just run the validation feeds):
     one timed run sets how many more fit; at least one always runs.
     """
     first = _times(sess, feed, 1)
-    more = int((budget_s - first[0] / 1000.0) // max(first[0] / 1000.0, 1e-6))
-    times = first + _times(sess, feed, max(0, min(more, max_runs - 1)))
+    more = max(0, min(int((budget_s - first[0] / 1000.0) // max(first[0] / 1000.0, 1e-6)), max_runs - 1))
+    if progress is not None:
+        progress(1, 1 + more)
+    times = first + _times(sess, feed, more, progress, done=1)
     return statistics.median(times), len(times)
 
 
-def _times(sess, feed: dict, runs: int) -> list[float]:
+def _times(sess, feed: dict, runs: int, progress: Optional[Callable] = None, done: int = 0) -> list[float]:
     times = []
-    for _ in range(runs):
+    for i in range(runs):
         start = time.perf_counter()
         sess.run(None, feed)
         times.append((time.perf_counter() - start) * 1000.0)
+        if progress is not None:
+            progress(done + i + 1, done + runs)
     return times
 
 

@@ -42,6 +42,7 @@ import numpy as np
 import onnx
 
 from . import metrics as M
+from . import progress
 from .data import Dataset
 from .errors import InputError
 from .pipeline import Tolerance
@@ -361,7 +362,8 @@ class Reference:
             del graph
             chosen = M.check_overrides(output_kinds, list(self.kinds))
             hook_run = self.hook.start() if self.hook else None
-            with open_session(model, ort_opt_level, which="original") as sess:
+            with open_session(model, ort_opt_level, which="original") as sess, \
+                    progress.task("validating: original", sum(self.rows), "sample") as bar:
                 self.names = [o.name for o in sess.get_outputs()]
                 for i, feed in enumerate(data.feeds):
                     outputs = run(sess, feed, "original")
@@ -370,7 +372,9 @@ class Reference:
                     if hook_run is not None:
                         hook_run.update(dict(zip(self.names, outputs)), self._batch_labels(i), feed, self.rows[i])
                     self.store.add(outputs)
-                self.latency = _latency(sess, data.feeds[0], latency_runs, latency_budget / 2)
+                    bar.advance(self.rows[i])
+                bar.close()
+                self.latency = _latency(sess, data.feeds[0], latency_runs, latency_budget / 2, "original")
             self.floor_level = "disable" if ort_opt_level != "disable" else "all"
             self.floors: Optional[list[Optional[float]]] = self._measure_floor(model) if floor else None
             M.override(self.kinds, chosen)
@@ -397,9 +401,11 @@ class Reference:
     def _measure_floor(self, model: RuntimeModel) -> Optional[list[Optional[float]]]:
         floors = [_Floor() for _ in self.names]
         try:
-            with open_session(model, self.floor_level, which="original") as sess:
+            with open_session(model, self.floor_level, which="original") as sess, \
+                    progress.task(f"validating: noise floor ({self.floor_level})", sum(self.rows), "sample") as bar:
                 for i, feed in enumerate(self.data.feeds):
                     _add_all(floors, self.store[i], run(sess, feed, "original"))
+                    bar.advance(self.rows[i])
         except Exception as exc:  # the floor is a help, not a requirement: say why it is missing
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             self.notes.append(f"runtime noise floor not measured (the original does not run at "
@@ -429,14 +435,16 @@ class Reference:
             if cand_names != self.names:
                 from .errors import ValidationFailed
                 raise ValidationFailed(f"outputs differ: original has {self.names}, optimized has {cand_names}")
-            for i, feed in enumerate(data.feeds):
-                labels = self._batch_labels(i)
-                outputs = run(sess, feed, "optimized")
-                if hook_run is not None:
-                    hook_run.update(dict(zip(self.names, outputs)), labels, feed, self.rows[i])
-                _add_all(accs, self.store[i], outputs, M.primary(labels), feed.get("attention_mask"))
+            with progress.task("validating: optimized", sum(self.rows), "sample") as bar:
+                for i, feed in enumerate(data.feeds):
+                    labels = self._batch_labels(i)
+                    outputs = run(sess, feed, "optimized")
+                    if hook_run is not None:
+                        hook_run.update(dict(zip(self.names, outputs)), labels, feed, self.rows[i])
+                    _add_all(accs, self.store[i], outputs, M.primary(labels), feed.get("attention_mask"))
+                    bar.advance(self.rows[i])
             if latency and self.latency is not None:
-                cand_latency = _latency(sess, data.feeds[0], self.latency_runs, self.latency_budget / 2)
+                cand_latency = _latency(sess, data.feeds[0], self.latency_runs, self.latency_budget / 2, "optimized")
         outputs = [a.finish(self.labels is not None) for a in accs]
         result = Comparison(outputs, tolerance, data.samples,
                             len(data.feeds), data.source, data.synthetic, self.level, self.size,
@@ -519,11 +527,12 @@ def _graph_of(model: RuntimeModel) -> onnx.ModelProto:
     return onnx.load(str(model.path), load_external_data=False)
 
 
-def _latency(sess, feed: dict, runs: Optional[int], budget_s: float) -> Optional[tuple[float, int]]:
+def _latency(sess, feed: dict, runs: Optional[int], budget_s: float, which: str) -> Optional[tuple[float, int]]:
+    report = progress.callback(f"timing: {which}", unit="run")
     if runs is None:
-        return latency_within(sess, feed, budget_s)
+        return latency_within(sess, feed, budget_s, progress=report)
     if runs > 0:
-        return latency_ms(sess, feed, runs), runs
+        return latency_ms(sess, feed, runs, progress=report), runs
     return None
 
 

@@ -26,6 +26,7 @@ from typing import Optional
 import numpy as np
 import onnx
 
+from .. import progress
 from ..data import Dataset, InputSpec, input_specs
 from ..errors import InputError
 from ..runtime import ort_message
@@ -293,7 +294,7 @@ def find_inputs(model: onnx.ModelProto, *, dims: Optional[dict[str, int]] = None
     except Exception as exc:
         raise InputError(f"ONNX Runtime cannot load the original model: {ort_message(exc)}") from None
     first_error = None
-    for i, cand in enumerate(cands):
+    for i, cand in enumerate(progress.iterate(cands, "finding synthetic inputs", unit="try")):
         feed = make_feed(specs, facts, cand, np.random.default_rng(seed))
         error = run_once(session, feed, attempt_seconds)
         if error is None:

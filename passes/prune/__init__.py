@@ -16,6 +16,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxopt import graph as G
+from onnxopt import progress
 from onnxopt.pipeline import BN_FOLDED, Pass, PassContext, PassResult, Tolerance, register_pass
 
 from . import masks as budget  # the sparsity budget
@@ -224,7 +225,8 @@ class _Pruner(Units, Scoring, Masking, Reconstruction, Storage, Structured):
 
     def zero(self, units: list[_Unit], stats: dict) -> bool:
         weights = {id(u): u.matrix(u.const.values.astype(np.float64)) for u in units}
-        scores = {id(u): self.scores(u, weights[id(u)]) for u in units}
+        scores = {id(u): self.scores(u, weights[id(u)])
+                  for u in progress.iterate(units, "prune: scoring", unit="layer")}
         masks: dict[int, np.ndarray] = {}
         if self.o.pattern in ("2:4", "4:8"):
             for u in units:
@@ -256,7 +258,7 @@ class _Pruner(Units, Scoring, Masking, Reconstruction, Storage, Structured):
                 masks[id(u)] = _keep_lowest_out(scores[id(u)], count)
         modified = False
         dense = self.ctx.export(self.graph) if self.o.sequential and (self.reconstruct or self.o.bias_correction) else None
-        for u in units:
+        for u in progress.iterate(units, "prune: layers", unit="layer"):
             if id(u) not in masks:
                 continue
             keep = masks[id(u)]

@@ -16,6 +16,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxopt import graph as G
+from onnxopt import progress
 from onnxopt.pipeline import BN_FOLDED, Pass, PassContext, PassResult, Tolerance, register_pass
 
 from .collect import _calibrate, _collect, _Layer, _round
@@ -94,7 +95,7 @@ class LowRankSvd(Pass):
             layers = calibrated
             if layers and any(l.gram is None for l in layers):
                 _calibrate(graph, layers, ctx, opts)
-        for l in layers:
+        for l in progress.iterate(layers, "svd: decomposing", unit="layer"):
             with _blas_threads(1 if l.k * l.n <= 1 << 22 else None):
                 _decompose(l, opts)
         if opts.mode == "param_ratio":
@@ -115,7 +116,7 @@ class LowRankSvd(Pass):
             chosen.append(l)
         if opts.latency_gate and chosen:
             shapes = _inferred_shapes(graph, ctx, chosen)
-            for l in chosen:
+            for l in progress.iterate(chosen, "svd: timing layers", unit="layer"):
                 _time_layer(l, ctx, shapes)
         names = G.Names(graph)
         factored = []

@@ -11,6 +11,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxopt import graph as G
+from onnxopt import progress
 from onnxopt.calibrate import gram_request, layer_grams
 from onnxopt.pipeline import CONSTANTS_FOLDED, Pass, PassContext, PassResult, Tolerance, register_pass
 
@@ -89,7 +90,7 @@ class Woq(Pass):
                                  "gptq_as_rtn": 0, "bytes_before": 0, "bytes_after": 0}
         errors: list[float] = []
         names = G.Names(graph)
-        for layer in layers:
+        for layer in progress.iterate(layers, f"woq: int{opts.bits} weights", unit="weight"):
             stats["bytes_before"] += layer.nbytes
             blocks, error = quantize_layer(layer, opts, grams, stats)
             node = (write_gather(layer, blocks, names) if layer.kind == "gather"
