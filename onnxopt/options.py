@@ -149,3 +149,31 @@ def build_options(pass_name: str, options_cls: type, values: dict[str, Any]) -> 
 def option_items(options: Any) -> list[tuple[str, Any]]:
     """(name, value) pairs in declaration order."""
     return [(f.name, getattr(options, f.name)) for f in dataclasses.fields(options)]
+
+
+def split_top(text: str) -> list[str]:
+    """Split on commas outside parentheses."""
+    parts, depth, cur = [], 0, []
+    for ch in text:
+        if ch == "(":
+            depth += 1
+        elif ch == ")":
+            depth -= 1
+            if depth < 0:
+                raise InputError(f"unbalanced ')' in pipeline '{text}'")
+        if ch == "," and depth == 0:
+            parts.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+    if depth:
+        raise InputError(f"unbalanced '(' in pipeline '{text}'")
+    parts.append("".join(cur))
+    return parts
+
+
+def split_kv(item: str, where: str) -> tuple[str, str]:
+    if "=" not in item:
+        raise InputError(f"{where}: expected key=value, got '{item.strip()}'")
+    key, value = item.split("=", 1)
+    return key.strip(), value.strip()

@@ -241,7 +241,7 @@ def test_entry_point_plugins_load(monkeypatch):
                     return PassResult(False, {})
             return Plugged
 
-    monkeypatch.setattr(pipeline, "_plugins_loaded", False)
+    monkeypatch.setattr(pipeline.registry, "_plugins_loaded", False)
     monkeypatch.setattr(metadata, "entry_points", lambda group: [FakeEntry()] if group == "onnxopt.passes" else [])
     assert "plugged" in pipeline.registered_passes()
     assert Pipeline.parse("plugged").canonical() == "plugged"
