@@ -1,5 +1,5 @@
 """The Ray executor against Ray itself: an instance it starts (2 local workers), a head started here
-with `ray start` joined by address and through Ray Client, and a Ray session the caller opened.
+with `ray start` joined by address and through Ray Client, and a Ray session already open.
 
 Every form must give the in-process executor's results, in item order, from a value put in the
 object store once. Skipped when Ray is not installed (``pip install '.[ray]'``) or a head cannot start.
@@ -26,7 +26,7 @@ ray = pytest.importorskip("ray", reason="Ray is an optional extra (pip install '
 
 from onnxopt.errors import InputError  # noqa: E402
 from onnxopt.executors import TaskFailed, make_executor  # noqa: E402
-from onnxopt.executors.ray_executor import RayExecutor  # noqa: E402
+from onnxopt.executors.ray_executor import RayExecutor, ship_package  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = ROOT / "models" / "digits_cnn.onnx"
@@ -51,6 +51,12 @@ def scaled_after_delay(shared: dict, item: tuple[int, float]) -> tuple[int, bool
     return int(shared["k"]) * value + int(shared["table"].sum()), bool(shared["table"].flags.writeable)
 
 
+def timed_sleep(shared: None, seconds: float) -> tuple[float, float]:
+    start = time.time()
+    time.sleep(seconds)
+    return start, time.time()
+
+
 def fails_on_three(shared: dict, item: int) -> int:
     if item == 3:
         raise ValueError(f"item {item} is not allowed")
@@ -67,6 +73,18 @@ def shipped_onnxopt(shared: None, item: int) -> list[str]:
 
 # Workers import this module's functions by value: the tests folder is not shipped to them.
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+def test_a_checkout_is_shipped_laid_out_as_installed(tmp_path):
+    shipped = ship_package(tmp_path)
+    assert shipped == tmp_path / "onnxopt"
+    assert (shipped / "executors" / "ray_executor.py").is_file()
+    assert (shipped / "passes" / "__init__.py").is_file() and (shipped / "passes" / "qdq" / "plan.py").is_file()
+    assert not list(shipped.rglob("__pycache__"))
+    installed = tmp_path / "site" / "onnxopt"
+    (installed / "passes").mkdir(parents=True)
+    (installed / "passes" / "__init__.py").write_text("")
+    assert ship_package(tmp_path / "stage", installed) == installed  # already laid out: shipped as is
 
 
 def _free_ports(n: int) -> list[int]:
@@ -211,6 +229,14 @@ def test_joined_head_shares_once_keeps_order_and_names_a_failed_item(head, model
         with pytest.raises(TaskFailed, match=r"item 0 \(4\) .*InputError: bad calibration file") as info:
             ex.map(fails_on_three, None, [4])
         assert info.value.exit_code == 2  # bad input stays bad input
+
+        # A second executor in this Ray session (the caller's, for it): used, capped, left open.
+        one = make_executor("ray", workers=1)
+        assert one.workers == 1 and not one.started
+        spans = sorted(one.map(timed_sleep, None, [0.3, 0.3, 0.3]))
+        assert all(end <= next_start for (_, end), (next_start, _) in zip(spans, spans[1:])), spans
+        one.close()
+        assert ray.is_initialized()
     finally:
         ex.close()
     assert not ray.is_initialized()
@@ -226,14 +252,3 @@ def test_ray_client_address_gives_the_local_results(head, model_bytes, local_dig
         ex.close()
     assert not ray.is_initialized()
     assert head["proc"].poll() is None
-
-
-def test_a_ray_session_the_caller_opened_is_used_and_left_open(head, model_bytes, local_digests):
-    ray.init(address=head["gcs"], logging_level="ERROR", log_to_driver=False)
-    try:
-        ex = make_executor("ray")
-        _check_workload(ex, model_bytes, local_digests)
-        ex.close()
-        assert ray.is_initialized()
-    finally:
-        ray.shutdown()

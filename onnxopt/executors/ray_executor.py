@@ -33,14 +33,14 @@ _AUTH_HINT = ("a cluster with token authentication needs RAY_AUTH_MODE=token and
               "(RAY_AUTH_TOKEN or ~/.ray/auth_token) in this environment")
 
 
-def ship_package(stage: Path) -> Path:
+def ship_package(stage: Path, package: Optional[Path] = None) -> Path:
     """The onnxopt package folder to ship to workers, with ``passes`` inside it as installed.
 
     An installed onnxopt already holds ``onnxopt/passes``; a source checkout keeps ``passes/``
     beside ``onnxopt/`` (see ``onnxopt/_builtin_passes.py``), so it is copied into ``stage``
-    with ``passes/`` moved inside.
+    with ``passes/`` moved inside. ``package``: the onnxopt folder (default: this one).
     """
-    package = Path(__file__).resolve().parent.parent
+    package = package or Path(__file__).resolve().parent.parent
     if (package / "passes" / "__init__.py").is_file():
         return package
     copy = stage / "onnxopt"
@@ -103,7 +103,8 @@ class RayExecutor:
             self._task_env: dict = {}
             self.started = False  # True when this executor started a local Ray instance
             if self._owned:
-                self.started = _connect(address, workers, {"py_modules": [str(package)], "excludes": ["__pycache__", "*.pyc"]})
+                job_env = {"py_modules": [str(package)], "excludes": ["__pycache__", "*.pyc"]}
+                self.started = _connect(address, workers, job_env)
                 self._cleanup()  # uploaded at init
             elif package.parent == self._stage:
                 self._task_env = {"env_vars": {"PYTHONPATH": str(self._stage)}}
@@ -123,27 +124,32 @@ class RayExecutor:
             return []
         # A value not from share() is still put once for the whole map, not once per task.
         ref = shared if isinstance(shared, ray.ObjectRef) else ray.put(shared)
-        task = ray.remote(fn).options(num_cpus=1, **({"runtime_env": self._task_env} if self._task_env else {}))
+        options: dict[str, Any] = {"num_cpus": 1}
+        if self._task_env:
+            options["runtime_env"] = self._task_env
+        task = ray.remote(fn).options(**options)
         limit = self._limit or len(items)
         results: list[Any] = [None] * len(items)
         pending: dict[Any, int] = {}
         submitted = done = 0
-        while done < len(items):
-            while submitted < len(items) and len(pending) < limit:
-                pending[task.remote(ref, items[submitted])] = submitted
-                submitted += 1
-            ready, _ = ray.wait(list(pending), num_returns=1)
-            for finished in ready:
-                index = pending.pop(finished)
+        try:
+            while done < len(items):
+                while submitted < len(items) and len(pending) < limit:
+                    pending[task.remote(ref, items[submitted])] = submitted
+                    submitted += 1
+                ready, _ = ray.wait(list(pending), num_returns=1)
+                index = pending.pop(ready[0])
                 try:
-                    results[index] = ray.get(finished)
+                    results[index] = ray.get(ready[0])
                 except RayError as exc:
-                    for other in pending:
-                        ray.cancel(other, force=True)
                     raise _task_failed(index, items[index], exc) from None
                 done += 1
                 if progress is not None:
                     progress(done, len(items))
+        except BaseException:  # a failed task, Ctrl-C: the others stop too
+            for other in pending:
+                ray.cancel(other, force=True)
+            raise
         return results
 
     def close(self) -> None:
