@@ -8,6 +8,7 @@ object store once. Skipped when Ray is not installed (``pip install '.[ray]'``) 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import secrets
 import shutil
@@ -24,9 +25,9 @@ import pytest
 
 ray = pytest.importorskip("ray", reason="Ray is an optional extra (pip install '.[ray]'); not installed here")
 
-from onnxopt.errors import InputError  # noqa: E402
-from onnxopt.executors import TaskFailed, make_executor  # noqa: E402
-from onnxopt.executors.ray_executor import RayExecutor, ship_package  # noqa: E402
+from onnxopt.errors import InputError
+from onnxopt.executors import TaskFailed, make_executor
+from onnxopt.executors.ray_executor import RayExecutor, ship_package
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = ROOT / "models" / "digits_cnn.onnx"
@@ -126,7 +127,7 @@ def head(auth):
     temp = tempfile.mkdtemp(prefix="rayt")  # short: Ray's socket paths must stay under 107 bytes
     workdir = tempfile.mkdtemp(prefix="onnxopt-head-")  # not the checkout: workers get onnxopt shipped
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "RAY_ADDRESS")}
-    cmd = [str(Path(sys.executable).with_name("ray")), "start", "--head", "--block", "--num-cpus", "2",
+    cmd = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", "--num-cpus", "2",
            "--port", str(gcs_port), "--ray-client-server-port", str(client_port), "--temp-dir", temp,
            "--include-dashboard=false", "--disable-usage-stats"]
     log = open(Path(workdir) / "head.log", "w+")
@@ -138,7 +139,7 @@ def head(auth):
             if proc.poll() is not None or time.monotonic() > deadline:
                 log.seek(0)
                 tail = log.read()[-800:]
-                pytest.skip(f"a local Ray head could not start here ({' '.join(cmd[1:4])}): {tail}")
+                pytest.skip(f"a local Ray head could not start here (ray start --head): {tail}")
             time.sleep(0.2)
         yield {"gcs": f"127.0.0.1:{gcs_port}", "client": f"ray://127.0.0.1:{client_port}", "proc": proc}
     finally:
@@ -234,7 +235,7 @@ def test_joined_head_shares_once_keeps_order_and_names_a_failed_item(head, model
         one = make_executor("ray", workers=1)
         assert one.workers == 1 and not one.started
         spans = sorted(one.map(timed_sleep, None, [0.3, 0.3, 0.3]))
-        assert all(end <= next_start for (_, end), (next_start, _) in zip(spans, spans[1:])), spans
+        assert all(end <= next_start for (_, end), (next_start, _) in itertools.pairwise(spans)), spans
         one.close()
         assert ray.is_initialized()
     finally:

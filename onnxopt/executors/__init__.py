@@ -27,13 +27,15 @@ R = TypeVar("R")
 class TaskFailed(OnnxoptError):
     """One item of a ``map`` raised on a worker: the message names the item and the worker's error.
 
-    ``cause`` is the worker's exception; the exit code is the cause's for an onnxopt error
-    (bad input stays 2), else 3 as for any internal error."""
+    ``cause`` is the worker's exception, ``details`` what the executor knows beyond the message (the
+    worker's traceback); the exit code is the cause's for an onnxopt error (bad input stays 2), else
+    3 as for any internal error."""
 
-    def __init__(self, message: str, index: int, cause: BaseException):
+    def __init__(self, message: str, index: int, cause: BaseException, details: str = ""):
         super().__init__(message)
         self.index = index
         self.cause = cause
+        self.details = details
         self.exit_code = cause.exit_code if isinstance(cause, OnnxoptError) else 3
 
 

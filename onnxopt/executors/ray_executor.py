@@ -5,7 +5,7 @@ extra (``pip install 'onnxopt[ray]'``).
 
 - ``share`` puts a value in Ray's object store once; every task of every later ``map`` reads it
   from there (numpy arrays arrive as read-only views of the store, not copies).
-- Workers import onnxopt from a copy shipped with the tasks (Ray's ``runtime_env`` ``py_modules``),
+- Workers import onnxopt from a copy shipped with the job (Ray's ``runtime_env`` ``py_modules``),
   laid out as an installed package, so a run from a source checkout works on any worker, local or
   remote. The workers' Python needs onnxopt's dependencies (onnx, onnxruntime, ...).
 """
@@ -23,7 +23,7 @@ from typing import Any, Callable, Optional, Sequence, TypeVar
 import ray
 from ray.exceptions import RayError, RayTaskError
 
-from ..errors import InputError, OnnxoptError
+from ..errors import InputError
 from . import TaskFailed
 
 R = TypeVar("R")
@@ -170,6 +170,4 @@ def _task_failed(index: int, item: Any, exc: RayError) -> TaskFailed:
         message = f"{where}: {type(cause).__name__}: {text[-1] if text else ''}"
     else:
         message = f"{where}: {type(cause).__name__}: {cause}"
-    error = TaskFailed(message, index=index, cause=cause)
-    error.details = str(exc)  # the worker's traceback, for --debug style reporting
-    return error
+    return TaskFailed(message, index=index, cause=cause, details=str(exc))
