@@ -104,6 +104,25 @@ def _answers(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
+@pytest.fixture(autouse=True)
+def time_limit():
+    """A Ray that hangs fails its test after 3 minutes instead of holding the whole run."""
+    if not hasattr(signal, "SIGALRM"):
+        yield
+        return
+
+    def expire(signum, frame):
+        raise TimeoutError("the Ray test ran past 3 minutes")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(180)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 @pytest.fixture(scope="module")
 def auth():
     """Ray's token authentication (its default) with a token of the test's own, not ~/.ray's."""
