@@ -11,16 +11,32 @@ so the same seed gives the same choices whichever executor ran them.
 
 ``fn`` must be a module-level function and items and results picklable, so that an out-of-process
 executor can ship them. Ray is an optional extra: only ``make_executor("ray...")`` imports it.
+An out-of-process executor reports a task that raised as one ``TaskFailed`` naming the item.
 """
 
 from __future__ import annotations
 
 from typing import Any, Callable, Optional, Protocol, Sequence, TypeVar
 
-from ..errors import InputError
+from ..errors import InputError, OnnxoptError
 from .local import LocalExecutor
 
 R = TypeVar("R")
+
+
+class TaskFailed(OnnxoptError):
+    """One item of a ``map`` raised on a worker: the message names the item and the worker's error.
+
+    ``cause`` is the worker's exception, ``details`` what the executor knows beyond the message (the
+    worker's traceback); the exit code is the cause's for an onnxopt error (bad input stays 2), else
+    3 as for any internal error."""
+
+    def __init__(self, message: str, index: int, cause: BaseException, details: str = ""):
+        super().__init__(message)
+        self.index = index
+        self.cause = cause
+        self.details = details
+        self.exit_code = cause.exit_code if isinstance(cause, OnnxoptError) else 3
 
 
 class Executor(Protocol):
@@ -56,4 +72,4 @@ def make_executor(spec: str = "local", workers: Optional[int] = None) -> Executo
     raise InputError(f"unknown executor {spec!r}: use local, ray or ray://HOST:PORT")
 
 
-__all__ = ["Executor", "LocalExecutor", "make_executor"]
+__all__ = ["Executor", "LocalExecutor", "TaskFailed", "make_executor"]
