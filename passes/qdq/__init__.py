@@ -76,15 +76,18 @@ class Qdq(Pass):
     calibration samples in ORT with graph optimizations on (where the pairs
     become integer kernels): output cosine, and for outputs that are class or
     sequence scores (a Softmax/LogSoftmax over the last axis) the share of
-    samples whose argmax agrees (a sequence, CTC: at every position),
+    argmax that agree (per sample; a sequence, CTC or tokens: per position),
     against the pass's own tolerance (min_cosine 0.99, max_top1_drop 1
     point); a slow model gets fewer samples (2 s of float runs at most). When it misses, mixed precision
-    (passes/qdq/mixed.py) measures every quantized layer end to end (left out
-    of the fully quantized model; the likeliest first, by local error, within
-    a time budget), returns layers to float best accuracy recovered per byte
-    kept float first, re-measuring the assembled model after each, and
-    measures again over the remaining layers when a round ends short; it
-    stops when the tolerance holds or no layer helps. Notes give each float
+    (passes/qdq/mixed.py) measures every quantized layer end to end on 16
+    samples (left out of the fully quantized model; the likeliest first, by
+    local error, within a time budget), returns layers to float best accuracy
+    recovered per byte kept float first, re-measuring the assembled model on
+    every guard sample after each, and measures again over the remaining
+    layers when a round ends short. A layer goes back only when it is worth
+    its bytes: the share of the first shortfall it removes is at least its
+    share of the bytes quantization saves, or it makes the tolerance hold; the
+    loop stops when the tolerance holds or no layer left is worth it. Notes give each float
     layer's measured gain and bytes, and the size/accuracy trade curve (a few
     points: weight bytes against the score as layers return to float), so
     another point can be picked with ``exclude=``; ``fallback_nodes``,

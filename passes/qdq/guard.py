@@ -36,14 +36,14 @@ class Guard:
 
     Argmax agreement is measured on the outputs whose last axis holds class
     scores (made by a Softmax/LogSoftmax over the last axis, through layout
-    ops); for a sequence ([N, T, C], CTC) it is the share of samples whose
-    argmax agrees at every position, so a decode is protected and not only
-    the output's direction."""
+    ops); for a sequence ([N, T, C], CTC) it is the share of positions whose
+    argmax agrees: whole-sequence identity on a few samples is a near-binary
+    signal that no layer moves measurably, while positions count every flip."""
 
     BATCHES = 4     # feeds kept when the batch axis is fixed
     SAMPLES = 32    # samples kept when the batch axis is symbolic (joined into batches of up to 8)
     SECONDS = 2.0   # ... unless the float model takes longer than this on them
-    QUICK = 4       # samples a quick measurement (ranking layers) runs on
+    QUICK = 16      # samples a quick measurement (ranking layers) runs on: enough that one layer's gain shows
     split = True  # the batch axis is symbolic: sensitivities may run on a slice of a batch
 
     def __init__(self, model: onnx.ModelProto, data, ctx: PassContext, target: float,
@@ -59,7 +59,7 @@ class Guard:
             self.feeds.append(feed)
             self.reference.append(self._run(model, feed, True, session=sess))
         # ranking layers needs less: the first few samples
-        self.quick_feeds = [next(_split(self.feeds[0], self.QUICK))] if split and self.feeds else self.feeds[:1]
+        self.quick_feeds = _first(self.feeds, self.QUICK) if split else self.feeds[:1]
         self.quick_reference = [self._run(model, f, True, session=sess) for f in self.quick_feeds]
         self.scored = score_outputs(model)
         self.runs = 0
@@ -208,15 +208,24 @@ def _drain(tap: InputTap) -> int:
 
 
 def _agreeing(ref: np.ndarray, got: np.ndarray) -> np.ndarray:
-    """Per sample, whether the argmax over the last axis agrees: [N, C] class scores one by one; a
-    sequence ([N, T, C] or time-major [T, N, C]) only when every position agrees, so one flipped
-    position, which can change a CTC decode, counts as a miss (stricter than the decode itself)."""
-    same = ref.argmax(-1) == got.argmax(-1)
-    if same.ndim < 2:
-        return same
-    # the sequence axis is the longer of the two leading ones (a batch of a few long sequences)
-    seq = 0 if same.ndim == 2 and same.shape[0] > same.shape[1] else same.ndim - 1
-    return same.all(axis=seq) if same.ndim == 2 else same.reshape(same.shape[0], -1).all(axis=1)
+    """Whether the argmax over the last axis agrees: [N, C] class scores one per sample; a sequence
+    ([N, T, C], time-major [T, N, C], CTC or token logits) one per position, so the share is per
+    position: every flipped position counts, in any layout."""
+    return (ref.argmax(-1) == got.argmax(-1)).ravel()
+
+
+def _first(feeds: list[dict], samples: int) -> list[dict]:
+    """The first ``samples`` samples of the guard's feeds (batches cut where needed)."""
+    out: list[dict] = []
+    count = 0
+    for feed in feeds:
+        for part in _split(feed, samples - count):
+            out.append(part)
+            count += _batch_size(part)
+            break
+        if count >= samples:
+            break
+    return out
 
 
 def _collect(data, samples: int, batches: int) -> list[dict]:

@@ -1,11 +1,18 @@
 """qdq's mixed precision: layers go back to float in order of measured accuracy recovered per byte kept float.
 
 Every quantized layer is left out of the fully quantized model in turn and the outputs measured
-end to end (the Guard: cosine, and argmax agreement on class/sequence scores): its gain. Layers
-then return to float best gain per byte first, the assembled model re-measured after each, until
-the tolerance holds; a layer that does not help with the others already float is skipped, and
-when a round ends short of the tolerance the gains are measured again on the assembled model, so
-the loop stops only when no layer left helps (or the time budget is spent, which a note says).
+end to end (the Guard: cosine, and argmax agreement on class scores or per sequence position): its
+gain. Layers then return to float best gain per byte first, the assembled model re-measured after
+each, until the tolerance holds; when a round ends short of the tolerance the gains are measured
+again on the assembled model, so the loop stops only when no layer left is worth its bytes (or the
+time budget is spent, which a note says).
+
+A layer is worth its bytes when the share of the first shortfall it removes (measured with the
+others already float) is at least the share of all the bytes quantization saves that it keeps
+float: returning every layer removes the whole shortfall for all of those bytes, so a layer below
+that line buys accuracy dearer than the average layer does. A big layer with a small gain is then
+left quantized however long the tolerance is missed, and cheap layers go first; below the line a
+layer is taken only when it makes the tolerance hold.
 """
 
 from __future__ import annotations
@@ -41,6 +48,15 @@ class Outcome:
     capped: bool = False
 
 
+def worth(c: Candidate, gain: float, first_loss: float, savings: int) -> bool:
+    """Whether removing ``gain`` of the first shortfall is worth the bytes ``c`` keeps float: its
+    share of the shortfall at least its share of ``savings``, the bytes quantization saves over
+    every candidate (each counted at 1 KiB at least, as layers without weights are)."""
+    if gain <= 0:
+        return False
+    return gain / max(first_loss, 1e-9) >= max(c.cost, 1024) / max(savings, 1)
+
+
 def weight_bytes(plan, float_bytes: int) -> int:
     """Bytes of the model's weights with this plan: the float total less 3 bytes per quantized value."""
     return float_bytes - sum(3 * int(w[0].size) for w in plan.weights.values() if w is not None)
@@ -65,7 +81,8 @@ def mixed_precision(build: Callable, check: Guard, export: Callable, float_bytes
     order = [pos for pos, _, _ in check.sensitivities(*built)]
     order += [p for p in names if p not in order]
     candidates = [Candidate(p, names[p], costs[p]) for p in order]
-    loss = check.shortfall(score)
+    loss = first_loss = check.shortfall(score)
+    savings = sum(max(c.cost, 1024) for c in candidates)  # each layer counted as worth() counts it
 
     def over() -> bool:
         return time.monotonic() - start > budget_s
@@ -93,8 +110,8 @@ def mixed_precision(build: Callable, check: Guard, export: Callable, float_bytes
             now = check.measure(export(trial[0]))
             new_loss = check.shortfall(now)
             out.measured += 1
-            if new_loss >= loss:
-                continue  # does not help with the others already float: skip it, not a reason to stop
+            if not (worth(c, loss - new_loss, first_loss, savings) or (new_loss < loss and check.holds(now))):
+                continue  # not worth its bytes with the others already float: skip it, not a reason to stop
             notes.append(f"layer '{c.name}' back to float: {now} (shortfall {loss:.3f} -> {new_loss:.3f}; "
                          f"gain {c.gain:+.3f} alone), {c.cost} bytes kept float")
             out.fallen.append(c)

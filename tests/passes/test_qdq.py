@@ -603,10 +603,10 @@ def test_guard_scores_argmax_agreement_on_class_and_sequence_outputs_only():
     assert check.holds(g.Score(0.995, 0.995)) and not check.holds(g.Score(0.995, 0.98))
     assert check.holds(g.Score(0.995, None))
     assert check.shortfall(g.Score(0.98, 0.97)) == pytest.approx(2.0 + 3.0)
-    # a sequence agrees only when every position does: one flip in sample 1 (of 2, 6 positions)
+    # a sequence is judged per position: one flip in sample 1 (of 2 samples, 6 positions) is 1 of 12
     ref = np.eye(3)[np.zeros((2, 6), int)]
     got = ref.copy()
     got[1, 4] = [0, 1, 0]
-    assert g._agreeing(ref, got).tolist() == [True, False]
-    assert g._agreeing(ref.transpose(1, 0, 2), got.transpose(1, 0, 2)).tolist() == [True, False]  # time-major
+    assert g._agreeing(ref, got).tolist() == [True] * 10 + [False, True]
+    assert g._agreeing(ref.transpose(1, 0, 2), got.transpose(1, 0, 2)).sum() == 11  # time-major
     assert g._agreeing(ref[:, 0], got[:, 4]).tolist() == [True, False]  # class scores: one per sample
