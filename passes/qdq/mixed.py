@@ -21,6 +21,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+from onnxopt import progress
+
 from .guard import Guard, Score
 
 
@@ -93,7 +95,8 @@ def mixed_precision(build: Callable, check: Guard, export: Callable, float_bytes
         left = [c for c in candidates if c not in out.fallen]
         base = [c.pos for c in out.fallen]
         quick = check.shortfall(check.measure(export(out.built[0]), quick=True))
-        for c in left:  # each layer's gain with the layers already float left float (first batch only)
+        for c in progress.iterate(left, f"qdq: measuring layers (round {rounds})", unit="layer"):
+            # each layer's gain with the layers already float left float (first batch only)
             c.measured = False
             if over():
                 out.capped = True
