@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 
 from . import progress
-from .data import count_samples, iter_feeds, source_label, synthetic_dataset
+from .data import count_samples, input_specs, iter_feeds, source_label, synthetic_dataset
 from .errors import InputError
 
 log = logging.getLogger("onnxopt")
@@ -58,12 +58,26 @@ class CalibrationSet:
         """Feeds one batch at a time."""
         if self.synthetic:
             batches = max(1, (self.samples or self.batch_size) // self.batch_size)
-            dims = {**self.dims}
+            dims = self._synthetic_dims()
             yield from synthetic_dataset(self.model, dims=dims, seed=self.seed, batches=min(batches, 8)).feeds
             return
         for feed, _, _ in iter_feeds(self.source, self.model, batch_size=self.batch_size, limit=self.samples,
                                      what="calibration data"):
             yield feed
+
+    def _synthetic_dims(self) -> dict[str, int]:
+        """The user's dims, and for the symbolic dims they leave open the binding the original runs on
+        (the synthetic search validation uses): binding them all to 1 leaves an audio frontend or a
+        strided CNN with inputs too short to run. Searched once per set."""
+        if getattr(self, "_dims", None) is None:
+            self._dims = dict(self.dims)
+            if any(not (isinstance(d, int) and d > 0) for spec in input_specs(self.model) for d in spec.shape):
+                from .synthetic import find_inputs
+
+                probe = find_inputs(self.model, dims=self.dims, seed=self.seed)
+                if probe.found:
+                    self._dims = {**probe.binding, **self.dims}
+        return self._dims
 
     def expected_samples(self) -> Optional[int]:
         """Samples one pass yields, where the shapes tell without reading the data (for progress)."""

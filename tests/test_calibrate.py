@@ -143,3 +143,23 @@ def test_cross_grams_pair_a_changed_model_with_the_dense_one():
     np.testing.assert_allclose(same.gram, plain.gram, rtol=1e-9)
     np.testing.assert_allclose(same.cross, plain.gram, rtol=1e-9)  # identical models: the cross term is XᵀX
     np.testing.assert_allclose(same.mean_dense, same.mean)
+
+
+def test_synthetic_calibration_binds_open_dims_to_inputs_the_model_runs_on():
+    """An audio frontend: a length-16 Conv over [1, 1, samples]. With every open dim bound to 1 its
+    synthetic calibration feeds would not run; the set takes the binding the synthetic search finds."""
+    from helpers import init, make_model, node, run_model, vi
+
+    rng = np.random.default_rng(0)
+    model = make_model(
+        [node("Conv", ["x", "k"], ["c"], strides=[8]), node("Transpose", ["c"], ["t"], perm=[0, 2, 1]),
+         node("MatMul", ["t", "w"], ["y"])],
+        [vi("x", [1, 1, "samples"])], [vi("y", [1, "frames", 8])],
+        [init("k", rng.standard_normal((4, 1, 16)) * 0.2), init("w", rng.standard_normal((4, 8)))])
+    feeds = list(CalibrationSet(None, model, samples=32))
+    assert feeds and all(f["x"].shape[2] >= 16 for f in feeds)
+    for feed in feeds:
+        assert run_model(model, feed)["y"].shape[2] == 8
+    real = [{"x": rng.standard_normal((1, 1, 400)).astype(np.float32)} for _ in range(3)]
+    result = onnxopt.optimize(model, "qdq", inputs=real)  # auto mode's guard reads the synthetic set
+    assert result.passed and any(r.name == "qdq" and r.modified for r in result.records)
