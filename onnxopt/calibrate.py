@@ -112,31 +112,100 @@ def stream_tensors(model: onnx.ModelProto, names: Sequence[str], data: Iterable[
                    on_batch: Optional[Callable[[int], None]] = None, desc: str = "calibrating") -> int:
     """Run ``data`` through ``model`` and hand each batch's named tensors to ``reduce``.
 
-    One ORT session per chunk of ``chunk`` tensors (not one per tensor);
-    graph optimizations are off so every intermediate keeps its name. Nothing
-    is kept after ``reduce`` returns. Returns the number of batches. A progress
-    bar ``desc`` counts samples over every chunk.
+    One ORT session per chunk of at most ``chunk`` tensors (not one per tensor) whose sizes on a
+    batch add up to at most STREAM_BYTES (a larger tensor gets a chunk of its own), sized from the
+    shapes the first batch gives: a detector's activations at 640x640 would otherwise come back
+    from one run by the gigabyte. Graph optimizations are off so every intermediate keeps its name.
+    Nothing is kept after ``reduce`` returns. Returns the number of batches. A progress bar
+    ``desc`` counts samples over every chunk.
     """
-    names = list(dict.fromkeys(names))
-    chunks = range(0, max(len(names), 1), chunk)
+    remaining = list(dict.fromkeys(names))
     per_pass = _expected_samples(data)
     batches = 0
-    with progress.task(desc, total=per_pass * len(chunks) if per_pass else None, unit="sample") as bar:
-        for start in chunks:
-            part = names[start:start + chunk]
-            session = _session(with_outputs(model, part))
-            wanted = [n for n in part]
-            batches = 0
+    sizes: Optional[dict[str, int]] = None
+    with progress.task(desc, total=None, unit="sample") as bar:
+        while True:
+            session, part, batches = None, remaining, 0
             for feed in data:
-                values = session.run(wanted, feed)
-                reduce(dict(zip(wanted, values)))
+                if session is None:
+                    if sizes is None:
+                        sizes = tensor_sizes(model, remaining, feed)
+                        if per_pass:
+                            bar.set_total(per_pass * len(plan_chunks(remaining, sizes, chunk)))
+                    part = plan_chunks(remaining, sizes, chunk)[0] if remaining else []
+                    session = _session(with_outputs(model, part))
+                values = session.run(part, feed)
+                reduce(dict(zip(part, values)))
+                del values
                 batches += 1
                 bar.advance(_rows(feed))
                 if on_batch is not None:
                     on_batch(batches)
             if batches == 0:
                 raise InputError("calibration data gave no batches")
-    return batches
+            remaining = remaining[len(part):]
+            if not remaining:
+                return batches
+
+
+# intermediate tensors one calibration run hands back at most (bytes, on one batch)
+STREAM_BYTES = 256 * 2**20
+# initializers above this size are passed to shape inference as dims only
+_LIGHT_BYTES = 4096
+
+
+def plan_chunks(names: list[str], sizes: dict[str, int], chunk: int) -> list[list[str]]:
+    """``names`` in order, cut into runs of at most ``chunk`` names and STREAM_BYTES (a tensor of
+    unknown size counts as the largest known one)."""
+    unknown = max(sizes.values(), default=0)
+    out: list[list[str]] = []
+    current: list[str] = []
+    total = 0
+    for name in names:
+        size = sizes.get(name, unknown)
+        if current and (len(current) >= chunk or total + size > STREAM_BYTES):
+            out.append(current)
+            current, total = [], 0
+        current.append(name)
+        total += size
+    return out + [current] if current else out
+
+
+def tensor_sizes(model: onnx.ModelProto, names: Sequence[str], feed: dict[str, np.ndarray]) -> dict[str, int]:
+    """Bytes of each named tensor on ``feed``, by ONNX shape inference with the inputs fixed to the
+    feed's shapes (weights passed as dims only); names it cannot size are left out."""
+    light = onnx.ModelProto(ir_version=model.ir_version)
+    light.opset_import.extend(model.opset_import)
+    light.functions.extend(model.functions)
+    g = light.graph
+    g.node.extend(model.graph.node)
+    g.output.extend(model.graph.output)
+    for init in model.graph.initializer:
+        light_init = init.ByteSize() <= _LIGHT_BYTES
+        g.initializer.append(init if light_init else onnx.TensorProto(name=init.name, data_type=init.data_type, dims=init.dims))
+    for value in model.graph.input:
+        copy = g.input.add()
+        copy.CopyFrom(value)
+        if value.name in feed and copy.type.HasField("tensor_type"):
+            shape = copy.type.tensor_type.shape
+            shape.ClearField("dim")
+            for d in np.shape(feed[value.name]):
+                shape.dim.add().dim_value = int(d)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(light)
+    except Exception:  # noqa: BLE001 - sizes are a memory hint: without them chunks go by count
+        return {}
+    wanted = set(names)
+    sizes = {}
+    for value in list(inferred.graph.value_info) + list(inferred.graph.output):
+        t = value.type.tensor_type
+        if value.name not in wanted or not t.HasField("shape") or not t.elem_type:
+            continue
+        dims = [d.dim_value if d.HasField("dim_value") else -1 for d in t.shape.dim]
+        if all(d >= 0 for d in dims):
+            itemsize = onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).itemsize
+            sizes[value.name] = int(np.prod(dims, dtype=np.int64)) * itemsize
+    return sizes
 
 
 def _expected_samples(data: Any) -> Optional[int]:

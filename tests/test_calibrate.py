@@ -163,3 +163,31 @@ def test_synthetic_calibration_binds_open_dims_to_inputs_the_model_runs_on():
     real = [{"x": rng.standard_normal((1, 1, 400)).astype(np.float32)} for _ in range(3)]
     result = onnxopt.optimize(model, "qdq", inputs=real)  # auto mode's guard reads the synthetic set
     assert result.passed and any(r.name == "qdq" and r.modified for r in result.records)
+
+
+def test_stream_tensors_hands_back_at_most_the_byte_budget_per_run(monkeypatch):
+    """The digits CNN's activations on 25 samples: with a budget of 40 KiB per run, each session
+    returns tensors adding up to at most that (one larger tensor alone), and the values seen are
+    those of one full run."""
+    from onnxopt import calibrate
+
+    model = onnxopt.load(ROOT / "models" / "digits_cnn.onnx")
+    data = CalibrationSet(ROOT / "models" / "digits_calib.npz", model, samples=50, batch_size=25)
+    names = [n.output[0] for n in model.graph.node]
+    sizes = calibrate.tensor_sizes(model, names, next(iter(data)))
+    assert sizes["logits"] == 25 * 10 * 4 and set(sizes) == set(names)
+    monkeypatch.setattr(calibrate, "STREAM_BYTES", 40 * 1024)
+    runs: list[int] = []
+    seen: dict[str, float] = {}
+
+    def reduce(values):
+        runs.append(sum(a.nbytes for a in values.values()))
+        assert len(values) == 1 or runs[-1] <= 40 * 1024
+        seen.update({k: max(seen.get(k, -np.inf), float(a.max())) for k, a in values.items()})
+
+    stream_tensors(model, names, data, reduce)
+    assert len(runs) > 2 * 2 and max(runs) > 40 * 1024  # several chunks; the largest tensor alone
+    full: dict[str, float] = {}
+    stream_tensors(model, names, data, lambda v: full.update(
+        {k: max(full.get(k, -np.inf), float(a.max())) for k, a in v.items()}))
+    assert seen == full and set(seen) == set(names)
