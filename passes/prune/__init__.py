@@ -195,6 +195,10 @@ class _Pruner(Units, Scoring, Masking, Reconstruction, Storage, Structured):
         stats["weights_total"], stats["weights_zeroed"] = prunable, zeroed
         stats["sparsity_requested"] = requested
         stats["sparsity_achieved"] = budget.achieved(zeroed, prunable)
+        if not prunable:  # nothing to prune is not a target reached (an int8 model, weights in other ops)
+            stats["target_reached"] = 0
+            return ["no prunable weight: prune zeroes float Conv, ConvTranspose, MatMul and Gemm weights"
+                    + (f" (layers kept dense: {', '.join(sorted(set(self.dense.values())))})" if self.dense else "")]
         reached = zeroed >= self.want() - self.slack
         stats["target_reached"] = int(reached)
         if reached:

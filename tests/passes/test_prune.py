@@ -847,3 +847,19 @@ def test_channel_drops_meet_the_request_to_within_one_channel():
     # a consumer loses its input columns with the producer's channels: 10 + 5 weights a channel
     plans = [ChannelPlan(10, 9, ["a"], ["b"])]
     assert channel_drops(plans, {"a": 100, "b": 50}, 44) == [3]  # 45, nearer than 30
+
+
+def test_an_integer_model_has_no_prunable_weight_and_reaches_no_target():
+    """A dynamically quantized layer (MatMulInteger over int8 weights): nothing to prune, the
+    graph is left as it was, and the stats do not claim the requested sparsity was reached."""
+    rng = np.random.default_rng(2)
+    model = make_model(
+        [node("DynamicQuantizeLinear", ["x"], ["xq", "xs", "xz"]),
+         node("MatMulInteger", ["xq", "wq", "xz"], ["acc"]), node("Cast", ["acc"], ["accf"], to=FLOAT),
+         node("Mul", ["accf", "xs"], ["y"])],
+        [vi("x", [4, 16])], [vi("y", [4, 8])], [init("wq", rng.integers(-100, 100, (16, 8)), np.int8)])
+    out, st = run_pass_direct(model, "prune", sparsity=0.3, keep_first_last=False)
+    assert st.modified is False and st.stats["weights_total"] == 0
+    assert st.stats["target_reached"] == 0 and "no prunable weight" in st.notes[0]
+    feed = random_feed(model)
+    np.testing.assert_array_equal(run_model(out, feed)["y"], run_model(model, feed)["y"])
