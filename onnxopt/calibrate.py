@@ -238,6 +238,10 @@ def _session(model: onnx.ModelProto) -> "ort.InferenceSession":
         raise InputError(f"ONNX Runtime cannot run the model for calibration: {first}") from None
 
 
+# rows of a layer input handled at once: im2col chunks and their float64 copies stay within this
+GRAM_BYTES = 64 * 2**20
+
+
 class GramStats:
     """Running XᵀX over the rows of a layer's input, for reconstruction, whitening and Wanda scores.
 
@@ -253,12 +257,15 @@ class GramStats:
         self.rows = 0
 
     def update(self, rows: np.ndarray) -> None:
-        x = np.asarray(rows, np.float64).reshape(-1, self.k)
-        self.gram += x.T @ x
-        total = self.rows + len(x)
-        if total:
-            self.mean += (x.sum(axis=0) - len(x) * self.mean) / total
-        self.rows = total
+        rows = np.asarray(rows).reshape(-1, self.k)
+        step = max(1, GRAM_BYTES // (8 * self.k))  # the float64 copy stays within GRAM_BYTES
+        for start in range(0, len(rows), step):
+            x = np.asarray(rows[start:start + step], np.float64)
+            self.gram += x.T @ x
+            total = self.rows + len(x)
+            if total:
+                self.mean += (x.sum(axis=0) - len(x) * self.mean) / total
+            self.rows = total
 
     @property
     def column_norms(self) -> np.ndarray:
@@ -716,7 +723,8 @@ def layer_rows(x: np.ndarray, layout: tuple, group: int, k: int) -> Iterator[np.
         _, kernel, pads, strides, dil, auto_pad, groups = layout
         x2 = x if x.ndim == 4 else x[:, :, None, :]
         p = resolve_pads(x2.shape[2:], kernel, pads, strides, dil, auto_pad)
-        step = max(1, 32768 // max(1, _out_size(x2.shape[2:], kernel, p, strides, dil)))
+        per_sample = _out_size(x2.shape[2:], kernel, p, strides, dil) * max(k, 1) * x2.dtype.itemsize
+        step = max(1, GRAM_BYTES // max(1, per_sample))  # samples per im2col chunk
         for start in range(0, x2.shape[0], step):
             yield conv_rows(x2[start:start + step], kernel, p, strides, dil, group, groups)
         return
@@ -773,18 +781,26 @@ class Grams:
 
 
 def layer_grams(ctx: Any, model: onnx.ModelProto, requests: Iterable[GramRequest],
-                samples: Optional[int] = None) -> Grams:
+                samples: Optional[int] = None, tied: Optional[dict[GramRequest, Any]] = None) -> Grams:
     """XᵀX per group for every request, in one streaming run over the calibration data.
 
     Statistics already collected on the same model (same ``samples``) in this pipeline are
-    taken from ``ctx`` instead of running again (see :func:`shared`).
+    taken from ``ctx`` instead of running again (see :func:`shared`). ``tied`` maps requests to a
+    key: the requests of one key (the inputs of the nodes reading one tied weight, such as an
+    unrolled RNN's steps) add into one GramStats per group, returned for each of them and not
+    kept in ``ctx`` — one K×K matrix instead of one per step.
     """
     requests = list(dict.fromkeys(requests))
+    tied = tied or {}
     cache = shared(ctx, model, ("grams", samples))
-    missing = [r for r in requests if r not in cache]
+    missing = [r for r in requests if r in tied or r not in cache]
     read = 0
+    stats: dict = {}
     if missing:
-        stats = {r: [GramStats(r.k) for _ in range(r.groups)] for r in missing}
+        pooled: dict = {}
+        for r in missing:
+            fresh = [GramStats(r.k) for _ in range(r.groups)]
+            stats[r] = fresh if r not in tied else pooled.setdefault((tied[r], r.k, r.groups), fresh)
         shapes: dict[str, tuple] = {}
         by_name: dict[str, list] = {}
         for r in missing:
@@ -802,9 +818,11 @@ def layer_grams(ctx: Any, model: onnx.ModelProto, requests: Iterable[GramRequest
         stream_tensors(model, sorted(by_name), data, reduce, desc="calibrating: layer inputs")
         read = data.samples
         for r in missing:
-            cache[r] = (stats[r], read, shapes.get(r.name))
-    found = {r: cache[r][0] for r in requests}
-    return Grams(found, max([read] + [cache[r][1] for r in requests]), {r.name: cache[r][2] for r in requests})
+            if r not in tied:
+                cache[r] = (stats[r], read, shapes.get(r.name))
+    found = {r: stats[r] if r in tied else cache[r][0] for r in requests}
+    return Grams(found, max([read] + [cache[r][1] for r in requests if r not in tied]),
+                 {r.name: shapes.get(r.name) if r in tied else cache[r][2] for r in requests})
 
 
 def shared(ctx: Any, model: onnx.ModelProto, what: tuple) -> dict:

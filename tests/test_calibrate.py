@@ -191,3 +191,36 @@ def test_stream_tensors_hands_back_at_most_the_byte_budget_per_run(monkeypatch):
     stream_tensors(model, names, data, lambda v: full.update(
         {k: max(full.get(k, -np.inf), float(a.max())) for k, a in v.items()}))
     assert seen == full and set(seen) == set(names)
+
+
+def test_conv_rows_and_grams_are_cut_to_the_byte_budget(monkeypatch):
+    """im2col of a Conv input comes in chunks of at most GRAM_BYTES (one sample at least) and
+    GramStats converts at most that many bytes to float64 at once; the statistics are unchanged."""
+    import onnxopt.calibrate as C
+    from onnxopt.calibrate import gram_request, layer_rows
+
+    model, _, layers = _digits_layers("digits_cnn.onnx")
+    conv = next(l for l in layers if l.kind == "conv" and l.in_features > 1)
+    r = gram_request(conv)
+    x = np.random.default_rng(1).standard_normal((16, *[d for d in _conv_input_shape(model, r.name)])).astype(np.float32)
+    full = np.concatenate(list(layer_rows(x, r.layout, 0, r.k))).astype(np.float64)
+    monkeypatch.setattr(C, "GRAM_BYTES", 2 * full.shape[0] // 16 * r.k * 4)  # two samples' rows
+    chunks = list(layer_rows(x, r.layout, 0, r.k))
+    assert len(chunks) == 8 and all(c.nbytes <= C.GRAM_BYTES for c in chunks)
+    stats = GramStats(r.k)
+    for c in chunks:
+        stats.update(c)  # each chunk in float64 slices of half its rows
+    np.testing.assert_allclose(stats.gram, full.T @ full, rtol=1e-10)
+    np.testing.assert_allclose(stats.mean, full.mean(0), rtol=1e-8, atol=1e-12)
+    assert stats.rows == full.shape[0]
+
+
+def _conv_input_shape(model, name):
+    """The [C, H, W] of an intermediate tensor, from ONNX shape inference with batch 1."""
+    from onnxopt.calibrate import tensor_sizes  # noqa: F401 - same inference the chunks use
+
+    inferred = onnx.shape_inference.infer_shapes(model)
+    for v in list(inferred.graph.value_info) + list(inferred.graph.input):
+        if v.name == name:
+            return [d.dim_value for d in v.type.tensor_type.shape.dim][1:]
+    raise KeyError(name)

@@ -863,3 +863,29 @@ def test_an_integer_model_has_no_prunable_weight_and_reaches_no_target():
     assert st.stats["target_reached"] == 0 and "no prunable weight" in st.notes[0]
     feed = random_feed(model)
     np.testing.assert_array_equal(run_model(out, feed)["y"], run_model(model, feed)["y"])
+
+
+def test_a_tied_weight_sums_its_readers_statistics_in_one_matrix(monkeypatch):
+    """Wanda on a weight read by three steps of an unrolled recurrence: the readers' inputs add
+    into one XᵀX (not one K×K matrix per step) and the scores use their sum."""
+    import onnxopt.calibrate as C
+
+    k = 16
+    model = make_model([node("MatMul", ["x", "W"], ["a"], name="m1"), node("Tanh", ["a"], ["t1"]),
+                        node("MatMul", ["t1", "W"], ["b"], name="m2"), node("Tanh", ["b"], ["t2"]),
+                        node("MatMul", ["t2", "W"], ["y"], name="m3")],
+                       [vi("x", ["batch", k])], [vi("y", ["batch", k])], [init("W", rand((k, k), 1) * 0.5)])
+    feeds = [random_feed(model, seed=s) for s in range(3)]
+    made: list[C.GramStats] = []
+    original = C.GramStats.__init__
+    monkeypatch.setattr(C.GramStats, "__init__", lambda self, n: made.append(self) or original(self, n))
+    out, st, _ = prune(model, "prune(sparsity=0.5,keep_first_last=false,score=wanda,reconstruct=false)",
+                       feeds=feeds, calibration=feeds)
+    assert st["layers_pruned"] == 1 and count_zeros(weight_of(out, "m3")) == k * k // 2
+    pooled = [g for g in made if g.rows]
+    x = np.concatenate([f["x"] for f in feeds])
+    assert len(pooled) == 1 and pooled[0].rows == 3 * len(x)  # the rows of all three readers
+    t1 = np.tanh(x @ numpy_helper.to_array(model.graph.initializer[0]))
+    t2 = np.tanh(t1 @ numpy_helper.to_array(model.graph.initializer[0]))
+    inputs = np.concatenate([x, t1, t2]).astype(np.float64)
+    np.testing.assert_allclose(pooled[0].gram, inputs.T @ inputs, rtol=1e-4)
