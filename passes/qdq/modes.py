@@ -15,6 +15,7 @@ from onnxopt import graph as G
 from onnxopt.calibrate import calibration_set
 from onnxopt.io import tensor_bytes
 from onnxopt.pipeline import PassContext, PassResult
+from onnxopt.serialize import serialized_size
 
 from .dynamic import DYNAMIC_OPSET, DynamicPlan, apply_dynamic
 from .embeddings import quantize_embeddings
@@ -195,6 +196,13 @@ def run_auto(qdq: "Qdq", graph: gs.Graph, ctx: PassContext) -> PassResult:
     check = guard_for(model, ctx, o, target, DYNAMIC_BATCH)
     scored = [(mode, g, r, check.cosine(m), size) for mode, g, r, m, size in built]
     mode, g, result, cosine, size = choose(scored, target)
+    before, after = serialized_size(model), serialized_size(next(b[3] for b in built if b[0] == mode))
+    if after >= before:  # a tiny model: Q/DQ nodes and scales outweigh the bytes the weights save
+        kept = unchanged(tried)
+        kept.stats["skipped_no_saving"] = 1
+        kept.notes = list(kept.notes or []) + [
+            f"mode=auto: the {mode} model would be {after:,} bytes, the float one {before:,}: left float"]
+        return kept
     _replace(graph, g)
     stats = dict(result.stats)
     stats[f"auto_chose_{mode}"] = 1

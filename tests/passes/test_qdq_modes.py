@@ -313,3 +313,21 @@ def test_layers_in_if_bodies_are_counted_in_every_mode():
         assert op_counts(result.model) == op_counts(model)
         for feed in data:
             np.testing.assert_array_equal(run_model(result.model, feed)["y"], run_model(model, feed)["y"])
+
+
+def test_auto_leaves_a_model_float_when_quantizing_saves_no_bytes():
+    """A 4x3 classifier head: its int8 weight, scales and quantize nodes take more bytes than the
+    48 float values they replace, so auto mode keeps the float model and says why."""
+    rng = np.random.default_rng(5)
+    model = make_model([node("Gemm", ["x", "w", "b"], ["y"], name="head", transB=1)], [vi("x", ["N", 4])],
+                       [vi("y", ["N", 3])], [init("w", rng.standard_normal((3, 4))), init("b", rng.standard_normal(3))])
+    data = feeds((8, 4), seed=2)
+    result, stats, notes = quantize(model, "qdq", data)
+    assert not next(r for r in result.records if r.name == "qdq").modified
+    assert stats["skipped_no_saving"] == 1 and any("left float" in n for n in notes)
+    assert op_counts(result.model) == op_counts(model)
+    np.testing.assert_array_equal(run_model(result.model, data[0])["y"], run_model(model, data[0])["y"])
+    big = make_model([node("Gemm", ["x", "w", "b"], ["y"], name="head", transB=1)], [vi("x", ["N", 256])],
+                     [vi("y", ["N", 64])], [init("w", rng.standard_normal((64, 256))), init("b", rng.standard_normal(64))])
+    _, stats, _ = quantize(big, "qdq", feeds((8, 256), seed=2), output_kinds={"y": "other"})  # random scores
+    assert "skipped_no_saving" not in stats and stats["weights_quantized"] == 1
