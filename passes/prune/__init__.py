@@ -9,6 +9,7 @@ their calibration statistics, from onnxopt.calibrate); ``scores`` (magnitude, wa
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from typing import Any
 
@@ -34,7 +35,11 @@ _SKIPS = ("excluded", "first_last", "shared_weight", "overridable", "unsupported
           "nm_indivisible", "no_activations", "structured_unsupported_layer", "structured_branch",
           "structured_graph_output", "structured_reshape", "structured_residual", "structured_concat",
           "structured_split", "structured_unsupported_op", "structured_no_consumer", "structured_shared_param",
-          "structured_too_small", "bias_correction", "reconstruct_unsupported", "sparse_storage_shared")
+          "structured_too_small", "bias_correction", "reconstruct_unsupported", "sparse_storage_shared",
+          "sequential_budget")
+# Seconds the sequential refits may spend re-running the model (both models over the calibration data
+# once per layer): past it, the remaining layers refit on the dense model's inputs (as sequential=false).
+SEQUENTIAL_BUDGET_S = 60.0
 
 
 @register_pass
@@ -170,6 +175,9 @@ class _Pruner(Units, Scoring, Masking, Reconstruction, Storage, Structured):
                 self.collect(units)
             modified = self.zero(units, stats)
         notes = self.summarize(stats)
+        if self.skips["sequential_budget"]:
+            notes.append(f"sequential refits stopped after {SEQUENTIAL_BUDGET_S:.0f} s: the last "
+                         f"{self.skips['sequential_budget']} layer(s) refit on the dense model's inputs")
         stats["calibration_samples"] = self.samples_read
         stats.update({f"skipped_{k}": self.skips[k] for k in _SKIPS})
         stats["layers"] = self.layer_rows()
@@ -262,6 +270,7 @@ class _Pruner(Units, Scoring, Masking, Reconstruction, Storage, Structured):
                 masks[id(u)] = _keep_lowest_out(scores[id(u)], count)
         modified = False
         dense = self.ctx.export(self.graph) if self.o.sequential and (self.reconstruct or self.o.bias_correction) else None
+        refit_seconds = 0.0
         for u in progress.iterate(units, "prune: layers", unit="layer"):
             if id(u) not in masks:
                 continue
@@ -272,7 +281,12 @@ class _Pruner(Units, Scoring, Masking, Reconstruction, Storage, Structured):
             if zeros == 0 and not (modified and self.o.sequential and self.reconstruct):
                 continue  # nothing pruned, nothing upstream to compensate
             if modified and self.o.sequential and (self.reconstruct or self.o.bias_correction) and u.grams:
-                self.collect_cross(u, dense)  # inputs as the layers pruned so far now make them
+                if refit_seconds < SEQUENTIAL_BUDGET_S:
+                    start = time.perf_counter()
+                    self.collect_cross(u, dense)  # inputs as the layers pruned so far now make them
+                    refit_seconds += time.perf_counter() - start
+                else:
+                    self.skips["sequential_budget"] += 1
             if self.reconstruct:
                 if u.grams:
                     new = self.solve(u, w, keep)

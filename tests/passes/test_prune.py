@@ -889,3 +889,21 @@ def test_a_tied_weight_sums_its_readers_statistics_in_one_matrix(monkeypatch):
     t2 = np.tanh(t1 @ numpy_helper.to_array(model.graph.initializer[0]))
     inputs = np.concatenate([x, t1, t2]).astype(np.float64)
     np.testing.assert_allclose(pooled[0].gram, inputs.T @ inputs, rtol=1e-4)
+
+
+def test_sequential_refits_stop_at_their_time_budget(monkeypatch):
+    """Past SEQUENTIAL_BUDGET_S the remaining layers refit on the dense model's inputs: with no
+    budget at all the result is exactly sequential=false's, counted and noted."""
+    prune_module = __import__("passes.prune", fromlist=["prune"])
+    model = conv_chain()
+    base = rand((20, 3, 6, 6), 3)
+    mixed = np.einsum("nchw,cd->ndhw", base, rand((3, 8), 4)).astype(np.float32)
+    calib, test = {"x": mixed[:16]}, {"x": mixed[16:]}
+    plain, _, _ = prune(model, "prune(sparsity=0.5,keep_first_last=false,sequential=false)", feeds=[test],
+                        calibration=calib)
+    monkeypatch.setattr(prune_module, "SEQUENTIAL_BUDGET_S", 0.0)
+    out, st, result = prune(model, "prune(sparsity=0.5,keep_first_last=false)", feeds=[test], calibration=calib)
+    assert st["skipped_sequential_budget"] == 1 and st["layers_reconstructed"] == 2
+    assert any("sequential refits stopped" in n for n in result.records[0].notes)
+    for name, w in weights(plain).items():
+        np.testing.assert_array_equal(weights(out)[name], w)
