@@ -907,3 +907,26 @@ def test_sequential_refits_stop_at_their_time_budget(monkeypatch):
     assert any("sequential refits stopped" in n for n in result.records[0].notes)
     for name, w in weights(plain).items():
         np.testing.assert_array_equal(weights(out)[name], w)
+
+
+def test_conjugate_gradient_refits_stop_at_their_flop_budget(monkeypatch):
+    """A wide layer with an ill-conditioned XᵀX (fewer rows than inputs): under a tiny budget the
+    solve runs CG_MIN_ITER iterations, and what it returns already fits better than the pruned
+    weights it started from."""
+    rec = __import__("passes.prune.reconstruction", fromlist=["reconstruction"])
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((20, 64))
+    gram = x.T @ x
+    w = rng.standard_normal((8, 64))
+    keep = rng.random((8, 64)) > 0.5
+    full = rec._cg_solve(w, keep, gram, 1e-3, gram)
+    ten = rec._cg_solve(w, keep, gram, 1e-3, gram, max_iter=rec.CG_MIN_ITER)
+    monkeypatch.setattr(rec, "CG_FLOPS", 1.0)
+    capped = rec._cg_solve(w, keep, gram, 1e-3, gram)
+    np.testing.assert_array_equal(capped, ten)
+    assert not np.allclose(capped, full)  # the full solve needed more iterations
+
+    def loss(v):
+        return float(np.linalg.norm(x @ v.T - x @ w.T))
+
+    assert np.all(capped[~keep] == 0) and loss(full) <= loss(capped) < loss(w * keep)
