@@ -894,7 +894,7 @@ def test_a_tied_weight_sums_its_readers_statistics_in_one_matrix(monkeypatch):
 def test_sequential_refits_stop_at_their_time_budget(monkeypatch):
     """Past SEQUENTIAL_BUDGET_S the remaining layers refit on the dense model's inputs: with no
     budget at all the result is exactly sequential=false's, counted and noted."""
-    prune_module = __import__("passes.prune", fromlist=["prune"])
+    prune_module = __import__("onnxopt.passes.prune", fromlist=["prune"])
     model = conv_chain()
     base = rand((20, 3, 6, 6), 3)
     mixed = np.einsum("nchw,cd->ndhw", base, rand((3, 8), 4)).astype(np.float32)
@@ -913,7 +913,7 @@ def test_conjugate_gradient_refits_stop_at_their_flop_budget(monkeypatch):
     """A wide layer with an ill-conditioned XᵀX (fewer rows than inputs): under a tiny budget the
     solve runs CG_MIN_ITER iterations, and what it returns already fits better than the pruned
     weights it started from."""
-    rec = __import__("passes.prune.reconstruction", fromlist=["reconstruction"])
+    rec = __import__("onnxopt.passes.prune.reconstruction", fromlist=["reconstruction"])
     rng = np.random.default_rng(0)
     x = rng.standard_normal((20, 64))
     gram = x.T @ x
