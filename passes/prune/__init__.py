@@ -36,10 +36,13 @@ _SKIPS = ("excluded", "first_last", "shared_weight", "overridable", "unsupported
           "structured_graph_output", "structured_reshape", "structured_residual", "structured_concat",
           "structured_split", "structured_unsupported_op", "structured_no_consumer", "structured_shared_param",
           "structured_too_small", "bias_correction", "reconstruct_unsupported", "sparse_storage_shared",
-          "sequential_budget")
+          "sequential_budget", "reconstruct_budget")
 # Seconds the sequential refits may spend re-running the model (both models over the calibration data
 # once per layer): past it, the remaining layers refit on the dense model's inputs (as sequential=false).
 SEQUENTIAL_BUDGET_S = 60.0
+# Seconds the least-squares refits may take in all; past it the remaining layers keep their pruned
+# weights unrefit (a wide detector's hundred Conv refits ran for minutes).
+RECONSTRUCT_BUDGET_S = 120.0
 
 
 @register_pass
@@ -175,6 +178,9 @@ class _Pruner(Units, Scoring, Masking, Reconstruction, Storage, Structured):
                 self.collect(units)
             modified = self.zero(units, stats)
         notes = self.summarize(stats)
+        if self.skips["reconstruct_budget"]:
+            notes.append(f"least-squares refits stopped after {RECONSTRUCT_BUDGET_S:.0f} s: the last "
+                         f"{self.skips['reconstruct_budget']} layer(s) keep their pruned weights unrefit")
         if self.skips["sequential_budget"]:
             notes.append(f"sequential refits stopped after {SEQUENTIAL_BUDGET_S:.0f} s: the last "
                          f"{self.skips['sequential_budget']} layer(s) refit on the dense model's inputs")
@@ -270,7 +276,7 @@ class _Pruner(Units, Scoring, Masking, Reconstruction, Storage, Structured):
                 masks[id(u)] = _keep_lowest_out(scores[id(u)], count)
         modified = False
         dense = self.ctx.export(self.graph) if self.o.sequential and (self.reconstruct or self.o.bias_correction) else None
-        refit_seconds = 0.0
+        refit_seconds = solve_seconds = 0.0
         for u in progress.iterate(units, "prune: layers", unit="layer"):
             if id(u) not in masks:
                 continue
@@ -288,8 +294,12 @@ class _Pruner(Units, Scoring, Masking, Reconstruction, Storage, Structured):
                 else:
                     self.skips["sequential_budget"] += 1
             if self.reconstruct:
-                if u.grams:
+                if u.grams and solve_seconds >= RECONSTRUCT_BUDGET_S:
+                    self.skips["reconstruct_budget"] += 1
+                elif u.grams:
+                    start = time.perf_counter()
                     new = self.solve(u, w, keep)
+                    solve_seconds += time.perf_counter() - start
                     stats["layers_reconstructed"] += 1
                 else:
                     self.skips["reconstruct_unsupported"] += 1

@@ -930,3 +930,19 @@ def test_conjugate_gradient_refits_stop_at_their_flop_budget(monkeypatch):
         return float(np.linalg.norm(x @ v.T - x @ w.T))
 
     assert np.all(capped[~keep] == 0) and loss(full) <= loss(capped) < loss(w * keep)
+
+
+def test_refits_stop_at_their_time_budget(monkeypatch):
+    """Past RECONSTRUCT_BUDGET_S the remaining layers keep their pruned weights unrefit, counted and
+    noted; with no budget at all every layer does."""
+    prune_module = __import__("onnxopt.passes.prune", fromlist=["prune"])
+    model = conv_chain()
+    data = {"x": rand((8, 8, 6, 6), 3)}
+    monkeypatch.setattr(prune_module, "RECONSTRUCT_BUDGET_S", 0.0)
+    out, st, result = prune(model, "prune(sparsity=0.5,keep_first_last=false,bias_correction=false)", feeds=[data],
+                            calibration=data)
+    assert st["layers_reconstructed"] == 0 and st["skipped_reconstruct_budget"] == 2
+    assert any("least-squares refits stopped" in n for n in result.records[0].notes)
+    for name in ("conva", "convb"):
+        w, dense = weight_of(out, name), weight_of(model, name)
+        np.testing.assert_array_equal(w[w != 0], dense[w != 0])  # survivors as they were
