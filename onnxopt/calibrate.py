@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 
 from . import progress
-from .data import count_samples, iter_feeds, source_label, synthetic_dataset
+from .data import count_samples, input_specs, iter_feeds, source_label, synthetic_dataset
 from .errors import InputError
 
 log = logging.getLogger("onnxopt")
@@ -58,12 +58,26 @@ class CalibrationSet:
         """Feeds one batch at a time."""
         if self.synthetic:
             batches = max(1, (self.samples or self.batch_size) // self.batch_size)
-            dims = {**self.dims}
+            dims = self._synthetic_dims()
             yield from synthetic_dataset(self.model, dims=dims, seed=self.seed, batches=min(batches, 8)).feeds
             return
         for feed, _, _ in iter_feeds(self.source, self.model, batch_size=self.batch_size, limit=self.samples,
                                      what="calibration data"):
             yield feed
+
+    def _synthetic_dims(self) -> dict[str, int]:
+        """The user's dims, and for the symbolic dims they leave open the binding the original runs on
+        (the synthetic search validation uses): binding them all to 1 leaves an audio frontend or a
+        strided CNN with inputs too short to run. Searched once per set."""
+        if getattr(self, "_dims", None) is None:
+            self._dims = dict(self.dims)
+            if any(not (isinstance(d, int) and d > 0) for spec in input_specs(self.model) for d in spec.shape):
+                from .synthetic import find_inputs
+
+                probe = find_inputs(self.model, dims=self.dims, seed=self.seed)
+                if probe.found:
+                    self._dims = {**probe.binding, **self.dims}
+        return self._dims
 
     def expected_samples(self) -> Optional[int]:
         """Samples one pass yields, where the shapes tell without reading the data (for progress)."""
@@ -98,31 +112,100 @@ def stream_tensors(model: onnx.ModelProto, names: Sequence[str], data: Iterable[
                    on_batch: Optional[Callable[[int], None]] = None, desc: str = "calibrating") -> int:
     """Run ``data`` through ``model`` and hand each batch's named tensors to ``reduce``.
 
-    One ORT session per chunk of ``chunk`` tensors (not one per tensor);
-    graph optimizations are off so every intermediate keeps its name. Nothing
-    is kept after ``reduce`` returns. Returns the number of batches. A progress
-    bar ``desc`` counts samples over every chunk.
+    One ORT session per chunk of at most ``chunk`` tensors (not one per tensor) whose sizes on a
+    batch add up to at most STREAM_BYTES (a larger tensor gets a chunk of its own), sized from the
+    shapes the first batch gives: a detector's activations at 640x640 would otherwise come back
+    from one run by the gigabyte. Graph optimizations are off so every intermediate keeps its name.
+    Nothing is kept after ``reduce`` returns. Returns the number of batches. A progress bar
+    ``desc`` counts samples over every chunk.
     """
-    names = list(dict.fromkeys(names))
-    chunks = range(0, max(len(names), 1), chunk)
+    remaining = list(dict.fromkeys(names))
     per_pass = _expected_samples(data)
     batches = 0
-    with progress.task(desc, total=per_pass * len(chunks) if per_pass else None, unit="sample") as bar:
-        for start in chunks:
-            part = names[start:start + chunk]
-            session = _session(with_outputs(model, part))
-            wanted = [n for n in part]
-            batches = 0
+    sizes: Optional[dict[str, int]] = None
+    with progress.task(desc, total=None, unit="sample") as bar:
+        while True:
+            session, part, batches = None, remaining, 0
             for feed in data:
-                values = session.run(wanted, feed)
-                reduce(dict(zip(wanted, values)))
+                if session is None:
+                    if sizes is None:
+                        sizes = tensor_sizes(model, remaining, feed)
+                        if per_pass:
+                            bar.set_total(per_pass * len(plan_chunks(remaining, sizes, chunk)))
+                    part = plan_chunks(remaining, sizes, chunk)[0] if remaining else []
+                    session = _session(with_outputs(model, part))
+                values = session.run(part, feed)
+                reduce(dict(zip(part, values)))
+                del values
                 batches += 1
                 bar.advance(_rows(feed))
                 if on_batch is not None:
                     on_batch(batches)
             if batches == 0:
                 raise InputError("calibration data gave no batches")
-    return batches
+            remaining = remaining[len(part):]
+            if not remaining:
+                return batches
+
+
+# intermediate tensors one calibration run hands back at most (bytes, on one batch)
+STREAM_BYTES = 256 * 2**20
+# initializers above this size are passed to shape inference as dims only
+_LIGHT_BYTES = 4096
+
+
+def plan_chunks(names: list[str], sizes: dict[str, int], chunk: int) -> list[list[str]]:
+    """``names`` in order, cut into runs of at most ``chunk`` names and STREAM_BYTES (a tensor of
+    unknown size counts as the largest known one)."""
+    unknown = max(sizes.values(), default=0)
+    out: list[list[str]] = []
+    current: list[str] = []
+    total = 0
+    for name in names:
+        size = sizes.get(name, unknown)
+        if current and (len(current) >= chunk or total + size > STREAM_BYTES):
+            out.append(current)
+            current, total = [], 0
+        current.append(name)
+        total += size
+    return out + [current] if current else out
+
+
+def tensor_sizes(model: onnx.ModelProto, names: Sequence[str], feed: dict[str, np.ndarray]) -> dict[str, int]:
+    """Bytes of each named tensor on ``feed``, by ONNX shape inference with the inputs fixed to the
+    feed's shapes (weights passed as dims only); names it cannot size are left out."""
+    light = onnx.ModelProto(ir_version=model.ir_version)
+    light.opset_import.extend(model.opset_import)
+    light.functions.extend(model.functions)
+    g = light.graph
+    g.node.extend(model.graph.node)
+    g.output.extend(model.graph.output)
+    for init in model.graph.initializer:
+        light_init = init.ByteSize() <= _LIGHT_BYTES
+        g.initializer.append(init if light_init else onnx.TensorProto(name=init.name, data_type=init.data_type, dims=init.dims))
+    for value in model.graph.input:
+        copy = g.input.add()
+        copy.CopyFrom(value)
+        if value.name in feed and copy.type.HasField("tensor_type"):
+            shape = copy.type.tensor_type.shape
+            shape.ClearField("dim")
+            for d in np.shape(feed[value.name]):
+                shape.dim.add().dim_value = int(d)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(light)
+    except Exception:  # noqa: BLE001 - sizes are a memory hint: without them chunks go by count
+        return {}
+    wanted = set(names)
+    sizes = {}
+    for value in list(inferred.graph.value_info) + list(inferred.graph.output):
+        t = value.type.tensor_type
+        if value.name not in wanted or not t.HasField("shape") or not t.elem_type:
+            continue
+        dims = [d.dim_value if d.HasField("dim_value") else -1 for d in t.shape.dim]
+        if all(d >= 0 for d in dims):
+            itemsize = onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).itemsize
+            sizes[value.name] = int(np.prod(dims, dtype=np.int64)) * itemsize
+    return sizes
 
 
 def _expected_samples(data: Any) -> Optional[int]:
@@ -155,6 +238,10 @@ def _session(model: onnx.ModelProto) -> "ort.InferenceSession":
         raise InputError(f"ONNX Runtime cannot run the model for calibration: {first}") from None
 
 
+# rows of a layer input handled at once: im2col chunks and their float64 copies stay within this
+GRAM_BYTES = 64 * 2**20
+
+
 class GramStats:
     """Running XᵀX over the rows of a layer's input, for reconstruction, whitening and Wanda scores.
 
@@ -170,12 +257,15 @@ class GramStats:
         self.rows = 0
 
     def update(self, rows: np.ndarray) -> None:
-        x = np.asarray(rows, np.float64).reshape(-1, self.k)
-        self.gram += x.T @ x
-        total = self.rows + len(x)
-        if total:
-            self.mean += (x.sum(axis=0) - len(x) * self.mean) / total
-        self.rows = total
+        rows = np.asarray(rows).reshape(-1, self.k)
+        step = max(1, GRAM_BYTES // (8 * self.k))  # the float64 copy stays within GRAM_BYTES
+        for start in range(0, len(rows), step):
+            x = np.asarray(rows[start:start + step], np.float64)
+            self.gram += x.T @ x
+            total = self.rows + len(x)
+            if total:
+                self.mean += (x.sum(axis=0) - len(x) * self.mean) / total
+            self.rows = total
 
     @property
     def column_norms(self) -> np.ndarray:
@@ -633,7 +723,8 @@ def layer_rows(x: np.ndarray, layout: tuple, group: int, k: int) -> Iterator[np.
         _, kernel, pads, strides, dil, auto_pad, groups = layout
         x2 = x if x.ndim == 4 else x[:, :, None, :]
         p = resolve_pads(x2.shape[2:], kernel, pads, strides, dil, auto_pad)
-        step = max(1, 32768 // max(1, _out_size(x2.shape[2:], kernel, p, strides, dil)))
+        per_sample = _out_size(x2.shape[2:], kernel, p, strides, dil) * max(k, 1) * x2.dtype.itemsize
+        step = max(1, GRAM_BYTES // max(1, per_sample))  # samples per im2col chunk
         for start in range(0, x2.shape[0], step):
             yield conv_rows(x2[start:start + step], kernel, p, strides, dil, group, groups)
         return
@@ -690,18 +781,26 @@ class Grams:
 
 
 def layer_grams(ctx: Any, model: onnx.ModelProto, requests: Iterable[GramRequest],
-                samples: Optional[int] = None) -> Grams:
+                samples: Optional[int] = None, tied: Optional[dict[GramRequest, Any]] = None) -> Grams:
     """XᵀX per group for every request, in one streaming run over the calibration data.
 
     Statistics already collected on the same model (same ``samples``) in this pipeline are
-    taken from ``ctx`` instead of running again (see :func:`shared`).
+    taken from ``ctx`` instead of running again (see :func:`shared`). ``tied`` maps requests to a
+    key: the requests of one key (the inputs of the nodes reading one tied weight, such as an
+    unrolled RNN's steps) add into one GramStats per group, returned for each of them and not
+    kept in ``ctx`` — one K×K matrix instead of one per step.
     """
     requests = list(dict.fromkeys(requests))
+    tied = tied or {}
     cache = shared(ctx, model, ("grams", samples))
-    missing = [r for r in requests if r not in cache]
+    missing = [r for r in requests if r in tied or r not in cache]
     read = 0
+    stats: dict = {}
     if missing:
-        stats = {r: [GramStats(r.k) for _ in range(r.groups)] for r in missing}
+        pooled: dict = {}
+        for r in missing:
+            fresh = [GramStats(r.k) for _ in range(r.groups)]
+            stats[r] = fresh if r not in tied else pooled.setdefault((tied[r], r.k, r.groups), fresh)
         shapes: dict[str, tuple] = {}
         by_name: dict[str, list] = {}
         for r in missing:
@@ -719,9 +818,11 @@ def layer_grams(ctx: Any, model: onnx.ModelProto, requests: Iterable[GramRequest
         stream_tensors(model, sorted(by_name), data, reduce, desc="calibrating: layer inputs")
         read = data.samples
         for r in missing:
-            cache[r] = (stats[r], read, shapes.get(r.name))
-    found = {r: cache[r][0] for r in requests}
-    return Grams(found, max([read] + [cache[r][1] for r in requests]), {r.name: cache[r][2] for r in requests})
+            if r not in tied:
+                cache[r] = (stats[r], read, shapes.get(r.name))
+    found = {r: stats[r] if r in tied else cache[r][0] for r in requests}
+    return Grams(found, max([read] + [cache[r][1] for r in requests if r not in tied]),
+                 {r.name: shapes.get(r.name) if r in tied else cache[r][2] for r in requests})
 
 
 def shared(ctx: Any, model: onnx.ModelProto, what: tuple) -> dict:

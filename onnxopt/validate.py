@@ -232,12 +232,15 @@ class _Accumulator:
                          "original is finite")
         elif m.max_abs == math.inf:
             fails.append("shapes differ")
-        if m.allowed_abs is not None and self.worst_excess > 0:
-            fails.append(self._excess_message(m))
-        if tol.min_cosine is not None and m.cosine < tol.min_cosine:
-            fails.append(f"cosine {m.cosine:.6f} below {tol.min_cosine:g}")
-        if tol.min_snr_db is not None and m.snr_db < tol.min_snr_db:
-            fails.append(f"SNR {m.snr_db:.1f} dB below {tol.min_snr_db:g} dB")
+        # Integer/bool outputs are labels, indices or flags: the share of changed values (above)
+        # judges them; an error size, cosine or SNR over class ids measures nothing.
+        if floating or not m.dtype:
+            if m.allowed_abs is not None and self.worst_excess > 0:
+                fails.append(self._excess_message(m))
+            if tol.min_cosine is not None and m.cosine < tol.min_cosine:
+                fails.append(f"cosine {m.cosine:.6f} below {tol.min_cosine:g}")
+            if tol.min_snr_db is not None and m.snr_db < tol.min_snr_db:
+                fails.append(f"SNR {m.snr_db:.1f} dB below {tol.min_snr_db:g} dB")
         if tol.max_top1_drop is not None and m.top1_agreement is not None:
             if m.accuracy_reference is not None:
                 drop = 100.0 * (m.accuracy_reference - m.accuracy_candidate)

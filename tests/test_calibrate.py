@@ -143,3 +143,84 @@ def test_cross_grams_pair_a_changed_model_with_the_dense_one():
     np.testing.assert_allclose(same.gram, plain.gram, rtol=1e-9)
     np.testing.assert_allclose(same.cross, plain.gram, rtol=1e-9)  # identical models: the cross term is XᵀX
     np.testing.assert_allclose(same.mean_dense, same.mean)
+
+
+def test_synthetic_calibration_binds_open_dims_to_inputs_the_model_runs_on():
+    """An audio frontend: a length-16 Conv over [1, 1, samples]. With every open dim bound to 1 its
+    synthetic calibration feeds would not run; the set takes the binding the synthetic search finds."""
+    from helpers import init, make_model, node, run_model, vi
+
+    rng = np.random.default_rng(0)
+    model = make_model(
+        [node("Conv", ["x", "k"], ["c"], strides=[8]), node("Transpose", ["c"], ["t"], perm=[0, 2, 1]),
+         node("MatMul", ["t", "w"], ["y"])],
+        [vi("x", [1, 1, "samples"])], [vi("y", [1, "frames", 128])],
+        [init("k", rng.standard_normal((32, 1, 16)) * 0.2), init("w", rng.standard_normal((32, 128)))])
+    feeds = list(CalibrationSet(None, model, samples=32))
+    assert feeds and all(f["x"].shape[2] >= 16 for f in feeds)
+    for feed in feeds:
+        assert run_model(model, feed)["y"].shape[2] == 128
+    real = [{"x": rng.standard_normal((1, 1, 400)).astype(np.float32)} for _ in range(3)]
+    result = onnxopt.optimize(model, "qdq", inputs=real)  # auto mode's guard reads the synthetic set
+    assert result.passed and any(r.name == "qdq" and r.modified for r in result.records)
+
+
+def test_stream_tensors_hands_back_at_most_the_byte_budget_per_run(monkeypatch):
+    """The digits CNN's activations on 25 samples: with a budget of 40 KiB per run, each session
+    returns tensors adding up to at most that (one larger tensor alone), and the values seen are
+    those of one full run."""
+    from onnxopt import calibrate
+
+    model = onnxopt.load(ROOT / "models" / "digits_cnn.onnx")
+    data = CalibrationSet(ROOT / "models" / "digits_calib.npz", model, samples=50, batch_size=25)
+    names = [n.output[0] for n in model.graph.node]
+    sizes = calibrate.tensor_sizes(model, names, next(iter(data)))
+    assert sizes["logits"] == 25 * 10 * 4 and set(sizes) == set(names)
+    monkeypatch.setattr(calibrate, "STREAM_BYTES", 40 * 1024)
+    runs: list[int] = []
+    seen: dict[str, float] = {}
+
+    def reduce(values):
+        runs.append(sum(a.nbytes for a in values.values()))
+        assert len(values) == 1 or runs[-1] <= 40 * 1024
+        seen.update({k: max(seen.get(k, -np.inf), float(a.max())) for k, a in values.items()})
+
+    stream_tensors(model, names, data, reduce)
+    assert len(runs) > 2 * 2 and max(runs) > 40 * 1024  # several chunks; the largest tensor alone
+    full: dict[str, float] = {}
+    stream_tensors(model, names, data, lambda v: full.update(
+        {k: max(full.get(k, -np.inf), float(a.max())) for k, a in v.items()}))
+    assert seen == full and set(seen) == set(names)
+
+
+def test_conv_rows_and_grams_are_cut_to_the_byte_budget(monkeypatch):
+    """im2col of a Conv input comes in chunks of at most GRAM_BYTES (one sample at least) and
+    GramStats converts at most that many bytes to float64 at once; the statistics are unchanged."""
+    import onnxopt.calibrate as C
+    from onnxopt.calibrate import gram_request, layer_rows
+
+    model, _, layers = _digits_layers("digits_cnn.onnx")
+    conv = next(l for l in layers if l.kind == "conv" and l.in_features > 1)
+    r = gram_request(conv)
+    x = np.random.default_rng(1).standard_normal((16, *[d for d in _conv_input_shape(model, r.name)])).astype(np.float32)
+    full = np.concatenate(list(layer_rows(x, r.layout, 0, r.k))).astype(np.float64)
+    monkeypatch.setattr(C, "GRAM_BYTES", 2 * full.shape[0] // 16 * r.k * 4)  # two samples' rows
+    chunks = list(layer_rows(x, r.layout, 0, r.k))
+    assert len(chunks) == 8 and all(c.nbytes <= C.GRAM_BYTES for c in chunks)
+    stats = GramStats(r.k)
+    for c in chunks:
+        stats.update(c)  # each chunk in float64 slices of half its rows
+    np.testing.assert_allclose(stats.gram, full.T @ full, rtol=1e-10)
+    np.testing.assert_allclose(stats.mean, full.mean(0), rtol=1e-8, atol=1e-12)
+    assert stats.rows == full.shape[0]
+
+
+def _conv_input_shape(model, name):
+    """The [C, H, W] of an intermediate tensor, from ONNX shape inference with batch 1."""
+    from onnxopt.calibrate import tensor_sizes  # noqa: F401 - same inference the chunks use
+
+    inferred = onnx.shape_inference.infer_shapes(model)
+    for v in list(inferred.graph.value_info) + list(inferred.graph.input):
+        if v.name == name:
+            return [d.dim_value for d in v.type.tensor_type.shape.dim][1:]
+    raise KeyError(name)

@@ -336,3 +336,31 @@ def test_kinds_are_reported_per_output_in_json():
     plain = compare(_affine(1, 0), _affine(1.1, 0), _data(labels=False), Tolerance(min_cosine=0.9))
     assert plain.outputs[0].kind == "other" and plain.outputs[0].top1_agreement is None
     assert "top-1" not in "\n".join(format_comparison(plain))
+
+
+def _labelled(bias: list) -> onnx.ModelProto:
+    """y = x + b (float scores) and label = ArgMax(y) (int64), two outputs of different kinds."""
+    nodes = [helper.make_node("Add", ["x", "b"], ["y"]),
+             helper.make_node("ArgMax", ["y"], ["label"], axis=1, keepdims=0)]
+    graph = helper.make_graph(nodes, "labelled", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 5])],
+                              [helper.make_tensor_value_info("label", TensorProto.INT64, ["n"]),
+                               helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 5])],
+                              [numpy_helper.from_array(np.array(bias, np.float32), "b")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_integer_labels_are_judged_by_the_share_that_changed_not_by_cosine():
+    x = np.zeros((200, 5), np.float32)
+    x[:, 0] = 5
+    x[0] = [0, 5, 0, 0, 0]  # label 1
+    x[1] = [1, 0, 0, 0, 0.9]  # label 0; 4 once b[4] > 0.1
+    data = Dataset([{"x": x}], source="t", samples=200)
+    tol = Tolerance(min_cosine=0.99, max_top1_drop=1.0)
+    one = compare(_labelled([0] * 5), _labelled([0, 0, 0, 0, 0.2]), data, tol)
+    label = next(o for o in one.outputs if o.name == "label")
+    assert label.mismatches == 1 and label.cosine < 0.5  # ids 0/1/4: a cosine that means nothing
+    assert label.passed and one.passed, label.failures  # 0.5% of labels changed, within 1 point
+    x[2:40, 4] = 4.95  # 19% of the labels flip to 4 under the same bias
+    many = compare(_labelled([0] * 5), _labelled([0, 0, 0, 0, 0.2]), data, tol)
+    label = next(o for o in many.outputs if o.name == "label")
+    assert not many.passed and label.failures == ["39 of 200 values differ in non-float output"]

@@ -9,6 +9,7 @@ their calibration statistics, from onnxopt.calibrate); ``scores`` (magnitude, wa
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from typing import Any
 
@@ -34,7 +35,14 @@ _SKIPS = ("excluded", "first_last", "shared_weight", "overridable", "unsupported
           "nm_indivisible", "no_activations", "structured_unsupported_layer", "structured_branch",
           "structured_graph_output", "structured_reshape", "structured_residual", "structured_concat",
           "structured_split", "structured_unsupported_op", "structured_no_consumer", "structured_shared_param",
-          "structured_too_small", "bias_correction", "reconstruct_unsupported", "sparse_storage_shared")
+          "structured_too_small", "bias_correction", "reconstruct_unsupported", "sparse_storage_shared",
+          "sequential_budget", "reconstruct_budget")
+# Seconds the sequential refits may spend re-running the model (both models over the calibration data
+# once per layer): past it, the remaining layers refit on the dense model's inputs (as sequential=false).
+SEQUENTIAL_BUDGET_S = 60.0
+# Seconds the least-squares refits may take in all; past it the remaining layers keep their pruned
+# weights unrefit (a wide detector's hundred Conv refits ran for minutes).
+RECONSTRUCT_BUDGET_S = 120.0
 
 
 @register_pass
@@ -170,6 +178,12 @@ class _Pruner(Units, Scoring, Masking, Reconstruction, Storage, Structured):
                 self.collect(units)
             modified = self.zero(units, stats)
         notes = self.summarize(stats)
+        if self.skips["reconstruct_budget"]:
+            notes.append(f"least-squares refits stopped after {RECONSTRUCT_BUDGET_S:.0f} s: the last "
+                         f"{self.skips['reconstruct_budget']} layer(s) keep their pruned weights unrefit")
+        if self.skips["sequential_budget"]:
+            notes.append(f"sequential refits stopped after {SEQUENTIAL_BUDGET_S:.0f} s: the last "
+                         f"{self.skips['sequential_budget']} layer(s) refit on the dense model's inputs")
         stats["calibration_samples"] = self.samples_read
         stats.update({f"skipped_{k}": self.skips[k] for k in _SKIPS})
         stats["layers"] = self.layer_rows()
@@ -195,6 +209,10 @@ class _Pruner(Units, Scoring, Masking, Reconstruction, Storage, Structured):
         stats["weights_total"], stats["weights_zeroed"] = prunable, zeroed
         stats["sparsity_requested"] = requested
         stats["sparsity_achieved"] = budget.achieved(zeroed, prunable)
+        if not prunable:  # nothing to prune is not a target reached (an int8 model, weights in other ops)
+            stats["target_reached"] = 0
+            return ["no prunable weight: prune zeroes float Conv, ConvTranspose, MatMul and Gemm weights"
+                    + (f" (layers kept dense: {', '.join(sorted(set(self.dense.values())))})" if self.dense else "")]
         reached = zeroed >= self.want() - self.slack
         stats["target_reached"] = int(reached)
         if reached:
@@ -258,6 +276,7 @@ class _Pruner(Units, Scoring, Masking, Reconstruction, Storage, Structured):
                 masks[id(u)] = _keep_lowest_out(scores[id(u)], count)
         modified = False
         dense = self.ctx.export(self.graph) if self.o.sequential and (self.reconstruct or self.o.bias_correction) else None
+        refit_seconds = solve_seconds = 0.0
         for u in progress.iterate(units, "prune: layers", unit="layer"):
             if id(u) not in masks:
                 continue
@@ -268,10 +287,19 @@ class _Pruner(Units, Scoring, Masking, Reconstruction, Storage, Structured):
             if zeros == 0 and not (modified and self.o.sequential and self.reconstruct):
                 continue  # nothing pruned, nothing upstream to compensate
             if modified and self.o.sequential and (self.reconstruct or self.o.bias_correction) and u.grams:
-                self.collect_cross(u, dense)  # inputs as the layers pruned so far now make them
+                if refit_seconds < SEQUENTIAL_BUDGET_S:
+                    start = time.perf_counter()
+                    self.collect_cross(u, dense)  # inputs as the layers pruned so far now make them
+                    refit_seconds += time.perf_counter() - start
+                else:
+                    self.skips["sequential_budget"] += 1
             if self.reconstruct:
-                if u.grams:
+                if u.grams and solve_seconds >= RECONSTRUCT_BUDGET_S:
+                    self.skips["reconstruct_budget"] += 1
+                elif u.grams:
+                    start = time.perf_counter()
                     new = self.solve(u, w, keep)
+                    solve_seconds += time.perf_counter() - start
                     stats["layers_reconstructed"] += 1
                 else:
                     self.skips["reconstruct_unsupported"] += 1

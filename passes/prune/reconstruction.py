@@ -136,7 +136,11 @@ def _cg_solve(w: np.ndarray, keep: np.ndarray, gram: np.ndarray, lam: float, rhs
               tol: float = 1e-5, max_iter: int = 1000) -> np.ndarray:
     """The same per-row least squares, ``(G[S,S] + lam) w_S = (M w + lam w)[S]``, for all rows at once by
     Jacobi-preconditioned conjugate gradients: each iteration is one [O,K]x[K,K] product, where
-    direct solves would cost the sum of |S|³."""
+    direct solves would cost the sum of |S|³. Iterations stop at CG_FLOPS of products (at least
+    CG_MIN_ITER): on an ill-conditioned XᵀX (few calibration rows for a wide layer) a thousand
+    4096-wide iterations took minutes; each iteration lowers the error, so a stopped solve is
+    still a refit."""
+    max_iter = min(max_iter, max(CG_MIN_ITER, int(CG_FLOPS // max(2.0 * w.shape[0] * gram.shape[0] ** 2, 1.0))))
     m = keep.astype(np.float64)
     diag = np.diag(gram) + lam
     b = (w @ rhs_matrix + lam * w) * m
@@ -164,3 +168,5 @@ def _cg_solve(w: np.ndarray, keep: np.ndarray, gram: np.ndarray, lam: float, rhs
 
 
 _EXACT_FLOPS = 5e8  # direct per-row solves while the sum of |S|³ stays below this, else conjugate gradients
+CG_FLOPS = 4e11  # multiply-adds one conjugate-gradient solve may spend (a few seconds on one core)
+CG_MIN_ITER = 10

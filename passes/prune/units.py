@@ -5,6 +5,7 @@ finds them), seen as one matrix W[out, in], and the calibration statistics of th
 from __future__ import annotations
 
 import fnmatch
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -190,12 +191,17 @@ class Units:
         if not requests:
             return
         model = self.ctx.export(self.graph)
-        grams = layer_grams(self.ctx, model, [r for rs in requests.values() for r in rs], samples=self.o.samples)
+        # a weight read by several nodes sums its inputs' statistics: one matrix, not one per reader
+        wanted_by = Counter(r for rs in requests.values() for r in set(rs))
+        tied = {r: key for key, rs in requests.items() if len(rs) > 1 for r in rs if wanted_by[r] == 1}
+        grams = layer_grams(self.ctx, model, [r for rs in requests.values() for r in rs], samples=self.o.samples,
+                            tied=tied)
         self.samples_read = max(self.samples_read, grams.samples)
         for u in units:
             if id(u) not in requests:
                 continue
-            u.grams = [[grams.stats[r][gi] for r in requests[id(u)]] for gi in range(u.groups)]
+            u.grams = [list({id(s): s for s in (grams.stats[r][gi] for r in requests[id(u)])}.values())
+                       for gi in range(u.groups)]
             if any(s.rows == 0 for grp in u.grams for s in grp):
                 u.grams = []
                 self.skips["no_activations"] += count

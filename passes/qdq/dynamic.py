@@ -42,6 +42,9 @@ class DynamicPlan:
         self.nodes: list[gs.Node] = []
         self.weights: dict[int, np.ndarray] = {}
         self.position: dict[int, int] = {}
+        for sub in list(G.iter_graphs(graph))[1:]:  # If/Loop/Scan bodies stay float: counted, not reached
+            skips["subgraph"] += sum(1 for n in sub.nodes if n.op in ("MatMul", "Gemm") and n.op in ops
+                                     and (n.domain or "") in ("", "ai.onnx"))
         for pos, node in enumerate(graph.nodes):
             if node.op not in ("MatMul", "Gemm") or node.op not in ops or (node.domain or "") not in ("", "ai.onnx"):
                 continue

@@ -15,6 +15,7 @@ from onnxopt import graph as G
 from onnxopt.calibrate import calibration_set
 from onnxopt.io import tensor_bytes
 from onnxopt.pipeline import PassContext, PassResult
+from onnxopt.serialize import serialized_size
 
 from .dynamic import DYNAMIC_OPSET, DynamicPlan, apply_dynamic
 from .embeddings import quantize_embeddings
@@ -179,20 +180,29 @@ def run_auto(qdq: "Qdq", graph: gs.Graph, ctx: PassContext) -> PassResult:
     if ctx.calibration is not None:  # read by both candidates and the comparison: a one-shot iterator is kept
         ctx = dataclasses.replace(ctx, calibration=calibration_set(ctx, model, o.samples))
     built: list[tuple[str, gs.Graph, PassResult, onnx.ModelProto, int]] = []
+    tried: list[PassResult] = []
     for mode in ("static", "dynamic") if ctx.calibration is not None else ("dynamic", "static"):
         if built and ctx.calibration is None:
             break  # without data static ranges would be guesses: dynamic needs none, static only as a last resort
         g = G.import_graph(model)
         sub = type(qdq)(dataclasses.replace(o, mode=mode))
         result = run_mode(sub, g, ctx)
+        tried.append(result)
         if result.modified:
             m = ctx.export(g)
             built.append((mode, g, result, m, tensor_bytes(m)))
     if not built:
-        return PassResult(False, dict(result.stats), list(result.notes or []))
+        return unchanged(tried)
     check = guard_for(model, ctx, o, target, DYNAMIC_BATCH)
     scored = [(mode, g, r, check.cosine(m), size) for mode, g, r, m, size in built]
     mode, g, result, cosine, size = choose(scored, target)
+    before, after = serialized_size(model), serialized_size(next(b[3] for b in built if b[0] == mode))
+    if after >= before:  # a tiny model: Q/DQ nodes and scales outweigh the bytes the weights save
+        kept = unchanged(tried)
+        kept.stats["skipped_no_saving"] = 1
+        kept.notes = list(kept.notes or []) + [
+            f"mode=auto: the {mode} model would be {after:,} bytes, the float one {before:,}: left float"]
+        return kept
     _replace(graph, g)
     stats = dict(result.stats)
     stats[f"auto_chose_{mode}"] = 1
@@ -211,6 +221,18 @@ def run_auto(qdq: "Qdq", graph: gs.Graph, ctx: PassContext) -> PassResult:
         f"{m} cosine {c:.5f}{'' if c >= target else f' (below {target:.3g})'}, {s / 1024:.0f} KiB"
         for m, _, _, c, s in scored)) + f" ({why(scored, mode, target)})")
     return PassResult(True, stats, notes)
+
+
+def unchanged(tried: list[PassResult]) -> PassResult:
+    """Neither mode applied: what each left alone and why (a static-only skip such as a Conv in an
+    If body must not vanish behind the dynamic mode's empty stats)."""
+    stats: dict = {}
+    notes: list[str] = []
+    for r in tried:
+        for key, value in r.stats.items():
+            stats[key] = max(stats.get(key, 0), value) if key.startswith("skipped_") else stats.get(key, value)
+        notes += [n for n in r.notes or [] if n not in notes]
+    return PassResult(False, stats, notes)
 
 
 def choose(scored: list, target: float):

@@ -18,7 +18,7 @@ from onnxopt.pipeline import CONSTANTS_FOLDED, Pass, PassContext, PassResult, To
 from .layers import SKIPS, Target, find_layers
 from .options import WoqOptions
 from .quantize import Blocks, Hessian, gptq, hessian, hqq, rtn
-from .writer import DOMAIN, write_gather, write_matmul
+from .writer import DOMAIN, _act_dtype, write_gather, write_matmul
 
 __all__ = ["Woq", "WoqOptions"]
 
@@ -87,16 +87,24 @@ class Woq(Pass):
                              f"{time.perf_counter() - start:.1f} s")
         self.resolved = opts
         stats: dict[str, Any] = {"quantized_matmul": 0, "quantized_gemm": 0, "quantized_gather": 0,
-                                 "gptq_as_rtn": 0, "bytes_before": 0, "bytes_after": 0}
+                                 "gptq_as_rtn": 0, "shared_weights": 0, "bytes_before": 0, "bytes_after": 0}
         errors: list[float] = []
         names = G.Names(graph)
+        written: dict[tuple, gs.Node] = {}   # a tied weight (an unrolled RNN's steps) is quantized and stored once
         for layer in progress.iterate(layers, f"woq: int{opts.bits} weights", unit="weight"):
+            key = share_key(layer, opts)
+            stats[f"quantized_{layer.kind}"] += 1
+            if key in written:
+                stats["shared_weights"] += 1
+                (write_gather if layer.kind == "gather" else write_matmul)(layer, None, names, opts.accuracy_level,
+                                                                           like=written[key])
+                continue
             stats["bytes_before"] += layer.nbytes
             blocks, error = quantize_layer(layer, opts, grams, stats)
             node = (write_gather(layer, blocks, names) if layer.kind == "gather"
                     else write_matmul(layer, blocks, names, opts.accuracy_level))
+            written[key] = node
             stats["bytes_after"] += sum(int(t._values.nbytes) for t in node.inputs if isinstance(t, gs.Constant))
-            stats[f"quantized_{layer.kind}"] += 1
             errors.append(error)
         stats.update({f"skipped_{k}": skips[k] for k in SKIPS})
         stats["max_weight_error"] = float(f"{max(errors, default=0.0):.4g}")
@@ -147,6 +155,14 @@ def quantize_layer(layer: Target, opts: WoqOptions, grams: dict[str, Any],
         np.concatenate([b.codes for b in parts]), np.concatenate([b.scales for b in parts]),
         None if parts[0].zeros is None else np.concatenate([b.zeros for b in parts]), k, opts.bits)
     return blocks, (err2 / norm2) ** 0.5 if norm2 > 0 else 0.0
+
+
+def share_key(layer: Target, opts: WoqOptions) -> tuple:
+    """Layers with equal keys get the same quantized constants: the same stored weight read the same
+    way, scaled alike, for the same activation type (and, with gptq, the same input statistics)."""
+    orientation = layer.layer.layout if layer.layer is not None else "table"
+    by_input = layer.x.name if opts.algo == "gptq" and layer.kind != "gather" else None
+    return (id(layer.const), layer.kind == "gather", orientation, layer.alpha, str(_act_dtype(layer)), by_input)
 
 
 def collect_grams(graph: gs.Graph, layers: list[Target], ctx: PassContext, samples: int) -> dict[str, np.ndarray]:

@@ -847,3 +847,102 @@ def test_channel_drops_meet_the_request_to_within_one_channel():
     # a consumer loses its input columns with the producer's channels: 10 + 5 weights a channel
     plans = [ChannelPlan(10, 9, ["a"], ["b"])]
     assert channel_drops(plans, {"a": 100, "b": 50}, 44) == [3]  # 45, nearer than 30
+
+
+def test_an_integer_model_has_no_prunable_weight_and_reaches_no_target():
+    """A dynamically quantized layer (MatMulInteger over int8 weights): nothing to prune, the
+    graph is left as it was, and the stats do not claim the requested sparsity was reached."""
+    rng = np.random.default_rng(2)
+    model = make_model(
+        [node("DynamicQuantizeLinear", ["x"], ["xq", "xs", "xz"]),
+         node("MatMulInteger", ["xq", "wq", "xz"], ["acc"]), node("Cast", ["acc"], ["accf"], to=FLOAT),
+         node("Mul", ["accf", "xs"], ["y"])],
+        [vi("x", [4, 16])], [vi("y", [4, 8])], [init("wq", rng.integers(-100, 100, (16, 8)), np.int8)])
+    out, st = run_pass_direct(model, "prune", sparsity=0.3, keep_first_last=False)
+    assert st.modified is False and st.stats["weights_total"] == 0
+    assert st.stats["target_reached"] == 0 and "no prunable weight" in st.notes[0]
+    feed = random_feed(model)
+    np.testing.assert_array_equal(run_model(out, feed)["y"], run_model(model, feed)["y"])
+
+
+def test_a_tied_weight_sums_its_readers_statistics_in_one_matrix(monkeypatch):
+    """Wanda on a weight read by three steps of an unrolled recurrence: the readers' inputs add
+    into one XᵀX (not one K×K matrix per step) and the scores use their sum."""
+    import onnxopt.calibrate as C
+
+    k = 16
+    model = make_model([node("MatMul", ["x", "W"], ["a"], name="m1"), node("Tanh", ["a"], ["t1"]),
+                        node("MatMul", ["t1", "W"], ["b"], name="m2"), node("Tanh", ["b"], ["t2"]),
+                        node("MatMul", ["t2", "W"], ["y"], name="m3")],
+                       [vi("x", ["batch", k])], [vi("y", ["batch", k])], [init("W", rand((k, k), 1) * 0.5)])
+    feeds = [random_feed(model, seed=s) for s in range(3)]
+    made: list[C.GramStats] = []
+    original = C.GramStats.__init__
+    monkeypatch.setattr(C.GramStats, "__init__", lambda self, n: made.append(self) or original(self, n))
+    out, st, _ = prune(model, "prune(sparsity=0.5,keep_first_last=false,score=wanda,reconstruct=false)",
+                       feeds=feeds, calibration=feeds)
+    assert st["layers_pruned"] == 1 and count_zeros(weight_of(out, "m3")) == k * k // 2
+    pooled = [g for g in made if g.rows]
+    x = np.concatenate([f["x"] for f in feeds])
+    assert len(pooled) == 1 and pooled[0].rows == 3 * len(x)  # the rows of all three readers
+    t1 = np.tanh(x @ numpy_helper.to_array(model.graph.initializer[0]))
+    t2 = np.tanh(t1 @ numpy_helper.to_array(model.graph.initializer[0]))
+    inputs = np.concatenate([x, t1, t2]).astype(np.float64)
+    np.testing.assert_allclose(pooled[0].gram, inputs.T @ inputs, rtol=1e-4)
+
+
+def test_sequential_refits_stop_at_their_time_budget(monkeypatch):
+    """Past SEQUENTIAL_BUDGET_S the remaining layers refit on the dense model's inputs: with no
+    budget at all the result is exactly sequential=false's, counted and noted."""
+    prune_module = __import__("onnxopt.passes.prune", fromlist=["prune"])
+    model = conv_chain()
+    base = rand((20, 3, 6, 6), 3)
+    mixed = np.einsum("nchw,cd->ndhw", base, rand((3, 8), 4)).astype(np.float32)
+    calib, test = {"x": mixed[:16]}, {"x": mixed[16:]}
+    plain, _, _ = prune(model, "prune(sparsity=0.5,keep_first_last=false,sequential=false)", feeds=[test],
+                        calibration=calib)
+    monkeypatch.setattr(prune_module, "SEQUENTIAL_BUDGET_S", 0.0)
+    out, st, result = prune(model, "prune(sparsity=0.5,keep_first_last=false)", feeds=[test], calibration=calib)
+    assert st["skipped_sequential_budget"] == 1 and st["layers_reconstructed"] == 2
+    assert any("sequential refits stopped" in n for n in result.records[0].notes)
+    for name, w in weights(plain).items():
+        np.testing.assert_array_equal(weights(out)[name], w)
+
+
+def test_conjugate_gradient_refits_stop_at_their_flop_budget(monkeypatch):
+    """A wide layer with an ill-conditioned XᵀX (fewer rows than inputs): under a tiny budget the
+    solve runs CG_MIN_ITER iterations, and what it returns already fits better than the pruned
+    weights it started from."""
+    rec = __import__("onnxopt.passes.prune.reconstruction", fromlist=["reconstruction"])
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((20, 64))
+    gram = x.T @ x
+    w = rng.standard_normal((8, 64))
+    keep = rng.random((8, 64)) > 0.5
+    full = rec._cg_solve(w, keep, gram, 1e-3, gram)
+    ten = rec._cg_solve(w, keep, gram, 1e-3, gram, max_iter=rec.CG_MIN_ITER)
+    monkeypatch.setattr(rec, "CG_FLOPS", 1.0)
+    capped = rec._cg_solve(w, keep, gram, 1e-3, gram)
+    np.testing.assert_array_equal(capped, ten)
+    assert not np.allclose(capped, full)  # the full solve needed more iterations
+
+    def loss(v):
+        return float(np.linalg.norm(x @ v.T - x @ w.T))
+
+    assert np.all(capped[~keep] == 0) and loss(full) <= loss(capped) < loss(w * keep)
+
+
+def test_refits_stop_at_their_time_budget(monkeypatch):
+    """Past RECONSTRUCT_BUDGET_S the remaining layers keep their pruned weights unrefit, counted and
+    noted; with no budget at all every layer does."""
+    prune_module = __import__("onnxopt.passes.prune", fromlist=["prune"])
+    model = conv_chain()
+    data = {"x": rand((8, 8, 6, 6), 3)}
+    monkeypatch.setattr(prune_module, "RECONSTRUCT_BUDGET_S", 0.0)
+    out, st, result = prune(model, "prune(sparsity=0.5,keep_first_last=false,bias_correction=false)", feeds=[data],
+                            calibration=data)
+    assert st["layers_reconstructed"] == 0 and st["skipped_reconstruct_budget"] == 2
+    assert any("least-squares refits stopped" in n for n in result.records[0].notes)
+    for name in ("conva", "convb"):
+        w, dense = weight_of(out, name), weight_of(model, name)
+        np.testing.assert_array_equal(w[w != 0], dense[w != 0])  # survivors as they were

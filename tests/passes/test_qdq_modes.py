@@ -288,3 +288,46 @@ def test_mode_option_is_checked():
     with pytest.raises(InputError):
         onnxopt.optimize(mlp(), "qdq(smooth_alpha=1.5)")
 
+
+
+def test_layers_in_if_bodies_are_counted_in_every_mode():
+    """A model whose layers all sit in If branches (a sample-rate switch): every mode leaves it
+    unchanged and says how many layers it did not reach."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(8)
+    then = helper.make_graph([node("Conv", ["x", "w"], ["cv"], name="inner_conv"),
+                              node("Reshape", ["cv", "flat"], ["f"]), node("MatMul", ["f", "m"], ["yt"], name="inner_mm")],
+                             "then", [], [vi("yt", ["N", 4])])
+    other = helper.make_graph([node("Reshape", ["x", "flat"], ["g"]), node("MatMul", ["g", "m"], ["ye"], name="else_mm")],
+                              "else", [], [vi("ye", ["N", 4])])
+    model = make_model([node("If", ["c"], ["y"], name="if", then_branch=then, else_branch=other)],
+                       [vi("x", ["N", 2, 3, 3]), vi("c", [], TensorProto.BOOL)], [vi("y", ["N", 4])],
+                       [init("w", rng.standard_normal((2, 2, 1, 1))), init("flat", [-1, 18], np.int64),
+                        init("m", rng.standard_normal((18, 4)))])
+    data = [{"x": f["x"], "c": np.array(i % 2 == 0)} for i, f in enumerate(feeds((1, 2, 3, 3)))]
+    for mode, subgraph_layers in (("dynamic", 2), ("static", 3), ("auto", 3)):
+        result, stats, _ = quantize(model, f"qdq(mode={mode})", data)
+        assert not next(r for r in result.records if r.name == "qdq").modified
+        assert stats["skipped_subgraph"] == subgraph_layers, (mode, stats)
+        assert op_counts(result.model) == op_counts(model)
+        for feed in data:
+            np.testing.assert_array_equal(run_model(result.model, feed)["y"], run_model(model, feed)["y"])
+
+
+def test_auto_leaves_a_model_float_when_quantizing_saves_no_bytes():
+    """A 4x3 classifier head: its int8 weight, scales and quantize nodes take more bytes than the
+    48 float values they replace, so auto mode keeps the float model and says why."""
+    rng = np.random.default_rng(5)
+    model = make_model([node("Gemm", ["x", "w", "b"], ["y"], name="head", transB=1)], [vi("x", ["N", 4])],
+                       [vi("y", ["N", 3])], [init("w", rng.standard_normal((3, 4))), init("b", rng.standard_normal(3))])
+    data = feeds((8, 4), seed=2)
+    result, stats, notes = quantize(model, "qdq", data)
+    assert not next(r for r in result.records if r.name == "qdq").modified
+    assert stats["skipped_no_saving"] == 1 and any("left float" in n for n in notes)
+    assert op_counts(result.model) == op_counts(model)
+    np.testing.assert_array_equal(run_model(result.model, data[0])["y"], run_model(model, data[0])["y"])
+    big = make_model([node("Gemm", ["x", "w", "b"], ["y"], name="head", transB=1)], [vi("x", ["N", 256])],
+                     [vi("y", ["N", 64])], [init("w", rng.standard_normal((64, 256))), init("b", rng.standard_normal(64))])
+    _, stats, _ = quantize(big, "qdq", feeds((8, 256), seed=2), output_kinds={"y": "other"})  # random scores
+    assert "skipped_no_saving" not in stats and stats["weights_quantized"] == 1

@@ -18,6 +18,7 @@ from onnx import TensorProto, numpy_helper
 import onnxopt
 from helpers import INT64, init, make_model, node, run_model, run_pass_direct, vi
 from onnxopt.errors import InputError
+from onnxopt.serialize import serialized_size
 from onnxopt.passes.woq.pack import dequantize_matmulnbits, pack, unpack
 from onnxopt.passes.woq.quantize import gptq, hqq, rtn
 
@@ -394,3 +395,37 @@ def test_weights_are_read_without_being_kept_by_the_graph():
     result = get_pass("woq")().run(graph, PassContext())
     assert result.stats["quantized_gather"] == 1 and result.stats["quantized_matmul"] == 1
     assert all(isinstance(t._values, LazyValues) for t in originals)
+
+
+def test_a_tied_weight_is_quantized_and_stored_once():
+    """An unrolled recurrence: one weight read by three steps (two MatMuls and a Gemm with its own
+    bias). Each step becomes a MatMulNBits reading the same packed weight; the file shrinks instead
+    of holding one copy per step."""
+    w = weights(21, 64, 64)
+    bias = np.linspace(-1, 1, 64).astype(np.float32)
+    model = make_model([node("MatMul", ["x", "w"], ["h1"], name="step1"), node("Tanh", ["h1"], ["t1"]),
+                        node("MatMul", ["t1", "w"], ["h2"], name="step2"), node("Tanh", ["h2"], ["t2"]),
+                        node("Gemm", ["t2", "w", "b"], ["y"], name="step3")],
+                       [vi("x", ["batch", 64])], [vi("y", ["batch", 64])], [init("w", w), init("b", bias)])
+    out, stats, _, result = woq(model, "woq(bits=8)")
+    assert ops_of(out) == ["MatMulNBits", "Tanh", "MatMulNBits", "Tanh", "MatMulNBits"]
+    assert stats["quantized_matmul"] == 2 and stats["quantized_gemm"] == 1 and stats["shared_weights"] == 2
+    packed = {n.input[1] for n in out.graph.node if n.op_type == "MatMulNBits"}
+    assert len(packed) == 1 and len(out.graph.node[4].input) == 6  # one weight; the Gemm keeps its bias
+    assert stats["bytes_before"] == w.nbytes and stats["bytes_after"] < w.nbytes / 3
+    assert serialized_size(out) < w.nbytes
+    x = feed(model, 3)
+    assert cosine(run_model(model, x)["y"], run_model(out, x)["y"]) > 0.999
+
+
+def test_a_tied_embedding_table_is_quantized_once():
+    table = weights(22, 32, 16)
+    model = make_model([node("Gather", ["table", "ids"], ["e1"], name="emb1"),
+                        node("Gather", ["table", "ids2"], ["e2"], name="emb2"), node("Add", ["e1", "e2"], ["y"])],
+                       [vi("ids", ["batch", 4], INT64), vi("ids2", ["batch", 4], INT64)], [vi("y", ["batch", 4, 16])],
+                       [init("table", table)])
+    out, stats, _, _ = woq(model, "woq(bits=8)")
+    assert stats["quantized_gather"] == 2 and stats["shared_weights"] == 1
+    assert len({n.input[0] for n in out.graph.node if n.op_type == "GatherBlockQuantized"}) == 1
+    x = feed(model, 1)
+    assert cosine(run_model(model, x)["y"], run_model(out, x)["y"]) > 0.999
