@@ -39,6 +39,7 @@ class QdqOptions:
     reduce_range: Literal["auto", "true", "false"] = option("auto", help="7-bit weights; auto: on x86 CPUs without VNNI")
     samples: int = option(512, help="calibration samples read at most")
     exclude: list[str] = option(factory=list, help="node names or globs left in float")
+    only: list[str] = option(factory=list, help="node names or globs quantized, every other node left in float (empty: every node)")
     op_types: list[str] = option(factory=lambda: list(DEFAULT_OP_TYPES), help="op types to quantize")
 
     def validate(self) -> None:
