@@ -253,7 +253,7 @@ def _embeddings(graph: gs.Graph, ctx: PassContext, o, stats: dict) -> int:
         return 0
     skips: Counter = Counter()
     opset = int(getattr(graph, "opset", 0) or 0) or ctx.opset
-    n = quantize_embeddings(graph, opset, stats, skips)
+    n = quantize_embeddings(graph, opset, stats, skips, o.exclude, o.only)
     stats.update({f"skipped_{k}": v for k, v in skips.items()})
     return n
 
