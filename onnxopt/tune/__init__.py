@@ -43,13 +43,14 @@ from .target import Budget, Target
 CALIBRATION_SAMPLES = 128
 EVALUATION_SAMPLES = 256
 MAX_MODEL_BYTES = 1 << 31
+FINAL_LATENCY_RUNS = 20  # a size target's report still gives latency; a latency target's is timed longer
 
 __all__ = ["tune", "TuneResult", "Target", "Budget"]
 
 
 def tune(model: Union[str, os.PathLike, onnx.ModelProto], calibration: Any, *, inputs: Any = None,
          target: Union[str, Target], max_drop: Optional[float] = None,
-         tolerance: Union[str, dict, Tolerance, None] = None, executor: str = "local", seed: int = 0,
+         tolerance: Union[str, dict, Tolerance, None] = None, executor: Any = "local", seed: int = 0,
          workers: Optional[int] = None, labels: Any = None, output_kinds: Optional[dict[str, str]] = None,
          dims: Optional[dict[str, int]] = None, samples: int = EVALUATION_SAMPLES,
          calibration_samples: int = CALIBRATION_SAMPLES, int8: str = "auto",
@@ -64,8 +65,8 @@ def tune(model: Union[str, os.PathLike, onnx.ModelProto], calibration: Any, *, i
     position for sequences), mean vector cosine x 100 (embeddings: 1 point = cosine 0.99), cosine
     x 100 (other). It is measured on up to ``samples`` samples of ``inputs``, else on calibration
     samples the passes do not read. Passes read the first ``calibration_samples`` samples of
-    ``calibration``. ``executor``: ``local``, ``ray`` or ``ray://HOST:PORT`` (evaluations of single
-    layers run there; the same seed gives the same pipeline on each). ``int8``: ``static``,
+    ``calibration``. ``executor``: ``local``, ``ray``, ``ray://HOST:PORT`` or an Executor (evaluations
+    of single layers run there; the same seed gives the same pipeline on each). ``int8``: ``static``,
     ``dynamic`` or ``auto`` (static when the model has convolutions, else dynamic).
 
     Returns a TuneResult; ``met`` says whether the target holds within the budget, else
@@ -82,54 +83,56 @@ def tune(model: Union[str, os.PathLike, onnx.ModelProto], calibration: Any, *, i
         raise InputError("samples and calibration_samples must be at least 1")
     source = None if isinstance(model, onnx.ModelProto) else str(model)
     original = io.load(model)
-    orig_bytes = serialized_size(original)
-    if orig_bytes >= MAX_MODEL_BYTES:
-        raise InputError("tune measures models in memory: this one passes 2 GB (optimize it with fixed passes)")
-    dims = dict(dims or {})
-    kinds = M.check_overrides(output_kinds or {}, [o.name for o in original.graph.output])
-
-    clean = PassManager(Pipeline.parse("cleanup"), PassContext(seed=seed, dims=dims)).run(original)
-    calib = load_dataset(calibration, original, limit=calibration_samples, what="calibration data")
-    data, eval_labels, eval_text = _evaluation_data(original, inputs, calibration, labels, samples,
-                                                    calibration_samples)
-    layers = find(clean)
-    if not layers:
-        raise InputError("tune found no layer to change (Conv, MatMul, Gemm with fixed weights, embedding tables)")
-    mode = int8 if int8 != "auto" else ("static" if any(x.kind in ("conv", "convtranspose") for x in layers)
-                                        else "dynamic")
-    passes = Passes(mode, calibration_samples)
-    prunable = prunable_layers(clean, layers, calib.feeds, calibration_samples)
-    for layer in layers:
-        layer.prunable = layer.name in prunable
-        layer.settings = settings_for(layer, goal.kind, mode)
-
-    cache = _statistics(clean, calib.feeds, calibration_samples, seed, dims)
-    shared = measure.Shared(uuid.uuid4().hex, clean.SerializeToString(), calib.feeds, data,
-                            budget.tolerance, eval_labels, kinds, seed, dims, cache)
-    base = {"bytes": orig_bytes, "clean_bytes": serialized_size(clean)}
-    notes = [f"budget metric measured on {eval_text}; passes calibrate on the first "
-             f"{calib.samples} calibration samples"]
-    if goal.kind == "latency":
-        feed = data.feeds[0]
-        base["latency_ms"] = measure.latency_of(original, feed)
-        base["clean_latency_ms"] = measure.latency_of(clean, feed)
-        _macs(clean, layers, feed)
-        base["macs"] = float(sum(x.macs for x in layers))
-        notes.append("per-layer time saved is estimated from each layer's share of the multiply-accumulates; "
-                     f"assembled models are timed in this process (median of {measure.LATENCY_RUNS} runs)")
-
-    ex = make_executor(executor, workers)
+    ex = make_executor(executor, workers) if isinstance(executor, str) else executor  # a bad spec fails first
     try:
+        orig_bytes = serialized_size(original)
+        if orig_bytes >= MAX_MODEL_BYTES:
+            raise InputError("tune measures models in memory: this one passes 2 GB (optimize it with fixed passes)")
+        dims = dict(dims or {})
+        kinds = M.check_overrides(output_kinds or {}, [o.name for o in original.graph.output])
+
+        clean = PassManager(Pipeline.parse("cleanup"), PassContext(seed=seed, dims=dims)).run(original)
+        calib = load_dataset(calibration, original, limit=calibration_samples, what="calibration data")
+        data, eval_labels, eval_text = _evaluation_data(original, inputs, calibration, labels, samples,
+                                                        calibration_samples)
+        layers = find(clean)
+        if not layers:
+            raise InputError("tune found no layer to change (Conv, MatMul, Gemm with fixed weights, embedding tables)")
+        mode = int8 if int8 != "auto" else ("static" if any(x.kind in ("conv", "convtranspose") for x in layers)
+                                            else "dynamic")
+        passes = Passes(mode, calibration_samples)
+        prunable = prunable_layers(clean, layers, calib.feeds, calibration_samples)
+        for layer in layers:
+            layer.prunable = layer.name in prunable
+            layer.settings = settings_for(layer, goal.kind, mode)
+
+        cache = _statistics(clean, calib.feeds, calibration_samples, seed, dims)
+        shared = measure.Shared(uuid.uuid4().hex, clean.SerializeToString(), calib.feeds, data,
+                                budget.tolerance, eval_labels, kinds, seed, dims, cache)
+        base = {"bytes": orig_bytes, "clean_bytes": serialized_size(clean)}
+        notes = [f"budget metric measured on {eval_text}; passes calibrate on the first "
+                 f"{calib.samples} calibration samples"]
+        if goal.kind == "latency":
+            feed = data.feeds[0]
+            base["latency_ms"] = measure.latency_of(original, feed)
+            base["clean_latency_ms"] = measure.latency_of(clean, feed)
+            _macs(clean, layers, feed)
+            base["macs"] = float(sum(x.macs for x in layers))
+            notes.append("per-layer time saved is estimated from each layer's share of the multiply-accumulates; "
+                         f"assembled models are timed in this process (median of {measure.LATENCY_RUNS} runs)")
+
         handle = ex.share(shared)
         reference = measure.baseline(shared)
         outcome = Search(shared, handle, ex, layers, passes, goal, budget, base, progress).run()
     finally:
-        ex.close()
+        if isinstance(executor, str):  # an executor the caller made is the caller's to close
+            ex.close()
         measure.release()
     spec = outcome.chosen.spec if outcome.chosen else ""
     pipeline = "cleanup" + ("," + spec if spec else "")
     final = api.optimize(model if source is None else source, pipeline, calibration=calibration, inputs=inputs,
-                         tolerance=budget.validation_tolerance(), seed=seed, dims=dims or None, latency_runs=None,
+                         tolerance=budget.validation_tolerance(), seed=seed, dims=dims or None,
+                         latency_runs=None if goal.kind == "latency" else FINAL_LATENCY_RUNS,
                          output_kinds=kinds or None, labels=labels)
     result = _result(final, goal, reference, outcome, orig_bytes)
     met, message = _judge(goal, budget, reference.name, result)

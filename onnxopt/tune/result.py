@@ -125,7 +125,7 @@ def budget_text(budget: Budget, metric: str) -> str:
 
 
 def point_dict(p: Point) -> dict:
-    return {"label": p.label, "pipeline": p.spec, "size_ratio": round(p.size_ratio, 4),
+    return {"label": p.label, "pipeline": "cleanup" + ("," + p.spec if p.spec else ""), "size_ratio": round(p.size_ratio, 4),
             "latency_ratio": None if p.latency_ratio is None else round(p.latency_ratio, 4),
             "drop": None if p.drop == float("inf") else round(p.drop, 4), "cosine": round(p.cosine, 6),
             "within_budget": p.within_budget, "meets_target": p.meets_target, "chosen": p.chosen}
