@@ -229,7 +229,7 @@ def _tune_parser(sub) -> None:
     p.add_argument("--report", metavar="FILE", help="write the JSON report here")
     p.add_argument("--seed", type=int, default=0, help="seed (default 0); the same seed gives the same pipeline")
     p.add_argument("--samples", type=int, default=None, metavar="N",
-                   help="samples the budget metric is measured on during the search (default 256)")
+                   help="samples the budget metric is measured on during the search (default 512)")
     p.add_argument("--calib-samples", type=int, default=None, metavar="N",
                    help="calibration samples the passes read (default 128)")
     p.add_argument("--int8", choices=["auto", "static", "dynamic"], default="auto",

@@ -41,7 +41,7 @@ from .search import Search
 from .target import Budget, Target
 
 CALIBRATION_SAMPLES = 128
-EVALUATION_SAMPLES = 256
+EVALUATION_SAMPLES = 512
 MAX_MODEL_BYTES = 1 << 31
 FINAL_LATENCY_RUNS = 20  # a size target's report still gives latency; a latency target's is timed longer
 
@@ -108,9 +108,11 @@ def tune(model: Union[str, os.PathLike, onnx.ModelProto], calibration: Any, *, i
 
         cache = _statistics(clean, calib.feeds, calibration_samples, seed, dims)
         shared = measure.Shared(uuid.uuid4().hex, clean.SerializeToString(), calib.feeds, data,
-                                budget.tolerance, eval_labels, kinds, seed, dims, cache)
+                                budget.tolerance, eval_labels, kinds, seed, dims, cache,
+                                sensitivity_samples(sum(x.params for x in layers), data.samples))
         base = {"bytes": orig_bytes, "clean_bytes": serialized_size(clean)}
-        notes = [f"budget metric measured on {eval_text}; passes calibrate on the first "
+        notes = [f"budget metric measured on {eval_text} (single layers on the first "
+                 f"{shared.sensitivity_samples or data.samples}); passes calibrate on the first "
                  f"{calib.samples} calibration samples"]
         if goal.kind == "latency":
             feed = data.feeds[0]
@@ -144,6 +146,13 @@ def tune(model: Union[str, os.PathLike, onnx.ModelProto], calibration: Any, *, i
                     source=source, notes=notes)
     tr.seconds = time.perf_counter() - start
     return tr
+
+
+def sensitivity_samples(params: int, samples: int) -> int:
+    """Samples a single-layer evaluation reads: fewer on larger models (by parameters, so the choice
+    does not depend on how fast this machine is), all of them when there are few."""
+    n = 64 if params < 1_000_000 else 32 if params < 5_000_000 else 16
+    return min(samples, n)
 
 
 def _evaluation_data(original, inputs, calibration, labels, samples, used):

@@ -87,6 +87,16 @@ def settings_for(layer: Layer, target_kind: str, int8_mode: str) -> list[str]:
     return out
 
 
+def tier(setting: str) -> int:
+    """When a setting is measured: 1 int8 (every layer, first); 2 int4, light pruning, rank 1/2;
+    3 heavy pruning, rank 1/4. A tier is measured only when the ones before cannot reach the target."""
+    if setting == "int8":
+        return 1
+    if setting in ("int4", "svd(0.5)") or setting.startswith(f"prune({PRUNE_LEVELS[0]:g})"):
+        return 2
+    return 3
+
+
 def parts(setting: str) -> dict[str, float]:
     """``prune(0.5)+int8`` -> {"prune": 0.5, "int8": 1}."""
     out: dict[str, float] = {}
@@ -126,7 +136,7 @@ class Passes:
         if int4:
             steps.append(f"woq(bits=4,block_size={WOQ_BLOCK},only={';'.join(int4)})")
         if int8:
-            steps.append(f"qdq(mode={self.int8_mode},samples={s},only={';'.join(int8)})")
+            steps.append(f"qdq(mode={self.int8_mode},samples={s},guard=false,only={';'.join(int8)})")
         return ",".join(steps)
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+import numpy as np
 import onnx
 
 from ..data import Dataset
@@ -39,6 +40,7 @@ class Shared:
     seed: int = 0
     dims: dict = field(default_factory=dict)
     cache: dict = field(default_factory=dict)  # calibration statistics of the cleaned model
+    sensitivity_samples: int = 0     # single-layer evaluations read the first ones (0: all)
 
 
 @dataclass
@@ -75,26 +77,52 @@ def budget_metric(comp: Comparison) -> Metric:
     return worst or Metric("cosine x 100", 100.0, 100.0, 0.0, cosine)
 
 
-_STATE: dict[str, tuple[onnx.ModelProto, Reference, int]] = {}
+_STATE: dict[tuple[str, bool], tuple[onnx.ModelProto, Reference, int]] = {}
 
 
-def _state(shared: Shared) -> tuple[onnx.ModelProto, Reference, int]:
-    """The cleaned model and its reference outputs, built once per process and shared value."""
-    if shared.token not in _STATE:
-        for old in list(_STATE):  # one tuning run at a time per process
+def _state(shared: Shared, small: bool = False) -> tuple[onnx.ModelProto, Reference, int]:
+    """The cleaned model and its reference outputs (on every evaluation sample, or on the first
+    ``sensitivity_samples`` when ``small``), built once per process and shared value."""
+    key = (shared.token, small and 0 < shared.sensitivity_samples < shared.data.samples)
+    if key not in _STATE:
+        for old in [k for k in _STATE if k[0] != shared.token]:  # one tuning run at a time per process
             _STATE.pop(old)[1].close()
         model = onnx.load_from_string(shared.model)
-        ref = Reference(model, shared.data, latency_runs=0, floor=False, output_kinds=shared.output_kinds,
-                        labels=shared.labels)
-        _STATE[shared.token] = (model, ref, serialized_size(model))
-    return _STATE[shared.token]
+        data, labels = shared.data, shared.labels
+        if key[1]:
+            data, labels = head(data, shared.sensitivity_samples), _cut(labels, shared.sensitivity_samples)
+        ref = Reference(model, data, latency_runs=0, floor=False, output_kinds=shared.output_kinds, labels=labels)
+        _STATE[key] = (model, ref, serialized_size(model))
+    return _STATE[key]
+
+
+def head(data: Dataset, n: int) -> Dataset:
+    """The first ``n`` samples of a dataset (feeds cut along their first axis)."""
+    feeds, count = [], 0
+    for feed in data.feeds:
+        rows = {int(np.shape(v)[0]) for v in feed.values() if np.ndim(v)}
+        if len(rows) != 1:
+            break
+        take = min(rows.pop(), n - count)
+        feeds.append({k: v[:take] for k, v in feed.items()})
+        count += take
+        if count >= n:
+            break
+    if not feeds:
+        return data
+    labels = None if data.labels is None else data.labels[:count]
+    return Dataset(feeds, labels, source=data.source, synthetic=data.synthetic, samples=count)
+
+
+def _cut(labels: Any, n: int) -> Any:
+    return None if labels is None else {k: v[:n] for k, v in labels.items()}
 
 
 def evaluate(shared: Shared, item: tuple[str, bool]) -> dict:
     """``item`` = (passes after cleanup, skip_unchanged). Returns bytes, drop, metric value, cosine,
     whether the budget's tolerance passed; ``unchanged`` when the pipeline saved no bytes and
     ``skip_unchanged`` spared the run; ``error`` when a pass refused."""
-    return _run(shared, *item)[1]
+    return _run(shared, *item, small=True)[1]
 
 
 def evaluate_here(shared: Shared, spec: str, latency_runs: int = 0) -> dict:
@@ -105,8 +133,9 @@ def evaluate_here(shared: Shared, spec: str, latency_runs: int = 0) -> dict:
     return out
 
 
-def _run(shared: Shared, spec: str, skip_unchanged: bool) -> tuple[Optional[onnx.ModelProto], dict]:
-    model, ref, base_bytes = _state(shared)
+def _run(shared: Shared, spec: str, skip_unchanged: bool,
+         small: bool = False) -> tuple[Optional[onnx.ModelProto], dict]:
+    model, ref, base_bytes = _state(shared, small)
     candidate = model
     if spec:
         ctx = PassContext(calibration=shared.calibration, seed=shared.seed, dims=dict(shared.dims),

@@ -18,12 +18,14 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from . import measure
-from .candidates import Layer, Passes, parts
+from .candidates import Layer, Passes, parts, tier
 from .target import Budget, Target
 
 COSINE_WEIGHT = 10.0  # points of loss per unit of cosine lost: ranks settings the discrete metric ties
 MAX_WALK = 8          # assembled points measured per path
 ROUNDS = 2            # re-measurements of the layers' costs in the assembled model
+TIERS = (1, 2, 3)     # settings measured in tiers (candidates.tier): the next only when these fall short
+MARGIN = 1.0          # a tier's predicted gain must pass what the target needs by this much
 SPEEDUP = {"int8": 0.5, "int4": 0.3}  # share of a layer's time each setting is assumed to save
 
 
@@ -92,13 +94,18 @@ class Search:
 
     # ------------------------------------------------------------- sensitivity
 
-    def sensitivity(self) -> None:
+    def sensitivity(self, level: int) -> None:
+        """Every setting of this tier, each layer alone, on the executor."""
         items, keys = [], []
         for layer in self.layers:
             for setting in layer.settings:
+                if tier(setting) != level:
+                    continue
                 items.append((self.passes.pipeline({layer.name: setting}, self.layers), True))
                 keys.append((layer.name, setting))
-        results = self.ex.map(measure.evaluate, self.handle, items, progress=self._tick("sensitivity"))
+        if not items:
+            return
+        results = self.ex.map(measure.evaluate, self.handle, items, progress=self._tick(f"sensitivity, tier {level}"))
         self.out.evaluations += sum(1 for r in results if "unchanged" not in r)
         for (name, setting), r in zip(keys, results):
             c = Candidate(name, setting)
@@ -133,7 +140,12 @@ class Search:
         return float(c.bytes_saved) if self.target.kind == "size" else c.ms_saved
 
     def _usable(self, c: Candidate) -> bool:
-        return c.error is None and c.drop is not None and self._gain(c) > 0 and self.budget.holds(c.drop, c.passed)
+        """Measured, saving something, and not past the budget alone (twice its drop: single layers are
+        measured on fewer samples, whose metric moves in coarser steps)."""
+        if c.error is not None or c.drop is None or self._gain(c) <= 0:
+            return False
+        loose = Budget(None if self.budget.max_drop is None else 2 * self.budget.max_drop, self.budget.tolerance)
+        return loose.holds(c.drop, c.passed)
 
     # ------------------------------------------------------------- the greedy path
 
@@ -250,24 +262,37 @@ class Search:
         return rose
 
     def run(self) -> Outcome:
-        self.sensitivity()
         self.measure({}, "cleanup only")
-        for round_ in range(ROUNDS + 1):
+        for level in TIERS:
+            self.sensitivity(level)
             steps = self.path()
-            if not steps:
-                break
-            label = "greedy" if round_ == 0 else f"refined {round_}"
-            p = self.walk(steps, label)
-            if p is None:
-                break
-            if p.meets_target and p.within_budget:
-                break
-            if p.within_budget or round_ == ROUNDS or not self.recost(p):
-                upper = next((i for i, (c, _) in enumerate(steps) if c == p.choice), len(steps))
-                self.back_off(steps, upper, label + " back-off")
+            reachable = steps[-1][1] if steps else 0.0
+            if level != TIERS[-1] and reachable < MARGIN * self._need():
+                continue  # these settings cannot reach the target: measure the next tier first
+            if self.attempt(f"tier {level} " if level != TIERS[0] else ""):
                 break
         self.choose()
         return self.out
+
+    def attempt(self, prefix: str) -> bool:
+        """Walk the greedy path; when the point meeting the target breaks the budget, re-measure its
+        layers' costs in place and walk the rebuilt path (ROUNDS times), then bisect for the
+        closest point within budget. True when a point met the target within budget."""
+        for round_ in range(ROUNDS + 1):
+            steps = self.path()
+            if not steps:
+                return False
+            label = prefix + ("greedy" if round_ == 0 else f"refined {round_}")
+            p = self.walk(steps, label)
+            if p is None:
+                return False
+            if p.meets_target and p.within_budget:
+                return True
+            if p.within_budget or round_ == ROUNDS or not self.recost(p):
+                upper = next((i for i, (c, _) in enumerate(steps) if c == p.choice), len(steps))
+                self.back_off(steps, upper, label + " back-off")
+                return False
+        return False
 
     def choose(self) -> None:
         """Met: the point meeting the target within budget with the least drop, then the smallest.

@@ -198,6 +198,8 @@ class Qdq(Pass):
 
         # ---- accuracy guard: check on calibration samples in ORT with optimizations on (as deployed);
         # when the pass's own tolerance is missed, return layers to float by measured gain per byte
+        if not o.guard:
+            return self._done(plan, stats, skips)
         base = dict(stats)
         top1 = self.tolerance.max_top1_drop
         check = Guard(model, feeds_once, ctx, self.tolerance.min_cosine or 0.99,
@@ -220,12 +222,16 @@ class Qdq(Pass):
             if not check.holds(outcome.score):
                 notes.append(f"{outcome.score} on calibration data is still short of the tolerance after "
                              f"returning {len(outcome.fallen)} layers to float")
+        return self._done(plan, stats, skips, notes)
+
+    @staticmethod
+    def _done(plan, stats: dict, skips: Counter, notes: Optional[list[str]] = None) -> PassResult:
         stats["quantized_nodes"] = len(plan.nodes)
         for op, n in sorted(Counter(n.op for n in plan.nodes).items()):
             stats[f"quantized_{op}"] = n
         stats["relu_clip_folded"] = plan.folded
         stats.update({f"skipped_{k}": skips[k] for k in _SKIPS})
-        return PassResult(True, stats, notes)
+        return PassResult(True, stats, notes or [])
 
     @staticmethod
     def _build(model, o, per_channel, reduce_range, found, not_float, keep_float, stats):

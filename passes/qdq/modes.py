@@ -88,7 +88,7 @@ def run_dynamic(qdq: "Qdq", graph: gs.Graph, ctx: PassContext) -> PassResult:
     plan = DynamicPlan(graph, set(o.op_types), o.exclude, skips, only=o.only)
     apply_dynamic(graph, plan, wmax, stats)
     embedded = _embeddings(graph, ctx, o, stats)
-    if plan.nodes and ctx.calibration is not None:
+    if o.guard and plan.nodes and ctx.calibration is not None:
         # activations are quantized per tensor over the whole batch: checked on batches of DYNAMIC_BATCH
         check = guard_for(model, ctx, o, qdq.tolerance.min_cosine or 0.99, DYNAMIC_BATCH)
         cosine = check.cosine(ctx.export(graph))

@@ -40,6 +40,7 @@ class QdqOptions:
     samples: int = option(512, help="calibration samples read at most")
     exclude: list[str] = option(factory=list, help="node names or globs left in float")
     only: list[str] = option(factory=list, help="node names or globs quantized, every other node left in float (empty: every node)")
+    guard: bool = option(True, help="static/dynamic: check the result on calibration data and return layers to float when it misses the pass's tolerance; false keeps every layer quantized (for callers that measure the model themselves, as tune does)")
     op_types: list[str] = option(factory=lambda: list(DEFAULT_OP_TYPES), help="op types to quantize")
 
     def validate(self) -> None:

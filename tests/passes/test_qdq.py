@@ -316,6 +316,10 @@ def test_accuracy_guard_returns_the_most_sensitive_layer_to_float(caplog):
     mm2 = next(n for n in result.model.graph.node if n.name == "mm2")
     assert producer_of(result.model, mm2.input[1]).op_type == "DequantizeLinear"
     assert result.validation.outputs[0].cosine > 0.999
+    # guard=false keeps both layers quantized: no check, no fallback
+    result = onnxopt.optimize(model, static("qdq(method=minmax,guard=false)"), calibration=data, validate=False)
+    stats = next(r for r in result.records if r.name == "qdq").stats
+    assert stats["quantized_MatMul"] == 2 and "fallback_nodes" not in stats and "guard_min_cosine_ppm" not in stats
 
 
 def test_exclude_by_glob_and_op_types():
