@@ -90,6 +90,7 @@ class Search:
         self.base = base  # original bytes/latency_ms, cleaned bytes/latency_ms
         self.progress = progress
         self.out = Outcome()
+        self.original = base.pop("original", None)  # latency targets: the original, timed beside each point
         self.by_name = {x.name: x for x in layers}
 
     # ------------------------------------------------------------- sensitivity
@@ -190,8 +191,9 @@ class Search:
         point = Point(label, dict(choice), spec, int(r["bytes"]), float(r["drop"]), float(r["cosine"]),
                       float(r["value"]), bool(r["passed"]), r.get("latency_ms"))
         point.size_ratio = point.bytes / self.base["bytes"]
-        if point.latency_ms is not None and self.base.get("latency_ms"):
-            point.latency_ratio = point.latency_ms / self.base["latency_ms"]
+        if point.latency_ms is not None and self.original is not None:
+            # the original timed right after the candidate: the ratio holds while the machine's load drifts
+            point.latency_ratio = point.latency_ms / measure.latency_of(self.original, self.shared.data.feeds[0])
         point.within_budget = self.budget.holds(point.drop, point.passed)
         ratio = point.size_ratio if self.target.kind == "size" else point.latency_ratio
         point.meets_target = ratio is not None and ratio <= self.target.value + 1e-12
@@ -209,7 +211,7 @@ class Search:
     def _measured_gain(self, p: Point) -> float:
         if self.target.kind == "size":
             return self.base["clean_bytes"] - p.bytes
-        return self.base["clean_latency_ms"] - (p.latency_ms or self.base["clean_latency_ms"])
+        return self.base["clean_latency_ms"] - (p.latency_ratio or 1.0) * self.base["latency_ms"]
 
     def walk(self, steps: list[tuple[dict[str, str], float]], label: str) -> Optional[Point]:
         """Measure along the path from the first step predicted to meet the target, correcting the
