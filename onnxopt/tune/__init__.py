@@ -106,7 +106,9 @@ def tune(model: Union[str, os.PathLike, onnx.ModelProto], calibration: Any, *, i
             layer.prunable = layer.name in prunable
             layer.settings = settings_for(layer, goal.kind, mode)
 
-        cache = _statistics(clean, calib.feeds, calibration_samples, seed, dims)
+        cache = _statistics(clean, calib.feeds, calibration_samples, seed, dims,
+                            passes.pipeline({x.name: "int8" for x in layers if "int8" in x.settings}, layers)
+                            if mode == "static" else "")
         shared = measure.Shared(uuid.uuid4().hex, clean.SerializeToString(), calib.feeds, data,
                                 budget.tolerance, eval_labels, kinds, seed, dims, cache,
                                 sensitivity_samples(sum(x.params for x in layers), data.samples))
@@ -170,9 +172,10 @@ def _evaluation_data(original, inputs, calibration, labels, samples, used):
     return data, given, text
 
 
-def _statistics(clean: onnx.ModelProto, feeds: list, samples: int, seed: int, dims: dict) -> dict:
-    """Every layer input's XᵀX on the cleaned model, in one streaming run: what prune, svd and woq's
-    gptq read, shared with every evaluation instead of measured again by each."""
+def _statistics(clean: onnx.ModelProto, feeds: list, samples: int, seed: int, dims: dict, int8: str) -> dict:
+    """Every layer input's XᵀX on the cleaned model, in one streaming run (what prune, svd and woq's
+    gptq read), and, for static int8, the activation ranges of every layer int8 may take (one qdq
+    run over all of them): shared with every evaluation instead of measured again by each."""
     ctx = PassContext(calibration=feeds, seed=seed, dims=dims)
     graph = G.import_graph(clean)
     requests = [r for r in (gram_request(x) for x in L.find_layers(graph, check_input=True).layers
@@ -182,6 +185,11 @@ def _statistics(clean: onnx.ModelProto, feeds: list, samples: int, seed: int, di
             layer_grams(ctx, clean, requests, samples=samples)
         except Exception:  # noqa: BLE001 - statistics are a saving, not a requirement
             return {}
+    if int8:
+        try:
+            PassManager(Pipeline.parse(int8), ctx, max_growth=None).run(clean)
+        except Exception:  # noqa: BLE001 - as above
+            pass
     return ctx.cache
 
 
