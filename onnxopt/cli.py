@@ -231,7 +231,7 @@ def _tune_parser(sub) -> None:
     p.add_argument("--samples", type=int, default=None, metavar="N",
                    help="samples the budget metric is measured on during the search (default 512)")
     p.add_argument("--calib-samples", type=int, default=None, metavar="N",
-                   help="calibration samples the passes read (default 128)")
+                   help="calibration samples the passes read (default 128; 64 from a million parameters)")
     p.add_argument("--int8", choices=["auto", "static", "dynamic"], default="auto",
                    help="qdq mode of int8 layers (auto: static with convolutions, else dynamic)")
     p.add_argument("--keep-on-fail", action="store_true", help="write the closest point when the target is not met")

@@ -104,5 +104,5 @@ def test_targets_budgets_and_pipeline_strings():
     layers = [Layer("a,b", "Conv", 1, 4, "conv"), Layer("fc", "Gemm", 1, 4, "gemm")]
     spec = Passes("static", 64).pipeline({"a,b": "prune(0.5)+int8", "fc": "int4"}, layers)
     assert spec == ("prune(sparsity=0.5,pattern=structured,samples=64,only=a?b),"
-                    "woq(bits=4,block_size=32,only=fc),qdq(mode=static,samples=64,guard=false,only=a?b)")
+                    "woq(bits=4,block_size=32,only=fc),qdq(mode=static,samples=64,smooth=false,guard=false,only=a?b)")
     assert safe_glob("x[0];(y)") == "x?0???y?"

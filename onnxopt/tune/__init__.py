@@ -53,7 +53,7 @@ def tune(model: Union[str, os.PathLike, onnx.ModelProto], calibration: Any, *, i
          tolerance: Union[str, dict, Tolerance, None] = None, executor: Any = "local", seed: int = 0,
          workers: Optional[int] = None, labels: Any = None, output_kinds: Optional[dict[str, str]] = None,
          dims: Optional[dict[str, int]] = None, samples: int = EVALUATION_SAMPLES,
-         calibration_samples: int = CALIBRATION_SAMPLES, int8: str = "auto",
+         calibration_samples: Optional[int] = None, int8: str = "auto",
          progress: Optional[Callable[[str, int, int], None]] = None) -> TuneResult:
     """Choose per-layer settings (float, int8, int4, structured pruning, low rank) so that the model
     meets ``target`` (``size=0.25``: a quarter of the file; ``latency=0.5``: half the median time)
@@ -65,7 +65,7 @@ def tune(model: Union[str, os.PathLike, onnx.ModelProto], calibration: Any, *, i
     position for sequences), mean vector cosine x 100 (embeddings: 1 point = cosine 0.99), cosine
     x 100 (other). It is measured on up to ``samples`` samples of ``inputs``, else on calibration
     samples the passes do not read. Passes read the first ``calibration_samples`` samples of
-    ``calibration``. ``executor``: ``local``, ``ray``, ``ray://HOST:PORT`` or an Executor (evaluations
+    ``calibration`` (default 128, 64 on models of a million parameters or more). ``executor``: ``local``, ``ray``, ``ray://HOST:PORT`` or an Executor (evaluations
     of single layers run there; the same seed gives the same pipeline on each). ``int8``: ``static``,
     ``dynamic`` or ``auto`` (static when the model has convolutions, else dynamic).
 
@@ -79,7 +79,7 @@ def tune(model: Union[str, os.PathLike, onnx.ModelProto], calibration: Any, *, i
         raise InputError("tune needs calibration data (--calib): the passes it chooses between read it")
     if int8 not in ("auto", "static", "dynamic"):
         raise InputError(f"int8 must be auto, static or dynamic, got {int8!r}")
-    if samples < 1 or calibration_samples < 1:
+    if samples < 1 or (calibration_samples is not None and calibration_samples < 1):
         raise InputError("samples and calibration_samples must be at least 1")
     source = None if isinstance(model, onnx.ModelProto) else str(model)
     original = io.load(model)
@@ -92,6 +92,8 @@ def tune(model: Union[str, os.PathLike, onnx.ModelProto], calibration: Any, *, i
         kinds = M.check_overrides(output_kinds or {}, [o.name for o in original.graph.output])
 
         clean = PassManager(Pipeline.parse("cleanup"), PassContext(seed=seed, dims=dims)).run(original)
+        if calibration_samples is None:  # by size, not by this machine's speed: the same run everywhere
+            calibration_samples = CALIBRATION_SAMPLES if _params(clean) < 1_000_000 else CALIBRATION_SAMPLES // 2
         calib = load_dataset(calibration, original, limit=calibration_samples, what="calibration data")
         data, eval_labels, eval_text = _evaluation_data(original, inputs, calibration, labels, samples,
                                                         calibration_samples)
@@ -149,6 +151,10 @@ def tune(model: Union[str, os.PathLike, onnx.ModelProto], calibration: Any, *, i
                     source=source, notes=notes)
     tr.seconds = time.perf_counter() - start
     return tr
+
+
+def _params(model: onnx.ModelProto) -> int:
+    return sum(int(np.prod(t.dims)) for t in model.graph.initializer)
 
 
 def sensitivity_samples(params: int, samples: int) -> int:

@@ -136,7 +136,9 @@ class Passes:
         if int4:
             steps.append(f"woq(bits=4,block_size={WOQ_BLOCK},only={';'.join(int4)})")
         if int8:
-            steps.append(f"qdq(mode={self.int8_mode},samples={s},guard=false,only={';'.join(int8)})")
+            # static: no SmoothQuant, so one layer's activation ranges are those of every choice (shared)
+            smooth = ",smooth=false" if self.int8_mode == "static" else ""
+            steps.append(f"qdq(mode={self.int8_mode},samples={s}{smooth},guard=false,only={';'.join(int8)})")
         return ",".join(steps)
 
 
