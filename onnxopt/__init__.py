@@ -6,6 +6,7 @@ Typical use::
     model = onnxopt.load("models/digits_cnn.onnx")
     result = onnxopt.optimize(model, "dce")
     result.save("digits_cnn.opt.onnx")
+    tuned = onnxopt.tune("models/digits_cnn.onnx", "models/digits_calib.npz", target="size=0.25", max_drop=1)
 """
 
 from __future__ import annotations
@@ -18,12 +19,13 @@ from .io import load, save
 from .pipeline import (Pass, PassContext, PassManager, PassResult, Pipeline, Tolerance, VerifyFailed,
                        register_pass, register_preset, registered_passes)
 from .report import OptimizeResult, inspect_model
+from .tune import TuneResult, tune
 from .validate import Comparison, compare
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "load", "save", "optimize", "compare", "inspect_model", "graph",
+    "load", "save", "optimize", "tune", "TuneResult", "compare", "inspect_model", "graph",
     "Pass", "PassContext", "PassResult", "PassManager", "Pipeline", "Recipe", "Tolerance",
     "register_pass", "register_preset", "registered_passes",
     "OptimizeResult", "Comparison", "Dataset", "load_dataset", "synthetic_dataset",

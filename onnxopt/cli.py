@@ -104,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("candidate")
     _common(p)
 
+    _tune_parser(sub)
+
     p = sub.add_parser("passes", help="list the passes and their options")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
@@ -116,7 +118,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     progress.configure(quiet=getattr(args, "quiet", False))
     try:
         return {"optimize": cmd_optimize, "inspect": cmd_inspect, "compare": cmd_compare,
-                "passes": cmd_passes}[args.command](args)
+                "tune": cmd_tune, "passes": cmd_passes}[args.command](args)
     except OnnxoptError as exc:
         if args.debug:
             raise
@@ -216,6 +218,73 @@ def _synthetic(model, dims: dict[str, int], seed: int) -> Dataset:
     if not probe.found:
         raise InputError(f"{probe.error}; give --inputs")
     return probe.dataset(seed, (f"synthetic inputs: {probe.description} (set dims with --dim NAME=VALUE)",))
+
+
+# ----------------------------------------------------------------- tune
+
+def _tune_parser(sub) -> None:
+    p = sub.add_parser("tune", help="meet a size or latency target within an accuracy budget, per layer")
+    p.add_argument("model")
+    p.add_argument("--calib", metavar="DATA", required=True, help="calibration data: .npz, .npy or a folder of them")
+    p.add_argument("--inputs", metavar="DATA", help="data the accuracy budget is measured on (default: "
+                   "calibration samples the passes do not read)")
+    p.add_argument("--target", required=True, metavar="KIND=RATIO",
+                   help="size=0.25 (a quarter of the file) or latency=0.5 (half the median time)")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--max-drop", type=float, metavar="POINTS",
+                        help="points of the budget metric the model may lose (default 1)")
+    budget.add_argument("--tolerance", metavar="SPEC", help="a validation tolerance every point must pass instead")
+    p.add_argument("-o", "--output", help="output path (default: <model>.tuned.onnx beside the input)")
+    p.add_argument("--executor", default="local", metavar="SPEC", help="local, ray or ray://HOST:PORT")
+    p.add_argument("--workers", type=int, default=None, help="concurrent evaluations (default: the executor's)")
+    p.add_argument("--report", metavar="FILE", help="write the JSON report here")
+    p.add_argument("--seed", type=int, default=0, help="seed (default 0); the same seed gives the same pipeline")
+    p.add_argument("--samples", type=int, default=None, metavar="N",
+                   help="samples the budget metric is measured on during the search (default 512)")
+    p.add_argument("--calib-samples", type=int, default=None, metavar="N",
+                   help="calibration samples the passes read (default 128; 64 from a million parameters)")
+    p.add_argument("--int8", choices=["auto", "static", "dynamic"], default="auto",
+                   help="qdq mode of int8 layers (auto: static with convolutions, else dynamic)")
+    p.add_argument("--keep-on-fail", action="store_true", help="write the closest point when the target is not met")
+    p.add_argument("--labels", metavar="FILE", help="labels for --inputs: the budget metric becomes accuracy")
+    p.add_argument("--output-kind", action="append", metavar="NAME=KIND",
+                   help="judge output NAME as KIND: classes, sequence, lm, embedding or other (repeatable)")
+    p.add_argument("--dim", action="append", metavar="NAME=VALUE", help="bind a symbolic input dimension")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from .tune import tune
+
+    output = Path(args.output) if args.output else _default_output(args.model).with_name(
+        _default_output(args.model).name.replace(".opt.onnx", ".tuned.onnx"))
+    if io.same_file(output, args.model):
+        raise InputError(f"{output}: output path is the input model")
+    io.check_output_path(output)
+    if args.report:
+        io.check_output_path(Path(args.report), "report")
+    extra = {k: v for k, v in (("samples", args.samples), ("calibration_samples", args.calib_samples))
+             if v is not None}
+    result = tune(args.model, args.calib, inputs=args.inputs, target=args.target, max_drop=args.max_drop,
+                  tolerance=args.tolerance, executor=args.executor, workers=args.workers, seed=args.seed,
+                  labels=args.labels, output_kinds=_kinds(args.output_kind), dims=_dims(args.dim),
+                  int8=args.int8, **extra)
+    written = result.met or args.keep_on_fail
+    if written:
+        result.save(output, force=True)
+    if args.report:
+        result.write_report(Path(args.report))
+    print(result.summary())
+    seed = f" --seed {args.seed}" if args.seed else ""
+    print(f"reproduce: onnxopt optimize {args.model} --passes '{result.pipeline}' --calib {args.calib}{seed}")
+    if written:
+        print(f"written: {output}")
+    if not result.met:
+        print(f"onnxopt: error: target not met: {result.message}"
+              + ("" if written else "; nothing written (use --keep-on-fail to write the closest point)"),
+              file=sys.stderr)
+        return 1
+    return 0
 
 
 def cmd_passes(args: argparse.Namespace) -> int:

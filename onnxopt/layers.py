@@ -8,7 +8,7 @@ one vocabulary (:data:`SKIPS`) that passes copy into their stats.
 
 API (stable; passes build on it):
 
-``find_layers(graph, ops=OPS, exclude=(), check_input=False) -> Found``
+``find_layers(graph, ops=OPS, exclude=(), check_input=False, only=()) -> Found``
     ``Found.layers``: list of :class:`Layer`; ``Found.skips``: Counter of reasons;
     ``Found.skipped``: ``(node, scope, reason)`` for each node passed over.
 ``resolve_weight(tensor, overridable=()) -> Weight | str``
@@ -20,6 +20,9 @@ API (stable; passes build on it):
     (per-channel quantization axis); None for a rank the op cannot take.
 ``excluded(layer, patterns) -> bool``
     whether a glob matches the node's name or a name of its weight.
+``left_out(names, exclude=(), only=()) -> bool``
+    whether a pass's ``exclude``/``only`` globs pass over something known by ``names``: an
+    exclude glob matches one of them, or ``only`` is given and none of its globs does.
 ``find_embeddings(graph, top_only=False) -> (list[Embedding], Counter)``
     Gathers (default domain) reading rows of a fixed float table of rank >= 2 (token,
     position and type embeddings): :class:`Embedding` has ``node``, ``graph``, ``top``,
@@ -84,7 +87,7 @@ FLOATS = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 
 # one vocabulary for every pass's ``skipped_<reason>`` stats
 SKIPS = {
-    "excluded": "the node or its weight matches an exclude glob",
+    "excluded": "the node or its weight matches an exclude glob (or `only` is given and names neither)",
     "dynamic_weight": "the weight is computed at run time (an activation)",
     "overridable_weight": "the weight is an initializer that is also a graph input (a caller may feed it)",
     "weight_not_folded": "the weight is computed from constants by a chain of layout ops (run fold first)",
@@ -403,11 +406,11 @@ class Found:
 
 
 def find_layers(graph: gs.Graph, ops: Sequence[str] = OPS, exclude: Sequence[str] = (),
-                check_input: bool = False) -> Found:
+                check_input: bool = False, only: Sequence[str] = ()) -> Found:
     """Every layer among ``ops`` in every scope, in graph order (scope by scope).
 
-    A node is passed over (counted in ``skips``) when ``exclude`` matches its name
-    (checked first), its weight is not fixed, ``check_input`` is set and its
+    A node is passed over (counted in ``skips``) when ``exclude`` matches its name or
+    ``only`` is given and does not (checked first, as ``excluded``), its weight is not fixed, ``check_input`` is set and its
     activation input is a constant, its weight is not fp16/32/64, or the weight's rank
     does not fit the op. What else a pass needs (single use, top scope, groups) it
     checks on the layers it gets, with the same reason names.
@@ -420,7 +423,7 @@ def find_layers(graph: gs.Graph, ops: Sequence[str] = OPS, exclude: Sequence[str
         for index, node in enumerate(g.nodes):
             if node.op not in ops or (node.domain or "") not in ("", "ai.onnx") or len(node.inputs) < 2:
                 continue
-            reason, layer = _layer(node, g, scope, index, in_function, overridable, exclude, check_input)
+            reason, layer = _layer(node, g, scope, index, in_function, overridable, exclude, check_input, only)
             if reason is not None:
                 skips[reason] += 1
                 skipped.append((node, scope, reason))
@@ -429,8 +432,8 @@ def find_layers(graph: gs.Graph, ops: Sequence[str] = OPS, exclude: Sequence[str
     return Found(layers, skips, skipped)
 
 
-def _layer(node, g, scope, index, in_function, overridable, exclude, check_input):
-    if exclude and any(fnmatch.fnmatchcase(node.name or "", p) for p in exclude):
+def _layer(node, g, scope, index, in_function, overridable, exclude, check_input, only=()):
+    if left_out([node.name or ""], exclude, only):
         return "excluded", None
     weight = resolve_weight(node.inputs[1], overridable)
     if isinstance(weight, str):
@@ -478,6 +481,14 @@ def excluded(layer: Layer, patterns: Sequence[str]) -> bool:
     """Whether a glob matches the node's name or a name of its weight."""
     names = [layer.node.name or "", *layer.weight.names]
     return any(fnmatch.fnmatchcase(n, p) for p in patterns for n in names)
+
+
+def left_out(names: Sequence[str], exclude: Sequence[str] = (), only: Sequence[str] = ()) -> bool:
+    """Whether ``exclude``/``only`` globs pass over something known by ``names`` (a node's name, its
+    weight's): an exclude glob matches one of them, or ``only`` is given and none of its globs does."""
+    if exclude and any(fnmatch.fnmatchcase(n or "", p) for p in exclude for n in names):
+        return True
+    return bool(only) and not any(fnmatch.fnmatchcase(n or "", p) for p in only for n in names)
 
 
 # ----------------------------------------------------------------- embeddings

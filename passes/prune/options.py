@@ -27,6 +27,7 @@ class PruneOptions:
     max_layer_sparsity: float = option(0.95, help="the most of one layer's weights (structured: channels) the budget may take; never below sparsity")
     tolerance: Optional[float] = option(None, help="sparsity=auto: largest estimated relative output error a layer may take")
     exclude: list[str] = option(factory=list, help="node or weight names (globs) left dense")
+    only: list[str] = option(factory=list, help="node or weight names (globs) pruned, the others left out of the budget (empty: every layer); keep_first_last does not apply to them")
     keep_first_last: bool = option(True, help="leave the first and last weighted layers dense")
     ops: list[str] = option(factory=lambda: list(_TARGETS), help="op types whose weights are pruned")
     damp: float = option(0.01, help="ridge damping of XᵀX, relative to its mean diagonal")

@@ -4,7 +4,6 @@ finds them), seen as one matrix W[out, in], and the calibration statistics of th
 
 from __future__ import annotations
 
-import fnmatch
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -105,14 +104,17 @@ class Units:
             unit.order = min(top_nodes.get(id(u.node), 10**9) for u in unit.uses)
             units[id(w)] = unit
         found_units = sorted(units.values(), key=lambda u: u.order)
+        top = [u for u in found_units if u.order < 10**9]
+        edge = {id(top[0]), id(top[-1])} if self.o.keep_first_last and not self.o.only and top else set()
+        if self.o.only:  # layers not named are outside the budget, as if they were not prunable
+            chosen = [u for u in found_units if not L.left_out(_names(u), only=self.o.only)]
+            self.skips["excluded"] += len(found_units) - len(chosen)
+            found_units = chosen
         self.candidates = found_units
         self.sizes = {id(u): u.size for u in found_units}
         kept = []
-        top = [u for u in found_units if u.order < 10**9]
-        edge = {id(top[0]), id(top[-1])} if self.o.keep_first_last and top else set()
         for u in found_units:
-            names = [u.const.name, u.tensor.name, *(x.node.name for x in u.uses)]
-            if any(fnmatch.fnmatchcase(nm or "", pat) for pat in self.o.exclude for nm in names):
+            if L.left_out(_names(u), self.o.exclude):
                 self.skips["excluded"] += 1
                 self.dense[id(u)] = "excluded"
             elif id(u) in edge:
@@ -223,3 +225,8 @@ class Units:
 
     def layout(self, node: gs.Node, u: _Unit) -> tuple:
         return input_layout(node, u.kind == "conv", u.shape, u.groups)
+
+
+def _names(u: _Unit) -> list[str]:
+    """What an exclude/only glob may name a unit by: its constant, the tensor read, the nodes reading it."""
+    return [u.const.name, u.tensor.name, *(x.node.name for x in u.uses)]

@@ -10,7 +10,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxopt import graph as G
-from onnxopt.calibrate import TensorRanges, calibration_set, stream_tensors
+from onnxopt.calibrate import TensorRanges, calibration_set, shared, stream_tensors
 from onnxopt.pipeline import (BN_FOLDED, CONSTANTS_FOLDED, Pass, PassContext, PassResult, Tolerance,
                                register_pass)
 from onnxopt.io import tensor_bytes
@@ -166,21 +166,26 @@ class Qdq(Pass):
         data = calibration_set(ctx, model, o.samples)
         own = [t for t in plan.tensors.values() if plan.share_of.get(id(t)) is None]
         inputs = {t.name for t in graph.inputs}
-        ranges = TensorRanges([t.name for t in own], o.method)
-        dtypes: dict[str, np.dtype] = {}
+        # ranges measured on this very model earlier in the run (ctx.cache: tune's evaluations share them)
+        known = shared(ctx, model, ("ranges", o.method, o.samples))
+        wanted = [t.name for t in own]
+        missing = [n for n in wanted if n not in known]
+        ranges = TensorRanges(missing, o.method)
+        dtypes: dict[str, np.dtype] = {n: known[n][1] for n in wanted if n in known and known[n][1] is not None}
 
         def reduce(batch: dict) -> None:
             for name, value in batch.items():
                 dtypes.setdefault(name, np.asarray(value).dtype)
             ranges({k: v for k, v in batch.items() if np.asarray(v).dtype == np.float32})
 
-        internal = [t.name for t in own if t.name not in inputs]
-        feeds_once = InputTap(data, [t.name for t in own if t.name in inputs], reduce)
+        internal = [n for n in missing if n not in inputs]
+        feeds_once = InputTap(data, [n for n in missing if n in inputs], reduce)
         if not all(t.shape and not isinstance(t.shape[0], int) or (t.shape and t.shape[0] == -1)
                    for t in graph.inputs):
             feeds_once.max_batch = 0  # a fixed batch dimension: feeds stay as the data gives them
         batches = stream_tensors(model, internal, feeds_once, reduce) if internal else _drain(feeds_once)
         stats["calibration_batches"] = batches
+        known.update({n: (ranges.stats[n], dtypes.get(n)) for n in missing})
         stats["calibration_synthetic"] = int(data.synthetic)
 
         # the threshold searches get the quantization grid each tensor will have: uint8 over [lo, hi]
@@ -188,7 +193,7 @@ class Qdq(Pass):
         # one-sided data) except a folded Relu/Clip, which gets zero point -128 (255 steps)
         folded = {t.name for t in plan.tensors.values() if id(t) in plan.folded_ids}
         found = {n: s.range(o.method, o.percentile, symmetric=o.activation_type == "int8" and n not in folded)
-                 for n, s in ranges.stats.items()}
+                 for n, s in ((n, known[n][0]) for n in wanted)}
         not_float = {n for n, d in dtypes.items() if d != np.float32}
         plan.drop_tensors(not_float)
         if not plan.nodes:
@@ -201,6 +206,8 @@ class Qdq(Pass):
 
         # ---- accuracy guard: check on calibration samples in ORT with optimizations on (as deployed);
         # when the pass's own tolerance is missed, return layers to float by measured gain per byte
+        if not o.guard:
+            return self._done(plan, stats, skips)
         base = dict(stats)
         top1 = self.tolerance.max_top1_drop
         check = Guard(model, feeds_once, ctx, self.tolerance.min_cosine or 0.99,
@@ -223,12 +230,16 @@ class Qdq(Pass):
             if not check.holds(outcome.score):
                 notes.append(f"{outcome.score} on calibration data is still short of the tolerance after "
                              f"returning {len(outcome.fallen)} layers to float")
+        return self._done(plan, stats, skips, notes)
+
+    @staticmethod
+    def _done(plan, stats: dict, skips: Counter, notes: Optional[list[str]] = None) -> PassResult:
         stats["quantized_nodes"] = len(plan.nodes)
         for op, n in sorted(Counter(n.op for n in plan.nodes).items()):
             stats[f"quantized_{op}"] = n
         stats["relu_clip_folded"] = plan.folded
         stats.update({f"skipped_{k}": skips[k] for k in _SKIPS})
-        return PassResult(True, stats, notes)
+        return PassResult(True, stats, notes or [])
 
     @staticmethod
     def _build(model, o, per_channel, reduce_range, found, not_float, keep_float, stats):

@@ -18,7 +18,6 @@ Convolutions stay float in this mode (ORT's ConvInteger is slower than its float
 
 from __future__ import annotations
 
-import fnmatch
 from collections import Counter
 
 import numpy as np
@@ -37,7 +36,7 @@ class DynamicPlan:
     """The MatMul/Gemm nodes quantized dynamically, each with its [K, N] float weight."""
 
     def __init__(self, graph: gs.Graph, ops: set, exclude: list[str], skips: Counter,
-                 keep_float: frozenset = frozenset()) -> None:
+                 keep_float: frozenset = frozenset(), only: list[str] = ()) -> None:
         overridable = set(vars(graph).get("initializer_inputs", []))
         self.nodes: list[gs.Node] = []
         self.weights: dict[int, np.ndarray] = {}
@@ -50,7 +49,7 @@ class DynamicPlan:
                 continue
             if pos in keep_float:
                 continue
-            if exclude and any(fnmatch.fnmatchcase(node.name or "", p) for p in exclude):
+            if L.left_out([node.name or ""], exclude, only):
                 skips["excluded"] += 1
                 continue
             w = self._weight(node, overridable, skips)

@@ -26,8 +26,10 @@ from .writer import weight_qparams
 MIN_VALUES = 4096  # a smaller table is not worth a node (a type-id table holds 2 x hidden values)
 
 
-def quantize_embeddings(graph: gs.Graph, opset: int, stats: dict, skips: Counter) -> int:
-    """Rewrite every Gather on a float table of at least MIN_VALUES values in the top-level graph.
+def quantize_embeddings(graph: gs.Graph, opset: int, stats: dict, skips: Counter,
+                        exclude: list[str] = (), only: list[str] = ()) -> int:
+    """Rewrite every Gather on a float table of at least MIN_VALUES values in the top-level graph
+    (a Gather or table that ``exclude``/``only`` leave out stays float).
     Returns the number of tables quantized (a table shared by several Gathers is quantized once)."""
     names = G.Names(graph)
     tables: dict[int, tuple[gs.Constant, gs.Constant]] = {}  # id(float table) -> (int8 table, row scales)
@@ -35,6 +37,9 @@ def quantize_embeddings(graph: gs.Graph, opset: int, stats: dict, skips: Counter
     skips["embedding_overridable"] += passed["overridable_weight"]
     for emb in found:
         node = emb.node
+        if L.left_out([node.name or "", emb.table.name], exclude, only):
+            skips["embedding_excluded"] += 1
+            continue
         if id(emb.table) in tables:
             rewrite(graph, node, *tables[id(emb.table)], names)
             continue

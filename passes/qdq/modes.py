@@ -86,10 +86,10 @@ def run_dynamic(qdq: "Qdq", graph: gs.Graph, ctx: PassContext) -> PassResult:
     stats["reduce_range"] = int(reduce_range)
     skips: Counter = Counter()
     model = ctx.export(graph)
-    plan = DynamicPlan(graph, set(o.op_types), o.exclude, skips)
+    plan = DynamicPlan(graph, set(o.op_types), o.exclude, skips, only=o.only)
     apply_dynamic(graph, plan, wmax, stats)
     embedded = _embeddings(graph, ctx, o, stats)
-    if plan.nodes and ctx.calibration is not None:
+    if o.guard and plan.nodes and ctx.calibration is not None:
         # activations are quantized per tensor over the whole batch: checked on batches of DYNAMIC_BATCH
         check = guard_for(model, ctx, o, qdq.tolerance.min_cosine or 0.99, DYNAMIC_BATCH)
         cosine = check.cosine(ctx.export(graph))
@@ -106,12 +106,12 @@ def _dynamic_fallback(model, o, wmax, check: Guard, ctx, cosine, graph, stats, n
     returned best first."""
     def build(keep) -> tuple[gs.Graph, DynamicPlan]:
         g = G.import_graph(model)
-        p = DynamicPlan(g, set(o.op_types), o.exclude, Counter(), frozenset(keep))
+        p = DynamicPlan(g, set(o.op_types), o.exclude, Counter(), frozenset(keep), only=o.only)
         apply_dynamic(g, p, wmax, {})
         _embeddings(g, ctx, o, {})
         return g, p
 
-    base = DynamicPlan(G.import_graph(model), set(o.op_types), o.exclude, Counter())
+    base = DynamicPlan(G.import_graph(model), set(o.op_types), o.exclude, Counter(), only=o.only)
     local = local_errors(model, base, wmax, check.feeds[0]) if check.feeds else {}
     ranked = sorted(base.nodes, key=lambda n: -local.get(id(n), 0.0))[:DYNAMIC_MEASURED]
     gains = []
@@ -275,7 +275,7 @@ def _embeddings(graph: gs.Graph, ctx: PassContext, o, stats: dict) -> int:
         return 0
     skips: Counter = Counter()
     opset = int(getattr(graph, "opset", 0) or 0) or ctx.opset
-    n = quantize_embeddings(graph, opset, stats, skips)
+    n = quantize_embeddings(graph, opset, stats, skips, o.exclude, o.only)
     stats.update({f"skipped_{k}": v for k, v in skips.items()})
     return n
 

@@ -39,6 +39,8 @@ class QdqOptions:
     reduce_range: Literal["auto", "true", "false"] = option("auto", help="7-bit weights; auto: on x86 CPUs without VNNI")
     samples: int = option(512, help="calibration samples read at most")
     exclude: list[str] = option(factory=list, help="node names or globs left in float")
+    only: list[str] = option(factory=list, help="node names or globs quantized, every other node left in float (empty: every node)")
+    guard: bool = option(True, help="static/dynamic: check the result on calibration data and return layers to float when it misses the pass's tolerance; false keeps every layer quantized (for callers that measure the model themselves, as tune does)")
     op_types: list[str] = option(factory=lambda: list(DEFAULT_OP_TYPES), help="op types to quantize")
 
     def validate(self) -> None:

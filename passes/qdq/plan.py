@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fnmatch
 from collections import Counter
 from typing import Optional
 
@@ -48,7 +47,7 @@ class Plan:
                 continue  # returned to float by the accuracy guard
             if node.op in _SHARE_SCALE:
                 continue  # quantized only between quantized tensors (see _share_chains)
-            if o.exclude and any(fnmatch.fnmatchcase(node.name or "", pat) for pat in o.exclude):
+            if L.left_out([node.name or ""], o.exclude, o.only):
                 skips["excluded"] += 1
                 continue
             slots = self._activation_slots(node, overridable, skips)
@@ -67,7 +66,7 @@ class Plan:
                 out = self._fold(node.outputs[0], outputs)
                 self._want(out, None)
                 self.all_consumers.add(id(out))
-        self._share_chains(ops, o.exclude)
+        self._share_chains(ops, o.exclude, o.only)
 
     def _activation_slots(self, node: gs.Node, overridable: set, skips: Counter) -> Optional[list[int]]:
         op = node.op
@@ -144,7 +143,7 @@ class Plan:
         if reader is not None:
             self.readers.setdefault(id(tensor), set()).add(id(reader))
 
-    def _share_chains(self, ops: set, exclude: list[str]) -> None:
+    def _share_chains(self, ops: set, exclude: list[str], only: list[str] = ()) -> None:
         """Inputs of quantized nodes made by shape ops (and MaxPool/Resize) from a quantized tensor
         take that tensor's scale, every link of the chain quantized, so ORT runs the chain on 8-bit data."""
         for tensor in list(self.tensors.values()):
@@ -156,7 +155,7 @@ class Plan:
                     break
                 if not (maker.op in _SHAPE_OPS or (maker.op in _SHARE_SCALE and maker.op in ops)):
                     break
-                if exclude and any(fnmatch.fnmatchcase(maker.name or "", p) for p in exclude):
+                if L.left_out([maker.name or ""], exclude, only):
                     break
                 if maker.op == "Resize" and len(maker.outputs) != 1:
                     break

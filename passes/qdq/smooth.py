@@ -28,6 +28,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxopt import graph as G
+from onnxopt import layers as L
 from onnxopt.calibrate import calibration_set, stream_tensors
 from onnxopt.pipeline import PassContext
 
@@ -67,7 +68,7 @@ class Group:
 
 def smooth_graph(graph: gs.Graph, ctx: PassContext, o, stats: dict, notes: list[str]) -> int:
     """Smooth every group whose searched strength beats no smoothing; returns how many."""
-    groups = find_groups(graph, o.exclude)
+    groups = find_groups(graph, o.exclude, o.only)
     stats["smooth_candidates"] = len(groups)
     if not groups:
         return 0
@@ -102,14 +103,12 @@ def smooth_graph(graph: gs.Graph, ctx: PassContext, o, stats: dict, notes: list[
     return done
 
 
-def find_groups(graph: gs.Graph, exclude: list[str]) -> list[Group]:
-    import fnmatch
-
+def find_groups(graph: gs.Graph, exclude: list[str], only: list[str] = ()) -> list[Group]:
     groups: dict[int, Group] = {}
     for node in graph.nodes:
         if node.op not in SMOOTH_OPS or (node.domain or "") not in ("", "ai.onnx") or len(node.inputs) < 2:
             continue
-        if exclude and any(fnmatch.fnmatchcase(node.name or "", p) for p in exclude):
+        if L.left_out([node.name or ""], exclude, only):
             continue
         x = node.inputs[0]
         if not isinstance(x, gs.Variable) or G.constant_source(x) is not None or not x.name:

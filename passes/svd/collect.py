@@ -3,7 +3,6 @@ inputs' XᵀX (calibrate.layer_grams)."""
 
 from __future__ import annotations
 
-import fnmatch
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -105,14 +104,14 @@ _AS_SVD = {"overridable_weight": "no_constant_weight", "dynamic_weight": "no_con
 
 def _collect(graph: gs.Graph, opts: SvdOptions, skips: Counter, opset: int) -> list[_Layer]:
     ops = ("MatMul", "Gemm") if opset >= 7 else ("MatMul",)
-    found = L.find_layers(graph, ops=ops, exclude=opts.exclude, check_input=True)
+    found = L.find_layers(graph, ops=ops, exclude=opts.exclude, check_input=True, only=opts.only)
     for node, scope, reason in found.skipped:
         skips["in_function" if _in_function(scope) else _AS_SVD.get(reason, reason)] += 1
     if opset < 7:  # Gemm before opset 7 (broadcast attribute) is left alone
         for g in G.iter_graphs(graph, functions=False):
             for node in g.nodes:
                 if node.op == "Gemm" and (node.domain or "") in ("", "ai.onnx") and len(node.inputs) >= 2:
-                    excluded = any(fnmatch.fnmatchcase(node.name or "", pat) for pat in opts.exclude)
+                    excluded = L.left_out([node.name or ""], opts.exclude, opts.only)
                     skips["excluded" if excluded else "old_opset"] += 1
         for func in getattr(graph, "functions", []):
             for g in G.iter_graphs(func, functions=False):

@@ -27,6 +27,7 @@ class SvdOptions:
     damp: float = option(0.01, help="added to the diagonal of X^T X, times its mean, before the Cholesky factorization")
     samples: int = option(512, help="calibration samples read at most")
     exclude: list[str] = option(factory=list, help="node names (globs) left alone")
+    only: list[str] = option(factory=list, help="node names (globs) factorized, the others left alone (empty: every layer)")
 
     def validate(self) -> None:
         chosen = [m for m in _MODES if getattr(self, m) is not None]

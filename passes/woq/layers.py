@@ -9,7 +9,6 @@ held at once.
 
 from __future__ import annotations
 
-import fnmatch
 import sys
 from collections import Counter
 from dataclasses import dataclass
@@ -107,7 +106,7 @@ def _stored(const: gs.Constant) -> np.ndarray:
 
 def find_layers(graph: gs.Graph, opts: WoqOptions, skips: Counter) -> list[Target]:
     """Every rewritable node in the graph and its If/Loop/Scan bodies; the rest counted in ``skips``."""
-    found = L.find_layers(graph, ops=("MatMul", "Gemm"), exclude=opts.exclude, check_input=True)
+    found = L.find_layers(graph, ops=("MatMul", "Gemm"), exclude=opts.exclude, check_input=True, only=opts.only)
     for node, scope, reason in found.skipped:
         skips["in_function" if scope.startswith("function ") else reason] += 1
     overridable = set(vars(graph).get("initializer_inputs", []) or [])
@@ -157,7 +156,7 @@ def _gathers(graph: gs.Graph, opts: WoqOptions, skips: Counter, overridable: set
             continue   # fp64 or higher-rank tables: not what GatherBlockQuantized takes, not counted
         if not opts.embeddings:
             skips["embeddings_off"] += 1
-        elif any(fnmatch.fnmatchcase(n, p) for p in opts.exclude for n in (node.name or "", table.name)):
+        elif L.left_out([node.name or "", table.name], opts.exclude, opts.only):
             skips["excluded"] += 1
         elif emb.axis not in (0, -2):
             skips["gather_axis"] += 1

@@ -19,6 +19,7 @@ class WoqOptions:
     symmetric: bool = option(False, help="no zero points (range around the default zero point 2^(bits-1)); rtn and gptq")
     embeddings: bool = option(True, help="Gather on a float table becomes GatherBlockQuantized (rtn blocks)")
     exclude: list[str] = option(factory=list, help="node names (globs) left in float")
+    only: list[str] = option(factory=list, help="node names (globs) quantized, the others left in float (empty: every node)")
     samples: int = option(128, help="gptq: calibration samples read at most")
     damp: float = option(0.01, help="gptq: added to the Hessian's diagonal, times its mean")
     act_order: bool = option(False, help="gptq: quantize input channels in order of decreasing Hessian diagonal")

@@ -946,3 +946,14 @@ def test_refits_stop_at_their_time_budget(monkeypatch):
     for name in ("conva", "convb"):
         w, dense = weight_of(out, name), weight_of(model, name)
         np.testing.assert_array_equal(w[w != 0], dense[w != 0])  # survivors as they were
+
+
+def test_only_prunes_the_named_layers_at_their_own_ratio():
+    """only= names the layers pruned; the sparsity is theirs alone (the others are outside the budget),
+    and keep_first_last does not apply to a layer named there."""
+    model = mlp()  # fc1 512 weights, fc2 256, fc3 64
+    out, st, result = prune(model, "prune(sparsity=0.5,reconstruct=false,only=fc1)")
+    assert count_zeros(weight_of(out, "fc1")) == 256  # half of fc1, the first layer
+    assert count_zeros(weight_of(out, "fc2")) == 0 and count_zeros(weight_of(out, "fc3")) == 0
+    assert st["skipped_excluded"] == 2 and st["layers_pruned"] == 1
+    assert "only=fc1" in result.pipeline

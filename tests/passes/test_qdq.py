@@ -316,6 +316,10 @@ def test_accuracy_guard_returns_the_most_sensitive_layer_to_float(caplog):
     mm2 = next(n for n in result.model.graph.node if n.name == "mm2")
     assert producer_of(result.model, mm2.input[1]).op_type == "DequantizeLinear"
     assert result.validation.outputs[0].cosine > 0.999
+    # guard=false keeps both layers quantized: no check, no fallback
+    result = onnxopt.optimize(model, static("qdq(method=minmax,guard=false)"), calibration=data, validate=False)
+    stats = next(r for r in result.records if r.name == "qdq").stats
+    assert stats["quantized_MatMul"] == 2 and "fallback_nodes" not in stats and "guard_min_cosine_ppm" not in stats
 
 
 def test_exclude_by_glob_and_op_types():
@@ -610,3 +614,16 @@ def test_guard_scores_argmax_agreement_on_class_and_sequence_outputs_only():
     assert g._agreeing(ref, got).tolist() == [True] * 10 + [False, True]
     assert g._agreeing(ref.transpose(1, 0, 2), got.transpose(1, 0, 2)).sum() == 11  # time-major
     assert g._agreeing(ref[:, 0], got[:, 4]).tolist() == [True, False]  # class scores: one per sample
+
+
+def test_only_quantizes_the_named_nodes():
+    """only= names the nodes quantized; every other node stays float (digits MLP, three Gemms)."""
+    calib = dict(np.load("models/digits_calib.npz"))
+    model = onnx.load("models/digits_mlp.onnx")
+    result = onnxopt.optimize(model, "qdq(mode=static,only=/3/Gemm)", calibration=calib, validate=False)
+    stats = next(r for r in result.records if r.name == "qdq").stats
+    assert stats["quantized_Gemm"] == 1
+    graph = result.model.graph
+    dq_outputs = {o for n in graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    quantized = {n.name for n in graph.node if n.op_type == "Gemm" and n.input[1] in dq_outputs}
+    assert quantized == {"/3/Gemm"}

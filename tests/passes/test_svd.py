@@ -445,3 +445,13 @@ def test_svd_then_qdq_composes():
     assert result.records[0].stats["layers_factorized"] == 2
     assert "DequantizeLinear" in ops(result.model)
     assert ops(result.model).count("MatMul") == 4
+
+
+def test_only_factors_the_named_layers():
+    """only= names the layers factored; the others keep their weights (digits MLP, three Gemms)."""
+    model = onnx.load("models/digits_mlp.onnx")
+    result = onnxopt.optimize(model, "svd(rank=8,latency_gate=false,only=/3/Gemm)", validate=False)
+    stats = next(r for r in result.records if r.name == "svd").stats
+    assert stats["layers_factorized"] == 1 and stats["skipped_excluded"] == 2
+    weights = {i.name for i in result.model.graph.initializer}
+    assert {"1.weight", "5.weight"} <= weights and "3.weight" not in weights

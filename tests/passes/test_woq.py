@@ -339,7 +339,7 @@ def test_the_pipeline_string_reproduces_the_run():
     model = matmul_model(weights(19, 64, 16))
     _, _, _, result = woq(model, "woq(bits=8,block_size=64,accuracy_level=4,exclude=a*;b)")
     assert result.pipeline == ("woq(bits=8,block_size=64,algo=rtn,accuracy_level=4,symmetric=false,embeddings=true,"
-                               "exclude=a*;b,samples=128,damp=0.01,act_order=false)")
+                               "exclude=a*;b,only=,samples=128,damp=0.01,act_order=false)")
     assert any(o.domain == "com.microsoft" and o.version == 1 for o in result.model.opset_import)
 
 
@@ -429,3 +429,14 @@ def test_a_tied_embedding_table_is_quantized_once():
     assert len({n.input[0] for n in out.graph.node if n.op_type == "GatherBlockQuantized"}) == 1
     x = feed(model, 1)
     assert cosine(run_model(model, x)["y"], run_model(out, x)["y"]) > 0.999
+
+
+def test_only_quantizes_the_named_layers():
+    """only= names the layers quantized; the others stay float Gemms (digits MLP, three Gemms)."""
+    model = onnx.load("models/digits_mlp.onnx")
+    result = onnxopt.optimize(model, "woq(bits=4,block_size=16,only=/3/Gemm;/5/*)", validate=False)
+    ops_after = [(n.op_type, n.name) for n in result.model.graph.node]
+    assert sum(op == "MatMulNBits" for op, _ in ops_after) == 2
+    assert ("Gemm", "/1/Gemm") in ops_after
+    stats = next(r for r in result.records if r.name == "woq").stats
+    assert stats["quantized_gemm"] == 2 and stats["skipped_excluded"] == 1
