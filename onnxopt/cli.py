@@ -250,6 +250,9 @@ def _tune_parser(sub) -> None:
     p.add_argument("--output-kind", action="append", metavar="NAME=KIND",
                    help="judge output NAME as KIND: classes, sequence, lm, embedding or other (repeatable)")
     p.add_argument("--dim", action="append", metavar="NAME=VALUE", help="bind a symbolic input dimension")
+    p.add_argument("--html", metavar="FILE", help="write an HTML report here: the trade-off curve, per-layer "
+                   "sensitivity and settings, validation (needs plotly: pip install 'onnxopt[html]')")
+    p.add_argument("--quiet", action="store_true", help="no progress bars and no warnings (errors and the summary still print)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
@@ -263,6 +266,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
     io.check_output_path(output)
     if args.report:
         io.check_output_path(Path(args.report), "report")
+    if args.html:
+        io.check_output_path(Path(args.html), "HTML report")
+        html_report.require_plotly()  # before the work, not after it
     extra = {k: v for k, v in (("samples", args.samples), ("calibration_samples", args.calib_samples))
              if v is not None}
     result = tune(args.model, args.calib, inputs=args.inputs, target=args.target, max_drop=args.max_drop,
@@ -274,6 +280,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
         result.save(output, force=True)
     if args.report:
         result.write_report(Path(args.report))
+    if args.html:
+        html_report.write_tune_report(result.to_dict(), args.html)
     print(result.summary())
     seed = f" --seed {args.seed}" if args.seed else ""
     print(f"reproduce: onnxopt optimize {args.model} --passes '{result.pipeline}' --calib {args.calib}{seed}")

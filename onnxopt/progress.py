@@ -150,6 +150,18 @@ def callback(desc: str, total: Optional[int] = None, unit: str = "it") -> Callab
     return report
 
 
+def labelled(prefix: str, unit: str = "it") -> Callable[[str, int, int], None]:
+    """A ``report(what, done, total)`` function: one bar per ``what`` (``prefix: what``), as ``tune``
+    reports its sweeps; calls with no total (a single point) draw nothing."""
+    bars: dict[str, Callable[..., None]] = {}
+
+    def report(what: str, done: int, total: int) -> None:
+        if total:
+            bars.setdefault(what, callback(f"{prefix}: {what}", total, unit))(done, total)
+
+    return report
+
+
 class LogHandler(logging.StreamHandler):
     """A stderr log handler that writes around the bars on screen (clears them, writes the line,
     draws them again) instead of into the middle of one."""

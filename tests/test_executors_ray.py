@@ -272,3 +272,18 @@ def test_ray_client_address_gives_the_local_results(head, model_bytes, local_dig
         ex.close()
     assert not ray.is_initialized()
     assert head["proc"].poll() is None
+
+
+def test_tune_on_the_joined_head_chooses_the_local_pipeline(head, monkeypatch):
+    """The same seed gives the same tuned pipeline on 2 Ray workers of a head started here as in
+    process: evaluations are independent and choices read results in item order."""
+    from onnxopt.tune import tune
+
+    args = ("models/digits_cnn.onnx", "models/digits_calib.npz")
+    kw = dict(inputs="models/digits_test.npz", target="size=0.5", max_drop=1, seed=0, samples=128)
+    local = tune(*args, executor="local", **kw)
+    monkeypatch.setenv("RAY_ADDRESS", head["gcs"])
+    remote = tune(*args, executor="ray", workers=2, **kw)
+    assert local.met and remote.met and "qdq(" in local.pipeline
+    assert remote.pipeline == local.pipeline and remote.layers == local.layers
+    assert (remote.executor, remote.workers) == ("ray", 2) and remote.evaluations == local.evaluations

@@ -3,6 +3,7 @@ reproducing the model through optimize, an unreachable target, bad input, and ex
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -22,14 +23,15 @@ MODEL, CALIB, TEST = "models/digits_cnn.onnx", "models/digits_calib.npz", "model
 def tuned(tmp_path_factory):
     """One CLI run: size=0.25 within 1 point of accuracy, the model and report written."""
     folder = tmp_path_factory.mktemp("tune")
-    out, report = folder / "tuned.onnx", folder / "report.json"
-    code = cli.main(["tune", MODEL, "--calib", CALIB, "--inputs", TEST, "--target", "size=0.25",
-                     "--max-drop", "1", "-o", str(out), "--report", str(report)])
-    return code, out, json.loads(report.read_text())
+    out, report, html = folder / "tuned.onnx", folder / "report.json", folder / "report.html"
+    argv = ["tune", MODEL, "--calib", CALIB, "--inputs", TEST, "--target", "size=0.25",
+            "--max-drop", "1", "-o", str(out), "--report", str(report), "--quiet"]
+    code = cli.main(argv + (["--html", str(html)] if importlib.util.find_spec("plotly") else []))
+    return code, out, json.loads(report.read_text()), html
 
 
 def test_digits_cnn_meets_a_quarter_of_the_size_within_one_point(tuned):
-    code, out, report = tuned
+    code, out, report, _ = tuned
     assert code == 0 and report["met"] is True
     assert report["result"]["size_ratio"] <= 0.25 and out.stat().st_size <= 0.25 * Path(MODEL).stat().st_size
     assert report["budget"] == {"metric": "accuracy", "max_drop": 1.0}
@@ -46,11 +48,21 @@ def test_digits_cnn_meets_a_quarter_of_the_size_within_one_point(tuned):
 
 
 def test_the_printed_pipeline_reproduces_the_model_byte_for_byte(tuned, tmp_path, capsys):
-    _, out, report = tuned
+    _, out, report, _ = tuned
     again = tmp_path / "again.onnx"
     assert cli.main(["optimize", MODEL, "--passes", report["pipeline"], "--calib", CALIB, "-o", str(again),
                      "--latency-runs", "0"]) == 0
     assert again.read_bytes() == out.read_bytes()
+
+
+def test_the_html_page_holds_the_report_numbers(tuned):
+    pytest.importorskip("plotly", reason="--html needs plotly (pip install 'onnxopt[html]')")
+    _, _, report, html = tuned
+    page = html.read_text(encoding="utf-8")
+    assert page.startswith("<!DOCTYPE html>") and "met" in page
+    assert report["pipeline"].replace("&", "&amp;") in page.replace("&#x27;", "'")
+    for row in report["layers"]:
+        assert row["name"] in page and row["chosen"] in page
 
 
 def test_an_unreachable_target_exits_1_with_the_closest_point(tmp_path, capsys):

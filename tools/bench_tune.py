@@ -1,7 +1,10 @@
 """Benchmark `onnxopt tune`: the four targets of its design, one run, one BENCHMARKS.md section.
 
     PYTHONPATH=. python tools/bench_tune.py [--executor local|ray|ray://HOST:PORT] [--cases digits,resnet18,minilm,ocr]
-                                           [--out BENCHMARKS.md] [--json FILE]
+                                           [--ray-cases digits] [--ray-workers 2] [--out BENCHMARKS.md] [--json FILE]
+
+--ray-cases reruns those cases on a local Ray instance with --ray-workers workers and says whether
+the chosen pipeline is the one the first run chose (it must be: the same seed, the same choices).
 
 Cases (each `tune(...)` in this process, seed 0):
 - digits: models/digits_cnn.onnx, calibration models/digits_calib.npz, budget on the labelled
@@ -86,7 +89,7 @@ def prepare(name: str) -> dict | None:
     raise SystemExit(f"unknown case {name}")
 
 
-def run_case(name: str, executor: str) -> dict | None:
+def run_case(name: str, executor: str, workers: int | None = None) -> dict | None:
     from onnxopt.tune import tune
 
     prep = prepare(name)
@@ -95,7 +98,7 @@ def run_case(name: str, executor: str) -> dict | None:
         return None
     start = time.perf_counter()
     r = tune(str(prep["model"]), str(prep["calib"]), inputs=str(prep["inputs"]), target=prep["target"],
-             max_drop=1.0, executor=executor, seed=0, **prep["kw"])
+             max_drop=1.0, executor=executor, workers=workers, seed=0, **prep["kw"])
     wall = time.perf_counter() - start
     d = r.to_dict()
     print(f"{name}: {'met' if r.met else 'NOT met'}: {r.message} ({wall:.0f} s)\n  {r.pipeline}", file=sys.stderr)
@@ -106,7 +109,7 @@ def run_case(name: str, executor: str) -> dict | None:
             "pipeline": d["pipeline"], "message": d["message"]}
 
 
-def section(rows: list[dict], executor: str) -> str:
+def section(rows: list[dict], executor: str, ray_rows: list[dict] = ()) -> str:
     m = machine()
     lines = [SECTION, "",
              f"One run of `PYTHONPATH=. python tools/bench_tune.py --executor {executor}` on "
@@ -121,6 +124,17 @@ def section(rows: list[dict], executor: str) -> str:
                      f"{r['size_ratio']:.3f}x | {lat} | {r['drop']:.2f} | {r['evaluations']} | {r['seconds']:.0f} s |")
     lines += ["", "Chosen pipelines:", ""]
     lines += [f"- {r['case']}: `{r['pipeline']}`" for r in rows]
+    if ray_rows:
+        local = {r["case"]: r for r in rows}
+        lines += ["", "The same cases again on a local Ray instance the script starts (`executor=\"ray\"`), against "
+                  "the run above:", "", "| case | executor | workers | evaluations | wall | same pipeline |",
+                  "|---|---|---|---|---|---|"]
+        for r in ray_rows:
+            loc = local[r["case"]]
+            lines.append(f"| {r['case']} | {loc['executor']} | {loc['workers']} | {loc['evaluations']} | "
+                         f"{loc['seconds']:.0f} s | |")
+            lines.append(f"| {r['case']} | {r['executor']} | {r['workers']} | {r['evaluations']} | {r['seconds']:.0f} s | "
+                         f"{'yes' if r['pipeline'] == loc['pipeline'] else 'NO'} |")
     return "\n".join(lines) + "\n"
 
 
@@ -130,12 +144,16 @@ def main() -> int:
     ap.add_argument("--cases", default="digits,resnet18,minilm,ocr")
     ap.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"))
     ap.add_argument("--json", default=None)
+    ap.add_argument("--ray-cases", default="", help="cases rerun on a local Ray instance (e.g. digits)")
+    ap.add_argument("--ray-workers", type=int, default=2)
     args = ap.parse_args()
     rows = [r for r in (run_case(c, args.executor) for c in args.cases.split(",")) if r]
+    done = {r["case"] for r in rows}
+    ray_rows = [r for r in (run_case(c, "ray", args.ray_workers) for c in args.ray_cases.split(",") if c in done) if r]
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+        Path(args.json).write_text(json.dumps(rows + ray_rows, indent=2) + "\n")
     if rows and args.out:
-        write_section(Path(args.out), SECTION, section(rows, args.executor))
+        write_section(Path(args.out), SECTION, section(rows, args.executor, ray_rows))
     return 0
 
 

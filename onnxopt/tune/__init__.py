@@ -23,6 +23,7 @@ import numpy as np
 import onnx
 
 from .. import api, io
+from .. import progress as bars
 from .. import graph as G
 from .. import layers as L
 from .. import metrics as M
@@ -130,7 +131,8 @@ def tune(model: Union[str, os.PathLike, onnx.ModelProto], calibration: Any, *, i
 
         handle = ex.share(shared)
         reference = measure.baseline(shared)
-        outcome = Search(shared, handle, ex, layers, passes, goal, budget, base, progress).run()
+        report = progress if progress is not None else bars.labelled("tune", unit="eval")
+        outcome = Search(shared, handle, ex, layers, passes, goal, budget, base, report).run()
     finally:
         if isinstance(executor, str):  # an executor the caller made is the caller's to close
             ex.close()
