@@ -245,6 +245,8 @@ def _tune_parser(sub) -> None:
                    help="calibration samples the passes read (default 128; 64 from a million parameters)")
     p.add_argument("--int8", choices=["auto", "static", "dynamic"], default="auto",
                    help="qdq mode of int8 layers (auto: static with convolutions, else dynamic)")
+    p.add_argument("--max-evaluations", type=int, default=None, metavar="N",
+                   help="stop the search after N evaluations and report the best point found (default 400)")
     p.add_argument("--keep-on-fail", action="store_true", help="write the closest point when the target is not met")
     p.add_argument("--labels", metavar="FILE", help="labels for --inputs: the budget metric becomes accuracy")
     p.add_argument("--output-kind", action="append", metavar="NAME=KIND",
@@ -269,8 +271,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
     if args.html:
         io.check_output_path(Path(args.html), "HTML report")
         html_report.require_plotly()  # before the work, not after it
-    extra = {k: v for k, v in (("samples", args.samples), ("calibration_samples", args.calib_samples))
-             if v is not None}
+    extra = {k: v for k, v in (("samples", args.samples), ("calibration_samples", args.calib_samples),
+                               ("max_evaluations", args.max_evaluations)) if v is not None}
     result = tune(args.model, args.calib, inputs=args.inputs, target=args.target, max_drop=args.max_drop,
                   tolerance=args.tolerance, executor=args.executor, workers=args.workers, seed=args.seed,
                   labels=args.labels, output_kinds=_kinds(args.output_kind), dims=_dims(args.dim),

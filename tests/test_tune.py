@@ -118,3 +118,16 @@ def test_targets_budgets_and_pipeline_strings():
     assert spec == ("prune(sparsity=0.5,pattern=structured,samples=64,only=a?b),"
                     "woq(bits=4,block_size=32,only=fc),qdq(mode=static,samples=64,smooth=false,guard=false,only=a?b)")
     assert safe_glob("x[0];(y)") == "x?0???y?"
+
+
+def test_the_evaluation_budget_stops_the_search_at_the_closest_point(tmp_path, capsys):
+    """A search cut short by --max-evaluations reports the best point found by then, says so, and
+    exits 1 when that point misses the target."""
+    report = tmp_path / "r.json"
+    code = cli.main(["tune", MODEL, "--calib", CALIB, "--inputs", TEST, "--target", "size=0.25",
+                     "--max-drop", "1", "-o", str(tmp_path / "t.onnx"), "--report", str(report),
+                     "--samples", "96", "--calib-samples", "48", "--max-evaluations", "3", "--quiet"])
+    data = json.loads(report.read_text())
+    assert data["evaluations"] <= 3 and any("budget of 3 evaluations" in n for n in data.get("notes", []))
+    assert code == (0 if data["met"] else 1)
+    assert sum(p["chosen"] for p in data["points"]) == 1

@@ -45,6 +45,7 @@ CALIBRATION_SAMPLES = 128
 EVALUATION_SAMPLES = 512
 MAX_MODEL_BYTES = 1 << 31
 FINAL_LATENCY_RUNS = 20  # a size target's report still gives latency; a latency target's is timed longer
+MAX_EVALUATIONS = 400  # single-layer and assembled evaluations; then the closest point found is reported
 
 __all__ = ["tune", "TuneResult", "Target", "Budget"]
 
@@ -55,7 +56,8 @@ def tune(model: Union[str, os.PathLike, onnx.ModelProto], calibration: Any, *, i
          workers: Optional[int] = None, labels: Any = None, output_kinds: Optional[dict[str, str]] = None,
          dims: Optional[dict[str, int]] = None, samples: int = EVALUATION_SAMPLES,
          calibration_samples: Optional[int] = None, int8: str = "auto",
-         progress: Optional[Callable[[str, int, int], None]] = None) -> TuneResult:
+         progress: Optional[Callable[[str, int, int], None]] = None,
+         max_evaluations: Optional[int] = MAX_EVALUATIONS) -> TuneResult:
     """Choose per-layer settings (float, int8, int4, structured pruning, low rank) so that the model
     meets ``target`` (``size=0.25``: a quarter of the file; ``latency=0.5``: half the median time)
     while the budget metric drops by at most ``max_drop`` points (and/or every point passes
@@ -132,7 +134,12 @@ def tune(model: Union[str, os.PathLike, onnx.ModelProto], calibration: Any, *, i
         handle = ex.share(shared)
         reference = measure.baseline(shared)
         report = progress if progress is not None else bars.labelled("tune", unit="eval")
-        outcome = Search(shared, handle, ex, layers, passes, goal, budget, base, report).run()
+        if max_evaluations is not None and max_evaluations < 1:
+            raise InputError("max_evaluations must be at least 1 (or None for no limit)")
+        outcome = Search(shared, handle, ex, layers, passes, goal, budget, base, report, max_evaluations).run()
+        if outcome.capped:
+            notes.append(f"the search stopped at its budget of {max_evaluations} evaluations "
+                         "(max_evaluations / --max-evaluations); the point reported is the best found by then")
     finally:
         if isinstance(executor, str):  # an executor the caller made is the caller's to close
             ex.close()

@@ -80,12 +80,20 @@ class Outcome:
     chosen: Optional[Point] = None
     met: bool = False
     evaluations: int = 0
+    capped: bool = False  # the evaluation budget ran out before the search ended
+
+
+class _OutOfEvaluations(Exception):
+    """The search spent its evaluation budget; the closest point so far is chosen."""
 
 
 class Search:
     def __init__(self, shared: measure.Shared, handle: Any, executor: Any, layers: list[Layer], passes: Passes,
-                 target: Target, budget: Budget, base: dict, progress: Optional[Callable[[str, int, int], None]] = None):
+                 target: Target, budget: Budget, base: dict, progress: Optional[Callable[[str, int, int], None]] = None,
+                 max_evaluations: Optional[int] = None):
         self.shared, self.handle, self.ex = shared, handle, executor
+        # counted in evaluations, not seconds, so that every executor stops at the same point
+        self.max_evaluations = max_evaluations
         self.layers, self.passes, self.target, self.budget = layers, passes, target, budget
         self.base = base  # original bytes/latency_ms, cleaned bytes/latency_ms
         self.progress = progress
@@ -106,6 +114,7 @@ class Search:
                 keys.append((layer.name, setting))
         if not items:
             return
+        self._spend(len(items))
         results = self.ex.map(measure.evaluate, self.handle, items, progress=self._tick(f"sensitivity, tier {level}"))
         self.out.evaluations += sum(1 for r in results if "unchanged" not in r)
         for (name, setting), r in zip(keys, results):
@@ -182,6 +191,7 @@ class Search:
             if p.spec == spec:
                 return p
         runs = measure.LATENCY_RUNS if self.target.kind == "latency" else 0
+        self._spend(1)
         r = measure.evaluate_here(self.shared, spec, runs)
         self.out.evaluations += 1
         if "error" in r:
@@ -249,6 +259,7 @@ class Search:
         names = [x.name for x in self.layers if x.name in point.choice]
         items = [(self.passes.pipeline({k: v for k, v in point.choice.items() if k != n}, self.layers), False)
                  for n in names]
+        self._spend(len(items))
         results = self.ex.map(measure.evaluate, self.handle, items, progress=self._tick("re-measure"))
         self.out.evaluations += len(items)
         total = max(point.drop, 0.0) + COSINE_WEIGHT * max(0.0, 1.0 - point.cosine)
@@ -263,16 +274,24 @@ class Search:
                     c.loss, rose = in_context, True
         return rose
 
+    def _spend(self, n: int) -> None:
+        """Refuse work past the evaluation budget (the first point, cleanup only, is always measured)."""
+        if self.max_evaluations is not None and self.out.points and self.out.evaluations + n > self.max_evaluations:
+            raise _OutOfEvaluations
+
     def run(self) -> Outcome:
         self.measure({}, "cleanup only")
-        for level in TIERS:
-            self.sensitivity(level)
-            steps = self.path()
-            reachable = steps[-1][1] if steps else 0.0
-            if level != TIERS[-1] and reachable < MARGIN * self._need():
-                continue  # these settings cannot reach the target: measure the next tier first
-            if self.attempt(f"tier {level} " if level != TIERS[0] else ""):
-                break
+        try:
+            for level in TIERS:
+                self.sensitivity(level)
+                steps = self.path()
+                reachable = steps[-1][1] if steps else 0.0
+                if level != TIERS[-1] and reachable < MARGIN * self._need():
+                    continue  # these settings cannot reach the target: measure the next tier first
+                if self.attempt(f"tier {level} " if level != TIERS[0] else ""):
+                    break
+        except _OutOfEvaluations:
+            self.out.capped = True
         self.choose()
         return self.out
 
