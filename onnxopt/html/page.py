@@ -7,6 +7,8 @@ import html
 import math
 from typing import Any, Iterable, Optional, Sequence
 
+from ..report import human_bytes as report_bytes
+
 CSS = """
 body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; color: #1f2937;
        margin: 0; background: #f6f7f9; }
@@ -107,13 +109,7 @@ def count(value: Any) -> str:
 
 
 def human_bytes(n: Any) -> str:
-    if not finite(n):
-        return num(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"
+    return report_bytes(n) if finite(n) else num(n)
 
 
 def change(before: Any, after: Any) -> str:
