@@ -140,16 +140,21 @@ def _default_output(model: str) -> Path:
     return path.with_name(stem + ".opt.onnx")
 
 
-def cmd_optimize(args: argparse.Namespace) -> int:
-    output = Path(args.output) if args.output else _default_output(args.model)
-    if io.same_file(output, args.model) and not args.in_place:
-        raise InputError(f"{output}: output path is the input model; pass --in-place to overwrite it")
-    io.check_output_path(output)  # before the work, not after it
+def _check_outputs(output: Path, args: argparse.Namespace) -> None:
+    """Every path the command will write, and plotly for --html, checked before the work, not after it."""
+    io.check_output_path(output)
     if args.report:
         io.check_output_path(Path(args.report), "report")
     if args.html:
         io.check_output_path(Path(args.html), "HTML report")
         html_report.require_plotly()
+
+
+def cmd_optimize(args: argparse.Namespace) -> int:
+    output = Path(args.output) if args.output else _default_output(args.model)
+    if io.same_file(output, args.model) and not args.in_place:
+        raise InputError(f"{output}: output path is the input model; pass --in-place to overwrite it")
+    _check_outputs(output, args)
     try:
         result = api.optimize(
             args.model, args.passes, recipe=args.recipe, calibration=args.calib, inputs=args.inputs,
@@ -261,16 +266,11 @@ def _tune_parser(sub) -> None:
 def cmd_tune(args: argparse.Namespace) -> int:
     from .tune import tune
 
-    output = Path(args.output) if args.output else _default_output(args.model).with_name(
-        _default_output(args.model).name.replace(".opt.onnx", ".tuned.onnx"))
+    default = _default_output(args.model)
+    output = Path(args.output) if args.output else default.with_name(default.name.replace(".opt.onnx", ".tuned.onnx"))
     if io.same_file(output, args.model):
         raise InputError(f"{output}: output path is the input model")
-    io.check_output_path(output)
-    if args.report:
-        io.check_output_path(Path(args.report), "report")
-    if args.html:
-        io.check_output_path(Path(args.html), "HTML report")
-        html_report.require_plotly()  # before the work, not after it
+    _check_outputs(output, args)
     extra = {k: v for k, v in (("samples", args.samples), ("calibration_samples", args.calib_samples),
                                ("max_evaluations", args.max_evaluations)) if v is not None}
     result = tune(args.model, args.calib, inputs=args.inputs, target=args.target, max_drop=args.max_drop,
