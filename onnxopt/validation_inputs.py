@@ -34,7 +34,7 @@ def validation_data(model: onnx.ModelProto, inputs: Any, calibration: Any, pipel
         if all(p.exact for p in pipeline.passes()):
             data = load_dataset(calibration, model, limit=VALIDATION_SAMPLES, what="calibration data")
             return data, {"kind": "calibration", "source": data.source, "samples": data.samples}
-        return _held_out(calibration, model, _calibration_samples(pipeline))
+        return held_out(calibration, model, _calibration_samples(pipeline))
     probe = find_inputs(model, dims=dims, seed=seed, opt_level=level)
     if not probe.found:
         return None, {"kind": "none", "not_run": probe.error, "attempts": probe.attempts}
@@ -60,7 +60,7 @@ def _calibration_samples(pipeline: Pipeline) -> int:
     return max([c for c in counts if isinstance(c, int)] + [0]) or DEFAULT_SAMPLES
 
 
-def _held_out(source: Any, model: onnx.ModelProto, used: int) -> tuple[Dataset, dict[str, Any]]:
+def held_out(source: Any, model: onnx.ModelProto, used: int) -> tuple[Dataset, dict[str, Any]]:
     """Calibration samples past the first ``used`` (which calibration reads), up to VALIDATION_SAMPLES;
     when the set is no longer than that, its last quarter, and the report says they were calibrated on."""
     held: list = []

@@ -34,7 +34,7 @@ from ..executors import make_executor
 from ..pipeline import PassContext, PassManager, Pipeline, Tolerance
 from ..runtime import open_session
 from ..serialize import serialized_size
-from ..validation_inputs import _held_out
+from ..validation_inputs import held_out
 from . import measure
 from .candidates import Layer, Passes, find, prunable_layers, settings_for
 from .result import TuneResult, budget_text, layer_rows, point_dict
@@ -179,7 +179,7 @@ def _evaluation_data(original, inputs, calibration, labels, samples, used):
         data = load_dataset(inputs, original, limit=samples, what="validation data")
         text = f"{data.samples} sample(s) of {data.source}"
     else:
-        data, info = _held_out(calibration, original, used)
+        data, info = held_out(calibration, original, used)
         text = info["text"]
     given = M.load_labels(labels) if labels is not None else None
     if given is not None:
