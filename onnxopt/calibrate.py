@@ -87,11 +87,18 @@ class CalibrationSet:
 
 
 def calibration_set(ctx: Any, model: onnx.ModelProto, samples: Optional[int] = None) -> CalibrationSet:
-    """The calibration set for a pass, from its context (``ctx.calibration``)."""
+    """The calibration set for a pass, from its context (``ctx.calibration``). A one-shot iterator is
+    read into memory once and left on ``ctx`` as that list, so a second streaming run (or pass) sees it too."""
     source = ctx.calibration
     if isinstance(source, CalibrationSet):
         return source
-    return CalibrationSet(source, model, samples=samples or DEFAULT_SAMPLES, dims=dict(ctx.dims), seed=ctx.seed)
+    found = CalibrationSet(source, model, samples=samples or DEFAULT_SAMPLES, dims=dict(ctx.dims), seed=ctx.seed)
+    if found.source is not source and isinstance(found.source, list):
+        try:
+            ctx.calibration = found.source
+        except AttributeError:
+            pass
+    return found
 
 
 def with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
@@ -781,18 +788,22 @@ class Grams:
 
 
 def layer_grams(ctx: Any, model: onnx.ModelProto, requests: Iterable[GramRequest],
-                samples: Optional[int] = None, tied: Optional[dict[GramRequest, Any]] = None) -> Grams:
+                samples: Optional[int] = None, tied: Optional[dict[GramRequest, Any]] = None,
+                keep: bool = True) -> Grams:
     """XᵀX per group for every request, in one streaming run over the calibration data.
 
     Statistics already collected on the same model (same ``samples``) in this pipeline are
     taken from ``ctx`` instead of running again (see :func:`shared`). ``tied`` maps requests to a
     key: the requests of one key (the inputs of the nodes reading one tied weight, such as an
     unrolled RNN's steps) add into one GramStats per group, returned for each of them and not
-    kept in ``ctx`` — one K×K matrix instead of one per step.
+    kept in ``ctx`` — one K×K matrix instead of one per step. ``keep=False``: what this call
+    collects is returned and not kept in ``ctx`` either (a caller that bounds its memory run by run).
     """
     requests = list(dict.fromkeys(requests))
-    tied = tied or {}
+    tied = dict(tied or {})
     cache = shared(ctx, model, ("grams", samples))
+    if not keep:
+        tied.update({r: ("own", r) for r in requests if r not in cache and r not in tied})
     missing = [r for r in requests if r in tied or r not in cache]
     read = 0
     stats: dict = {}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import platform
 from collections import Counter
 from typing import Optional
@@ -61,6 +62,12 @@ class Qdq(Pass):
     input's scale, so ORT runs them on 8-bit data. Everything else stays float
     and reads the float tensor.
 
+    Weight codes: with real calibration data (``rounding=auto``; ``gptq`` or
+    ``nearest`` to choose) GPTQ picks the int8 codes of each layer against
+    its calibration inputs' XᵀX, so the layer's output error rather than each
+    weight's is kept small; the scales, ops and size are those of round to
+    nearest (passes/qdq/rounding.py; ``rounding_gptq``, ``rounding_nearest``).
+
     Ranges come from one streaming run over the calibration data
     (``ctx.calibration``; ``method`` minmax, percentile, entropy or mse, see
     onnxopt.calibrate.RangeStats; entropy is TensorRT's KL search with 256
@@ -72,7 +79,7 @@ class Qdq(Pass):
     Gather on embeddings is never quantized. ``reduce_range=auto`` picks 7-bit
     weights on x86 CPUs without VNNI, where ORT's u8s8 kernels can saturate.
 
-    Accuracy guard: the result is compared with the float model on up to 32
+    Accuracy guard: the result is compared with the float model on up to 96
     calibration samples in ORT with graph optimizations on (where the pairs
     become integer kernels): output cosine, and for outputs that are class or
     sequence scores (a Softmax/LogSoftmax over the last axis) the share of
@@ -87,7 +94,12 @@ class Qdq(Pass):
     layers when a round ends short. A layer goes back only when it is worth
     its bytes: the share of the first shortfall it removes is at least its
     share of the bytes quantization saves, or it makes the tolerance hold; the
-    loop stops when the tolerance holds or no layer left is worth it. Notes give each float
+    loop stops when the tolerance holds or no layer left is worth it. With
+    ``fallback=weights`` (the default) a layer taken back keeps its int8
+    weights through a DequantizeLinear and only its activations go float: it
+    keeps no bytes float, so any measured gain is worth it and the loop runs
+    until the tolerance holds or no layer helps (``weight_only_nodes``);
+    ``fallback=float`` takes the whole layer back. Notes give each float
     layer's measured gain and bytes, and the size/accuracy trade curve (a few
     points: weight bytes against the score as layers return to float), so
     another point can be picked with ``exclude=``; ``fallback_nodes``,
@@ -200,8 +212,22 @@ class Qdq(Pass):
             stats.update({f"skipped_{k}": skips[k] for k in _SKIPS})
             return PassResult(False, stats)
 
+        # ---- weight codes: GPTQ on the calibration inputs where asked (rounding.py), else round to nearest
+        codes = None
+        if o.rounding == "gptq" or (o.rounding == "auto" and not data.synthetic):
+            from .rounding import gptq_codes
+
+            # every layer the options could pick, not only this plan's: one streaming run serves them all,
+            # and later runs on the same model (tune's evaluations with other only=) read the cache
+            every = Plan(graph, dataclasses.replace(o, only=[], exclude=[]), Counter())
+            codes = gptq_codes(ctx, model, every.nodes, every.weights, per_channel, 64 if reduce_range else 127,
+                               o.samples)
+            weighted = [(n.inputs[1].name, plan.weights[id(n)][1]) for n in plan.nodes if id(n) in plan.weights]
+            stats["rounding_gptq"] = sum(1 for key in weighted if key in codes)
+            stats["rounding_nearest"] = len(weighted) - stats["rounding_gptq"]
+
         # ---- rewrite
-        writer = Writer(graph, o, per_channel, reduce_range, found, stats)
+        writer = Writer(graph, o, per_channel, reduce_range, found, stats, codes)
         writer.apply(plan)
 
         # ---- accuracy guard: check on calibration samples in ORT with optimizations on (as deployed);
@@ -216,9 +242,11 @@ class Qdq(Pass):
         _score_stats(stats, score)
         if not check.holds(score):
             def build(keep):
-                return self._build(model, o, per_channel, reduce_range, found, not_float, frozenset(keep), dict(base))
+                return self._build(model, o, per_channel, reduce_range, found, not_float, frozenset(keep), dict(base),
+                                   codes)
 
-            outcome = mixed_precision(build, check, ctx.export, tensor_bytes(model), notes)
+            outcome = mixed_precision(build, check, ctx.export, tensor_bytes(model), notes,
+                                      weights_stay=o.fallback == "weights")
             current, cur_plan, cur_writer = outcome.built
             graph.nodes, graph.inputs, graph.outputs = current.nodes, current.inputs, current.outputs
             graph.functions = current.functions
@@ -242,13 +270,13 @@ class Qdq(Pass):
         return PassResult(True, stats, notes or [])
 
     @staticmethod
-    def _build(model, o, per_channel, reduce_range, found, not_float, keep_float, stats):
+    def _build(model, o, per_channel, reduce_range, found, not_float, keep_float, stats, codes=None):
         g = G.import_graph(model)
         plan = Plan(g, o, Counter(), keep_float)
         plan.drop_tensors(not_float)
         for key in ("qdq_pairs", "weights_quantized", "biases_quantized", "activations_calibrated", "scales_shared"):
             stats[key] = 0
-        writer = Writer(g, o, per_channel, reduce_range, found, stats)
+        writer = Writer(g, o, per_channel, reduce_range, found, stats, codes)
         writer.apply(plan)
         return g, plan, writer
 

@@ -19,6 +19,7 @@ Convolutions stay float in this mode (ORT's ConvInteger is slower than its float
 from __future__ import annotations
 
 from collections import Counter
+from typing import Optional
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -93,8 +94,16 @@ class DynamicPlan:
         return w
 
 
-def apply_dynamic(graph: gs.Graph, plan: DynamicPlan, wmax: int, stats: dict) -> None:
-    """Rewrite the planned nodes; every quantized weight is written once (a tied weight shares it)."""
+def stored_axis(node: gs.Node) -> int:
+    """The output-channel axis of the stored weight: 1 of [K, N], 0 of a Gemm transB [N, K]."""
+    return 0 if node.op == "Gemm" and int(node.attrs.get("transB", 0)) else 1
+
+
+def apply_dynamic(graph: gs.Graph, plan: DynamicPlan, wmax: int, stats: dict,
+                  codes: Optional[dict] = None) -> None:
+    """Rewrite the planned nodes; every quantized weight is written once (a tied weight shares it).
+    ``codes``: int8 codes chosen elsewhere (GPTQ, rounding.py) by (weight name, stored axis)."""
+    codes = codes or {}
     names = G.Names(graph)
     quantized_x: dict[int, tuple[gs.Variable, gs.Variable, gs.Variable]] = {}
     weights: dict[tuple[int, bool], tuple[gs.Constant, gs.Constant, np.ndarray]] = {}
@@ -115,6 +124,10 @@ def apply_dynamic(graph: gs.Graph, plan: DynamicPlan, wmax: int, stats: dict) ->
         if key not in weights:
             w = plan.weights[id(node)]
             scale, q = weight_qparams(w, 1, wmax)
+            chosen = codes.get((node.inputs[1].name, stored_axis(node)))
+            if chosen is not None:
+                chosen = chosen.T if stored_axis(node) == 0 else chosen
+                q = chosen if chosen.shape == q.shape else q
             wname = node.inputs[1].name or base
             weights[key] = (gs.Constant(names.fresh(f"{wname}_quantized"), q),
                             gs.Constant(names.fresh(f"{wname}_zero_point"), np.zeros(scale.shape, np.int8)),

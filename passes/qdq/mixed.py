@@ -65,9 +65,11 @@ def weight_bytes(plan, float_bytes: int) -> int:
 
 
 def mixed_precision(build: Callable, check: Guard, export: Callable, float_bytes: int, notes: list[str],
-                    budget_s: float = 300.0) -> Outcome:
+                    budget_s: float = 300.0, weights_stay: bool = False) -> Outcome:
     """Return layers to float until ``check`` holds or no layer helps. ``build(keep_float_positions)``
-    makes (graph, plan, writer); ``export(graph)`` the ModelProto the guard runs."""
+    makes (graph, plan, writer); ``export(graph)`` the ModelProto the guard runs. ``weights_stay``:
+    a layer taken back keeps its int8 weights (only its activations go float), so it keeps no bytes
+    float and every layer costs the same."""
     start = time.monotonic()
     built = build(())
     score = check.measure(export(built[0]))
@@ -77,8 +79,9 @@ def mixed_precision(build: Callable, check: Guard, export: Callable, float_bytes
         return out
     plan = built[1]
     names = {plan.position[id(n)]: n.name or n.outputs[0].name for n in plan.nodes}
-    costs = {plan.position[id(n)]: 3 * int(plan.weights[id(n)][0].size) if id(n) in plan.weights else 0
-             for n in plan.nodes}
+    costs = {plan.position[id(n)]: 3 * int(plan.weights[id(n)][0].size) if id(n) in plan.weights and not weights_stay
+             else 0 for n in plan.nodes}
+    what = "activations back to float (weights stay int8)" if weights_stay else "back to float"
     # measure in order of local error (the likeliest first), so a time cap cuts the least likely
     order = [pos for pos, _, _ in check.sensitivities(*built)]
     order += [p for p in names if p not in order]
@@ -113,9 +116,11 @@ def mixed_precision(build: Callable, check: Guard, export: Callable, float_bytes
             now = check.measure(export(trial[0]))
             new_loss = check.shortfall(now)
             out.measured += 1
-            if not (worth(c, loss - new_loss, first_loss, savings) or (new_loss < loss and check.holds(now))):
+            # a layer that keeps no bytes float (weights_stay) is worth any gain; else worth() judges
+            free = weights_stay and new_loss < loss
+            if not (free or worth(c, loss - new_loss, first_loss, savings) or (new_loss < loss and check.holds(now))):
                 continue  # not worth its bytes with the others already float: skip it, not a reason to stop
-            notes.append(f"layer '{c.name}' back to float: {now} (shortfall {loss:.3f} -> {new_loss:.3f}; "
+            notes.append(f"layer '{c.name}' {what}: {now} (shortfall {loss:.3f} -> {new_loss:.3f}; "
                          f"gain {c.gain:+.3f} alone), {c.cost} bytes kept float")
             out.fallen.append(c)
             out.built, out.score, loss = trial, now, new_loss

@@ -87,27 +87,48 @@ def run_dynamic(qdq: "Qdq", graph: gs.Graph, ctx: PassContext) -> PassResult:
     skips: Counter = Counter()
     model = ctx.export(graph)
     plan = DynamicPlan(graph, set(o.op_types), o.exclude, skips, only=o.only)
-    apply_dynamic(graph, plan, wmax, stats)
+    codes = dynamic_codes(graph, model, ctx, o, wmax, plan, stats)
+    apply_dynamic(graph, plan, wmax, stats, codes)
     embedded = _embeddings(graph, ctx, o, stats)
     if o.guard and plan.nodes and ctx.calibration is not None:
         # activations are quantized per tensor over the whole batch: checked on batches of DYNAMIC_BATCH
         check = guard_for(model, ctx, o, qdq.tolerance.min_cosine or 0.99, DYNAMIC_BATCH)
         cosine = check.cosine(ctx.export(graph))
         if cosine < check.target:
-            cosine = _dynamic_fallback(model, o, wmax, check, ctx, cosine, graph, stats, notes)
+            cosine = _dynamic_fallback(model, o, wmax, check, ctx, cosine, graph, stats, notes, codes)
         stats["guard_min_cosine_ppm"] = int(round(cosine * 1e6))
     stats.update({f"skipped_{k}": v for k, v in sorted(skips.items())})
     return PassResult(bool(plan.nodes) or embedded > 0, stats, notes)
 
 
-def _dynamic_fallback(model, o, wmax, check: Guard, ctx, cosine, graph, stats, notes) -> float:
+def dynamic_codes(graph: gs.Graph, model: onnx.ModelProto, ctx: PassContext, o, wmax: int, plan: DynamicPlan,
+                  stats: dict) -> Optional[dict]:
+    """GPTQ codes for the dynamic mode's weights (rounding=gptq, or auto with real calibration data)."""
+    if o.rounding == "nearest" or ctx.calibration is None or not plan.nodes:
+        return None
+    if o.rounding == "auto" and calibration_set(ctx, model, o.samples).synthetic:
+        return None
+    from .dynamic import stored_axis
+    from .rounding import gptq_codes
+
+    every = DynamicPlan(graph, set(o.op_types), [], Counter())
+    stored = {id(n): (w.T if stored_axis(n) == 0 else w, stored_axis(n)) for n, w in
+              ((n, every.weights[id(n)]) for n in every.nodes)}
+    codes = gptq_codes(ctx, model, every.nodes, stored, True, wmax, o.samples)
+    keys = [(n.inputs[1].name, stored_axis(n)) for n in plan.nodes]
+    stats["rounding_gptq"] = sum(1 for k in keys if k in codes)
+    stats["rounding_nearest"] = len(keys) - stats["rounding_gptq"]
+    return codes
+
+
+def _dynamic_fallback(model, o, wmax, check: Guard, ctx, cosine, graph, stats, notes, codes=None) -> float:
     """Return MatMuls to float while each raises the output cosine: the DYNAMIC_MEASURED adding most
     local error (simulated on one guard batch) are each measured end to end left float alone, then
     returned best first."""
     def build(keep) -> tuple[gs.Graph, DynamicPlan]:
         g = G.import_graph(model)
         p = DynamicPlan(g, set(o.op_types), o.exclude, Counter(), frozenset(keep), only=o.only)
-        apply_dynamic(g, p, wmax, {})
+        apply_dynamic(g, p, wmax, {}, codes)
         _embeddings(g, ctx, o, {})
         return g, p
 

@@ -36,10 +36,12 @@ class QdqOptions:
     per_channel: bool = option(True, help="weights: one scale per output channel (raises opset 10-12 to 13), else per tensor")
     activation_type: Literal["uint8", "int8"] = option("uint8", help="uint8 asymmetric, or int8 symmetric")
     weight_type: Literal["int8"] = option("int8", help="weight integer type: int8 symmetric (the only one)")
+    rounding: Literal["auto", "nearest", "gptq"] = option("auto", help="int8 weight codes (static and dynamic modes) rounded to nearest, or by GPTQ on the calibration inputs (the layer output error kept small, same scales and size); auto: gptq when real calibration data is given")
     reduce_range: Literal["auto", "true", "false"] = option("auto", help="7-bit weights; auto: on x86 CPUs without VNNI")
     samples: int = option(512, help="calibration samples read at most")
     exclude: list[str] = option(factory=list, help="node names or globs left in float")
     only: list[str] = option(factory=list, help="node names or globs quantized, every other node left in float (empty: every node)")
+    fallback: Literal["weights", "float"] = option("weights", help="what a layer the accuracy guard takes back becomes: weights (its activations float, its weights still int8 through a DequantizeLinear: no bytes kept float) or float (all of it)")
     guard: bool = option(True, help="static/dynamic: check the result on calibration data and return layers to float when it misses the pass's tolerance; false keeps every layer quantized (for callers that measure the model themselves, as tune does)")
     op_types: list[str] = option(factory=lambda: list(DEFAULT_OP_TYPES), help="op types to quantize")
 

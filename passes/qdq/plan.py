@@ -38,13 +38,18 @@ class Plan:
         self.folded_ids: set[int] = set()       # Relu/Clip outputs that took their producer's place
         self.weights: dict[int, tuple[np.ndarray, int]] = {}  # id(node) -> (float weight, axis)
         self.shared_nodes: list[gs.Node] = []   # MaxPool/Resize run on 8-bit data between quantized tensors
+        self.weight_only: list[gs.Node] = []    # int8 weights through a DequantizeLinear, float activations
 
         self.position: dict[int, int] = {}       # id(node) -> index in graph.nodes (stable: Q/DQ are appended)
         for pos, node in enumerate(graph.nodes):
             if node.op not in ops or (node.domain or "") not in ("", "ai.onnx"):
                 continue
             if pos in keep_float:
-                continue  # returned to float by the accuracy guard
+                # returned to float by the accuracy guard: its activations, or (fallback=float) all of it
+                if o.fallback == "weights" and node.op in _WEIGHTED and not L.left_out([node.name or ""], o.exclude, o.only) \
+                        and self._activation_slots(node, overridable, Counter()) == [0] and id(node) in self.weights:
+                    self.weight_only.append(node)
+                continue
             if node.op in _SHARE_SCALE:
                 continue  # quantized only between quantized tensors (see _share_chains)
             if L.left_out([node.name or ""], o.exclude, o.only):

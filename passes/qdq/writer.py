@@ -15,8 +15,10 @@ from .plan import Plan, _dq_source
 
 class Writer:
     def __init__(self, graph: gs.Graph, o: QdqOptions, per_channel: bool, reduce_range: bool,
-                 ranges: dict[str, tuple[float, float]], stats: dict) -> None:
+                 ranges: dict[str, tuple[float, float]], stats: dict,
+                 codes: Optional[dict[tuple[str, int], np.ndarray]] = None) -> None:
         self.graph = graph
+        self.codes = codes or {}  # (weight name, axis) -> int8 codes chosen elsewhere (GPTQ, rounding.py)
         self.o = o
         self.per_channel = per_channel
         self.wmax = 64 if reduce_range else 127
@@ -87,22 +89,30 @@ class Writer:
             self.dq[id(t)] = dq_out
             self.stats["qdq_pairs"] += 1
         # weights and biases
-        for node in plan.nodes:
+        weight_only = {id(n) for n in plan.weight_only}
+        for node in plan.nodes + plan.weight_only:
             if id(node) not in plan.weights:
                 continue
             w, axis = plan.weights[id(node)]
             w_tensor = node.inputs[1]
             key = (id(w_tensor), axis)
             if key not in self.weight_dq:
-                self.weight_dq[key] = self.quantize_weight(w_tensor.name, w, axis)
+                self.weight_dq[key] = self.quantize_weight(w_tensor.name, w, axis,
+                                                           self.codes.get((w_tensor.name, axis)))
                 self.stats["weights_quantized"] += 1
             dq_out, w_scale = self.weight_dq[key]
             node.inputs[1] = dq_out
+            if id(node) in weight_only:
+                self.stats["weight_only_nodes"] = self.stats.get("weight_only_nodes", 0) + 1
+                continue  # float activations: the bias stays float
             if node.op in ("Conv", "ConvTranspose", "Gemm") and len(node.inputs) > 2 and node.inputs[2].name:
                 self.quantize_bias(node, w_scale, axis, plan)
 
-    def quantize_weight(self, name: str, w: np.ndarray, axis: int) -> tuple[gs.Variable, np.ndarray]:
+    def quantize_weight(self, name: str, w: np.ndarray, axis: int,
+                        codes: Optional[np.ndarray] = None) -> tuple[gs.Variable, np.ndarray]:
         scale, q = weight_qparams(w, axis if self.per_channel else None, self.wmax)
+        if codes is not None and codes.shape == q.shape:
+            q = codes
         qw = gs.Constant(self.fresh(f"{name}_quantized"), q)
         s = gs.Constant(self.fresh(f"{name}_scale"), scale.astype(np.float32))
         z = gs.Constant(self.fresh(f"{name}_zero_point"), np.zeros(scale.shape, np.int8))

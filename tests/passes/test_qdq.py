@@ -36,10 +36,11 @@ def feeds(shape, n=4, seed=0, name="x", relu=False):
 
 def static(passes):
     """The pipeline with qdq in static mode without SmoothQuant (this module checks that layout; the
-    modes, SmoothQuant and embeddings: test_qdq_modes.py)."""
+    modes, SmoothQuant and embeddings: test_qdq_modes.py), weights rounded to nearest and the guard's
+    layers taken back whole (GPTQ rounding and weights-only fallback: test_qdq_rounding.py)."""
     if "mode=" in passes:
         return passes
-    fixed = "mode=static,smooth=false"
+    fixed = "mode=static,smooth=false,rounding=nearest,fallback=float"
     return passes.replace("qdq(", f"qdq({fixed},") if "qdq(" in passes else passes.replace("qdq", f"qdq({fixed})")
 
 

@@ -67,7 +67,9 @@ def mlp():
 def test_dynamic_matmul_and_gemm_run_integer_kernels_close_to_float(tmp_path):
     model = mlp()
     data = feeds((2, 8, 16))
-    result, stats, _ = quantize(model, "qdq(mode=dynamic)", data)
+    # round to nearest: the layout is the point here (GPTQ codes: test_qdq_rounding.py); on these 32
+    # rows of noise either rounding sits a near-tie flip from the 1-point top-1 limit
+    result, stats, _ = quantize(model, "qdq(mode=dynamic,rounding=nearest)", data)
     out = result.model
     ops = op_counts(out)
     assert stats["dynamic_nodes"] == 2 and stats["weights_quantized"] == 2 and stats["dynamic_activations"] == 2
