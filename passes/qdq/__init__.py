@@ -98,7 +98,9 @@ class Qdq(Pass):
     ``fallback=weights`` (the default) a layer taken back keeps its int8
     weights through a DequantizeLinear and only its activations go float: it
     keeps no bytes float, so any measured gain is worth it and the loop runs
-    until the tolerance holds or no layer helps (``weight_only_nodes``);
+    until the tolerance holds; when no single layer helps any more, the rest
+    go back in doubling groups (in order of local error) until it holds
+    (``weight_only_nodes``);
     ``fallback=float`` takes the whole layer back. Notes give each float
     layer's measured gain and bytes, and the size/accuracy trade curve (a few
     points: weight bytes against the score as layers return to float), so

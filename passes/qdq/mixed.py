@@ -82,6 +82,7 @@ def mixed_precision(build: Callable, check: Guard, export: Callable, float_bytes
     costs = {plan.position[id(n)]: 3 * int(plan.weights[id(n)][0].size) if id(n) in plan.weights and not weights_stay
              else 0 for n in plan.nodes}
     what = "activations back to float (weights stay int8)" if weights_stay else "back to float"
+    weighted = {plan.position[id(n)] for n in plan.nodes if id(n) in plan.weights}
     # measure in order of local error (the likeliest first), so a time cap cuts the least likely
     order = [pos for pos, _, _ in check.sensitivities(*built)]
     order += [p for p in names if p not in order]
@@ -120,7 +121,7 @@ def mixed_precision(build: Callable, check: Guard, export: Callable, float_bytes
             free = weights_stay and new_loss < loss
             if not (free or worth(c, loss - new_loss, first_loss, savings) or (new_loss < loss and check.holds(now))):
                 continue  # not worth its bytes with the others already float: skip it, not a reason to stop
-            notes.append(f"layer '{c.name}' {what}: {now} (shortfall {loss:.3f} -> {new_loss:.3f}; "
+            notes.append(f"layer '{c.name}' {what if c.pos in weighted else 'back to float'}: {now} (shortfall {loss:.3f} -> {new_loss:.3f}; "
                          f"gain {c.gain:+.3f} alone), {c.cost} bytes kept float")
             out.fallen.append(c)
             out.built, out.score, loss = trial, now, new_loss
@@ -130,9 +131,37 @@ def mixed_precision(build: Callable, check: Guard, export: Callable, float_bytes
             break  # no layer left helps with the others float
     if taken and over() and not check.holds(out.score):
         out.capped = True  # another round might have found more
+    if weights_stay and not check.holds(out.score) and not out.capped:
+        _sweep_rest(out, candidates, build, check, export, float_bytes, notes, what)
     out.seconds = time.monotonic() - start
     _report(out, len(candidates), rounds, float_bytes, budget_s, notes)
     return out
+
+
+def _sweep_rest(out: Outcome, candidates: list[Candidate], build: Callable, check: Guard, export: Callable,
+                float_bytes: int, notes: list[str], what: str) -> None:
+    """When no single layer helps any more and taking layers back costs no bytes: take the rest back
+    in order of local error in doubling groups (1, 2, 4, ... then all) until the tolerance holds, so
+    the guard's promise stands whenever int8 weights alone meet it."""
+    rest = [c for c in candidates if c not in out.fallen]
+    loss = check.shortfall(out.score)
+    size = 1
+    while rest:
+        group = rest[:size]
+        trial = build([f.pos for f in out.fallen] + [c.pos for c in group])
+        now = check.measure(export(trial[0]))
+        out.measured += 1
+        if check.holds(now) or (len(group) == len(rest) and check.shortfall(now) < loss):
+            names = ", ".join(f"'{c.name}'" for c in group[:8]) + (f" and {len(group) - 8} more" if len(group) > 8 else "")
+            notes.append(f"{len(group)} more layers {what} at once (in order of local error; none helped alone): "
+                         f"{names}: {now}")
+            out.fallen.extend(group)
+            out.built, out.score = trial, now
+            out.curve.append((weight_bytes(trial[1], float_bytes), now))
+            return
+        if len(group) == len(rest):
+            return
+        size = min(2 * size, len(rest))
 
 
 def _report(out: Outcome, total: int, rounds: int, float_bytes: int, budget: float, notes: list[str]) -> None:
