@@ -13,7 +13,7 @@ from onnxopt import cli
 from onnxopt.errors import InputError
 from onnxopt.executors import LocalExecutor
 from onnxopt.tune import tune
-from onnxopt.tune.candidates import Layer, Passes, safe_glob
+from onnxopt.tune.candidates import Layer, Passes, safe_glob, settings_for
 from onnxopt.tune.target import Budget, Target
 
 MODEL, CALIB, TEST = "models/digits_cnn.onnx", "models/digits_calib.npz", "models/digits_test.npz"
@@ -118,6 +118,12 @@ def test_targets_budgets_and_pipeline_strings():
     assert spec == ("prune(sparsity=0.5,pattern=structured,samples=64,only=a?b),"
                     "woq(bits=4,block_size=32,only=fc),qdq(mode=static,samples=64,smooth=false,guard=false,only=a?b)")
     assert safe_glob("x[0];(y)") == "x?0???y?"
+    # int8 weights with float activations: in the same qdq step, named again in weight_only=
+    spec = Passes("static", 64).pipeline({"a,b": "int8w", "fc": "int8"}, layers)
+    assert spec == "qdq(mode=static,samples=64,smooth=false,guard=false,only=fc;a?b,weight_only=a?b)"
+    conv = Layer("c", "Conv", 1, 4, "conv")
+    assert "int8w" in settings_for(conv, "size", "static") and "int8w" not in settings_for(conv, "latency", "static")
+    assert "int8w" not in settings_for(Layer("m", "MatMul", 64, 256, "matmul", (8, 8)), "size", "dynamic")
 
 
 def test_the_evaluation_budget_stops_the_search_at_the_closest_point(tmp_path, capsys):

@@ -3,6 +3,7 @@ that writes a choice of settings.
 
 A *setting* is one layer's treatment, written with an existing pass and its ``only=`` option:
 ``int8`` (qdq, static or dynamic), ``int4`` (woq, weight-only, MatMul/Gemm and embedding tables),
+``int8w`` (qdq, static mode: int8 weights, float activations; size targets only),
 ``prune(s)`` (prune: a share s of the layer's output channels removed, the rest refitted by least
 squares on calibration data), ``prune(s)+int8``, ``svd(r)`` (svd: MatMul/Gemm into two factors of
 rank ratio r). ``float`` leaves the layer as it is.
@@ -71,6 +72,8 @@ def settings_for(layer: Layer, target_kind: str, int8_mode: str) -> list[str]:
         return ["int8", "int4"] if target_kind == "size" else []
     if int8_mode == "static" or dense:
         out.append("int8")
+    if int8_mode == "static" and target_kind == "size":
+        out.append("int8w")  # the bytes of int8 for the error of the weights alone: no time saved
     if dense and layer.shape and layer.shape[-1 if layer.kind == "matmul" else 0] >= WOQ_BLOCK // 2:
         out.append("int4")
     if layer.prunable:
@@ -90,7 +93,7 @@ def settings_for(layer: Layer, target_kind: str, int8_mode: str) -> list[str]:
 def tier(setting: str) -> int:
     """When a setting is measured: 1 int8 (every layer, first); 2 int4, light pruning, rank 1/2;
     3 heavy pruning, rank 1/4. A tier is measured only when the ones before cannot reach the target."""
-    if setting == "int8":
+    if setting in ("int8", "int8w"):
         return 1
     if setting in ("int4", "svd(0.5)") or setting.startswith(f"prune({PRUNE_LEVELS[0]:g})"):
         return 2
@@ -119,6 +122,7 @@ class Passes:
         svd: dict[float, list[str]] = {}
         int4: list[str] = []
         int8: list[str] = []
+        int8w: list[str] = []
         for layer in layers:  # graph order: the same choice always prints the same string
             setting = choice.get(layer.name, "float")
             if setting == "float":
@@ -127,7 +131,7 @@ class Passes:
             for name, value in parts(setting).items():
                 {"prune": prune.setdefault(value, []) if name == "prune" else None,
                  "svd": svd.setdefault(value, []) if name == "svd" else None,
-                 "int4": int4, "int8": int8}[name].append(glob)
+                 "int4": int4, "int8": int8, "int8w": int8w}[name].append(glob)
         s = self.samples
         steps = [f"prune(sparsity={v:g},pattern=structured,samples={s},only={';'.join(n)})"
                  for v, n in sorted(prune.items())]
@@ -135,10 +139,12 @@ class Passes:
                   for v, n in sorted(svd.items())]
         if int4:
             steps.append(f"woq(bits=4,block_size={WOQ_BLOCK},only={';'.join(int4)})")
-        if int8:
+        if int8 or int8w:
             # static: no SmoothQuant, so one layer's activation ranges are those of every choice (shared)
             smooth = ",smooth=false" if self.int8_mode == "static" else ""
-            steps.append(f"qdq(mode={self.int8_mode},samples={s}{smooth},guard=false,only={';'.join(int8)})")
+            weights = f",weight_only={';'.join(int8w)}" if int8w else ""
+            steps.append(f"qdq(mode={self.int8_mode},samples={s}{smooth},guard=false,"
+                         f"only={';'.join(int8 + int8w)}{weights})")
         return ",".join(steps)
 
 

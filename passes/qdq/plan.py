@@ -44,9 +44,10 @@ class Plan:
         for pos, node in enumerate(graph.nodes):
             if node.op not in ops or (node.domain or "") not in ("", "ai.onnx"):
                 continue
-            if pos in keep_float:
+            asked = bool(o.weight_only) and not L.left_out([node.name or ""], (), o.weight_only)
+            if pos in keep_float or asked:
                 # returned to float by the accuracy guard: its activations, or (fallback=float) all of it
-                if o.fallback == "weights" and node.op in _WEIGHTED and not L.left_out([node.name or ""], o.exclude, o.only) \
+                if (asked or o.fallback == "weights") and node.op in _WEIGHTED and not L.left_out([node.name or ""], o.exclude, o.only) \
                         and self._activation_slots(node, overridable, Counter()) == [0] and id(node) in self.weights:
                     self.weight_only.append(node)
                 continue

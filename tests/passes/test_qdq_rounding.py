@@ -193,3 +193,19 @@ def test_dynamic_mode_takes_the_gptq_codes_too():
     scale = np.abs(w).max(0) / 127
     weight_err = [np.linalg.norm(held["x"] @ (int8_weight(m.model) * scale - w)) for m in (gptq, near)]
     assert weight_err[0] < 0.7 * weight_err[1]
+
+
+def test_weight_only_option_keeps_the_named_layers_activations_float():
+    """qdq(weight_only=mm1): mm1 reads its input in float and its weight through an int8
+    DequantizeLinear; mm2 is quantized whole (as tune's int8w setting writes them)."""
+    model, data = sensitive_pair()
+    result, stats = quantize(model, "method=minmax,rounding=nearest,guard=false,weight_only=mm1", data,
+                             tolerance="min_cosine=0.95")
+    assert stats["weight_only_nodes"] == 1 and stats["quantized_MatMul"] == 1
+    nodes = {n.name: n for n in result.model.graph.node}
+    assert nodes["mm1"].input[0] == "x"
+    producers = {o: n for n in result.model.graph.node for o in n.output}
+    assert producers[nodes["mm1"].input[1]].op_type == "DequantizeLinear"
+    assert producers[nodes["mm2"].input[0]].op_type == "DequantizeLinear"  # mm2's input quantized
+    ref = run(model, {"x": data[1]["x"]})
+    assert np.allclose(run(result.model, {"x": data[1]["x"]}), ref, atol=0.05 * np.abs(ref).max())
