@@ -236,9 +236,9 @@ def main() -> None:
         from benchmarks_md import write_section
 
         lines = ["## OCR recognizers and classifiers: qdq vs ORT quantize_static", "",
-                 "`PYTHONPATH=. /work/venv/bin/python tools/bench_ocr_qdq.py --data DIR --calib-count 128 "
-                 "--eval-count 256 --out BENCHMARKS.md`; 128 calibration and 256 other evaluation images per "
-                 "model, made by the corpus input recipes (seeds: the corpus seed + 1 and + 2), except the "
+                 "`PYTHONPATH=. /work/venv/bin/python tools/bench_ocr_qdq.py --data DIR --calib-count "
+                 f"{args.calib_count} --eval-count {args.eval_count} --out BENCHMARKS.md`; {args.calib_count} "
+                 f"calibration and {args.eval_count} other evaluation images per model, made by the corpus input recipes (seeds: the corpus seed + 1 and + 2), except the "
                  "3-channel text-line recognizer (ppocr_v4_rec), which reads labelled lines of dot-matrix "
                  "letters and digits (tools/text_lines.py); "
                  "agreement with the float model (CTC greedy decode identical, or top-1), and for labelled "

@@ -131,7 +131,7 @@ def mixed_precision(build: Callable, check: Guard, export: Callable, float_bytes
             break  # no layer left helps with the others float
     if taken and over() and not check.holds(out.score):
         out.capped = True  # another round might have found more
-    if weights_stay and not check.holds(out.score) and not out.capped:
+    if weights_stay and not check.holds(out.score):  # a few measurements (log2 of the layers left), budget or not
         _sweep_rest(out, candidates, build, check, export, float_bytes, notes, what)
     out.seconds = time.monotonic() - start
     _report(out, len(candidates), rounds, float_bytes, budget_s, notes)
