@@ -210,3 +210,16 @@ def ort_optimized_ops(model: onnx.ModelProto, tmp_path: Any) -> dict[str, int]:
     so.log_severity_level = 3
     ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
     return collections.Counter(n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node)
+
+
+def outlier_mlp() -> onnx.ModelProto:
+    """MatMul mm1 -> Relu -> MatMul mm2 on x [N, 16] (seeded); mm1's weight ignores feature 0, so
+    data that puts one huge outlier there wipes out mm1's other input features at 8 bits while
+    costing the float model nothing (the qdq guard tests plant their sensitive layer this way)."""
+    rng = np.random.default_rng(9)
+    w1 = rng.standard_normal((16, 16)).astype(np.float32)
+    w1[0] = 0
+    return make_model([node("MatMul", ["x", "w1"], ["h"], name="mm1"), node("Relu", ["h"], ["r"], name="relu"),
+                       node("MatMul", ["r", "w2"], ["y"], name="mm2")],
+                      [vi("x", ["N", 16])], [vi("y", ["N", 4])],
+                      [init("w1", w1), init("w2", rng.standard_normal((16, 4)))])

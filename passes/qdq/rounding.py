@@ -27,7 +27,7 @@ import onnx_graphsurgeon as gs
 from onnxopt import layers as L
 from onnxopt import progress
 from onnxopt.calibrate import GramRequest, input_layout, layer_grams, shared
-from passes.woq.quantize import hessian
+from passes.woq.quantize import hessian, spread_errors
 
 # float64 K×K matrices collected per streaming run over the calibration data
 GRAM_BYTES = 256 << 20
@@ -135,21 +135,15 @@ def _round(node: gs.Node, w: np.ndarray, axis: int, scale: np.ndarray, hs: list,
 def gptq_int8(m: np.ndarray, scale: np.ndarray, hess, qmax: int, lazy: int = 128) -> np.ndarray:
     """Symmetric int8 codes of ``m`` [out, in] at fixed per-row ``scale``, input channels in the
     Hessian's order, each one's rounding error spread over the channels still to come."""
-    n, k = m.shape
-    perm, u = hess.perm, hess.u
+    perm = hess.perm
     wt = np.array(m[:, perm], np.float64)
     s = scale.astype(np.float64)
-    codes = np.zeros((n, k), np.int8)
-    for i1 in range(0, k, lazy):
-        i2 = min(i1 + lazy, k)
-        w1 = wt[:, i1:i2].copy()
-        err1 = np.zeros_like(w1)
-        u1 = u[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            q = np.clip(np.round(w1[:, i] / s), -qmax, qmax)
-            codes[:, perm[i1 + i]] = q
-            e = (w1[:, i] - q * s) / u1[i, i]
-            w1[:, i:] -= np.outer(e, u1[i, i:])
-            err1[:, i] = e
-        wt[:, i2:] -= err1 @ u[i1:i2, i2:]
+    codes = np.zeros(m.shape, np.int8)
+
+    def round_column(j: int, w1: np.ndarray, i: int) -> np.ndarray:
+        q = np.clip(np.round(w1[:, i] / s), -qmax, qmax)
+        codes[:, perm[j]] = q
+        return q * s
+
+    spread_errors(wt, hess.u, lazy, round_column)
     return codes

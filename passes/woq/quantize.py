@@ -263,34 +263,45 @@ def gptq(w: np.ndarray, gram: "np.ndarray | Hessian", bits: int, block_size: int
     wt = wt[:, perm]
     codes = np.zeros((n, k), np.uint8)
     zero_of = np.float64(2 ** (bits - 1))
+
+    def round_column(j: int, w1: np.ndarray, i: int) -> np.ndarray:
+        col = perm[j]
+        blk = col // block_size
+        if not act_order and col % block_size == 0:   # channels come in order: a new block starts here
+            s, z = _minmax_params(w1[:, i:i + block_size].astype(np.float32)[:, None, :], bits, symmetric, search)
+            scales[:, blk] = s[:, 0]
+            if zeros is not None:
+                zeros[:, blk] = z[:, 0]
+        scale = scales[:, blk].astype(np.float64)
+        zero = zero_of if zeros is None else zeros[:, blk].astype(np.float64)
+        q = np.clip(np.round(w1[:, i] / scale) + zero, 0, qmax)
+        codes[:, col] = q
+        return (q - zero) * scale
+
+    spread_errors(wt, u, lazy, round_column)
+    padded = np.zeros((n, nblocks * block_size), np.uint8)
+    padded[:, :k] = codes
+    if nblocks * block_size != k:  # padding: the code of zero, never read
+        padded[:, k:] = (2 ** (bits - 1)) if zeros is None else zeros[:, -1:]
+    return Blocks(padded.reshape(n, nblocks, block_size), scales, zeros, k, bits)
+
+
+def spread_errors(wt: np.ndarray, u: np.ndarray, lazy: int, round_column) -> None:
+    """GPTQ's sweep over the columns of ``wt`` [N, K] (already in the Hessian's order), in lazy
+    batches of ``lazy``: ``round_column(j, w1, i)`` rounds column i of the current batch ``w1``
+    (column j overall) and returns its dequantized values; its error over U's diagonal is spread
+    over the columns after it (H⁻¹ = UᵀU)."""
+    k = wt.shape[1]
     for i1 in range(0, k, lazy):
         i2 = min(i1 + lazy, k)
         w1 = wt[:, i1:i2].copy()
         err1 = np.zeros_like(w1)
         u1 = u[i1:i2, i1:i2]
         for i in range(i2 - i1):
-            col = perm[i1 + i]
-            blk = col // block_size
-            if not act_order and col % block_size == 0:   # channels come in order: a new block starts here
-                s, z = _minmax_params(w1[:, i:i + block_size].astype(np.float32)[:, None, :], bits, symmetric,
-                                      search)
-                scales[:, blk] = s[:, 0]
-                if zeros is not None:
-                    zeros[:, blk] = z[:, 0]
-            scale = scales[:, blk].astype(np.float64)
-            zero = zero_of if zeros is None else zeros[:, blk].astype(np.float64)
-            x = w1[:, i]
-            q = np.clip(np.round(x / scale) + zero, 0, qmax)
-            codes[:, col] = q
-            e = (x - (q - zero) * scale) / u1[i, i]
+            e = (w1[:, i] - round_column(i1 + i, w1, i)) / u1[i, i]
             w1[:, i:] -= np.outer(e, u1[i, i:])
             err1[:, i] = e
         wt[:, i2:] -= err1 @ u[i1:i2, i2:]
-    padded = np.zeros((n, nblocks * block_size), np.uint8)
-    padded[:, :k] = codes
-    if nblocks * block_size != k:  # padding: the code of zero, never read
-        padded[:, k:] = (2 ** (bits - 1)) if zeros is None else zeros[:, -1:]
-    return Blocks(padded.reshape(n, nblocks, block_size), scales, zeros, k, bits)
 
 
 def _inverse_cholesky_upper(h: np.ndarray) -> np.ndarray:

@@ -17,7 +17,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import onnxopt
-from helpers import init, make_model, node, ort_optimized_ops, vi
+from helpers import init, make_model, node, ort_optimized_ops, outlier_mlp, vi
 from onnxopt.errors import InputError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -295,13 +295,7 @@ def test_fragile_transformer_patterns_stay_float_by_default():
 def test_accuracy_guard_returns_the_most_sensitive_layer_to_float(caplog):
     """x has a feature that is 0 except for one huge outlier (and no weight reads it): its range
     wipes out every other feature of mm1's input. The guard finds mm1 and leaves it float."""
-    rng = np.random.default_rng(9)
-    w1 = rng.standard_normal((16, 16)).astype(np.float32)
-    w1[0] = 0
-    model = make_model([node("MatMul", ["x", "w1"], ["h"], name="mm1"), node("Relu", ["h"], ["r"], name="relu"),
-                        node("MatMul", ["r", "w2"], ["y"], name="mm2")],
-                       [vi("x", ["N", 16])], [vi("y", ["N", 4])],
-                       [init("w1", w1), init("w2", rng.standard_normal((16, 4)))])
+    model = outlier_mlp()
     data = feeds((8, 16), n=4)
     for f in data:
         f["x"][:, 0] = 0

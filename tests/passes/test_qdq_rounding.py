@@ -9,7 +9,7 @@ import onnxruntime as ort
 from onnx import numpy_helper
 
 import onnxopt
-from helpers import init, make_model, node, vi
+from helpers import init, make_model, node, outlier_mlp, vi
 
 rounding = __import__("passes.qdq.rounding", fromlist=["rounding"])
 guard = __import__("passes.qdq.guard", fromlist=["guard"])
@@ -130,13 +130,7 @@ def test_gptq_int8_spreads_the_error_and_stays_in_range():
 def sensitive_pair():
     """mm1 reads an input with one huge outlier feature (no weight reads it): its 8-bit input wipes
     out the other features, so only float activations save it; its weight quantizes fine."""
-    rng = np.random.default_rng(9)
-    w1 = rng.standard_normal((16, 16)).astype(np.float32)
-    w1[0] = 0
-    model = make_model([node("MatMul", ["x", "w1"], ["h"], name="mm1"), node("Relu", ["h"], ["r"], name="relu"),
-                        node("MatMul", ["r", "w2"], ["y"], name="mm2")],
-                       [vi("x", ["N", 16])], [vi("y", ["N", 4])],
-                       [init("w1", w1), init("w2", rng.standard_normal((16, 4)).astype(np.float32))])
+    model = outlier_mlp()
     data = [{"x": np.random.default_rng(i).standard_normal((8, 16)).astype(np.float32)} for i in range(4)]
     for f in data:
         f["x"][:, 0] = 0
