@@ -116,11 +116,12 @@ def test_targets_budgets_and_pipeline_strings():
     layers = [Layer("a,b", "Conv", 1, 4, "conv"), Layer("fc", "Gemm", 1, 4, "gemm")]
     spec = Passes("static", 64).pipeline({"a,b": "prune(0.5)+int8", "fc": "int4"}, layers)
     assert spec == ("prune(sparsity=0.5,pattern=structured,samples=64,only=a?b),"
-                    "woq(bits=4,block_size=32,only=fc),qdq(mode=static,samples=64,smooth=false,guard=false,only=a?b)")
+                    "woq(bits=4,block_size=32,only=fc),qdq(mode=static,samples=64,smooth=false,rounding=nearest,guard=false,"
+                    "only=a?b)")
     assert safe_glob("x[0];(y)") == "x?0???y?"
     # int8 weights with float activations: in the same qdq step, named again in weight_only=
     spec = Passes("static", 64).pipeline({"a,b": "int8w", "fc": "int8"}, layers)
-    assert spec == "qdq(mode=static,samples=64,smooth=false,guard=false,only=fc;a?b,weight_only=a?b)"
+    assert spec == "qdq(mode=static,samples=64,smooth=false,rounding=nearest,guard=false,only=fc;a?b,weight_only=a?b)"
     conv = Layer("c", "Conv", 1, 4, "conv")
     assert "int8w" in settings_for(conv, "size", "static") and "int8w" not in settings_for(conv, "latency", "static")
     assert "int8w" not in settings_for(Layer("m", "MatMul", 64, 256, "matmul", (8, 8)), "size", "dynamic")

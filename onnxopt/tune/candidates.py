@@ -143,7 +143,9 @@ class Passes:
             # static: no SmoothQuant, so one layer's activation ranges are those of every choice (shared)
             smooth = ",smooth=false" if self.int8_mode == "static" else ""
             weights = f",weight_only={';'.join(int8w)}" if int8w else ""
-            steps.append(f"qdq(mode={self.int8_mode},samples={s}{smooth},guard=false,"
+            # rounding=nearest: GPTQ codes depend on the layers before (pruned or not), so each such
+            # evaluation would collect every layer's input statistics again
+            steps.append(f"qdq(mode={self.int8_mode},samples={s}{smooth},rounding=nearest,guard=false,"
                          f"only={';'.join(int8 + int8w)}{weights})")
         return ",".join(steps)
 
