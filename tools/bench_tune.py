@@ -108,7 +108,8 @@ def pipeline_row(prep: dict, pipeline: str, label: str) -> dict:
     import onnxopt
     from onnxopt.serialize import serialized_size
 
-    res = onnxopt.optimize(str(prep["model"]), pipeline, calibration=str(prep["calib"]), inputs=str(prep["inputs"]))
+    res = onnxopt.optimize(str(prep["model"]), pipeline, calibration=str(prep["calib"]), inputs=str(prep["inputs"]),
+                           latency_runs=20)
     comp = res.validation
     original = onnx.load(str(prep["model"]))
     so = ort.SessionOptions()

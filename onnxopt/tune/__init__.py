@@ -14,6 +14,8 @@ file, so ``onnxopt optimize MODEL --passes '<pipeline>' --calib DATA`` writes th
 
 from __future__ import annotations
 
+import dataclasses
+
 import os
 import time
 import uuid
@@ -144,8 +146,12 @@ def tune(model: Union[str, os.PathLike, onnx.ModelProto], calibration: Any, *, i
         if isinstance(executor, str):  # an executor the caller made is the caller's to close
             ex.close()
         measure.release()
-    spec = outcome.chosen.spec if outcome.chosen else ""
+    spec = dataclasses.replace(passes, rounding="auto").pipeline(outcome.chosen.choice, layers) if outcome.chosen else ""
     pipeline = "cleanup" + ("," + spec if spec else "")
+    if "qdq(" in spec:
+        notes.append("the search measured qdq with round-to-nearest weights; the pipeline is written with GPTQ "
+                     "codes where calibration data allows (rounding=auto), and the result is that pipeline's, "
+                     "validated as written")
     final = api.optimize(model if source is None else source, pipeline, calibration=calibration, inputs=inputs,
                          tolerance=budget.validation_tolerance(), seed=seed, dims=dims or None,
                          latency_runs=None if goal.kind == "latency" else FINAL_LATENCY_RUNS,

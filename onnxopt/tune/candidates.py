@@ -115,6 +115,10 @@ class Passes:
 
     int8_mode: str = "static"
     samples: int = 128
+    # the search measures qdq with round-to-nearest weights (GPTQ's codes depend on the passes before
+    # qdq, so every evaluation that prunes first would collect every layer's statistics again); the
+    # final pipeline is written with "auto" (GPTQ with calibration data) and measured as written
+    rounding: str = "nearest"
 
     def pipeline(self, choice: dict[str, str], layers: list[Layer]) -> str:
         """The passes (after ``cleanup``) writing ``choice`` (layer name -> setting); "" when all float."""
@@ -143,9 +147,8 @@ class Passes:
             # static: no SmoothQuant, so one layer's activation ranges are those of every choice (shared)
             smooth = ",smooth=false" if self.int8_mode == "static" else ""
             weights = f",weight_only={';'.join(int8w)}" if int8w else ""
-            # rounding=nearest: GPTQ codes depend on the layers before (pruned or not), so each such
-            # evaluation would collect every layer's input statistics again
-            steps.append(f"qdq(mode={self.int8_mode},samples={s}{smooth},rounding=nearest,guard=false,"
+            rounding = f",rounding={self.rounding}" if self.rounding != "auto" else ""
+            steps.append(f"qdq(mode={self.int8_mode},samples={s}{smooth}{rounding},guard=false,"
                          f"only={';'.join(int8 + int8w)}{weights})")
         return ",".join(steps)
 
