@@ -24,3 +24,13 @@ def test_every_package_folder_is_installed():
     for name in listed - {"onnxopt"}:
         if name in dirs:
             assert (ROOT / dirs[name] / "__init__.py").is_file()
+
+
+def test_package_code_never_imports_the_source_tree_name_passes():
+    """Installed, the passes live at onnxopt.passes: an absolute ``passes.`` import works from a
+    checkout (and in the tests) and fails for every user (qdq's GPTQ rounding did once)."""
+    offenders = [f"{path.relative_to(ROOT)}:{i}" for folder in ("onnxopt", "passes")
+                 for path in (ROOT / folder).rglob("*.py")
+                 for i, line in enumerate(path.read_text().splitlines(), 1)
+                 if line.lstrip().startswith(("from passes.", "import passes", "from passes import"))]
+    assert not offenders, offenders

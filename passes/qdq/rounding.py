@@ -27,7 +27,7 @@ import onnx_graphsurgeon as gs
 from onnxopt import layers as L
 from onnxopt import progress
 from onnxopt.calibrate import GramRequest, input_layout, layer_grams, shared
-from passes.woq.quantize import hessian, spread_errors
+from ..woq.quantize import hessian, spread_errors
 
 # float64 K×K matrices collected per streaming run over the calibration data
 GRAM_BYTES = 256 << 20
