@@ -158,7 +158,7 @@ class Qdq(Pass):
         if skips["batchnorm_not_folded"] or skips["weight_not_folded"]:
             notes.append(f"{skips['batchnorm_not_folded'] + skips['weight_not_folded']} layers have unfolded "
                          "BatchNormalization or weights and stay float; run 'cleanup' first (--passes cleanup,qdq)")
-        if not plan.nodes:
+        if not plan.nodes and not plan.weight_only:
             stats.update({f"skipped_{k}": skips[k] for k in _SKIPS})
             return PassResult(False, stats, notes)
         if per_channel and opset and opset < PER_CHANNEL_OPSET and plan.weights:
@@ -210,7 +210,7 @@ class Qdq(Pass):
                  for n, s in ((n, known[n][0]) for n in wanted)}
         not_float = {n for n, d in dtypes.items() if d != np.float32}
         plan.drop_tensors(not_float)
-        if not plan.nodes:
+        if not plan.nodes and not plan.weight_only:
             stats.update({f"skipped_{k}": skips[k] for k in _SKIPS})
             return PassResult(False, stats)
 

@@ -203,3 +203,16 @@ def test_weight_only_option_keeps_the_named_layers_activations_float():
     assert producers[nodes["mm2"].input[0]].op_type == "DequantizeLinear"  # mm2's input quantized
     ref = run(model, {"x": data[1]["x"]})
     assert np.allclose(run(result.model, {"x": data[1]["x"]}), ref, atol=0.05 * np.abs(ref).max())
+
+
+def test_weight_only_alone_still_writes_the_int8_weights():
+    """Every named layer weight-only (only= and weight_only= the same, as tune's int8w writes a
+    single layer): nothing gets an activation pair, yet the weight is stored as int8."""
+    model, data = sensitive_pair()
+    result, stats = quantize(model, "rounding=nearest,guard=false,only=mm1,weight_only=mm1", data,
+                             tolerance="min_cosine=0.95")
+    assert stats["weight_only_nodes"] == 1 and stats["qdq_pairs"] == 0
+    dq = [n for n in result.model.graph.node if n.op_type == "DequantizeLinear"]
+    assert len(dq) == 1 and numpy_helper.to_array(
+        next(t for t in result.model.graph.initializer if t.name == dq[0].input[0])).dtype == np.int8
+    assert len(result.model.SerializeToString()) < len(model.SerializeToString()) - 300  # 16x16 float32 over int8
