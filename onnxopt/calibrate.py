@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 import onnx
@@ -20,6 +20,9 @@ import onnx
 from . import progress
 from .data import count_samples, input_specs, iter_feeds, source_label, synthetic_dataset
 from .errors import InputError
+
+if TYPE_CHECKING:  # onnxruntime is imported where a session is made, not at import time
+    import onnxruntime as ort
 
 log = logging.getLogger("onnxopt")
 

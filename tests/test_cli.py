@@ -151,7 +151,6 @@ def test_bad_input_exits_2_with_one_line(tmp_path, capsys, case):
 
 
 def test_usage_error_exits_2(capsys):
-    code = None
     with pytest.raises(SystemExit) as info:
         main(["optimize"])
     assert info.value.code == 2

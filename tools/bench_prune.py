@@ -242,7 +242,6 @@ def _dense(sp) -> np.ndarray:
 
 
 def flops_params(model: onnx.ModelProto, feed: dict) -> tuple[int, int]:
-    from onnx import numpy_helper
     m = onnx.ModelProto()
     m.CopyFrom(model)
     for vi in m.graph.input:

@@ -39,7 +39,6 @@ import datetime as _dt
 import json
 import os
 import platform
-import re
 import sys
 import time
 from pathlib import Path
@@ -274,7 +273,7 @@ def render(results: list[dict], synth: dict | None, meta: dict) -> str:
         budget = next((r for r in res["rows"] if r["spec"] == "svd(param_ratio=0.4,aware=true,latency_gate=false)"), None)
         if budget:
             ranks = [f"{l['node']}={l['rank'] if l['status'] == 'factorized' else 'dense'}" for l in budget["layers"]]
-            lines += [f"Ranks chosen by `param_ratio=0.4,aware=true`: " + ", ".join(ranks) + ".", ""]
+            lines += ["Ranks chosen by `param_ratio=0.4,aware=true`: " + ", ".join(ranks) + ".", ""]
     if synth:
         lines += ["### Synthetic layer with 1% outlier input channels", "",
                   f"A {synth['k']}x{synth['n']} MatMul, {synth['outliers']} input channels 30x larger; relative "
