@@ -37,8 +37,8 @@ imports included):
   default: embedding tables too), `woq4_rtn|hqq|gptq` = the same with `algo=...,embeddings=false`
   (exactly what the anchor quantizes), `woq8` = `cleanup,woq(bits=8)`.
 - ORT: `ort_static` = quantize_static (QDQ, per-channel, uint8 activations, int8 weights, MinMax,
-  one sample per batch, ranges merged every 8 or so samples so its memory stays bounded: the same MinMax
-  ranges); `ort_dynamic` = quantize_dynamic (per-channel int8 weights);
+  one sample per batch; its MinMax calibrator keeps only each tensor's per-sample min and max);
+  `ort_dynamic` = quantize_dynamic (per-channel int8 weights);
   `ort_nbits4_rtn|hqq|gptq` = MatMulNBitsQuantizer, 4 bits, block 32, asymmetric, RTN
   (DefaultWeightOnlyQuantConfig), HQQ, GPTQ (percdamp 0.01, the same calibration samples).
 A tool that leaves the model unquantized or fails is listed with its reason.
@@ -163,11 +163,8 @@ def _anchor(tool: str, model: str, calib: str, out: str) -> None:
     with np.load(calib) as d:
         arrays = {k: d[k] for k in d.files}
     if tool == "ort_static":
-        n = len(next(iter(arrays.values())))
-        flush = next(k for k in (8, 7, 9, 11, 13) if n % k)  # ORT finds no data when the count is a multiple
         quantize_static(model, out, _Reader(arrays), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        extra_options={"CalibMaxIntermediateOutputs": flush})
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
     elif tool == "ort_dynamic":
         quantize_dynamic(model, out, per_channel=True, weight_type=QuantType.QInt8)
     elif tool.startswith("ort_nbits4_"):
@@ -329,7 +326,9 @@ def not_applied(res: dict, out: Path) -> str | None:
     import onnx
 
     model = onnx.load(str(out), load_external_data=False)
-    if any(n.op_type in QUANTIZED_OPS or n.op_type.startswith("QLinear") for n in model.graph.node):
+    narrow = {t.name for t in model.graph.initializer if t.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)}
+    if any(n.op_type in QUANTIZED_OPS or n.op_type.startswith("QLinear") or n.op_type == "Cast" and n.input[0] in narrow
+           for n in model.graph.node):  # a Cast of int8 codes: weights int8, activations float
         return None
     reasons = {k: v for name in ("qdq", "woq") for k, v in ((res.get("stats") or {}).get(name) or {}).items()
                if k.startswith("skipped_") and v}

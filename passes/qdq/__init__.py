@@ -96,7 +96,9 @@ class Qdq(Pass):
     share of the bytes quantization saves, or it makes the tolerance hold; the
     loop stops when the tolerance holds or no layer left is worth it. With
     ``fallback=weights`` (the default) a layer taken back keeps its int8
-    weights through a DequantizeLinear and only its activations go float: it
+    weights, read as Cast(int8) * scale (which ONNX Runtime folds when the
+    session loads, so the layer runs at float speed while the file keeps
+    int8), and only its activations go float: it
     keeps no bytes float, so any measured gain is worth it and the loop runs
     until the tolerance holds; when no single layer helps any more, the rest
     go back in doubling groups (in order of local error) until it holds

@@ -41,7 +41,7 @@ class QdqOptions:
     samples: int = option(512, help="calibration samples read at most")
     exclude: list[str] = option(factory=list, help="node names or globs left in float")
     only: list[str] = option(factory=list, help="node names or globs quantized, every other node left in float (empty: every node)")
-    fallback: Literal["weights", "float"] = option("weights", help="what a layer the accuracy guard takes back becomes: weights (its activations float, its weights still int8 through a DequantizeLinear: no bytes kept float) or float (all of it)")
+    fallback: Literal["weights", "float"] = option("weights", help="what a layer the accuracy guard takes back becomes: weights (its activations float, its weights still int8, read as Cast * scale, which ONNX Runtime folds at load: no bytes kept float, float speed) or float (all of it)")
     weight_only: list[str] = option(factory=list, help="static mode: node names or globs (among those quantized) whose weights become int8 while their activations stay float, as the guard's fallback=weights leaves them")
     guard: bool = option(True, help="static/dynamic: check the result on calibration data and return layers to float when it misses the pass's tolerance; false keeps every layer quantized (for callers that measure the model themselves, as tune does)")
     op_types: list[str] = option(factory=lambda: list(DEFAULT_OP_TYPES), help="op types to quantize")

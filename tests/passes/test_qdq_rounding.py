@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import numpy as np
 import onnxruntime as ort
-from onnx import numpy_helper
+import onnx
+from onnx import helper, numpy_helper
 
 import onnxopt
 from helpers import init, make_model, node, outlier_mlp, vi
@@ -139,8 +140,8 @@ def sensitive_pair():
 
 
 def test_guard_takes_back_activations_and_keeps_the_weights_int8():
-    """fallback=weights (the default): mm1's input is read in float, its weight still through an int8
-    DequantizeLinear (no bytes kept float; the model as small as fully quantized); fallback=float
+    """fallback=weights (the default): mm1's input is read in float, its weight still int8, read as
+    Cast * scale (no bytes kept float; the model as small as fully quantized); fallback=float
     keeps the whole layer float. Both meet the tolerance in ORT."""
     model, data = sensitive_pair()
     kept, stats = quantize(model, "method=minmax,rounding=nearest", data)
@@ -148,8 +149,7 @@ def test_guard_takes_back_activations_and_keeps_the_weights_int8():
     assert stats["fallback_bytes_kept_float"] == 0 and stats["guard_min_cosine_ppm"] >= 990000
     mm1 = next(n for n in kept.model.graph.node if n.name == "mm1")
     assert mm1.input[0] == "x"  # float activations
-    dq = next(n for n in kept.model.graph.node if n.output[0] == mm1.input[1])
-    assert dq.op_type == "DequantizeLinear"
+    assert int8_read_as_float(kept.model, mm1.input[1])
     notes = [n for r in kept.records for n in r.notes]
     assert any(n.startswith("layer 'mm1' activations back to float (weights stay int8)") for n in notes), notes
     whole, whole_stats = quantize(model, "method=minmax,rounding=nearest,fallback=float", data)
@@ -190,8 +190,8 @@ def test_dynamic_mode_takes_the_gptq_codes_too():
 
 
 def test_weight_only_option_keeps_the_named_layers_activations_float():
-    """qdq(weight_only=mm1): mm1 reads its input in float and its weight through an int8
-    DequantizeLinear; mm2 is quantized whole (as tune's int8w setting writes them)."""
+    """qdq(weight_only=mm1): mm1 reads its input in float and its int8 weight as Cast * scale; mm2 is
+    quantized whole (as tune's int8w setting writes them)."""
     model, data = sensitive_pair()
     result, stats = quantize(model, "method=minmax,rounding=nearest,guard=false,weight_only=mm1", data,
                              tolerance="min_cosine=0.95")
@@ -199,7 +199,8 @@ def test_weight_only_option_keeps_the_named_layers_activations_float():
     nodes = {n.name: n for n in result.model.graph.node}
     assert nodes["mm1"].input[0] == "x"
     producers = {o: n for n in result.model.graph.node for o in n.output}
-    assert producers[nodes["mm1"].input[1]].op_type == "DequantizeLinear"
+    assert int8_read_as_float(result.model, nodes["mm1"].input[1])
+    assert producers[nodes["mm2"].input[1]].op_type == "DequantizeLinear"  # mm2's weight: a QDQ unit
     assert producers[nodes["mm2"].input[0]].op_type == "DequantizeLinear"  # mm2's input quantized
     ref = run(model, {"x": data[1]["x"]})
     assert np.allclose(run(result.model, {"x": data[1]["x"]}), ref, atol=0.05 * np.abs(ref).max())
@@ -212,7 +213,53 @@ def test_weight_only_alone_still_writes_the_int8_weights():
     result, stats = quantize(model, "rounding=nearest,guard=false,only=mm1,weight_only=mm1", data,
                              tolerance="min_cosine=0.95")
     assert stats["weight_only_nodes"] == 1 and stats["qdq_pairs"] == 0
-    dq = [n for n in result.model.graph.node if n.op_type == "DequantizeLinear"]
-    assert len(dq) == 1 and numpy_helper.to_array(
-        next(t for t in result.model.graph.initializer if t.name == dq[0].input[0])).dtype == np.int8
+    assert not [n for n in result.model.graph.node if n.op_type == "DequantizeLinear"]
+    assert int8_read_as_float(result.model, next(n for n in result.model.graph.node if n.name == "mm1").input[1])
     assert len(result.model.SerializeToString()) < len(model.SerializeToString()) - 300  # 16x16 float32 over int8
+
+
+def int8_read_as_float(model, name: str) -> bool:
+    """``name`` is Mul(Cast(int8 initializer to float), float scale)."""
+    producers = {o: n for n in model.graph.node for o in n.output}
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    mul = producers.get(name)
+    if mul is None or mul.op_type != "Mul":
+        return False
+    cast = producers.get(mul.input[0])
+    return (cast is not None and cast.op_type == "Cast" and inits[cast.input[0]].dtype == np.int8
+            and inits[mul.input[1]].dtype == np.float32)
+
+
+def test_weight_only_layers_are_folded_by_onnx_runtime_at_load(tmp_path):
+    """The point of Cast * scale over DequantizeLinear: ORT folds it into a float initializer when
+    the session loads (a DequantizeLinear would run on every call), so a weight-only layer costs
+    no time. Checked on the graph ORT itself writes after its optimizations, and the outputs
+    equal those of the same codes through a DequantizeLinear."""
+    model, data = sensitive_pair()
+    result, _ = quantize(model, "rounding=nearest,guard=false,only=mm1,weight_only=mm1", data,
+                         tolerance="min_cosine=0.95")
+    src, optimized = tmp_path / "q.onnx", tmp_path / "ort.onnx"
+    result.save(src)
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.optimized_model_filepath = str(optimized)
+    sess = ort.InferenceSession(str(src), so, providers=["CPUExecutionProvider"])
+    ops = [n.op_type for n in onnx.load(str(optimized)).graph.node]
+    assert "Cast" not in ops and "DequantizeLinear" not in ops, ops
+    # the same codes and scales through a DequantizeLinear give the same outputs, bit for bit
+    dq_model = onnx.ModelProto()
+    dq_model.CopyFrom(result.model)
+    g = dq_model.graph
+    mm1 = next(n for n in g.node if n.name == "mm1")
+    producers = {o: n for n in g.node for o in n.output}
+    mul = producers[mm1.input[1]]
+    cast = producers[mul.input[0]]
+    scale = next(t for t in g.initializer if t.name == mul.input[1])
+    axis = int(np.argmax(scale.dims))
+    flat = numpy_helper.from_array(numpy_helper.to_array(scale).reshape(-1), mul.input[1] + "_flat")
+    g.initializer.append(flat)
+    g.node.remove(mul)
+    g.node.remove(cast)
+    g.node.insert(0, helper.make_node("DequantizeLinear", [cast.input[0], flat.name], [mm1.input[1]], axis=axis))
+    x = {"x": data[1]["x"]}
+    assert np.array_equal(sess.run(None, x)[0], run(dq_model, x))
