@@ -138,3 +138,14 @@ def test_the_evaluation_budget_stops_the_search_at_the_closest_point(tmp_path, c
     assert data["evaluations"] <= 3 and any("budget of 3 evaluations" in n for n in data.get("notes", []))
     assert code == (0 if data["met"] else 1)
     assert sum(p["chosen"] for p in data["points"]) == 1
+
+
+def test_the_validation_tolerance_of_a_drop_budget_says_it_bounds_nothing():
+    """Without a tolerance the final model is validated with one that bounds nothing (the budget is
+    judged on the budget metric); the report says 'none' rather than 'min_cosine=-1'."""
+    from onnxopt.pipeline.tolerance import Tolerance
+    from onnxopt.tune.target import Budget
+
+    assert str(Budget.make(max_drop=1.0).validation_tolerance()) == "none"
+    assert str(Budget.make(max_drop=1.0, tolerance="min_cosine=0.99").validation_tolerance()) == "min_cosine=0.99"
+    assert str(Tolerance(min_cosine=-1.0, atol=0.5)) == "atol=0.5"

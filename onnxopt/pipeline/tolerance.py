@@ -87,7 +87,7 @@ class Tolerance:
             value = getattr(self, f.name)
             if isinstance(value, dict):
                 parts.extend(f"{f.name}={k}:{v:g}" if k != "*" else f"{f.name}={v:g}" for k, v in value.items())
-            elif value is not None:
+            elif value is not None and not (f.name == "min_cosine" and value <= -1.0):  # bounds nothing
                 parts.append(f"{f.name}={value:g}")
         return ",".join(parts) or "none"
 
