@@ -132,31 +132,11 @@ def child_main(tool: str, model: str, calib: str, out: str) -> int:
     return 0
 
 
-class _Reader:
-    """ORT's CalibrationDataReader protocol over the calibration arrays, one sample at a time."""
-
-    def __init__(self, arrays: dict) -> None:
-        self.arrays, self.i = arrays, 0
-        self.n = len(next(iter(arrays.values())))
-
-    def get_next(self):
-        if self.i >= self.n:
-            return None
-        self.i += 1
-        return {k: v[self.i - 1:self.i] for k, v in self.arrays.items()}
-
-    def rewind(self) -> None:
-        self.i = 0
-
-    def __iter__(self):  # ORT's GPTQ path iterates the reader
-        for i in range(self.n):
-            yield {k: v[i:i + 1] for k, v in self.arrays.items()}
-
-
 def _anchor(tool: str, model: str, calib: str, out: str) -> None:
     import logging
 
     import onnx
+    from bench_woq import _Reader  # ORT's CalibrationDataReader over the arrays, one sample at a time
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
 
     logging.disable(logging.WARNING)

@@ -15,7 +15,6 @@ file, so ``onnxopt optimize MODEL --passes '<pipeline>' --calib DATA`` writes th
 from __future__ import annotations
 
 import dataclasses
-
 import os
 import time
 import uuid

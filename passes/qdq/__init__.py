@@ -219,16 +219,15 @@ class Qdq(Pass):
         # ---- weight codes: GPTQ on the calibration inputs where asked (rounding.py), else round to nearest
         codes = None
         if o.rounding == "gptq" or (o.rounding == "auto" and not data.synthetic):
-            from .rounding import gptq_codes
+            from .rounding import count_rounding, gptq_codes, weight_key
 
             # every layer the options could pick, not only this plan's: one streaming run serves them all,
             # and later runs on the same model (tune's evaluations with other only=) read the cache
             every = Plan(graph, dataclasses.replace(o, only=[], exclude=[]), Counter())
             codes = gptq_codes(ctx, model, every.nodes, every.weights, per_channel, 64 if reduce_range else 127,
                                o.samples)
-            weighted = [(n.inputs[1].name, plan.weights[id(n)][1]) for n in plan.nodes if id(n) in plan.weights]
-            stats["rounding_gptq"] = sum(1 for key in weighted if key in codes)
-            stats["rounding_nearest"] = len(weighted) - stats["rounding_gptq"]
+            count_rounding(stats, [weight_key(n, plan.weights[id(n)][1]) for n in plan.nodes if id(n) in plan.weights],
+                           codes)
 
         # ---- rewrite
         writer = Writer(graph, o, per_channel, reduce_range, found, stats, codes)

@@ -109,15 +109,13 @@ def dynamic_codes(graph: gs.Graph, model: onnx.ModelProto, ctx: PassContext, o, 
     if o.rounding == "auto" and calibration_set(ctx, model, o.samples).synthetic:
         return None
     from .dynamic import stored_axis
-    from .rounding import gptq_codes
+    from .rounding import count_rounding, gptq_codes, weight_key
 
     every = DynamicPlan(graph, set(o.op_types), [], Counter())
     stored = {id(n): (w.T if stored_axis(n) == 0 else w, stored_axis(n)) for n, w in
               ((n, every.weights[id(n)]) for n in every.nodes)}
     codes = gptq_codes(ctx, model, every.nodes, stored, True, wmax, o.samples)
-    keys = [(n.inputs[1].name, stored_axis(n)) for n in plan.nodes]
-    stats["rounding_gptq"] = sum(1 for k in keys if k in codes)
-    stats["rounding_nearest"] = len(keys) - stats["rounding_gptq"]
+    count_rounding(stats, [weight_key(n, stored_axis(n)) for n in plan.nodes], codes)
     return codes
 
 

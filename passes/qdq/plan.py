@@ -38,7 +38,7 @@ class Plan:
         self.folded_ids: set[int] = set()       # Relu/Clip outputs that took their producer's place
         self.weights: dict[int, tuple[np.ndarray, int]] = {}  # id(node) -> (float weight, axis)
         self.shared_nodes: list[gs.Node] = []   # MaxPool/Resize run on 8-bit data between quantized tensors
-        self.weight_only: list[gs.Node] = []    # int8 weights through a DequantizeLinear, float activations
+        self.weight_only: list[gs.Node] = []    # int8 weights (read as Cast * scale), float activations
 
         self.position: dict[int, int] = {}       # id(node) -> index in graph.nodes (stable: Q/DQ are appended)
         for pos, node in enumerate(graph.nodes):

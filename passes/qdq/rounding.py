@@ -40,6 +40,12 @@ def weight_key(node: gs.Node, axis: int) -> tuple[str, int]:
     return node.inputs[1].name, axis
 
 
+def count_rounding(stats: dict, keys: list[tuple[str, int]], codes: dict) -> None:
+    """``rounding_gptq`` / ``rounding_nearest``: how many of these weights got GPTQ codes."""
+    stats["rounding_gptq"] = sum(1 for key in keys if key in codes)
+    stats["rounding_nearest"] = len(keys) - stats["rounding_gptq"]
+
+
 def gram_request(node: gs.Node, w: np.ndarray) -> Optional[GramRequest]:
     """XᵀX of the rows this node's input gives against the weight's [out, in] view, or None."""
     x = node.inputs[0]
