@@ -82,6 +82,11 @@ class CalibrationSet:
                     self._dims = {**probe.binding, **self.dims}
         return self._dims
 
+    @property
+    def part(self) -> str:
+        """Which samples this set reads: all of them (onnxopt/holdout.py cuts fitting and held-out parts)."""
+        return "all"
+
     def expected_samples(self) -> Optional[int]:
         """Samples one pass yields, where the shapes tell without reading the data (for progress)."""
         if self.synthetic:
@@ -849,7 +854,10 @@ def shared(ctx: Any, model: onnx.ModelProto, what: tuple) -> dict:
     cache = getattr(ctx, "cache", None)
     if not isinstance(cache, dict):
         return {}
-    return cache.setdefault((fingerprint(model), what), {})
+    # statistics fitted on part of the samples are not those of the whole set
+    source = getattr(ctx, "calibration", None)
+    part = source.part if isinstance(source, CalibrationSet) else "all"
+    return cache.setdefault((fingerprint(model), part, what), {})
 
 
 def fingerprint(model: onnx.ModelProto) -> str:

@@ -22,7 +22,10 @@ is not the calibration data; "drop" is float's task score minus the quantized on
   (tools/text_lines.py renders dot-matrix letters and digits; greedy decode with the model's own
   character list), and the share of greedy decodes identical to float's in the note.
 - embedder: all-MiniLM-L6-v2's weights in float (tools/corpus_float.py): recall@1 on the 400
-  query/document pairs of tools/retrieval_eval.py; cosine over the token embeddings of 32 documents.
+  query/document pairs of tools/retrieval_eval.py; cosine and SNR over the sentence embeddings of
+  32 documents (token states averaged over the attention mask, as tools/retrieval_eval.py and the
+  model's users read them); the note gives the cosine over every token state, padded positions
+  included (states nothing reads, and the ones static ranges fit worst).
 - transformer: the exported random-weight BERT: cosine only.
 
 Calibration: --samples samples per model, the same .npz for every tool (digits: rows of
@@ -241,6 +244,19 @@ def first_outputs(path: Path, evals: list[dict]) -> list[np.ndarray]:
     return [sess.run([name], f)[0] for f in evals]
 
 
+def compared_outputs(prep: dict, path: Path) -> list[np.ndarray]:
+    """The first output on the evaluation feeds; for a sentence embedder, its sentence embeddings
+    (token states averaged over the attention mask)."""
+    outs = first_outputs(path, prep["evals"])
+    if prep["kind"] != "embedder":
+        return outs
+    pooled = []
+    for y, feed in zip(outs, prep["evals"]):
+        m = feed["attention_mask"][..., None].astype(np.float64)
+        pooled.append((y * m).sum(1) / np.maximum(m.sum(1), 1e-9))
+    return pooled
+
+
 def closeness(ref: list[np.ndarray], got: list[np.ndarray]) -> dict:
     a = np.concatenate([r.ravel() for r in ref]).astype(np.float64)
     b = np.concatenate([g.ravel() for g in got]).astype(np.float64)
@@ -350,7 +366,7 @@ def bench_model(name: str, args, work: Path) -> list[dict]:
         print(f"{name}: model files absent, skipped", flush=True)
         return [{"model": name, "kind": KINDS.get(name, "-"), "tool": "-",
                  "error": "model files absent (build the corpus / exports)"}]
-    ref = first_outputs(prep["path"], prep["evals"])
+    ref = compared_outputs(prep, prep["path"])
     if prep["task"] == "pixel_f1" and not (ref[0].ndim == 4 and ref[0].shape[1] == 1):
         prep["task"] = None  # boxes and class scores (YOLO-style), not a DB probability map: cosine only
     size = prep["path"].stat().st_size
@@ -367,10 +383,14 @@ def bench_model(name: str, args, work: Path) -> list[dict]:
             res["error"] = not_applied(res, out)
         if not res.get("error"):
             try:
-                got = first_outputs(out, prep["evals"])
+                got = compared_outputs(prep, out)
                 res.update(closeness(ref, got))
+                if prep["kind"] == "embedder":
+                    res["token_cosine"] = closeness(first_outputs(prep["path"], prep["evals"]),
+                                                    first_outputs(out, prep["evals"]))["cosine"]
                 res["task"], res["note"] = task_score(prep, ref, got, out)
-                res["note"] = ", ".join(filter(None, [qdq_note(res), res["note"]]))
+                tokens = f"token cosine {res['token_cosine']:.4f}" if "token_cosine" in res else ""
+                res["note"] = ", ".join(filter(None, [qdq_note(res), res["note"], tokens]))
                 res["size"] = out.stat().st_size / size
                 res["lat_ms"] = latency(out, prep["lat"])
                 res["lat_ratio"] = res["lat_ms"] / lat_float

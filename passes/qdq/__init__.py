@@ -80,7 +80,11 @@ class Qdq(Pass):
     weights on x86 CPUs without VNNI, where ORT's u8s8 kernels can saturate.
 
     Accuracy guard: the result is compared with the float model on up to 96
-    calibration samples in ORT with graph optimizations on (where the pairs
+    calibration samples that nothing was fitted to (with 32 samples or more,
+    one in three is held out of the ranges, SmoothQuant and GPTQ:
+    ``guard_held_out_samples``, onnxopt/holdout.py; judged on the samples the
+    ranges came from, a model looked better than it was on other data),
+    in ORT with graph optimizations on (where the pairs
     become integer kernels): output cosine, and for outputs that are class or
     sequence scores (a Softmax/LogSoftmax over the last axis) the share of
     argmax that agree (per sample; a sequence, CTC or tokens: per position),
@@ -237,6 +241,10 @@ class Qdq(Pass):
         # when the pass's own tolerance is missed, return layers to float by measured gain per byte
         if not o.guard:
             return self._done(plan, stats, skips)
+        held = getattr(data, "held_out", None)  # samples not fitted to (onnxopt/holdout.py), when there are enough
+        if held is not None:
+            stats["guard_held_out_samples"] = len(held.held_ids)
+            feeds_once = InputTap(held, [], lambda batch: None, max_batch=feeds_once.max_batch)
         base = dict(stats)
         top1 = self.tolerance.max_top1_drop
         check = Guard(model, feeds_once, ctx, self.tolerance.min_cosine or 0.99,

@@ -171,8 +171,10 @@ class InputTap:
     # was no slower.
     max_batch = 1
 
-    def __init__(self, data, names: list[str], reduce) -> None:
+    def __init__(self, data, names: list[str], reduce, max_batch: Optional[int] = None) -> None:
         self.data, self.names, self.reduce, self.runs = data, names, reduce, 0
+        if max_batch is not None:
+            self.max_batch = max_batch
 
     @property
     def synthetic(self) -> bool:

@@ -12,7 +12,9 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnxopt import graph as G
+from onnxopt import holdout
 from onnxopt.calibrate import calibration_set
+from onnxopt.holdout import Part
 from onnxopt.io import tensor_bytes
 from onnxopt.pipeline import PassContext, PassResult
 from onnxopt.serialize import serialized_size
@@ -39,6 +41,7 @@ DYNAMIC_MEASURED = 8
 
 def run_mode(qdq: "Qdq", graph: gs.Graph, ctx: PassContext) -> PassResult:
     o = qdq.options
+    ctx = held_out_context(graph, ctx, o)
     if o.mode == "static" or not quantizable(graph, ctx):
         return run_static(qdq, graph, ctx)  # says why not in its stats
     if o.mode == "dynamic":
@@ -93,6 +96,8 @@ def run_dynamic(qdq: "Qdq", graph: gs.Graph, ctx: PassContext) -> PassResult:
     if o.guard and plan.nodes and ctx.calibration is not None:
         # activations are quantized per tensor over the whole batch: checked on batches of DYNAMIC_BATCH
         check = guard_for(model, ctx, o, qdq.tolerance.min_cosine or 0.99, DYNAMIC_BATCH)
+        if isinstance(ctx.calibration, Part):
+            stats["guard_held_out_samples"] = len(ctx.calibration.held_ids)
         cosine = check.cosine(ctx.export(graph))
         if cosine < check.target:
             cosine = _dynamic_fallback(model, o, wmax, check, ctx, cosine, graph, stats, notes, codes)
@@ -279,14 +284,28 @@ def why(scored: list, mode: str, target: float) -> str:
 
 
 def guard_for(model: onnx.ModelProto, ctx: PassContext, o, target: float, batch: int = 1) -> Guard:
+    """The guard on the calibration samples held out of fitting (all of them when none are)."""
     data = calibration_set(ctx, model, o.samples)
-    tap = InputTap(data, [], lambda batch: None)
-    tap.max_batch = batch
-    inputs = model.graph.input
-    if not all(i.type.tensor_type.shape.dim and not i.type.tensor_type.shape.dim[0].HasField("dim_value")
-               for i in inputs):
-        tap.max_batch = 0  # a fixed batch dimension: feeds stay as the data gives them
+    held = data.held_out if isinstance(data, Part) else None
+    tap = InputTap(held or data, [], lambda batch: None)
+    tap.max_batch = batch if symbolic_batch(model) else 0  # fixed: feeds stay as the data gives them
     return Guard(model, tap, ctx, target, split=bool(tap.max_batch))
+
+
+def symbolic_batch(model: onnx.ModelProto) -> bool:
+    return all(i.type.tensor_type.shape.dim and not i.type.tensor_type.shape.dim[0].HasField("dim_value")
+               for i in model.graph.input)
+
+
+def held_out_context(graph: gs.Graph, ctx: PassContext, o) -> PassContext:
+    """``ctx`` reading the fitting part of its calibration data, the guard the held-out rest
+    (onnxopt/holdout.py); unchanged without the guard, data, or enough samples to split."""
+    if not o.guard or ctx.calibration is None or isinstance(ctx.calibration, Part):
+        return ctx
+    model = ctx.export(graph)
+    data = calibration_set(ctx, model, o.samples)
+    fit = holdout.split(data, symbolic_batch(model))
+    return dataclasses.replace(ctx, calibration=fit or data)
 
 
 def _embeddings(graph: gs.Graph, ctx: PassContext, o, stats: dict) -> int:

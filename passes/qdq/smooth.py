@@ -47,8 +47,11 @@ class Group:
         self.weights: list[np.ndarray] = []
         self.lo: Optional[np.ndarray] = None
         self.hi: Optional[np.ndarray] = None
-        self.rows: list[np.ndarray] = []
+        self.fit_lo: Optional[np.ndarray] = None  # the range of the even batches only
+        self.fit_hi: Optional[np.ndarray] = None
+        self.rows: list[np.ndarray] = []  # rows of the odd batches (all batches when there is one)
         self.count = 0
+        self.batches = 0
 
     @property
     def k(self) -> int:
@@ -59,8 +62,15 @@ class Group:
         lo, hi = rows.min(0), rows.max(0)
         self.lo = lo if self.lo is None else np.minimum(self.lo, lo)
         self.hi = hi if self.hi is None else np.maximum(self.hi, hi)
+        held_out = self.batches % 2 == 1
+        self.batches += 1
+        if not held_out:
+            self.fit_lo = lo if self.fit_lo is None else np.minimum(self.fit_lo, lo)
+            self.fit_hi = hi if self.fit_hi is None else np.maximum(self.fit_hi, hi)
+        if held_out and self.batches == 2:
+            self.rows, self.count = [], 0  # a second batch: the first one's rows were only a stand-in
         room = ROWS - self.count
-        if room > 0:
+        if room > 0 and (held_out or self.batches == 1):
             take = rows[rng.choice(len(rows), size=min(room, len(rows), max(ROWS // 8, 1)), replace=False)]
             self.rows.append(take)
             self.count += len(take)
@@ -132,8 +142,10 @@ def find_groups(graph: gs.Graph, exclude: list[str], only: list[str] = ()) -> li
     return list(groups.values())
 
 
-def scales(g: Group, alpha: float) -> np.ndarray:
-    amax = np.maximum(np.abs(g.lo), np.abs(g.hi)).astype(np.float64)
+def scales(g: Group, alpha: float, fit: bool = False) -> np.ndarray:
+    """Per-channel strengths from the whole calibration range, or (fit) from the even batches' only."""
+    lo, hi = (g.fit_lo, g.fit_hi) if fit else (g.lo, g.hi)
+    amax = np.maximum(np.abs(lo), np.abs(hi)).astype(np.float64)
     wmax = np.max([np.max(np.abs(w), axis=1) for w in g.weights], axis=0).astype(np.float64)
     ok = (amax > 0) & (wmax > 0)
     s = np.ones_like(amax)
@@ -142,14 +154,20 @@ def scales(g: Group, alpha: float) -> np.ndarray:
 
 
 def search(g: Group, grid: list[float], act_type: str) -> tuple[Optional[float], float]:
-    """(best strength or None for no smoothing, relative error gained)."""
+    """(best strength or None for no smoothing, relative error gained).
+
+    Scales and activation range come from the even calibration batches and the error is measured on
+    rows of the odd ones: smoothing flattens every channel up to the range's edge, so a held-out
+    value beyond it clips where the unsmoothed tensor had room; judged on the rows that set the
+    range, it looked better than it was (a sentence embedder: 0.9912 output cosine on the
+    calibration samples, 0.9897 on others)."""
     x = np.concatenate(g.rows).astype(np.float64)
     refs = [x @ w.astype(np.float64) for w in g.weights]
     power = [float((r ** 2).sum()) or 1.0 for r in refs]
 
     def error(s: Optional[np.ndarray]) -> float:
         s64 = np.ones(g.k) if s is None else s.astype(np.float64)
-        lo, hi = float((g.lo / s64).min()), float((g.hi / s64).max())
+        lo, hi = float((g.fit_lo / s64).min()), float((g.fit_hi / s64).max())
         scale, zp = activation_qparams(lo, hi, act_type)
         qmin, qmax = (0, 255) if act_type == "uint8" else (-128, 127)
         xq = (np.clip(np.round(x / s64 / scale) + zp, qmin, qmax) - zp) * scale
@@ -163,7 +181,7 @@ def search(g: Group, grid: list[float], act_type: str) -> tuple[Optional[float],
     base = error(None)
     best, best_err = None, base
     for a in grid:
-        e = error(scales(g, a))
+        e = error(scales(g, a, fit=True))
         if e < best_err * 0.98:  # a clear gain only: smoothing adds a Mul where it cannot be absorbed
             best, best_err = a, e
     return best, base - best_err

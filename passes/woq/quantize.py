@@ -149,17 +149,42 @@ def _refit_scale(b: np.ndarray, scale: np.ndarray, zero: Optional[np.ndarray], b
     return scale
 
 
+HQQ_SHRINKS = (1.0, 0.95, 0.9, 0.85)  # the min-max range scaled about its middle, for hqq's scale search
+
+
 def hqq(w: np.ndarray, bits: int, block_size: int, iters: int = 20, lp_norm: float = 0.7,
         beta: float = 10.0, kappa: float = 1.01) -> Blocks:
     """Half-quadratic quantization (Badri & Shaji, 2023): the zero point of each block minimises
     the lp norm (p < 1) of the weight error by alternating a generalized soft-threshold of the
-    error with a closed-form zero update; the scale stays the min-max one. The zero points
-    stay float (MatMulNBits takes them in A's type). Each block keeps the zero point of its
-    lowest mean absolute error over the iterations; then scale and zero are refitted by least
-    squares given the codes (``_refit``), where that lowers the block's squared error."""
+    error with a closed-form zero update, from a scale that is the block's min-max range, or that
+    range narrowed about its middle (HQQ_SHRINKS: a block's one or two extreme weights then clip a
+    little while every other weight gets finer steps). The zero points stay float (MatMulNBits
+    takes them in A's type). For each start, each block keeps the zero point of its lowest mean
+    absolute error over the iterations, then scale and zero are refitted by least squares given the
+    codes (``_refit``); each block keeps the start with the least squared error."""
     qmax = float(2 ** bits - 1)
     b = to_blocks(w, block_size).astype(np.float32)
     lo, hi = b.min(axis=-1, keepdims=True), b.max(axis=-1, keepdims=True)
+    mid = (lo + hi) / 2
+    best = None
+    for shrink in HQQ_SHRINKS:
+        scale, zero = _hqq_zero(b, mid - (mid - lo) * shrink, mid + (hi - mid) * shrink, qmax, iters, lp_norm, beta,
+                                kappa)
+        scale, zero = _refit(b, scale, zero, qmax)
+        err = _squared_error(b, scale, zero, qmax)
+        if best is None:
+            best = [scale, zero, err]
+            continue
+        better = err < best[2]
+        best = [np.where(better, scale, best[0]), np.where(better, zero, best[1]), np.where(better, err, best[2])]
+    scale, zero, _ = best
+    codes = np.clip(np.round(b / scale + zero), 0, qmax).astype(np.uint8)
+    return Blocks(codes, scale[..., 0].astype(np.float32), zero[..., 0].astype(np.float32), w.shape[0], bits)
+
+
+def _hqq_zero(b: np.ndarray, lo: np.ndarray, hi: np.ndarray, qmax: float, iters: int, lp_norm: float, beta: float,
+              kappa: float) -> tuple[np.ndarray, np.ndarray]:
+    """(scale, zero) of each block: the scale of the range [lo, hi], the zero point HQQ's iterations find."""
     span = hi - lo
     span[span == 0] = qmax
     inv = np.minimum(qmax / span, 2e4)      # the inverse scale (HQQ's form: q = w * inv + zero)
@@ -179,9 +204,12 @@ def hqq(w: np.ndarray, bits: int, block_size: int, iters: int = 20, lp_norm: flo
         shrunk = np.sign(e) * np.maximum(np.abs(e) - (1.0 / beta) * np.power(np.abs(e) + 1e-8, lp_norm - 1.0), 0.0)
         zero = np.mean(q - (b - shrunk) * inv, axis=-1, keepdims=True)
         beta *= kappa
-    scale, zero = _refit(b, 1.0 / inv, best_zero, qmax)
-    codes = np.clip(np.round(b / scale + zero), 0, qmax).astype(np.uint8)
-    return Blocks(codes, scale[..., 0].astype(np.float32), zero[..., 0].astype(np.float32), w.shape[0], bits)
+    return 1.0 / inv, best_zero
+
+
+def _squared_error(b: np.ndarray, scale: np.ndarray, zero: np.ndarray, qmax: float) -> np.ndarray:
+    d = (np.clip(np.round(b / scale + zero), 0, qmax) - zero) * scale - b
+    return np.einsum("...i,...i->...", d, d)[..., None]
 
 
 def _refit(b: np.ndarray, scale: np.ndarray, zero: np.ndarray, qmax: float,
@@ -189,9 +217,7 @@ def _refit(b: np.ndarray, scale: np.ndarray, zero: np.ndarray, qmax: float,
     """Least-squares scale and zero of each block given its codes (w ≈ scale * (code - zero)), then
     the codes again; kept per block only where the squared error falls."""
     def error(s: np.ndarray, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        q = np.clip(np.round(b / s + z), 0, qmax)
-        d = (q - z) * s - b
-        return q, np.einsum("...i,...i->...", d, d)[..., None]
+        return np.clip(np.round(b / s + z), 0, qmax), _squared_error(b, s, z, qmax)
 
     q, err = error(scale, zero)
     for _ in range(rounds):

@@ -185,7 +185,7 @@ def smoothable(outlier_scale=20.0):
 
 def test_smoothquant_alone_is_exact_in_float():
     model = smoothable()
-    data = feeds((2, 5, 16))
+    data = feeds((2, 5, 16), n=32)
     graph = G.import_graph(model)
     ctx = PassContext(opset=17, calibration=data, template=model)
     options = __import__("passes.qdq.options", fromlist=["o"]).QdqOptions()
