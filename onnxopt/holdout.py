@@ -50,7 +50,7 @@ class Part(CalibrationSet):
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         index = 0
         for feed in CalibrationSet.__iter__(self):
-            n = _leading(feed) if self.rows else None
+            n = leading_axis(feed) if self.rows else None
             if n is None:
                 if (index in self.held_ids) == self.held:
                     yield feed
@@ -87,10 +87,10 @@ def _count(data: CalibrationSet, rows: bool) -> int:
         known = data.expected_samples()
         if known:
             return int(known)
-    return sum((_leading(feed) or 1) if rows else 1 for feed in data)
+    return sum((leading_axis(feed) or 1) if rows else 1 for feed in data)
 
 
-def _leading(feed: dict) -> Optional[int]:
+def leading_axis(feed: dict) -> Optional[int]:
     """The shared leading axis of every input of a feed, or None when they differ or one is a scalar."""
     sizes = {np.asarray(v).shape[0] if np.ndim(v) else None for v in feed.values()}
     n = sizes.pop() if len(sizes) == 1 else None

@@ -244,10 +244,8 @@ def first_outputs(path: Path, evals: list[dict]) -> list[np.ndarray]:
     return [sess.run([name], f)[0] for f in evals]
 
 
-def compared_outputs(prep: dict, path: Path) -> list[np.ndarray]:
-    """The first output on the evaluation feeds; for a sentence embedder, its sentence embeddings
-    (token states averaged over the attention mask)."""
-    outs = first_outputs(path, prep["evals"])
+def sentence_embeddings(prep: dict, outs: list[np.ndarray]) -> list[np.ndarray]:
+    """A sentence embedder's token states averaged over the attention mask; other models' outputs as they are."""
     if prep["kind"] != "embedder":
         return outs
     pooled = []
@@ -366,7 +364,8 @@ def bench_model(name: str, args, work: Path) -> list[dict]:
         print(f"{name}: model files absent, skipped", flush=True)
         return [{"model": name, "kind": KINDS.get(name, "-"), "tool": "-",
                  "error": "model files absent (build the corpus / exports)"}]
-    ref = compared_outputs(prep, prep["path"])
+    ref_raw = first_outputs(prep["path"], prep["evals"])
+    ref = sentence_embeddings(prep, ref_raw)
     if prep["task"] == "pixel_f1" and not (ref[0].ndim == 4 and ref[0].shape[1] == 1):
         prep["task"] = None  # boxes and class scores (YOLO-style), not a DB probability map: cosine only
     size = prep["path"].stat().st_size
@@ -383,11 +382,11 @@ def bench_model(name: str, args, work: Path) -> list[dict]:
             res["error"] = not_applied(res, out)
         if not res.get("error"):
             try:
-                got = compared_outputs(prep, out)
+                got_raw = first_outputs(out, prep["evals"])
+                got = sentence_embeddings(prep, got_raw)
                 res.update(closeness(ref, got))
                 if prep["kind"] == "embedder":
-                    res["token_cosine"] = closeness(first_outputs(prep["path"], prep["evals"]),
-                                                    first_outputs(out, prep["evals"]))["cosine"]
+                    res["token_cosine"] = closeness(ref_raw, got_raw)["cosine"]
                 res["task"], res["note"] = task_score(prep, ref, got, out)
                 tokens = f"token cosine {res['token_cosine']:.4f}" if "token_cosine" in res else ""
                 res["note"] = ", ".join(filter(None, [qdq_note(res), res["note"], tokens]))

@@ -10,6 +10,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnxopt.errors import InputError
+from onnxopt.holdout import leading_axis
 from onnxopt.pipeline import PassContext
 from onnxopt.runtime import session_for
 
@@ -192,8 +193,7 @@ class InputTap:
 
 def _split(feed: dict, size: int):
     """A feed cut into feeds of at most ``size`` samples when every input has the same leading axis."""
-    leading = {np.asarray(v).shape[0] if np.ndim(v) else None for v in feed.values()}
-    n = leading.pop() if len(leading) == 1 else None
+    n = leading_axis(feed)
     if not size or not n or n <= size:
         yield feed
         return
