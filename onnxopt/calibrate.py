@@ -18,6 +18,7 @@ import numpy as np
 import onnx
 
 from . import progress
+from .batching import cut, leading_axis, symbolic_batch
 from .data import count_samples, input_specs, iter_feeds, source_label, synthetic_dataset
 from .errors import InputError
 
@@ -125,33 +126,38 @@ def with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProt
 def stream_tensors(model: onnx.ModelProto, names: Sequence[str], data: Iterable[dict[str, np.ndarray]],
                    reduce: Callable[[dict[str, np.ndarray]], None], *, chunk: int = 256,
                    on_batch: Optional[Callable[[int], None]] = None, desc: str = "calibrating") -> int:
-    """Run ``data`` through ``model`` and hand each batch's named tensors to ``reduce``.
+    """Run ``data`` through ``model`` and hand each run's named tensors to ``reduce``.
 
-    One ORT session per chunk of at most ``chunk`` tensors (not one per tensor) whose sizes on a
-    batch add up to at most STREAM_BYTES (a larger tensor gets a chunk of its own), sized from the
-    shapes the first batch gives: a detector's activations at 640x640 would otherwise come back
-    from one run by the gigabyte. Graph optimizations are off so every intermediate keeps its name.
-    Nothing is kept after ``reduce`` returns. Returns the number of batches. A progress bar
-    ``desc`` counts samples over every chunk.
+    One ORT session per chunk of at most ``chunk`` tensors (not one per tensor) whose sizes add up
+    to at most STREAM_BYTES (a larger tensor gets a chunk of its own), sized from the shapes the
+    first batch gives: a detector's activations at 640x640 would otherwise come back from one run
+    by the gigabyte. Where the model leaves its batch axis open, sizes are per sample and a feed is
+    cut so that one run hands back at most RUN_BYTES: memory then depends on the model, not on how
+    many samples the data holds or how it is batched. Graph optimizations are off so every
+    intermediate keeps its name. Nothing is kept after ``reduce`` returns. Returns the number of
+    feeds ``data`` gave on one pass. A progress bar ``desc`` counts samples over every chunk.
     """
     remaining = list(dict.fromkeys(names))
     per_pass = _expected_samples(data)
+    cuttable = symbolic_batch(model)
     batches = 0
     sizes: Optional[dict[str, int]] = None
     with progress.task(desc, total=None, unit="sample") as bar:
         while True:
-            session, part, batches = None, remaining, 0
+            session, part, batches, rows = None, remaining, 0, 0
             for feed in data:
                 if session is None:
                     if sizes is None:
-                        sizes = tensor_sizes(model, remaining, feed)
+                        sizes = _sizes(model, remaining, feed, cuttable)
                         if per_pass:
                             bar.set_total(per_pass * len(plan_chunks(remaining, sizes, chunk)))
                     part = plan_chunks(remaining, sizes, chunk)[0] if remaining else []
+                    rows = _run_rows(part, sizes) if cuttable else 0
                     session = _session(with_outputs(model, part))
-                values = session.run(part, feed)
-                reduce(dict(zip(part, values)))
-                del values
+                for piece in cut(feed, rows):
+                    values = session.run(part, piece)
+                    reduce(dict(zip(part, values)))
+                    del values
                 batches += 1
                 bar.advance(_rows(feed))
                 if on_batch is not None:
@@ -163,8 +169,29 @@ def stream_tensors(model: onnx.ModelProto, names: Sequence[str], data: Iterable[
                 return batches
 
 
-# intermediate tensors one calibration run hands back at most (bytes, on one batch)
+def _sizes(model: onnx.ModelProto, names: list[str], feed: dict, per_sample: bool) -> dict[str, int]:
+    """Bytes of each named tensor on ``feed``, or on one of its samples (``per_sample``)."""
+    sizes = tensor_sizes(model, names, feed)
+    n = leading_axis(feed) if per_sample else None
+    return {k: -(-v // n) for k, v in sizes.items()} if n else sizes
+
+
+def _run_rows(part: list[str], per_sample: dict[str, int]) -> int:
+    """Samples per run so that the run hands back at most RUN_BYTES (at least one; 0: unknown sizes, feeds whole)."""
+    if not per_sample:
+        return 0
+    unknown = max(per_sample.values())
+    total = sum(per_sample.get(name, unknown) for name in part)
+    return max(1, RUN_BYTES // max(total, 1))
+
+
+# intermediate tensors one chunk's session hands back at most (bytes, on one batch, or one sample
+# where feeds can be cut)
 STREAM_BYTES = 256 * 2**20
+# ... and one run, where feeds can be cut along the batch axis: samples per run are chosen to stay
+# within this (a sample whose chunk is larger runs alone). On mobilenetv2 at 224x224 (16 MB of
+# intermediates a sample) runs of the data's batches of 16 and 32 peaked at 700 and 900 MB.
+RUN_BYTES = 64 * 2**20
 # initializers above this size are passed to shape inference as dims only
 _LIGHT_BYTES = 4096
 
@@ -276,11 +303,15 @@ class GramStats:
         step = max(1, GRAM_BYTES // (8 * self.k))  # the float64 copy stays within GRAM_BYTES
         for start in range(0, len(rows), step):
             x = np.asarray(rows[start:start + step], np.float64)
-            self.gram += x.T @ x
-            total = self.rows + len(x)
-            if total:
-                self.mean += (x.sum(axis=0) - len(x) * self.mean) / total
-            self.rows = total
+            self.add(x.T @ x, x.sum(axis=0), len(x))
+
+    def add(self, gram: np.ndarray, column_sums: np.ndarray, rows: int) -> None:
+        """Fold in XᵀX and the column sums of ``rows`` rows computed elsewhere."""
+        self.gram += gram
+        total = self.rows + rows
+        if total:
+            self.mean += (column_sums - rows * self.mean) / total
+        self.rows = total
 
     @property
     def column_norms(self) -> np.ndarray:
@@ -304,9 +335,26 @@ def conv_rows(x: np.ndarray, kernel: Sequence[int], pads: Sequence[int], strides
     Columns are ordered (channel, kh, kw), matching ``W[o].reshape(-1)`` of a
     weight [O, C/groups, KH, KW], so ``rows @ W.reshape(O, -1).T`` is the conv.
     """
-    n, c, h, w = x.shape
+    cg = x.shape[1] // groups
+    cols = conv_cols(x[:, group * cg:(group + 1) * cg], kernel, pads, strides, dilations)
+    n, _, kh, kw, oh, ow = cols.shape
+    return cols.transpose(0, 4, 5, 1, 2, 3).reshape(n * oh * ow, cg * kh * kw)
+
+
+def grouped_rows(x: np.ndarray, kernel: Sequence[int], pads: Sequence[int], strides: Sequence[int],
+                 dilations: Sequence[int], groups: int) -> np.ndarray:
+    """:func:`conv_rows` of every group at once: [groups, N*OH*OW, C/groups*KH*KW]."""
+    cols = conv_cols(x, kernel, pads, strides, dilations)
+    n, c, kh, kw, oh, ow = cols.shape
     cg = c // groups
-    x = x[:, group * cg:(group + 1) * cg]
+    return (cols.reshape(n, groups, cg, kh, kw, oh, ow).transpose(1, 0, 5, 6, 2, 3, 4)
+            .reshape(groups, n * oh * ow, cg * kh * kw))
+
+
+def conv_cols(x: np.ndarray, kernel: Sequence[int], pads: Sequence[int], strides: Sequence[int],
+              dilations: Sequence[int]) -> np.ndarray:
+    """The patches a 2-D Conv reads from [N, C, H, W]: [N, C, KH, KW, OH, OW]."""
+    n, c = x.shape[:2]
     kh, kw = kernel
     top, left, bottom, right = pads[0], pads[1], pads[2], pads[3]
     x = np.pad(x, ((0, 0), (0, 0), (top, bottom), (left, right)))
@@ -314,11 +362,11 @@ def conv_rows(x: np.ndarray, kernel: Sequence[int], pads: Sequence[int], strides
     dh, dw = dilations
     oh = (x.shape[2] - dh * (kh - 1) - 1) // sh + 1
     ow = (x.shape[3] - dw * (kw - 1) - 1) // sw + 1
-    cols = np.empty((n, cg, kh, kw, oh, ow), x.dtype)
+    cols = np.empty((n, c, kh, kw, oh, ow), x.dtype)
     for i in range(kh):
         for j in range(kw):
             cols[:, :, i, j] = x[:, :, i * dh:i * dh + sh * oh:sh, j * dw:j * dw + sw * ow:sw]
-    return cols.transpose(0, 4, 5, 1, 2, 3).reshape(n * oh * ow, cg * kh * kw)
+    return cols
 
 
 # ----------------------------------------------------------------- activation ranges (qdq)
@@ -750,6 +798,30 @@ def layer_rows(x: np.ndarray, layout: tuple, group: int, k: int) -> Iterator[np.
         yield rows[start:start + 65536]
 
 
+def update_grouped(stats: list, x: np.ndarray, layout: tuple) -> None:
+    """Add a grouped Conv input's rows to one GramStats per group, a block of groups per im2col and
+    batched XᵀX: a depthwise layer has hundreds of groups of a few columns each, and one numpy call
+    per group cost more than running the model. Blocks are sized so the float64 rows, the patches
+    and their reordered copy stay within GRAM_BYTES."""
+    _, kernel, pads, strides, dil, auto_pad, groups = layout
+    x2 = x if x.ndim == 4 else x[:, :, None, :]
+    cg = x2.shape[1] // groups
+    p = resolve_pads(x2.shape[2:], kernel, pads, strides, dil, auto_pad)
+    budget = GRAM_BYTES // 4
+    per_group = _out_size(x2.shape[2:], kernel, p, strides, dil) * max(stats[0].k, 1) * 8  # one sample's
+    step = max(1, budget // max(1, per_group * groups))  # samples per chunk
+    block = max(1, budget // max(1, per_group * step))   # groups per chunk
+    for start in range(0, x2.shape[0], step):
+        for g0 in range(0, groups, block):
+            g1 = min(groups, g0 + block)
+            part = x2[start:start + step, g0 * cg:g1 * cg]
+            rows = grouped_rows(part, kernel, p, strides, dil, g1 - g0).astype(np.float64)
+            grams = np.matmul(rows.transpose(0, 2, 1), rows)
+            sums = rows.sum(axis=1)
+            for g in range(g1 - g0):
+                stats[g0 + g].add(grams[g], sums[g], rows.shape[1])
+
+
 def resolve_pads(spatial, kernel, pads, strides, dil, auto_pad) -> tuple:
     """Explicit (top, left, bottom, right) pads of a 2-D Conv, auto_pad resolved for this input size."""
     if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
@@ -829,6 +901,9 @@ def layer_grams(ctx: Any, model: onnx.ModelProto, requests: Iterable[GramRequest
             for name, x in values.items():
                 shapes.setdefault(name, tuple(np.shape(x)))
                 for r in by_name.get(name, []):
+                    if r.groups > 1 and r.layout[0] == "conv":
+                        update_grouped(stats[r], x, r.layout)
+                        continue
                     for gi in range(r.groups):
                         for rows in layer_rows(x, r.layout, gi, r.k):
                             stats[r][gi].update(rows)

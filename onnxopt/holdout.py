@@ -16,6 +16,7 @@ from typing import Iterator, Optional
 
 import numpy as np
 
+from .batching import leading_axis
 from .calibrate import CalibrationSet
 
 MIN_SAMPLES = 32   # below this, both parts would be too small: fit and check on all samples
@@ -89,9 +90,3 @@ def _count(data: CalibrationSet, rows: bool) -> int:
             return int(known)
     return sum((leading_axis(feed) or 1) if rows else 1 for feed in data)
 
-
-def leading_axis(feed: dict) -> Optional[int]:
-    """The shared leading axis of every input of a feed, or None when they differ or one is a scalar."""
-    sizes = {np.asarray(v).shape[0] if np.ndim(v) else None for v in feed.values()}
-    n = sizes.pop() if len(sizes) == 1 else None
-    return n or None

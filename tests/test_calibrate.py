@@ -166,31 +166,91 @@ def test_synthetic_calibration_binds_open_dims_to_inputs_the_model_runs_on():
 
 
 def test_stream_tensors_hands_back_at_most_the_byte_budget_per_run(monkeypatch):
-    """The digits CNN's activations on 25 samples: with a budget of 40 KiB per run, each session
-    returns tensors adding up to at most that (one larger tensor alone), and the values seen are
-    those of one full run."""
+    """The digits CNN's activations on batches of 25 samples: with a budget of 6 KiB per run, each
+    run returns tensors adding up to at most that (a larger tensor of one sample alone), and the
+    values seen are those of one full run."""
     from onnxopt import calibrate
+
+    budget = 6 * 1024
 
     model = onnxopt.load(ROOT / "models" / "digits_cnn.onnx")
     data = CalibrationSet(ROOT / "models" / "digits_calib.npz", model, samples=50, batch_size=25)
     names = [n.output[0] for n in model.graph.node]
     sizes = calibrate.tensor_sizes(model, names, next(iter(data)))
     assert sizes["logits"] == 25 * 10 * 4 and set(sizes) == set(names)
-    monkeypatch.setattr(calibrate, "STREAM_BYTES", 40 * 1024)
+    monkeypatch.setattr(calibrate, "STREAM_BYTES", budget)
+    monkeypatch.setattr(calibrate, "RUN_BYTES", budget)
     runs: list[int] = []
     seen: dict[str, float] = {}
 
     def reduce(values):
         runs.append(sum(a.nbytes for a in values.values()))
-        assert len(values) == 1 or runs[-1] <= 40 * 1024
+        assert len(values) == 1 or runs[-1] <= budget
         seen.update({k: max(seen.get(k, -np.inf), float(a.max())) for k, a in values.items()})
 
     stream_tensors(model, names, data, reduce)
-    assert len(runs) > 2 * 2 and max(runs) > 40 * 1024  # several chunks; the largest tensor alone
+    assert len(runs) > 2 * 2 and max(runs) > budget  # several chunks; the largest tensor alone
     full: dict[str, float] = {}
     stream_tensors(model, names, data, lambda v: full.update(
         {k: max(full.get(k, -np.inf), float(a.max())) for k, a in v.items()}))
     assert seen == full and set(seen) == set(names)
+
+
+def test_stream_tensors_cuts_feeds_to_the_run_budget_where_the_batch_axis_is_open(monkeypatch):
+    """Runs hand back at most RUN_BYTES, whatever the data's batches: a batch of 25 runs as pieces
+    (the statistics unchanged); with the batch axis fixed by the model, feeds run as given."""
+    from onnxopt import calibrate
+
+    model = onnxopt.load(ROOT / "models" / "digits_cnn.onnx")
+    data = CalibrationSet(ROOT / "models" / "digits_calib.npz", model, samples=50, batch_size=25)
+    names = [n.output[0] for n in model.graph.node]
+    per_sample = sum(calibrate.tensor_sizes(model, names, next(iter(data))).values()) // 25
+    monkeypatch.setattr(calibrate, "RUN_BYTES", 4 * per_sample)
+    rows: list[int] = []
+    seen: dict[str, float] = {}
+
+    def reduce(values):
+        rows.append(len(values[names[-1]]))
+        seen.update({k: max(seen.get(k, -np.inf), float(a.max())) for k, a in values.items()})
+
+    assert stream_tensors(model, names, data, reduce) == 2  # the feeds the data gave
+    assert rows == [4] * 6 + [1] + [4] * 6 + [1]
+    from onnxopt.calibrate import with_outputs
+
+    whole = ort.InferenceSession(with_outputs(model, names).SerializeToString()).run(
+        names, {"input": np.concatenate([f["input"] for f in data])})
+    assert seen == pytest.approx({k: float(v.max()) for k, v in zip(names, whole)}, rel=1e-5)
+
+    fixed = onnx.ModelProto()
+    fixed.CopyFrom(model)
+    fixed.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 25
+    rows.clear()
+    stream_tensors(fixed, names, data, reduce)
+    assert rows == [25, 25]
+
+
+def test_grouped_conv_grams_equal_those_of_each_group(monkeypatch):
+    """update_grouped (one im2col for a block of groups) gives each group the Gram matrix, mean and
+    row count of its own rows: a strided, padded depthwise conv and a 2-group one, all groups in one
+    block, and in blocks of two groups of one sample."""
+    from onnxopt.calibrate import layer_rows, update_grouped
+
+    import onnxopt.calibrate as C
+
+    x = np.random.default_rng(2).standard_normal((3, 6, 9, 7)).astype(np.float32)
+    for groups, cg, budget in ((6, 1, C.GRAM_BYTES), (2, 3, C.GRAM_BYTES), (6, 1, 4 * 2 * 35 * 9 * 8)):
+        monkeypatch.setattr(C, "GRAM_BYTES", budget)  # the last: two groups of one sample per block
+        layout = ("conv", (3, 3), (1, 0, 1, 2), (2, 1), (1, 1), "NOTSET", groups)
+        k = cg * 9
+        stats = [GramStats(k) for _ in range(groups)]
+        update_grouped(stats, x, layout)
+        update_grouped(stats, x[:1], layout)
+        for g, stat in enumerate(stats):
+            rows = np.concatenate(list(layer_rows(x, layout, g, k)) + list(layer_rows(x[:1], layout, g, k)))
+            rows = rows.astype(np.float64)
+            np.testing.assert_allclose(stat.gram, rows.T @ rows, rtol=1e-10)
+            np.testing.assert_allclose(stat.mean, rows.mean(0), rtol=1e-8, atol=1e-12)
+            assert stat.rows == len(rows)
 
 
 def test_conv_rows_and_grams_are_cut_to_the_byte_budget(monkeypatch):

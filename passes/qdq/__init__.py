@@ -11,6 +11,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxopt import graph as G
+from onnxopt.batching import symbolic_batch
 from onnxopt.calibrate import TensorRanges, calibration_set, shared, stream_tensors
 from onnxopt.pipeline import (BN_FOLDED, CONSTANTS_FOLDED, Pass, PassContext, PassResult, Tolerance,
                                register_pass)
@@ -200,8 +201,7 @@ class Qdq(Pass):
 
         internal = [n for n in missing if n not in inputs]
         feeds_once = InputTap(data, [n for n in missing if n in inputs], reduce)
-        if not all(t.shape and not isinstance(t.shape[0], int) or (t.shape and t.shape[0] == -1)
-                   for t in graph.inputs):
+        if not symbolic_batch(model):
             feeds_once.max_batch = 0  # a fixed batch dimension: feeds stay as the data gives them
         batches = stream_tensors(model, internal, feeds_once, reduce) if internal else _drain(feeds_once)
         stats["calibration_batches"] = batches

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import itertools
 import time
-from typing import NamedTuple, Optional
+from typing import Iterable, Iterator, NamedTuple, Optional
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
 from onnxopt.errors import InputError
-from onnxopt.holdout import leading_axis
+from onnxopt.batching import cut
 from onnxopt.pipeline import PassContext
 from onnxopt.runtime import session_for
 
@@ -46,25 +47,48 @@ class Guard:
     # loop stopped where those samples happened to pass (0.992 of CTC positions) and held-out lines agreed at 0.985
     SECONDS = 2.0   # ... unless the float model takes longer than this on them
     QUICK = 16      # samples a quick measurement (ranking layers) runs on: enough that one layer's gain shows
+    JOIN = 8        # samples per guard batch (a symbolic batch axis): one shape, so ORT's arena stays one size
+    KEEP_BYTES = 16 * 2**20  # feeds kept in memory up to this; above, read again for each measurement, so the
+    # guard's memory does not grow with its sample count (96 images at 224x224 hold 58 MB)
     split = True  # the batch axis is symbolic: sensitivities may run on a slice of a batch
 
     def __init__(self, model: onnx.ModelProto, data, ctx: PassContext, target: float,
                  min_agreement: Optional[float] = None, split: bool = True) -> None:
         self.model, self.ctx, self.target, self.split = model, ctx, target, split
         self.min_agreement = min_agreement
-        self.feeds, self.reference = [], []
+        self.data = data
+        self.reference: list[dict] = []
+        self.first: Optional[dict] = None  # the first feed (per-layer measurements run on it)
+        kept: Optional[list[dict]] = []
+        held = 0
         sess = self._session(model, True)
         start = time.monotonic()
-        for feed in _collect(data, self.SAMPLES if split else 0, self.BATCHES):
-            if self.feeds and time.monotonic() - start > self.SECONDS:
+        for feed in self._collect():
+            if self.reference and time.monotonic() - start > self.SECONDS:
                 break  # a slow model: fewer samples, so each of the many measurements stays cheap
-            self.feeds.append(feed)
+            self.first = self.first or feed
             self.reference.append(self._run(model, feed, True, session=sess))
+            held += sum(np.asarray(v).nbytes for v in feed.values())
+            if kept is not None and held <= self.KEEP_BYTES:
+                kept.append(feed)
+            else:
+                kept = None
+        self._kept = kept
         # ranking layers needs less: the first few samples
-        self.quick_feeds = _first(self.feeds, self.QUICK) if split else self.feeds[:1]
+        self.quick_feeds = _first(self.feeds(), self.QUICK) if split else [self.first] if self.first else []
         self.quick_reference = [self._run(model, f, True, session=sess) for f in self.quick_feeds]
         self.scored = score_outputs(model)
         self.runs = 0
+
+    def _collect(self) -> Iterator[dict]:
+        return _collect(self.data, self.SAMPLES if self.split else 0, self.BATCHES)
+
+    def feeds(self) -> Iterator[dict]:
+        """The guard's feeds, one per reference: kept, or read again from the data when keeping them
+        would cost more than KEEP_BYTES (the same feeds: reading the data is deterministic)."""
+        if self._kept is not None:
+            return iter(self._kept)
+        return itertools.islice(self._collect(), len(self.reference))
 
     def _session(self, model: onnx.ModelProto, optimize: bool):
         import onnxruntime as ort
@@ -73,6 +97,9 @@ class Guard:
         so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
                                        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
         so.log_severity_level = 4  # errors come back as exceptions; no raw ORT lines
+        # no memory arena: each candidate gets a short-lived session, and on mobilenetv2 the arenas of
+        # sessions run on 11 guard batches rather than 2 left the peak 70 MB higher (none: the same)
+        so.enable_cpu_mem_arena = False
         return session_for(model, so)  # from files when the model is large
 
     def _run(self, model, feed, optimize, names=None, session=None):
@@ -90,7 +117,7 @@ class Guard:
         sess = self._session(candidate, True)
         dots: dict[str, list[float]] = {}
         agree: dict[str, list[int]] = {}
-        pairs = zip(self.quick_feeds, self.quick_reference) if quick else zip(self.feeds, self.reference)
+        pairs = zip(self.quick_feeds, self.quick_reference) if quick else zip(self.feeds(), self.reference)
         for feed, ref in pairs:
             got = self._run(candidate, feed, True, list(ref), sess)
             for name, r in ref.items():
@@ -147,7 +174,7 @@ class Guard:
         q_sess, f_sess = self._session(q_model, False), self._session(f_model, False)
         noise: dict[str, float] = {}
         power: dict[str, float] = {}
-        for feed in list(_split(self.feeds[0], 2 if self.split else 0))[:1] if self.feeds else []:
+        for feed in list(cut(self.first, 2 if self.split else 0))[:1] if self.first else []:
             q = self._run(q_model, feed, False, q_names, q_sess)
             f = self._run(f_model, feed, False, f_names, f_sess)
             for _, o, ins in pairs:
@@ -185,20 +212,10 @@ class InputTap:
         first = self.runs == 0
         self.runs += 1
         for batch in self.data:
-            for feed in _split(batch, self.max_batch):
+            for feed in cut(batch, self.max_batch):
                 if first and self.names:
                     self.reduce({n: feed[n] for n in self.names if n in feed})
                 yield feed
-
-
-def _split(feed: dict, size: int):
-    """A feed cut into feeds of at most ``size`` samples when every input has the same leading axis."""
-    n = leading_axis(feed)
-    if not size or not n or n <= size:
-        yield feed
-        return
-    for start in range(0, n, size):
-        yield {k: v[start:start + size] for k, v in feed.items()}
 
 
 def _drain(tap: InputTap) -> int:
@@ -217,12 +234,12 @@ def _agreeing(ref: np.ndarray, got: np.ndarray) -> np.ndarray:
     return (ref.argmax(-1) == got.argmax(-1)).ravel()
 
 
-def _first(feeds: list[dict], samples: int) -> list[dict]:
+def _first(feeds: Iterable[dict], samples: int) -> list[dict]:
     """The first ``samples`` samples of the guard's feeds (batches cut where needed)."""
     out: list[dict] = []
     count = 0
     for feed in feeds:
-        for part in _split(feed, samples - count):
+        for part in cut(feed, samples - count):
             out.append(part)
             count += _batch_size(part)
             break
@@ -231,29 +248,26 @@ def _first(feeds: list[dict], samples: int) -> list[dict]:
     return out
 
 
-def _collect(data, samples: int, batches: int) -> list[dict]:
-    """The guard's feeds: up to ``samples`` samples joined into batches of up to 8 (a symbolic batch
-    axis), or the first ``batches`` feeds as given (``samples`` 0: a fixed batch axis)."""
-    feeds: list[dict] = []
+def _collect(data, samples: int, batches: int, join: int = Guard.JOIN) -> Iterator[dict]:
+    """The guard's feeds: up to about ``samples`` samples in batches of ``join`` (a symbolic batch
+    axis; the last may be smaller), or the first ``batches`` feeds as given (``samples`` 0: a fixed
+    batch axis)."""
     if not samples:
-        for feed in data:
-            feeds.append(feed)
-            if len(feeds) >= batches:
-                break
-        return feeds
+        yield from itertools.islice(data, batches)
+        return
     pending: list[dict] = []
     count = 0
     for feed in data:
         pending.append(feed)
         count += _batch_size(feed)
-        if sum(_batch_size(f) for f in pending) >= 8:
-            feeds.append(_join(pending))
-            pending = []
+        if sum(_batch_size(f) for f in pending) >= join:
+            pieces = list(cut(_join(pending), join))
+            pending = [pieces.pop()] if len(pieces) > 1 and _batch_size(pieces[-1]) < join else []
+            yield from pieces
         if count >= samples:
             break
     if pending:
-        feeds.append(_join(pending))
-    return feeds
+        yield _join(pending)
 
 
 def _batch_size(feed: dict) -> int:

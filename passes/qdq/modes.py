@@ -13,6 +13,7 @@ import onnx_graphsurgeon as gs
 
 from onnxopt import graph as G
 from onnxopt import holdout
+from onnxopt.batching import symbolic_batch
 from onnxopt.calibrate import calibration_set
 from onnxopt.holdout import Part
 from onnxopt.io import tensor_bytes
@@ -136,7 +137,7 @@ def _dynamic_fallback(model, o, wmax, check: Guard, ctx, cosine, graph, stats, n
         return g, p
 
     base = DynamicPlan(G.import_graph(model), set(o.op_types), o.exclude, Counter(), only=o.only)
-    local = local_errors(model, base, wmax, check.feeds[0]) if check.feeds else {}
+    local = local_errors(model, base, wmax, check.first) if check.first else {}
     ranked = sorted(base.nodes, key=lambda n: -local.get(id(n), 0.0))[:DYNAMIC_MEASURED]
     gains = []
     for node in ranked:
@@ -290,11 +291,6 @@ def guard_for(model: onnx.ModelProto, ctx: PassContext, o, target: float, batch:
     tap = InputTap(held or data, [], lambda batch: None)
     tap.max_batch = batch if symbolic_batch(model) else 0  # fixed: feeds stay as the data gives them
     return Guard(model, tap, ctx, target, split=bool(tap.max_batch))
-
-
-def symbolic_batch(model: onnx.ModelProto) -> bool:
-    return all(i.type.tensor_type.shape.dim and not i.type.tensor_type.shape.dim[0].HasField("dim_value")
-               for i in model.graph.input)
 
 
 def held_out_context(graph: gs.Graph, ctx: PassContext, o) -> PassContext:
