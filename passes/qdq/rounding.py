@@ -94,10 +94,13 @@ def gptq_codes(ctx: Any, model: onnx.ModelProto, nodes: list[gs.Node], weights: 
         grams = layer_grams(ctx, model, batch, samples=samples, keep=False)
         for req in progress.iterate(batch, desc="qdq: gptq rounding", unit="input"):
             parts = grams.stats[req]
-            if not all(p.rows for p in parts):
+            # a weight read by several inputs (an unrolled RNN's steps) is rounded once, on the first
+            # input's Gram matrix: the others' Hessians (a Cholesky and an inverse each) are not needed
+            pending = [n for n in todo[req] if weight_key(n, weights[id(n)][1]) not in done]
+            if not pending or not all(p.rows for p in parts):
                 continue
             hs = [hessian(p.gram, DAMP, act_order=True) for p in parts]
-            for node in todo[req]:
+            for node in pending:
                 w, axis = weights[id(node)]
                 key = weight_key(node, axis)
                 if key in done:

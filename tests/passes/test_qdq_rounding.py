@@ -263,3 +263,23 @@ def test_weight_only_layers_are_folded_by_onnx_runtime_at_load(tmp_path):
     g.node.insert(0, helper.make_node("DequantizeLinear", [cast.input[0], flat.name], [mm1.input[1]], axis=axis))
     x = {"x": data[1]["x"]}
     assert np.array_equal(sess.run(None, x)[0], run(dq_model, x))
+
+
+def test_a_weight_read_by_several_inputs_gets_one_hessian(monkeypatch):
+    """An unrolled RNN reads one weight at every step: GPTQ rounds it once, on the first reader's
+    Gram matrix, and computes no Hessian (a Cholesky and an inverse) for the other readers."""
+    k = 24
+    w = np.random.default_rng(0).standard_normal((k, k)).astype(np.float32)
+    steps = [node("MatMul", ["x", "w"], ["h1"], name="step1"), node("Tanh", ["h1"], ["t1"]),
+             node("MatMul", ["t1", "w"], ["h2"], name="step2"), node("Tanh", ["h2"], ["t2"]),
+             node("MatMul", ["t2", "w"], ["y"], name="step3")]
+    model = make_model(steps, [vi("x", ["N", k])], [vi("y", ["N", k])], [init("w", w)])
+    calls = []
+    real = rounding.hessian
+    monkeypatch.setattr(rounding, "hessian", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    data = [{"x": correlated(64, k, s)} for s in range(4)]
+    result, stats = quantize(model, "rounding=gptq,guard=false", data)
+    assert stats["rounding_gptq"] == 3 and len(calls) == 1  # three readers, one stored weight, one Hessian
+    ref = run(model, {"x": correlated(256, k, 9)})
+    got = run(result.model, {"x": correlated(256, k, 9)})
+    assert float(np.sum(ref * got) / np.sqrt(np.sum(ref * ref) * np.sum(got * got))) > 0.99
