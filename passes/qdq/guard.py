@@ -11,7 +11,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnxopt.errors import InputError
-from onnxopt.batching import cut
+from onnxopt.batching import cut, leading_axis
 from onnxopt.pipeline import PassContext
 from onnxopt.runtime import session_for
 
@@ -63,10 +63,11 @@ class Guard:
         held = 0
         sess = self._session(model, True)
         start = time.monotonic()
-        for feed in self._collect():
+        for feed in self._read():
             if self.reference and time.monotonic() - start > self.SECONDS:
                 break  # a slow model: fewer samples, so each of the many measurements stays cheap
-            self.first = self.first or feed
+            if self.first is None:
+                self.first = feed
             self.reference.append(self._run(model, feed, True, session=sess))
             held += sum(np.asarray(v).nbytes for v in feed.values())
             if kept is not None and held <= self.KEEP_BYTES:
@@ -80,7 +81,7 @@ class Guard:
         self.scored = score_outputs(model)
         self.runs = 0
 
-    def _collect(self) -> Iterator[dict]:
+    def _read(self) -> Iterator[dict]:
         return _collect(self.data, self.SAMPLES if self.split else 0, self.BATCHES)
 
     def feeds(self) -> Iterator[dict]:
@@ -88,7 +89,7 @@ class Guard:
         would cost more than KEEP_BYTES (the same feeds: reading the data is deterministic)."""
         if self._kept is not None:
             return iter(self._kept)
-        return itertools.islice(self._collect(), len(self.reference))
+        return itertools.islice(self._read(), len(self.reference))
 
     def _session(self, model: onnx.ModelProto, optimize: bool):
         import onnxruntime as ort
@@ -271,8 +272,7 @@ def _collect(data, samples: int, batches: int, join: int = Guard.JOIN) -> Iterat
 
 
 def _batch_size(feed: dict) -> int:
-    sizes = {np.asarray(v).shape[0] if np.ndim(v) else 1 for v in feed.values()}
-    return sizes.pop() if len(sizes) == 1 else 1
+    return leading_axis(feed) or 1
 
 
 def _join(feeds: list[dict]) -> dict:
